@@ -1,0 +1,112 @@
+"""The `lorafleet` command.
+
+    lorafleet demo                                   # the embedded default, end to end
+    lorafleet train configs/demo.yaml training.max_steps=50
+    lorafleet validate configs/*.yaml
+    lorafleet merge lorafleet-runs/adapters/demo-last --out merged/
+
+Each command imports its package lazily, so `lorafleet validate` stays fast and `cluster`
+depends on nothing of ours at import time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from cluster.config import ConfigError, dump_config, load_config
+
+
+def _cmd_validate(args) -> int:
+    bad = 0
+    for path in args.config:
+        try:
+            cfg = load_config(path, args.overrides)
+        except ConfigError as e:
+            print(e, file=sys.stderr)
+            bad += 1
+            continue
+        print(f"{path}: ok" if not args.print else dump_config(cfg))
+    return 2 if bad else 0
+
+
+def _cmd_train(args) -> int:
+    from train.trainer import train
+
+    cfg = load_config(args.config, args.overrides)
+    summary = train(cfg, resume=args.resume)
+    last = summary["history"][-1] if summary["history"] else {}
+    print(
+        f"[done] {cfg.name}: {len(summary['history'])} reports, final loss {last.get('loss', float('nan')):.4f}"
+        + (f", eval_loss {last['eval_loss']:.4f}" if "eval_loss" in last else "")
+        + f", {summary['seconds']:.0f}s; adapter at {summary['adapter']}"
+    )
+    return 0
+
+
+def _cmd_merge(args) -> int:
+    from train.export import merge_adapter
+
+    merge_adapter(args.adapter, args.out, dtype=args.dtype)
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from train.demo import run_demo
+
+    report = run_demo(args.config, args.overrides)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    return 0 if report["passed"] else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lorafleet", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    v = sub.add_parser("validate", help="check config files (all problems at once)")
+    v.add_argument("config", nargs="+")
+    v.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    v.add_argument("--print", action="store_true", help="print the full config with defaults")
+    v.set_defaults(fn=_cmd_validate)
+
+    t = sub.add_parser("train", help="fine-tune an adapter with QLoRA on Ray Train")
+    t.add_argument("config")
+    t.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. training.learning_rate=1e-4")
+    t.add_argument("--resume", action="store_true", help="continue this name's latest run from its last checkpoint")
+    t.set_defaults(fn=_cmd_train)
+
+    m = sub.add_parser("merge", help="merge an adapter into its (dequantized) base; writes safetensors")
+    m.add_argument("adapter")
+    m.add_argument("--out", required=True)
+    m.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    m.set_defaults(fn=_cmd_merge)
+
+    d = sub.add_parser("demo", help="the embedded default: tiny base, two tasks, base vs adapter table")
+    d.add_argument("config", nargs="?", default="configs/demo.yaml")
+    d.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    d.add_argument("--json", action="store_true", help="also print the report as JSON")
+    d.set_defaults(fn=_cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        from train.data import DataError
+        from train.export import AdapterError
+
+        if isinstance(e, DataError | AdapterError):
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

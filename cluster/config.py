@@ -1,0 +1,414 @@
+"""The one config schema of lorafleet: a YAML file plus dotted command-line overrides.
+
+    lorafleet validate configs/demo.yaml training.learning_rate=1e-4
+
+Every field is described here; every problem in a file is reported at once, each naming the key,
+the value it got and what it expects, with a "did you mean" for a mistyped key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class ConfigError(ValueError):
+    """All the problems found in one config, one per line."""
+
+    def __init__(self, problems: list[str], source: str = "config"):
+        self.problems = problems
+        self.source = source
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{len(problems)} problem(s) in {source}:\n{lines}")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def validate_name(value: str, what: str = "name") -> str:
+    """Names become directory names in the adapter store: no separators, no '..'."""
+    if not NAME_RE.match(value) or ".." in value:
+        raise ValueError(
+            f"{what} must be 1-128 characters of letters, digits, '.', '_' or '-', starting with a "
+            f"letter or digit and without '..' (it becomes a directory name). Got {value!r} instead"
+        )
+    return value
+
+
+class ModelConfig(_Section):
+    base: str = Field(
+        "tiny://demo",
+        description="Base causal LM: a local directory or a Hugging Face hub id. `tiny://<name>` "
+        "builds a tiny Llama-shaped model and tokenizer locally (no download) under "
+        "`<storage.root>/models/<name>`.",
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of `base`.")
+    trust_remote_code: bool = Field(
+        False, description="Run model code shipped with the checkpoint. Off unless you set it."
+    )
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        "sdpa", description="Attention kernel. flash_attention_2 needs a CUDA GPU and flash-attn."
+    )
+
+
+class QuantizationConfig(_Section):
+    mode: Literal["4bit", "8bit", "none"] = Field(
+        "4bit", description="Load the frozen base in 4-bit (QLoRA), 8-bit, or unquantized."
+    )
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type.")
+    double_quant: bool = Field(True, description="Quantize the quantization constants too (QLoRA).")
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "bfloat16", description="Dtype the 4-bit matmuls compute in."
+    )
+    quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] = Field(
+        "uint8",
+        description="Dtype that packs the 4-bit weights (bfloat16 for DeepSpeed ZeRO-3 / FSDP).",
+    )
+
+
+class AdapterConfig(_Section):
+    r: int = Field(16, gt=0, le=1024, description="LoRA rank.")
+    alpha: float = Field(32, gt=0, description="LoRA alpha; the update is scaled by alpha/r.")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description='Module names to adapt, or "all-linear" (every linear but the head).'
+    )
+    bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases to train.")
+    use_rslora: bool = Field(False, description="Rank-stabilized LoRA: scale by alpha/sqrt(r).")
+    use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
+
+    @field_validator("target_modules")
+    @classmethod
+    def _non_empty(cls, v):
+        if isinstance(v, list) and not v:
+            raise ValueError('expected a non-empty list of module names or "all-linear". Got [] instead')
+        return v
+
+
+class DataConfig(_Section):
+    path: str = Field(
+        ...,
+        description="Training data: a local .jsonl/.json/.csv/.parquet file, or a Hugging Face "
+        "datasets hub id (with `split`).",
+    )
+    split: str = Field("train", description="Split to read when `path` is a hub id.")
+    format: Literal["alpaca", "chat", "completion", "text"] = Field(
+        "completion",
+        description="Row format: alpaca (instruction, input, output), chat (messages: "
+        "[{role, content}]), completion (prompt, completion) or text (text).",
+    )
+    train_on_prompt: bool = Field(
+        False, description="Count the loss on prompt tokens too. Off: only response tokens count."
+    )
+    max_length: int = Field(512, ge=8, description="Tokens per training sequence.")
+    overlong: Literal["truncate", "drop"] = Field(
+        "truncate", description="What happens to an example longer than `max_length`; counted."
+    )
+    packing: bool = Field(
+        True,
+        description="Pack several examples into one sequence. Position ids restart per example and "
+        "attention is masked per example, so packed examples do not see each other.",
+    )
+    eval_path: str | None = Field(None, description="A separate eval file. Else `eval_ratio` is used.")
+    eval_ratio: float = Field(
+        0.05, ge=0, lt=1, description="Share of the training rows held out for eval."
+    )
+    on_bad_row: Literal["error", "skip"] = Field(
+        "error", description="A malformed row stops the run (naming file and row), or is skipped and counted."
+    )
+    seed: int = Field(0, description="Seed for the eval split and the shuffle order.")
+
+
+class TrainingConfig(_Section):
+    max_steps: int = Field(100, gt=0, description="Optimizer steps to run.")
+    batch_size: int = Field(8, gt=0, description="Sequences per worker per micro-batch.")
+    grad_accum_steps: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
+    learning_rate: float = Field(2e-4, gt=0, le=1, description="Peak learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    optimizer: Literal["adamw", "paged_adamw_8bit"] = Field(
+        "adamw", description="torch AdamW, or bitsandbytes paged AdamW 8-bit (CUDA only)."
+    )
+    lr_scheduler: Literal["cosine", "linear", "constant"] = Field(
+        "cosine", description="Decay after warmup."
+    )
+    warmup_steps: int = Field(10, ge=0, description="Linear warmup steps.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip gradients to this norm; null: off.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="Autocast dtype. auto: bf16 on a GPU that supports it, else fp32."
+    )
+    gradient_checkpointing: bool = Field(
+        True, description="Recompute activations in backward (use_reentrant=False) to save memory."
+    )
+    seed: int = Field(42, description="Seed for weights of the adapter, dropout and data order.")
+    log_every_steps: int = Field(10, gt=0, description="Report loss, lr, grad norm, tokens/s every N steps.")
+    eval_every_steps: int = Field(50, gt=0, description="Eval loss/perplexity (and a checkpoint) every M steps.")
+    eval_max_batches: int | None = Field(None, gt=0, description="Cap on eval batches per eval; null: all.")
+    keep_checkpoints: int = Field(2, gt=0, description="Keep the best K checkpoints by eval loss.")
+    early_stopping_patience: int | None = Field(
+        None, gt=0, description="Stop after this many evals without improvement; null: never."
+    )
+    early_stopping_min_delta: float = Field(0.0, ge=0, description="Smallest eval-loss drop that counts.")
+    resume_from: str | None = Field(
+        None, description="A checkpoint directory to continue from (at its next step)."
+    )
+    max_failures: int = Field(
+        0, ge=-1, description="Worker-group restarts from the latest checkpoint after a failure; -1: always."
+    )
+    export: Literal["best", "last"] = Field(
+        "best", description="Which checkpoint's adapter is published: best eval loss, or the last."
+    )
+
+
+class ScalingConfig(_Section):
+    num_workers: int = Field(1, gt=0, description="Ray Train workers (one model replica each).")
+    use_gpu: bool = Field(False, description="One GPU per worker.")
+    resources_per_worker: dict[str, float] = Field(
+        default_factory=lambda: {"CPU": 1}, description="Ray resources each worker reserves."
+    )
+    strategy: Literal["ddp"] = Field("ddp", description="Data-parallel strategy.")
+
+    @field_validator("resources_per_worker")
+    @classmethod
+    def _positive(cls, v):
+        bad = {k: x for k, x in v.items() if x < 0}
+        if bad:
+            raise ValueError(f"expected non-negative amounts. Got {bad} instead")
+        return v
+
+
+class StorageConfig(_Section):
+    root: str = Field(
+        "lorafleet-runs",
+        description="Where runs, checkpoints and adapters go: a local path, s3://bucket/prefix or "
+        "gs://bucket/prefix. Adapters land in `<root>/adapters/<name>/`.",
+    )
+
+
+class RayConfig(_Section):
+    address: str | None = Field(
+        None,
+        description="Ray cluster to join ('auto', 'ray://host:10001'). Unset: $RAY_ADDRESS if set "
+        "(as under `ray job submit`), else a local Ray started for this run.",
+    )
+    num_cpus: int | None = Field(
+        None, gt=0, description="Logical CPUs for a locally started Ray; null: Ray's own count."
+    )
+
+
+class JobConfig(_Section):
+    """A whole fine-tuning job."""
+
+    name: str = Field("adapter", description="Run and adapter name: `<storage.root>/adapters/<name>/`.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="The base model.")
+    quantization: QuantizationConfig = Field(
+        default_factory=QuantizationConfig, description="How the frozen base is stored."
+    )
+    adapter: AdapterConfig = Field(default_factory=AdapterConfig, description="The LoRA adapter.")
+    data: DataConfig = Field(..., description="Training (and eval) data.")
+    training: TrainingConfig = Field(default_factory=TrainingConfig, description="The training loop.")
+    scaling: ScalingConfig = Field(default_factory=ScalingConfig, description="Ray Train workers.")
+    storage: StorageConfig = Field(default_factory=StorageConfig, description="Outputs.")
+    ray: RayConfig = Field(default_factory=RayConfig, description="Ray connection.")
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v):
+        return validate_name(v)
+
+    @model_validator(mode="after")
+    def _cross(self):
+        problems = []
+        t = self.training
+        if t.warmup_steps > t.max_steps:
+            problems.append(
+                f"training.warmup_steps: expected at most training.max_steps ({t.max_steps}). "
+                f"Got {t.warmup_steps} instead"
+            )
+        if t.optimizer == "paged_adamw_8bit" and not self.scaling.use_gpu:
+            problems.append(
+                "training.optimizer: paged_adamw_8bit pages optimizer state through CUDA unified "
+                "memory and needs scaling.use_gpu=true. Got 'paged_adamw_8bit' with use_gpu=false "
+                "instead; use 'adamw' on CPU"
+            )
+        if self.model.attn_implementation == "flash_attention_2" and not self.scaling.use_gpu:
+            problems.append(
+                "model.attn_implementation: flash_attention_2 needs scaling.use_gpu=true. "
+                "Got 'flash_attention_2' instead"
+            )
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading, overrides and error messages
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """`a.b=c` strings to a nested dict; values are parsed as YAML (so 1e-4, true, [a, b] work)."""
+    nested: dict[str, Any] = {}
+    problems = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            problems.append(f"override {item!r}: expected key.path=value")
+            continue
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        # yaml reads 1e-4 as a string (YAML 1.1); numbers are what people mean
+        if isinstance(value, str):
+            try:
+                value = float(value) if re.fullmatch(r"[-+]?\d*\.?\d+[eE][-+]?\d+", value) else value
+            except ValueError:
+                pass
+        set_dotted(nested, key, value)
+    if problems:
+        raise ConfigError(problems, "command line")
+    return nested
+
+
+def set_dotted(tree: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _known_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    node: Any = model
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        fields = getattr(node, "model_fields", None)
+        if not fields or part not in fields:
+            return []
+        ann = fields[part].annotation
+        node = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        if node is None:
+            return []
+    return list(node.model_fields) if node is not None else []
+
+
+def _lookup(raw: Any, loc: tuple) -> Any:
+    node = raw
+    for part in loc:
+        try:
+            node = node[part]
+        except (KeyError, IndexError, TypeError):
+            return "<missing>"
+    return node
+
+
+def describe_errors(err: ValidationError, raw: dict, schema: type[BaseModel] = None) -> list[str]:
+    """One readable line per pydantic error: key, got, expected (and 'did you mean')."""
+    schema = schema or JobConfig
+    problems = []
+    for e in err.errors(include_url=False):
+        loc = tuple(p for p in e["loc"] if p not in ("function-after[_cross()]",))
+        key = ".".join(str(p) for p in loc) or "<top level>"
+        got = e.get("input", _lookup(raw, loc))
+        kind = e["type"]
+        if kind == "extra_forbidden":
+            parent, leaf = loc[:-1], str(loc[-1])
+            known = _known_keys(schema, parent)
+            close = difflib.get_close_matches(leaf, known, n=1, cutoff=0.6)
+            hint = f" Did you mean '{'.'.join([*map(str, parent), close[0]])}'?" if close else ""
+            where = ".".join(map(str, parent)) or "the top level"
+            problems.append(
+                f"{key}: unknown key (got {got!r}). Expected one of {sorted(known)} in {where}.{hint}"
+            )
+        elif kind == "missing":
+            problems.append(f"{key}: required, but missing")
+        elif kind == "value_error" and not loc:
+            # cross-field checks carry their own key names, one per line
+            msg = e["msg"].removeprefix("Value error, ")
+            problems.extend(line for line in msg.split("\n") if line)
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            problems.append(f"{key}: {msg}. Got {got!r}" if "Got " not in msg else f"{key}: {msg}")
+    return problems
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | dict | None = None,
+    schema: type[BaseModel] = JobConfig,
+) -> Any:
+    """Read YAML (optional), apply overrides, validate. Raises ConfigError with every problem."""
+    raw: dict = {}
+    source = "config"
+    if path is not None:
+        source = str(path)
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError([f"config file {str(path)!r} does not exist"], source)
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError([f"not valid YAML: {e}"], source) from None
+        if not isinstance(raw, dict):
+            raise ConfigError([f"expected a mapping at the top level. Got {type(raw).__name__}"], source)
+    if overrides:
+        over = parse_overrides(overrides) if isinstance(overrides, list) else overrides
+        raw = deep_merge(raw, over)
+    try:
+        return schema.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(describe_errors(e, raw, schema), source) from None
+
+
+def with_overrides(cfg: BaseModel, overrides: list[str] | dict) -> Any:
+    """A new, validated config: `cfg` plus dotted overrides (how a Tune trial is built)."""
+    over = parse_overrides(overrides) if isinstance(overrides, list) else overrides
+    flat = {}
+    for k, v in over.items():
+        if "." in k:
+            set_dotted(flat, k, v)
+        else:
+            flat = deep_merge(flat, {k: v})
+    return load_config(None, deep_merge(cfg.model_dump(), flat), type(cfg))
+
+
+def dump_config(cfg: BaseModel) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def config_reference(schema: type[BaseModel] = JobConfig, prefix: str = "") -> list[str]:
+    """Markdown rows `| key | default | description |` for the README's config reference."""
+    rows = []
+    for name, f in schema.model_fields.items():
+        key = f"{prefix}{name}"
+        ann = f.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            rows.extend(config_reference(ann, key + "."))
+            continue
+        default = "required" if f.is_required() else f.get_default(call_default_factory=True)
+        rows.append(f"| `{key}` | `{default}` | {f.description or ''} |")
+    return rows

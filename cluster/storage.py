@@ -1,0 +1,107 @@
+"""One seam for every read and write of runs, checkpoints and adapters.
+
+A storage root is a local path, `s3://bucket/prefix` or `gs://bucket/prefix`. pyarrow's
+filesystems do the work (the same ones Ray Train uses for `RunConfig(storage_path=...)`), so an
+S3-compatible server named by `AWS_ENDPOINT_URL_S3` works as a bucket. Credentials come from
+the environment, never from the config.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+REMOTE_SCHEMES = ("s3://", "gs://")
+
+
+def is_remote(uri: str) -> bool:
+    return str(uri).startswith(REMOTE_SCHEMES)
+
+
+def join(root: str, *parts: str) -> str:
+    if is_remote(root):
+        return "/".join([str(root).rstrip("/"), *(p.strip("/") for p in parts)])
+    return str(Path(root, *parts))
+
+
+def absolute(uri: str) -> str:
+    """Local paths become absolute (workers and jobs may run in another directory)."""
+    return uri if is_remote(uri) else str(Path(uri).expanduser().resolve())
+
+
+def _fs(uri: str) -> tuple[pafs.FileSystem, str]:
+    if is_remote(uri):
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        if uri.startswith("s3://") and endpoint:
+            bucket_path = uri[len("s3://") :]
+            scheme, _, host = endpoint.partition("://")
+            fs = pafs.S3FileSystem(
+                endpoint_override=host or endpoint,
+                scheme=scheme if host else "https",
+                region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
+            )
+            return fs, bucket_path
+        return pafs.FileSystem.from_uri(uri)
+    return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
+
+
+def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """(pyarrow filesystem, path inside it): what Ray Train's RunConfig takes."""
+    return _fs(uri)
+
+
+def exists(uri: str) -> bool:
+    fs, path = _fs(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def write_text(uri: str, text: str) -> None:
+    fs, path = _fs(uri)
+    parent = path.rsplit("/", 1)[0]
+    fs.create_dir(parent, recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write(text.encode())
+
+
+def read_text(uri: str) -> str:
+    fs, path = _fs(uri)
+    with fs.open_input_stream(path) as f:
+        return f.read().decode()
+
+
+def upload_dir(local_dir: str | Path, uri: str) -> None:
+    """Copy a local directory to `uri`, replacing what was there (a publish is whole)."""
+    if not is_remote(uri):
+        dst = Path(uri).expanduser()
+        tmp = dst.with_name(dst.name + ".incoming")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(local_dir, tmp)
+        if dst.exists():
+            shutil.rmtree(dst)
+        tmp.rename(dst)
+        return
+    fs, path = _fs(uri)
+    if fs.get_file_info(path).type != pafs.FileType.NotFound:
+        fs.delete_dir_contents(path, missing_dir_ok=True)
+    pafs.copy_files(str(Path(local_dir).resolve()), path, destination_filesystem=fs)
+
+
+def download_dir(uri: str, local_dir: str | Path) -> Path:
+    local = Path(local_dir)
+    if not is_remote(uri):
+        if Path(uri).resolve() != local.resolve():
+            shutil.copytree(uri, local, dirs_exist_ok=True)
+        return local
+    fs, path = _fs(uri)
+    local.mkdir(parents=True, exist_ok=True)
+    pafs.copy_files(path, str(local.resolve()), source_filesystem=fs)
+    return local
+
+
+def listdir(uri: str) -> list[str]:
+    fs, path = _fs(uri)
+    info = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    return sorted(i.base_name for i in info)

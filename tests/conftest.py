@@ -1,0 +1,93 @@
+"""Shared fixtures: one local Ray per session, a tiny base model, generated task data.
+
+Everything here is real: Ray, bitsandbytes 4-bit, PEFT, transformers. Models are tiny
+(2 layers, width 64) so a real 2-worker run takes seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def session_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("lorafleet")
+
+
+@pytest.fixture(scope="session")
+def tiny_base(session_dir) -> Path:
+    """tiny://test (2 layers, width 64), random weights, built the way users get it."""
+    from train.tiny import ensure_tiny_base
+
+    return ensure_tiny_base("test", session_dir / "models" / "test", pretrain_steps=0)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_base):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_base)
+
+
+@pytest.fixture(scope="session")
+def task_data(session_dir) -> dict:
+    from train.demo import write_task_data
+
+    return write_task_data("last", session_dir / "data" / "last", n_train=600, n_test=50)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray for the whole session, stopped at the end (only the one we started)."""
+    import ray
+
+    from cluster.ray_connect import ensure_ray
+
+    started = not ray.is_initialized()
+    ensure_ray(type("R", (), {"address": None, "num_cpus": 4})(), log=lambda *_: None)
+    yield ray
+    if started:
+        ray.shutdown()
+
+
+def job_config(tmp_path: Path, base: Path, data: Path, **overrides):
+    """A small, fast job on the tiny base; overrides are dotted keys."""
+    raw = {
+        "name": "t",
+        "model": {"base": str(base)},
+        "quantization": {"mode": "4bit", "compute_dtype": "float32"},
+        "adapter": {"r": 8, "alpha": 16, "dropout": 0.0},
+        "data": {"path": str(data), "format": "completion", "max_length": 64, "eval_ratio": 0.1},
+        "training": {
+            "max_steps": 20,
+            "batch_size": 4,
+            "learning_rate": 3e-3,
+            "lr_scheduler": "constant",
+            "warmup_steps": 0,
+            "max_grad_norm": None,
+            "log_every_steps": 5,
+            "eval_every_steps": 10,
+            "eval_max_batches": 4,
+            "gradient_checkpointing": False,
+        },
+        "scaling": {"num_workers": 1},
+        "storage": {"root": str(tmp_path / "store")},
+    }
+    return _apply(raw, overrides)
+
+
+def _apply(raw: dict, overrides: dict):
+    from cluster.config import deep_merge, load_config, set_dotted
+
+    nested: dict = {}
+    for k, v in overrides.items():
+        set_dotted(nested, k, v)
+    return load_config(None, deep_merge(raw, nested))

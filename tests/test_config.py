@@ -1,0 +1,118 @@
+"""The config schema: every shipped YAML validates; every error names key, value, expectation."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cluster.config import ConfigError, JobConfig, load_config, parse_overrides, with_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+def test_configs_exist():
+    assert CONFIGS, "configs/ ships no YAML"
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_shipped_config_validates(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, JobConfig)
+
+
+def _problems(yaml_text: str, tmp_path, overrides=None) -> list[str]:
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml_text)
+    with pytest.raises(ConfigError) as e:
+        load_config(p, overrides)
+    return e.value.problems
+
+
+def test_all_errors_at_once_each_naming_key_value_and_expectation(tmp_path):
+    problems = _problems(
+        """
+data: {path: x.jsonl, format: sharegpt}
+adapter: {r: -4, dropout: 1.5}
+training: {learning_rate: fast}
+""",
+        tmp_path,
+    )
+    text = "\n".join(problems)
+    assert len(problems) == 4, text
+    assert "data.format" in text and "'sharegpt'" in text and "'alpaca'" in text
+    assert "adapter.r" in text and "-4" in text and "greater than 0" in text
+    assert "adapter.dropout" in text and "1.5" in text and "less than 1" in text
+    assert "training.learning_rate" in text and "'fast'" in text and "number" in text
+
+
+def test_unknown_key_gets_did_you_mean(tmp_path):
+    problems = _problems("data: {path: x.jsonl}\ntraining: {learning_rat: 0.1}\n", tmp_path)
+    assert len(problems) == 1
+    assert "training.learning_rat" in problems[0]
+    assert "Did you mean 'training.learning_rate'?" in problems[0]
+
+
+def test_unknown_top_level_section_gets_did_you_mean(tmp_path):
+    problems = _problems("data: {path: x.jsonl}\nquantisation: {mode: 4bit}\n", tmp_path)
+    assert "Did you mean 'quantization'?" in problems[0]
+
+
+def test_missing_required_key_is_named(tmp_path):
+    problems = _problems("name: x\n", tmp_path)
+    assert problems == ["data: required, but missing"]
+
+
+def test_cross_field_errors_name_both_keys(tmp_path):
+    problems = _problems(
+        "data: {path: x.jsonl}\ntraining: {max_steps: 5, warmup_steps: 50, optimizer: paged_adamw_8bit}\n",
+        tmp_path,
+    )
+    text = "\n".join(problems)
+    assert "training.warmup_steps" in text and "50" in text and "training.max_steps (5)" in text
+    assert "training.optimizer" in text and "use_gpu" in text
+
+
+@pytest.mark.parametrize("name", ["../evil", "a/b", "..", ".hidden", "x" * 200, ""])
+def test_names_that_would_escape_the_adapter_store_are_refused(tmp_path, name):
+    problems = _problems(f"name: {name!r}\ndata: {{path: x.jsonl}}\n", tmp_path)
+    assert problems and problems[0].startswith("name:")
+    assert repr(name) in problems[0]
+
+
+def test_dotted_overrides_are_typed_and_validated():
+    assert parse_overrides(["training.learning_rate=1e-4", "data.packing=false", "adapter.target_modules=[q_proj, v_proj]"]) == {
+        "training": {"learning_rate": 1e-4},
+        "data": {"packing": False},
+        "adapter": {"target_modules": ["q_proj", "v_proj"]},
+    }
+    cfg = load_config(ROOT / "configs" / "demo.yaml", ["training.learning_rate=1e-4", "scaling.num_workers=3"])
+    assert cfg.training.learning_rate == 1e-4 and cfg.scaling.num_workers == 3
+    trial = with_overrides(cfg, {"adapter.r": 4})
+    assert trial.adapter.r == 4 and cfg.adapter.r == 16
+    with pytest.raises(ConfigError, match="adapter.r"):
+        with_overrides(cfg, {"adapter.r": 0})
+
+
+def test_bad_override_syntax_is_reported():
+    with pytest.raises(ConfigError, match="expected key.path=value"):
+        parse_overrides(["training.learning_rate"])
+
+
+def test_trust_remote_code_is_off_by_default():
+    assert load_config(None, {"data": {"path": "x.jsonl"}}).model.trust_remote_code is False
+
+
+def test_cli_validate_reports_and_exits_nonzero(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: {path: x.jsonl}\nscaling: {num_worker: 2}\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "cluster.cli", "validate", str(ROOT / "configs" / "demo.yaml"), str(bad)],
+        capture_output=True, text=True, cwd=ROOT,
+    )
+    assert proc.returncode == 2
+    assert "demo.yaml: ok" in proc.stdout
+    assert "scaling.num_worker" in proc.stderr and "Did you mean 'scaling.num_workers'?" in proc.stderr

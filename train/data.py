@@ -1,0 +1,398 @@
+"""Data: file or hub rows -> formatted segments -> tokens with loss mask -> packed sequences.
+
+    python -m train.data configs/demo.yaml        # prints the data report for a config
+
+Row numbers in errors are 1-based: the line for JSONL, the data row (header not counted) for
+CSV, the record index for JSON and Parquet.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+IGNORE = -100
+LOCAL_SUFFIXES = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+
+# Used for `format: chat` when the tokenizer carries no chat template of its own.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for m in messages %}"
+    "{{ '<|' + m['role'] + '|>\n' + m['content'] + '\n' }}"
+    "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
+ALPACA_PROMPT_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+CHAT_ROLES = {"system", "user", "assistant"}
+
+
+class DataError(ValueError):
+    """A data problem that names its file and row."""
+
+
+class RowError(ValueError):
+    """What is wrong with one row (the caller adds file and row)."""
+
+
+@dataclass
+class DataReport:
+    rows: int = 0
+    bad_rows: int = 0
+    truncated: int = 0
+    dropped_overlong: int = 0
+    examples: int = 0
+    sequences: int = 0
+    tokens: int = 0
+    trainable_tokens: int = 0
+    first_bad: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        parts = [
+            f"{self.rows} rows",
+            f"{self.examples} examples",
+            f"{self.sequences} sequences",
+            f"{self.tokens} tokens ({self.trainable_tokens} trained on)",
+        ]
+        if self.bad_rows:
+            parts.append(f"{self.bad_rows} bad rows skipped")
+        if self.truncated:
+            parts.append(f"{self.truncated} truncated to max_length")
+        if self.dropped_overlong:
+            parts.append(f"{self.dropped_overlong} over max_length dropped")
+        return ", ".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading rows
+
+
+def read_rows(path: str, split: str = "train") -> Iterator[tuple[int, object, str]]:
+    """(row number, row, source) for a local file or a hub dataset id."""
+    p = Path(path).expanduser()
+    suffix = p.suffix.lower()
+    if suffix in LOCAL_SUFFIXES:
+        if not p.is_file():
+            raise DataError(f"{path}: data file not found")
+        kind = LOCAL_SUFFIXES[suffix]
+        if kind == "jsonl":
+            with p.open(encoding="utf-8") as f:
+                for n, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        yield n, json.loads(line), str(p)
+                    except json.JSONDecodeError as e:
+                        yield n, RowError(f"invalid JSON ({e.msg} at column {e.colno})"), str(p)
+        elif kind == "json":
+            try:
+                data = json.loads(p.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+            if isinstance(data, dict) and isinstance(data.get("data"), list):
+                data = data["data"]
+            if not isinstance(data, list):
+                raise DataError(f"{path}: expected a JSON list of rows (or {{\"data\": [...]}})")
+            for n, row in enumerate(data, 1):
+                yield n, row, str(p)
+        elif kind == "csv":
+            with p.open(encoding="utf-8", newline="") as f:
+                for n, row in enumerate(csv.DictReader(f), 1):
+                    yield n, row, str(p)
+        else:
+            import pyarrow.parquet as pq
+
+            for n, row in enumerate(pq.read_table(p).to_pylist(), 1):
+                yield n, row, str(p)
+        return
+    if p.exists():
+        raise DataError(
+            f"{path}: unsupported file type {suffix or '(none)'}; expected one of {sorted(LOCAL_SUFFIXES)}"
+        )
+    # a hub dataset id such as "tatsu-lab/alpaca"
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(path, split=split)
+    except Exception as e:  # network, auth or unknown id: say which
+        raise DataError(f"{path}: not a local file, and loading it as a hub dataset failed: {e}") from None
+    for n, row in enumerate(ds, 1):
+        yield n, row, f"{path}[{split}]"
+
+
+# ---------------------------------------------------------------------------------------------
+# Formats: a row -> [(text, trainable)]
+
+
+def _field(row: dict, key: str, required: bool = True) -> str:
+    if key not in row or row[key] is None:
+        if required:
+            raise RowError(f"missing field '{key}' (has: {sorted(row)})")
+        return ""
+    value = row[key]
+    if not isinstance(value, str):
+        raise RowError(f"field '{key}' must be a string, got {type(value).__name__}")
+    return value
+
+
+def format_row(row: object, fmt: str, tokenizer) -> list[tuple[str, bool]]:
+    """Segments of text, each marked trainable (response) or not (prompt)."""
+    if isinstance(row, RowError):
+        raise row
+    if not isinstance(row, dict):
+        raise RowError(f"expected an object with named fields, got {type(row).__name__}")
+    eos = tokenizer.eos_token or ""
+    if fmt == "completion":
+        prompt, completion = _field(row, "prompt"), _field(row, "completion")
+        if not completion:
+            raise RowError("field 'completion' is empty")
+        return [(prompt, False), (completion + eos, True)]
+    if fmt == "alpaca":
+        instruction, inp, output = _field(row, "instruction"), _field(row, "input", False), _field(row, "output")
+        if not output:
+            raise RowError("field 'output' is empty")
+        tpl = ALPACA_PROMPT_WITH_INPUT if inp.strip() else ALPACA_PROMPT
+        return [(tpl.format(instruction=instruction, input=inp), False), (output + eos, True)]
+    if fmt == "text":
+        text = _field(row, "text")
+        if not text:
+            raise RowError("field 'text' is empty")
+        return [(text + eos, True)]
+    if fmt == "chat":
+        return _chat_segments(row, tokenizer)
+    raise ValueError(f"unknown format {fmt!r}")
+
+
+def _chat_segments(row: dict, tokenizer) -> list[tuple[str, bool]]:
+    messages = row.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise RowError("field 'messages' must be a non-empty list of {role, content}")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in CHAT_ROLES:
+            raise RowError(f"messages[{i}] must be {{role: system|user|assistant, content: string}}, got {m!r}")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise RowError("no assistant message to learn from")
+    template = tokenizer.chat_template or DEFAULT_CHAT_TEMPLATE
+
+    def render(msgs, gen):
+        return tokenizer.apply_chat_template(
+            msgs, chat_template=template, tokenize=False, add_generation_prompt=gen
+        )
+
+    segments: list[tuple[str, bool]] = []
+    done = ""
+    for i, m in enumerate(messages):
+        if m["role"] == "assistant":
+            before = render(messages[:i], True) if i else render([], True)
+            upto = render(messages[: i + 1], False)
+            if not before.startswith(done) or not upto.startswith(before):
+                # a template that rewrites earlier turns: train on the whole conversation instead
+                return [(render(messages, False), True)]
+            segments += [(before[len(done) :], False), (upto[len(before) :], True)]
+            done = upto
+    tail = render(messages, False)[len(done) :]
+    if tail:
+        segments.append((tail, False))
+    return [s for s in segments if s[0]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokens
+
+
+def tokenize_segments(segments, tokenizer, train_on_prompt: bool) -> tuple[list[int], list[int]]:
+    ids: list[int] = []
+    labels: list[int] = []
+    bos = tokenizer.bos_token_id
+    if bos is not None and not segments[0][0].startswith(tokenizer.bos_token or "\0"):
+        ids.append(bos)
+        labels.append(IGNORE)
+    for text, trainable in segments:
+        toks = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids += toks
+        labels += toks if (trainable or train_on_prompt) else [IGNORE] * len(toks)
+    return ids, labels
+
+
+def build_examples(data_cfg, tokenizer, path: str | None = None, log=print) -> tuple[list, DataReport]:
+    """Read, validate, format and tokenize every row of one source."""
+    report = DataReport()
+    examples = []
+    source_path = path or data_cfg.path
+    for n, row, source in read_rows(source_path, data_cfg.split):
+        report.rows += 1
+        try:
+            segments = format_row(row, data_cfg.format, tokenizer)
+        except RowError as e:
+            msg = f"{source}: row {n}: {e}"
+            if data_cfg.on_bad_row == "error":
+                raise DataError(msg + " (set data.on_bad_row=skip to skip bad rows)") from None
+            report.bad_rows += 1
+            if len(report.first_bad) < 5:
+                report.first_bad.append(msg)
+            continue
+        ids, labels = tokenize_segments(segments, tokenizer, data_cfg.train_on_prompt)
+        if len(ids) > data_cfg.max_length:
+            if data_cfg.overlong == "drop":
+                report.dropped_overlong += 1
+                continue
+            ids, labels = ids[: data_cfg.max_length], labels[: data_cfg.max_length]
+            report.truncated += 1
+            if all(label == IGNORE for label in labels[1:]):
+                # nothing left to learn from once cut: dropping it is the only honest choice
+                report.truncated -= 1
+                report.dropped_overlong += 1
+                continue
+        examples.append((ids, labels))
+    if report.bad_rows:
+        log(f"[data] {source_path}: skipped {report.bad_rows} bad rows, e.g. {report.first_bad[0]}")
+    if report.truncated or report.dropped_overlong:
+        log(
+            f"[data] {source_path}: {report.truncated} examples truncated and "
+            f"{report.dropped_overlong} dropped at data.max_length={data_cfg.max_length} "
+            f"(data.overlong={data_cfg.overlong})"
+        )
+    if not examples:
+        raise DataError(f"{source_path}: no usable examples ({report.summary()})")
+    report.examples = len(examples)
+    return examples, report
+
+
+def pack(examples, max_length: int, pad_id: int) -> list[dict]:
+    """Greedy packing in order. Position ids restart at 0 for each example (and for the padding
+    tail), which is how the model tells examples apart: transformers' mask builder turns restarts
+    into a block-diagonal causal mask, so no example attends to another."""
+    seqs = []
+    cur_ids: list[int] = []
+    cur_labels: list[int] = []
+    cur_pos: list[int] = []
+
+    def flush():
+        if not cur_ids:
+            return
+        pad = max_length - len(cur_ids)
+        seqs.append(
+            {
+                "input_ids": cur_ids + [pad_id] * pad,
+                "labels": cur_labels + [IGNORE] * pad,
+                "position_ids": cur_pos + list(range(pad)),
+                "num_tokens": len(cur_ids),
+            }
+        )
+
+    for ids, labels in examples:
+        if len(cur_ids) + len(ids) > max_length:
+            flush()
+            cur_ids, cur_labels, cur_pos = [], [], []
+        cur_ids += ids
+        # the first label of each example would predict it from the previous one: mask it
+        cur_labels += [IGNORE] + labels[1:]
+        cur_pos += list(range(len(ids)))
+    flush()
+    return seqs
+
+
+def unpacked(examples) -> list[dict]:
+    return [{"input_ids": ids, "labels": labels} for ids, labels in examples]
+
+
+def collate(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Tensors for the model, plus `num_tokens`: the real (non-padding) tokens in the batch."""
+    if "position_ids" in batch[0]:
+        # packed: equal lengths, no attention_mask (so the position-id restarts separate examples)
+        out = {k: torch.tensor([b[k] for b in batch]) for k in ("input_ids", "labels", "position_ids")}
+        out["num_tokens"] = torch.tensor(sum(b["num_tokens"] for b in batch))
+        return out
+    width = max(len(b["input_ids"]) for b in batch)
+    ids = torch.full((len(batch), width), pad_id)
+    labels = torch.full((len(batch), width), IGNORE)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, b in enumerate(batch):
+        n = len(b["input_ids"])
+        ids[i, :n] = torch.tensor(b["input_ids"])
+        labels[i, :n] = torch.tensor(b["labels"])
+        mask[i, :n] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask, "num_tokens": mask.sum()}
+
+
+def split_eval(examples, ratio: float, seed: int):
+    if ratio <= 0:
+        return examples, []
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    n_eval = max(1, int(round(len(examples) * ratio)))
+    if n_eval >= len(examples):
+        raise DataError(f"data.eval_ratio={ratio} leaves no training rows out of {len(examples)}")
+    held = set(order[:n_eval])
+    return [e for i, e in enumerate(examples) if i not in held], [examples[i] for i in sorted(held)]
+
+
+@dataclass
+class Prepared:
+    train: list[dict]
+    eval: list[dict]
+    report: DataReport
+    eval_report: DataReport | None
+
+
+def prepare(data_cfg, tokenizer, log=print) -> Prepared:
+    """Everything from the config's data section to training and eval sequences."""
+    examples, report = build_examples(data_cfg, tokenizer, log=log)
+    eval_report = None
+    if data_cfg.eval_path:
+        train_ex = examples
+        eval_ex, eval_report = build_examples(data_cfg, tokenizer, path=data_cfg.eval_path, log=log)
+    else:
+        train_ex, eval_ex = split_eval(examples, data_cfg.eval_ratio, data_cfg.seed)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    rng = random.Random(data_cfg.seed)
+    train_ex = list(train_ex)
+    rng.shuffle(train_ex)  # pack a mix of lengths, not sorted runs
+    build = (lambda ex: pack(ex, data_cfg.max_length, pad_id)) if data_cfg.packing else unpacked
+    train_seqs, eval_seqs = build(train_ex), build(eval_ex)
+    report.sequences = len(train_seqs)
+    report.tokens = sum(len(ids) for ids, _ in train_ex)
+    report.trainable_tokens = sum(sum(label != IGNORE for label in labels) for _, labels in train_ex)
+    return Prepared(train_seqs, eval_seqs, report, eval_report)
+
+
+class ShardedBatches:
+    """Deterministic batches for one worker: epoch e is a seeded permutation of all sequences,
+    cut into global batches of batch_size * world_size; worker r takes its slice. A position is
+    the number of micro-batches already consumed, which is all a checkpoint needs to resume."""
+
+    def __init__(self, seqs, batch_size: int, rank: int, world: int, seed: int, pad_id: int):
+        if len(seqs) < batch_size * world:
+            # repeat a tiny dataset so every worker gets a full batch
+            seqs = seqs * math.ceil(batch_size * world / max(1, len(seqs)))
+        self.seqs, self.bs, self.rank, self.world, self.seed, self.pad_id = seqs, batch_size, rank, world, seed, pad_id
+        self.per_epoch = len(seqs) // (batch_size * world)
+        self._epoch, self._order = -1, []
+
+    def batch(self, position: int) -> dict[str, torch.Tensor]:
+        epoch, i = divmod(position, self.per_epoch)
+        if epoch != self._epoch:
+            self._order = list(range(len(self.seqs)))
+            random.Random(self.seed * 1_000_003 + epoch).shuffle(self._order)
+            self._epoch = epoch
+        order = self._order
+        start = (i * self.world + self.rank) * self.bs
+        return collate([self.seqs[j] for j in order[start : start + self.bs]], self.pad_id)
+
+
+if __name__ == "__main__":
+    import sys
+
+    from cluster.config import load_config
+    from train.model import load_tokenizer, resolve_base
+
+    cfg = load_config(sys.argv[1], sys.argv[2:])
+    cfg = resolve_base(cfg)
+    prepared = prepare(cfg.data, load_tokenizer(cfg))
+    print(f"train: {prepared.report.summary()}; eval: {len(prepared.eval)} sequences")

@@ -1,0 +1,87 @@
+"""Adapters out of training: check a PEFT adapter, load it for inference, merge it.
+
+    lorafleet merge lorafleet-runs/adapters/demo-last --out lorafleet-runs/merged/demo-last
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+class AdapterError(RuntimeError):
+    pass
+
+
+def check_adapter(path: str | Path, expect_trained: bool = True) -> int:
+    """Fail loudly on a missing, empty, non-finite or never-trained adapter; returns tensor count."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    missing = [f for f in ADAPTER_FILES if not (path / f).is_file()]
+    if missing:
+        raise AdapterError(f"adapter at {path} is missing {missing}")
+    tensors = load_file(str(path / "adapter_model.safetensors"))
+    if not tensors:
+        raise AdapterError(f"adapter at {path} holds no tensors: the target modules matched nothing?")
+    bad = [k for k, v in tensors.items() if not torch.isfinite(v).all()]
+    if bad:
+        raise AdapterError(f"adapter at {path} has non-finite values in {bad[:3]}")
+    if expect_trained:
+        b = [v for k, v in tensors.items() if "lora_B" in k]
+        if b and all(float(v.abs().max()) == 0.0 for v in b):
+            raise AdapterError(f"adapter at {path} is untrained: every lora_B is zero")
+    json.loads((path / "adapter_config.json").read_text())
+    return len(tensors)
+
+
+def load_adapter_model(adapter_dir: str | Path, base: str | None = None, quantization=None, trust_remote_code=False):
+    """Base (unquantized unless `quantization` is given) + adapter, in eval mode, on CPU."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    adapter_dir = str(adapter_dir)
+    base = base or json.loads(Path(adapter_dir, "adapter_config.json").read_text())["base_model_name_or_path"]
+    model = AutoModelForCausalLM.from_pretrained(
+        base, quantization_config=quantization, dtype=torch.float32, device_map={"": "cpu"},
+        trust_remote_code=trust_remote_code,
+    )
+    return PeftModel.from_pretrained(model, adapter_dir).eval()
+
+
+def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, dtype: str = "float32", log=print) -> Path:
+    """A full model with the adapter merged in, in safetensors. The base is loaded as training
+    saw it (4-bit, from the adapter's lorafleet.json) and dequantized before the merge, so the
+    merged weights are what the adapter was trained against."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cluster.config import JobConfig
+    from train.model import DTYPES, load_base
+
+    adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
+    check_adapter(adapter_dir, expect_trained=False)
+    meta_path = adapter_dir / "lorafleet.json"
+    if meta_path.is_file():
+        cfg = JobConfig.model_validate(json.loads(meta_path.read_text())["config"])
+        model = load_base(cfg, "cpu")
+        if cfg.quantization.mode != "none":
+            model = model.dequantize()
+        base = cfg.model.base
+        trust = cfg.model.trust_remote_code
+    else:
+        base = json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
+        trust = False
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    model = model.to(torch.float32)
+    merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    merged = merged.to(DTYPES[dtype])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    merged.save_pretrained(out_dir, safe_serialization=True)
+    AutoTokenizer.from_pretrained(base, trust_remote_code=trust).save_pretrained(out_dir)
+    log(f"[merge] {adapter_dir} + {base} -> {out_dir}")
+    return out_dir

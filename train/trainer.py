@@ -1,0 +1,153 @@
+"""Ray Train: `build_trainer(cfg) -> TorchTrainer`, and `train(cfg)` that runs it and publishes
+the adapter to `<storage.root>/adapters/<name>/`.
+
+    lorafleet train configs/demo.yaml training.max_steps=50
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from cluster import storage
+from train.export import ADAPTER_FILES, check_adapter
+from train.loop import ADAPTER_DIR, CHECKPOINT_META, train_loop_per_worker
+
+
+def runs_root(cfg) -> str:
+    return storage.join(storage.absolute(cfg.storage.root), "runs", cfg.name)
+
+
+def adapter_uri(cfg) -> str:
+    return storage.join(storage.absolute(cfg.storage.root), "adapters", cfg.name)
+
+
+def new_run_id() -> str:
+    return time.strftime("run-%Y%m%d-%H%M%S")
+
+
+def latest_run_id(cfg) -> str | None:
+    runs = [r for r in storage.listdir(runs_root(cfg)) if r.startswith("run-")]
+    return runs[-1] if runs else None
+
+
+def build_trainer(cfg, run_id: str | None = None):
+    """A TorchTrainer for this config; nothing runs until `.fit()`. A run with the same run_id
+    (same storage path and name) resumes where it stopped: that is how a crashed driver resumes."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    run_id = run_id or new_run_id()
+    s = cfg.scaling
+    resources = dict(s.resources_per_worker)
+    if s.use_gpu:
+        resources.setdefault("GPU", 1)
+    fs, path = storage.filesystem(runs_root(cfg))
+    return TorchTrainer(
+        train_loop_per_worker=train_loop_per_worker,
+        train_loop_config={
+            "cfg": cfg.model_dump(mode="json"),
+            "run_dir": storage.join(runs_root(cfg), run_id),
+        },
+        torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=run_id,
+            storage_path=path,
+            storage_filesystem=fs,
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=cfg.training.keep_checkpoints,
+                checkpoint_score_attribute="eval_loss",
+                checkpoint_score_order="min",
+            ),
+            failure_config=FailureConfig(max_failures=cfg.training.max_failures),
+        ),
+    )
+
+
+def pick_checkpoint(result, export: str):
+    if export == "last" or not result.best_checkpoints:
+        return result.checkpoint
+    return min(result.best_checkpoints, key=lambda cm: cm[1].get("eval_loss", float("inf")))[0]
+
+
+def publish_adapter(checkpoint, cfg, log=print) -> str:
+    """Copy the chosen checkpoint's adapter to the adapter store, after checking it."""
+    dest = adapter_uri(cfg)
+    with tempfile.TemporaryDirectory(prefix="lorafleet-publish-") as tmp:
+        ckpt_dir = Path(checkpoint.to_directory(str(Path(tmp) / "ckpt")))
+        meta = json.loads((ckpt_dir / CHECKPOINT_META).read_text())
+        adapter = ckpt_dir / ADAPTER_DIR
+        check_adapter(adapter, expect_trained=meta["step"] > 0)
+        out = Path(tmp) / "out"
+        out.mkdir()
+        for f in ADAPTER_FILES:
+            (out / f).write_bytes((adapter / f).read_bytes())
+        (out / "lorafleet.json").write_text(
+            json.dumps(
+                {
+                    "name": cfg.name,
+                    "base_model": cfg.model.base,
+                    "step": meta["step"],
+                    "eval_loss": meta.get("eval_loss"),
+                    "config": cfg.model_dump(mode="json"),
+                },
+                indent=2,
+            )
+        )
+        storage.upload_dir(out, dest)
+    log(f"[publish] adapter (step {meta['step']}, eval_loss {meta.get('eval_loss')}) -> {dest}")
+    return dest
+
+
+def absolute_paths(cfg):
+    """Relative local paths resolved against the driver's directory: Ray workers run elsewhere."""
+    from pathlib import Path
+
+    from cluster.config import with_overrides
+
+    over = {"storage.root": storage.absolute(cfg.storage.root)}
+    for key, value in (("data.path", cfg.data.path), ("data.eval_path", cfg.data.eval_path),
+                       ("model.base", cfg.model.base), ("training.resume_from", cfg.training.resume_from)):
+        if value and not storage.is_remote(value) and Path(value).exists():
+            over[key] = str(Path(value).resolve())
+    return with_overrides(cfg, over)
+
+
+def train(cfg, resume: bool = False, log=print) -> dict:
+    """Run a whole job: resolve the base, fit on Ray, publish the adapter. Returns a summary."""
+    from cluster.ray_connect import ensure_ray
+    from train.model import resolve_base
+
+    from train.data import prepare
+    from train.model import load_tokenizer
+
+    cfg = absolute_paths(resolve_base(cfg))
+    # check every row here, before any worker starts: a bad row fails in seconds, by file and row
+    checked = prepare(cfg.data, load_tokenizer(cfg), log=log)
+    log(f"[data] {cfg.data.path}: {checked.report.summary()}; {len(checked.eval)} eval sequences")
+    ensure_ray(cfg.ray, log=log)
+    run_id = (latest_run_id(cfg) if resume else None) or new_run_id()
+    log(f"[train] {cfg.name}: run {run_id} in {runs_root(cfg)}")
+    t0 = time.time()
+    result = build_trainer(cfg, run_id).fit()
+    if result.error:
+        raise result.error
+    checkpoint = pick_checkpoint(result, cfg.training.export)
+    if checkpoint is None:
+        raise RuntimeError("training finished without a checkpoint; nothing to publish")
+    dest = publish_adapter(checkpoint, cfg, log=log)
+    history_uri = storage.join(runs_root(cfg), run_id, "metrics.jsonl")
+    history = [json.loads(x) for x in storage.read_text(history_uri).splitlines() if x.strip()]
+    return {
+        "adapter": dest,
+        "run_dir": storage.join(runs_root(cfg), run_id),
+        "history": history,
+        "metrics": result.metrics,
+        "seconds": time.time() - t0,
+        "base": cfg.model.base,
+    }

@@ -1,0 +1,1 @@
+"""Ray Tune over the training step of `train` (issue #4)."""
