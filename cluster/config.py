@@ -151,7 +151,7 @@ class TrainingConfig(_Section):
     log_every_steps: int = Field(10, gt=0, description="Report loss, lr, grad norm, tokens/s every N steps.")
     eval_every_steps: int = Field(50, gt=0, description="Eval loss/perplexity (and a checkpoint) every M steps.")
     eval_max_batches: int | None = Field(None, gt=0, description="Cap on eval batches per eval; null: all.")
-    keep_checkpoints: int = Field(2, gt=0, description="Keep the best K checkpoints by eval loss.")
+    keep_checkpoints: int = Field(2, gt=0, description="Keep the best K checkpoints by eval loss (plus the latest, which a resume needs).")
     early_stopping_patience: int | None = Field(
         None, gt=0, description="Stop after this many evals without improvement; null: never."
     )

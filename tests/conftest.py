@@ -24,10 +24,10 @@ def session_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_base(session_dir) -> Path:
-    """tiny://test (2 layers, width 64), random weights, built the way users get it."""
+    """tiny://test (2 layers, width 64) with a short copy pretraining, built the way users get it."""
     from train.tiny import ensure_tiny_base
 
-    return ensure_tiny_base("test", session_dir / "models" / "test", pretrain_steps=0)
+    return ensure_tiny_base("test", session_dir / "models" / "test", pretrain_steps=200)
 
 
 @pytest.fixture(scope="session")
@@ -69,7 +69,7 @@ def job_config(tmp_path: Path, base: Path, data: Path, **overrides):
         "training": {
             "max_steps": 20,
             "batch_size": 4,
-            "learning_rate": 3e-3,
+            "learning_rate": 5e-3,
             "lr_scheduler": "constant",
             "warmup_steps": 0,
             "max_grad_norm": None,

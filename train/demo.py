@@ -117,12 +117,13 @@ def run_demo(config_path: str = "configs/demo.yaml", overrides: list[str] | None
     """Train one adapter per task on the tiny base and compare exact match, base vs adapter."""
     import time
 
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     from cluster import storage
     from cluster.config import load_config, with_overrides
     from train.export import load_adapter_model
     from train.model import resolve_base
     from train.trainer import train
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     t0 = time.time()
     cfg = resolve_base(load_config(config_path, overrides or []))
@@ -151,7 +152,7 @@ def run_demo(config_path: str = "configs/demo.yaml", overrides: list[str] | None
     # evaluated on held-out prompts with greedy decoding; the same prompts for base and adapter
     lines = [
         "",
-        f"| task | held-out prompts | base exact match | adapter exact match | example prompt -> adapter |",
+        "| task | held-out prompts | base exact match | adapter exact match | example prompt -> adapter |",
         "|---|---|---|---|---|",
     ]
     for r in rows:

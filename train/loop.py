@@ -190,6 +190,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
             )
 
     model.train()
+    if step == 0 and data.eval:
+        # the baseline every later eval is measured against
+        eval0 = evaluate()
+        history.append({"step": 0, "eval_loss": eval0, "eval_perplexity": math.exp(min(eval0, 50))})
+        log(f"[train] step 0/{t.max_steps} eval_loss {eval0:.4f} ppl {history[-1]['eval_perplexity']:.2f}")
     window_loss, window_n, window_tokens, window_t0 = 0.0, 0, 0, time.perf_counter()
     run_t0, run_start_step = time.perf_counter(), step
     stop_early = False
@@ -271,6 +276,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     )
             else:
                 ray.train.report(metrics)
+            window_t0 = time.perf_counter()  # tokens/s counts training time, not eval or saving
     if world > 1:
         dist.barrier()
 

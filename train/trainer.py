@@ -121,10 +121,8 @@ def absolute_paths(cfg):
 def train(cfg, resume: bool = False, log=print) -> dict:
     """Run a whole job: resolve the base, fit on Ray, publish the adapter. Returns a summary."""
     from cluster.ray_connect import ensure_ray
-    from train.model import resolve_base
-
     from train.data import prepare
-    from train.model import load_tokenizer
+    from train.model import load_tokenizer, resolve_base
 
     cfg = absolute_paths(resolve_base(cfg))
     # check every row here, before any worker starts: a bad row fails in seconds, by file and row
