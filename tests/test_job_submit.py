@@ -1,0 +1,97 @@
+"""`ray job submit --working-dir . -- lorafleet train ...` against a head of the test's own:
+its own ports and temp dir, on loopback, stopped by PID at the end (never `ray stop`)."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from conftest import ROOT
+
+pytestmark = pytest.mark.slow
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stop_processes_under(temp_dir: str) -> None:
+    """Every process whose command line names our temp dir, and all their children."""
+    roots = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if any(temp_dir in arg for arg in p.info["cmdline"] or []):
+                roots.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    procs = {p.pid: p for r in roots for p in [r, *r.children(recursive=True)]}
+    for p in procs.values():
+        try:
+            p.send_signal(signal.SIGTERM)
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(list(procs.values()), timeout=5)
+    for p in alive:
+        p.kill()
+
+
+@pytest.fixture
+def ray_head():
+    import shutil
+    import tempfile
+
+    temp_dir = tempfile.mkdtemp(prefix="lfray-", dir="/tmp")  # unix socket paths: < 108 bytes
+    dash = _free_port()
+    env = os.environ | {
+        "PATH": f"{BIN}:{os.environ['PATH']}",
+        # token auth, with a token of this test's own, for the head and every client
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": secrets.token_hex(16),
+        "RAY_ADDRESS": "",
+    }
+    env.pop("RAY_ADDRESS")
+    cmd = [
+        str(BIN / "ray"), "start", "--head", f"--port={_free_port()}", "--node-ip-address=127.0.0.1",
+        "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--ray-client-server-port={_free_port()}",
+        f"--node-manager-port={_free_port()}", f"--object-manager-port={_free_port()}",
+        f"--dashboard-agent-listen-port={_free_port()}", f"--metrics-export-port={_free_port()}",
+        f"--runtime-env-agent-port={_free_port()}", f"--temp-dir={temp_dir}", "--num-cpus=4", "--disable-usage-stats",
+    ]
+    try:
+        started = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+        assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
+        yield f"http://127.0.0.1:{dash}", env
+    finally:
+        _stop_processes_under(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_ray_job_submit_trains_and_publishes(ray_head, tmp_path, tiny_base, task_data):
+    address, env = ray_head
+    store = tmp_path / "store"
+    start = time.time()
+    proc = subprocess.run(
+        [
+            str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", ".", "--",
+            "lorafleet", "train", "configs/demo.yaml", "name=submitted", f"storage.root={store}",
+            f"model.base={tiny_base}", f"data.path={task_data['train']}", "data.max_length=64",
+            "training.max_steps=6", "training.warmup_steps=1", "training.eval_every_steps=3", "training.batch_size=4", "ray.num_cpus=null",
+        ],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "succeeded" in out and "[done] submitted" in out
+    assert (store / "adapters" / "submitted" / "adapter_model.safetensors").is_file()
+    print(f"job submit round trip: {time.time() - start:.1f}s")
