@@ -1,0 +1,188 @@
+"""Benchmarks of the training spine. Each prints a ratio against its anchor, measured side by
+side in this one run (the machine is shared and noisy: absolute numbers mean little).
+
+    make bench            # = python -m bench.run [ray_overhead packing nf4_bits]
+
+- ray_overhead: training tokens/s of `lorafleet train` (1 Ray Train worker) / a plain
+  single-process transformers+peft loop on the same model, data, batch and steps. Target >= 0.95.
+- packing: useful (non-padding) tokens/s with packing / padding every example to max_length, on
+  skewed lengths. Target >= 2.
+- nf4_bits: storage bits per parameter of NF4 + double-quant linear layers / the QLoRA paper's
+  4.127. Target within 3%.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+STEPS = 60
+THREADS = 2
+
+
+def _demo_cfg(tmp: Path, **over):
+    from cluster.config import load_config, with_overrides
+    from train.demo import write_task_data
+
+    data = write_task_data("last", tmp / "data")
+    cfg = load_config(ROOT / "configs" / "demo.yaml")
+    base = {
+        "name": "bench", "data.path": str(data["train"]), "storage.root": str(tmp / "store"),
+        "scaling.num_workers": 1, "scaling.resources_per_worker": {"CPU": THREADS},
+        "training.max_steps": STEPS, "training.eval_every_steps": STEPS, "training.log_every_steps": 10,
+        "training.eval_max_batches": 1, "ray.num_cpus": 4,
+    }
+    # the demo base lives under the repo's storage root; build it there once, as the demo does
+    base["model.base"] = "tiny://demo"
+    cfg = with_overrides(cfg, base | over)
+    from train.model import resolve_base
+
+    return resolve_base(with_overrides(cfg, {"storage.root": str(ROOT / "lorafleet-runs")})).model_copy(
+        update={"storage": cfg.storage}
+    )
+
+
+def plain_loop_tokens_per_s(cfg) -> float:
+    """The anchor: transformers + peft + bitsandbytes in one process, nothing of lorafleet's in
+    the step (the same prepared sequences, so the same data)."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    from train.data import ShardedBatches, prepare
+
+    torch.set_num_threads(THREADS)
+    torch.manual_seed(cfg.training.seed)
+    tok = AutoTokenizer.from_pretrained(cfg.model.base)
+    data = prepare(cfg.data, tok, log=lambda *_: None)
+    batches = ShardedBatches(data.train, cfg.training.batch_size, 0, 1, cfg.data.seed, tok.pad_token_id)
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                           bnb_4bit_compute_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(cfg.model.base, quantization_config=q, device_map={"": "cpu"})
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    a = cfg.adapter
+    model = get_peft_model(model, LoraConfig(r=a.r, lora_alpha=a.alpha, lora_dropout=a.dropout,
+                                             target_modules=a.target_modules, task_type="CAUSAL_LM"))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.training.learning_rate)
+    model.train()
+    tokens, t0 = 0, None
+    for step in range(STEPS):
+        if step == 10:  # the same warm-up our first report window absorbs
+            tokens, t0 = 0, time.perf_counter()
+        b = batches.batch(step)
+        tokens += int(b.pop("num_tokens"))
+        model(**b, use_cache=False).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return tokens / (time.perf_counter() - t0)
+
+
+def bench_ray_overhead() -> float:
+    from train.trainer import train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = _demo_cfg(Path(tmp))
+        # alternate the two, twice, so drift in machine load hits both alike
+        ours, plain = [], []
+        for _ in range(2):
+            summary = train(cfg.model_copy(update={"name": f"bench{len(ours)}"}), log=lambda *_: None)
+            reports = [h["tokens_per_s"] for h in summary["history"] if "tokens_per_s" in h][1:]
+            ours.append(statistics.mean(reports))
+            plain.append(plain_loop_tokens_per_s(cfg))
+    o, p = statistics.median(ours), statistics.median(plain)
+    ratio = o / p
+    print(f"ray_overhead: lorafleet train {o:,.0f} tok/s vs plain loop {p:,.0f} tok/s -> ratio {ratio:.3f} (target >= 0.95)")
+    return ratio
+
+
+def bench_packing() -> float:
+    """Useful tokens/s, packed vs padded to max_length, on a long-tailed length mix."""
+    from transformers import AutoTokenizer
+
+    from cluster.config import DataConfig
+    from train.data import collate, pack, tokenize_segments, unpacked
+    from train.model import load_for_training
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = _demo_cfg(Path(tmp))
+    torch.set_num_threads(THREADS)
+    tok = AutoTokenizer.from_pretrained(cfg.model.base)
+    rng = random.Random(0)
+    max_len = 256
+    examples = []
+    for _ in range(2000):  # 80% short (10-40 tokens), 20% long (100-250)
+        n = rng.randint(10, 40) if rng.random() < 0.8 else rng.randint(100, 250)
+        text = "".join(rng.choice("abcdefgh ") for _ in range(n))
+        examples.append(tokenize_segments([("q: ", False), (text, True)], tok, False))
+    packed = pack(examples, max_len, tok.pad_token_id)
+    padded = unpacked(examples)
+    model = load_for_training(cfg.model_copy(update={"data": DataConfig(path="x.jsonl", max_length=max_len)}), "cpu")
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    bs, steps = 4, 12
+
+    def run(seqs, steps=steps):
+        useful, t0 = 0, time.perf_counter()
+        for i in range(steps):
+            b = collate(seqs[i * bs : (i + 1) * bs], tok.pad_token_id)
+            useful += int(b.pop("num_tokens"))
+            if "attention_mask" in b:  # pad every example to max_length, as the anchor does
+                extra = max_len - b["input_ids"].shape[1]
+                b["input_ids"] = torch.nn.functional.pad(b["input_ids"], (0, extra), value=tok.pad_token_id)
+                b["labels"] = torch.nn.functional.pad(b["labels"], (0, extra), value=-100)
+                b["attention_mask"] = torch.nn.functional.pad(b["attention_mask"], (0, extra), value=0)
+            model(**b, use_cache=False).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return useful / (time.perf_counter() - t0)
+
+    run(packed, steps=2)  # warm-up
+    rates = {"packed": [], "padded": []}
+    for _ in range(2):
+        rates["packed"].append(run(packed))
+        rates["padded"].append(run(padded))
+    p, q = statistics.median(rates["packed"]), statistics.median(rates["padded"])
+    ratio = p / q
+    print(f"packing: {p:,.0f} useful tok/s packed vs {q:,.0f} padded to {max_len} -> ratio {ratio:.2f} (target >= 2)")
+    return ratio
+
+
+def bench_nf4_bits() -> float:
+    """Bytes actually held by bitsandbytes for NF4 + double-quant Linear layers of a 7B-shaped
+    block (4096 x 4096 and 4096 x 11008), counted from the tensors themselves."""
+    import bitsandbytes as bnb
+
+    total_bits, total_params = 0, 0
+    for shape in ((4096, 4096), (11008, 4096)):
+        w = torch.randn(*shape) * 0.02
+        qw, state = bnb.functional.quantize_4bit(w, quant_type="nf4", compress_statistics=True, blocksize=64)
+        held = [qw, state.absmax, state.state2.absmax, state.state2.code, state.code]
+        total_bits += sum(t.numel() * t.element_size() * 8 for t in held) + 32  # + the nested offset
+        total_params += w.numel()
+    bits = total_bits / total_params
+    ratio = bits / 4.127
+    print(f"nf4_bits: {bits:.4f} bits/parameter vs the QLoRA paper's 4.127 -> ratio {ratio:.4f} (target 0.97-1.03)")
+    return ratio
+
+
+BENCHES = {"ray_overhead": bench_ray_overhead, "packing": bench_packing, "nf4_bits": bench_nf4_bits}
+
+
+def main(names: list[str]) -> int:
+    results = {}
+    for name in names or list(BENCHES):
+        results[name] = BENCHES[name]()
+    print(json.dumps({k: round(v, 4) for k, v in results.items()}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
