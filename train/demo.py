@@ -145,7 +145,8 @@ def run_demo(config_path: str = "configs/demo.yaml", overrides: list[str] | None
                 "adapter_exact_match": exact_match(adapted, tokenizer, test),
                 "eval_loss": summary["history"][-1].get("eval_loss"),
                 "train_seconds": summary["seconds"],
-                "example": test[0] | {"adapter_says": _answer(adapted, tokenizer, test[0]["prompt"])},
+                "held_out": len(test),
+                "example": (ex := next(r for r in test if len(r["prompt"].split()) > 3)) | {"adapter_says": _answer(adapted, tokenizer, ex["prompt"])},
             }
         )
     seconds = time.time() - t0
@@ -158,7 +159,7 @@ def run_demo(config_path: str = "configs/demo.yaml", overrides: list[str] | None
     for r in rows:
         ex = r["example"]
         lines.append(
-            f"| {r['task']} | {200} | {r['base_exact_match']:.1%} | {r['adapter_exact_match']:.1%} "
+            f"| {r['task']} | {r['held_out']} | {r['base_exact_match']:.1%} | {r['adapter_exact_match']:.1%} "
             f"| `{ex['prompt'].strip()}` -> `{ex['adapter_says']}` |"
         )
     lines.append(f"\ndemo finished in {seconds:.0f}s; adapters in {root / 'adapters'}")

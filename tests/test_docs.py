@@ -1,0 +1,22 @@
+"""The README matches the code: its config reference is the schema's, its test command is CI's."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cluster.config import config_reference
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+def test_readme_config_reference_matches_the_schema():
+    missing = [row for row in config_reference() if row not in README]
+    assert not missing, "README config reference is stale; regenerate it:\n" + "\n".join(missing)
+
+
+def test_ci_runs_the_readme_test_command():
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "make test" in ci
+    first_block = README.split("```bash", 1)[1].split("```", 1)[0]
+    assert "make demo" in first_block and "make test" in first_block
