@@ -2,6 +2,7 @@
 
     lorafleet demo                                   # the embedded default, end to end
     lorafleet train configs/demo.yaml training.max_steps=50
+    lorafleet tune configs/tune-demo.yaml
     lorafleet validate configs/*.yaml
     lorafleet merge lorafleet-runs/adapters/demo-last --out merged/
 
@@ -45,6 +46,13 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _cmd_tune(args) -> int:
+    from tune.tuner import tune_job
+
+    tune_job(load_config(args.config, args.overrides), resume=args.resume)
+    return 0
+
+
 def _cmd_merge(args) -> int:
     from train.export import merge_adapter
 
@@ -76,6 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. training.learning_rate=1e-4")
     t.add_argument("--resume", action="store_true", help="continue this name's latest run from its last checkpoint")
     t.set_defaults(fn=_cmd_train)
+
+    tu = sub.add_parser("tune", help="search hyperparameters (tune.space) with Ray Tune; publish the best adapter")
+    tu.add_argument("config")
+    tu.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    tu.add_argument("--resume", action="store_true", help="continue an interrupted search of the same name")
+    tu.set_defaults(fn=_cmd_tune)
 
     m = sub.add_parser("merge", help="merge an adapter into its (dequantized) base; writes safetensors")
     m.add_argument("adapter")

@@ -33,7 +33,7 @@ def latest_run_id(cfg) -> str | None:
     return runs[-1] if runs else None
 
 
-def build_trainer(cfg, run_id: str | None = None):
+def build_trainer(cfg, run_id: str | None = None, callbacks: list | None = None):
     """A TorchTrainer for this config; nothing runs until `.fit()`. A run with the same run_id
     (same storage path and name) resumes where it stopped: that is how a crashed driver resumes."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -65,6 +65,7 @@ def build_trainer(cfg, run_id: str | None = None):
                 checkpoint_score_order="min",
             ),
             failure_config=FailureConfig(max_failures=cfg.training.max_failures),
+            callbacks=callbacks or [],
         ),
     )
 

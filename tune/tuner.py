@@ -1,0 +1,331 @@
+"""Ray Tune over the real training step: `build_tuner(cfg) -> Tuner`, and `tune_job(cfg)` that
+runs it, writes the results table (printed and CSV), the best config as YAML, a plot of every
+trial's eval loss, and publishes the best trial's adapter.
+
+    lorafleet tune configs/tune-demo.yaml
+
+Each trial is the base config plus dotted overrides sampled from `tune.space`, validated by the
+same schema, and runs `train.trainer.build_trainer` (Ray Train V2 under Tune, with
+`TuneReportCallback`). Trials report at every eval, so the scheduler sees eval loss by step.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import time
+from pathlib import Path
+
+from cluster import storage
+from cluster.config import JobConfig, dump_config, with_overrides
+
+SEP = "__"  # dotted keys become Tune parameter names without dots
+
+
+def _param(key: str) -> str:
+    return key.replace(".", SEP)
+
+
+def _key(param: str) -> str:
+    return param.replace(SEP, ".")
+
+
+def tune_root(cfg) -> str:
+    return storage.join(storage.absolute(cfg.storage.root), "tune", cfg.name)
+
+
+def param_space(cfg) -> dict:
+    from ray import tune
+
+    space = {}
+    for key, dist in cfg.tune.space.items():
+        kind, args = next(iter(dist.items()))
+        if kind == "loguniform":
+            space[_param(key)] = tune.loguniform(*args)
+        elif kind == "uniform":
+            space[_param(key)] = tune.uniform(*args)
+        elif kind == "randint":
+            space[_param(key)] = tune.randint(*args)
+        elif kind == "choice" and cfg.tune.search != "grid":
+            space[_param(key)] = tune.choice(args)
+        else:  # grid, or choice under grid search: every value is run
+            space[_param(key)] = tune.grid_search(args)
+    return space
+
+
+def trial_config(base: JobConfig, params: dict, trial_name: str) -> JobConfig:
+    """Base config + this trial's overrides; a trial reports (and checkpoints) at every eval."""
+    over = {_key(k): v for k, v in params.items()}
+    over |= {
+        "name": trial_name,
+        "training.log_every_steps": base.training.eval_every_steps,
+        "tune.space": {},
+    }
+    return with_overrides(base, over)
+
+
+def _trial_fn(params: dict) -> None:
+    """One Tune trial: a full Ray Train run of the trial's config."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from train.trainer import build_trainer
+
+    base = JobConfig.model_validate(params.pop("_base"))
+    ctx = tune.get_context()
+    cfg = trial_config(base, params, f"{base.name}-{ctx.get_trial_id()}")
+    build_trainer(cfg, run_id="run", callbacks=[TuneReportCallback()]).fit()
+
+
+def _scheduler(cfg):
+    from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, MedianStoppingRule
+
+    t = cfg.tune
+    common = {"time_attr": "step"}  # metric and mode come from TuneConfig
+    if t.scheduler == "asha":
+        return AsyncHyperBandScheduler(
+            **common, max_t=cfg.training.max_steps, grace_period=t.grace_period_steps,
+            reduction_factor=t.reduction_factor,
+        )
+    if t.scheduler == "hyperband":
+        # asynchronous HyperBand: several ASHA brackets. The synchronous HyperBandScheduler
+        # pauses and resumes trials through Tune checkpoints, which Train V2 trials do not give Tune.
+        return AsyncHyperBandScheduler(
+            **common, max_t=cfg.training.max_steps, grace_period=t.grace_period_steps,
+            reduction_factor=t.reduction_factor, brackets=3,
+        )
+    if t.scheduler == "median":
+        return MedianStoppingRule(**common, grace_period=t.grace_period_steps, min_samples_required=2)
+    return FIFOScheduler()
+
+
+def _search(cfg):
+    t = cfg.tune
+    if t.search == "optuna":
+        from ray.tune.search import ConcurrencyLimiter
+        from ray.tune.search.optuna import OptunaSearch
+
+        return ConcurrencyLimiter(OptunaSearch(seed=t.seed), max_concurrent=t.max_concurrent_trials)
+    from ray.tune.search import BasicVariantGenerator
+
+    return BasicVariantGenerator(random_state=t.seed, max_concurrent=t.max_concurrent_trials)
+
+
+class _Progress:
+    """One line per trial event: running, finished, stopped early, best so far."""
+
+    def __new__(cls, cfg, log):
+        from ray.tune import Callback
+
+        class Progress(Callback):
+            def __init__(self):
+                self.best = None
+                self.last_step: dict[str, int] = {}
+                self.done: dict[str, str] = {}
+
+            def on_trial_result(self, iteration, trials, trial, result, **info):
+                self.last_step[trial.trial_id] = result.get("step", 0)
+                value = result.get(cfg.tune.metric)
+                if value is not None and (
+                    self.best is None or (value < self.best[0] if cfg.tune.mode == "min" else value > self.best[0])
+                ):
+                    self.best = (value, trial.trial_id)
+                self._say(trials)
+
+            def on_trial_complete(self, iteration, trials, trial, **info):
+                stopped = self.last_step.get(trial.trial_id, 0) < cfg.training.max_steps
+                self.done[trial.trial_id] = "stopped" if stopped else "finished"
+                self._say(trials)
+
+            def on_trial_error(self, iteration, trials, trial, **info):
+                self.done[trial.trial_id] = "errored"
+                self._say(trials)
+
+            def _say(self, trials):
+                running = sum(t.status == "RUNNING" for t in trials)
+                counts = {k: list(self.done.values()).count(k) for k in ("finished", "stopped", "errored")}
+                best = f"; best {cfg.tune.metric} {self.best[0]:.4f} ({self.best[1]})" if self.best else ""
+                log(
+                    f"[tune] {running} running, {counts['finished']} finished, {counts['stopped']} stopped early, "
+                    f"{counts['errored']} errored of {cfg.tune.num_samples * _grid_size(cfg)}{best}"
+                )
+
+        return Progress()
+
+
+def _grid_size(cfg) -> int:
+    n = 1
+    for dist in cfg.tune.space.values():
+        kind, args = next(iter(dist.items()))
+        if kind == "grid" or (kind == "choice" and cfg.tune.search == "grid"):
+            n *= len(args)
+    return n
+
+
+def build_tuner(cfg, resume: bool = False, log=print):
+    """A Tuner for this config's search; nothing runs until `.fit()`. With resume=True and an
+    earlier run of the same name in storage, that run continues (finished trials are kept)."""
+    from ray import tune
+
+    # the trial function only drives a Ray Train run (whose workers reserve their own resources);
+    # Tune refuses an empty request, so it takes a sliver of a CPU
+    trainable = tune.with_resources(_trial_fn, {"CPU": 0.1})
+    fs, path = storage.filesystem(tune_root(cfg))
+    run_path = storage.join(tune_root(cfg), "search")
+    if resume and tune.Tuner.can_restore(run_path, storage_filesystem=fs):
+        log(f"[tune] resuming {run_path}")
+        return tune.Tuner.restore(run_path, trainable=trainable, resume_errored=True, storage_filesystem=fs)
+    space = param_space(cfg) | {"_base": cfg.model_dump(mode="json")}
+    return tune.Tuner(
+        trainable,
+        param_space=space,
+        tune_config=tune.TuneConfig(
+            metric=cfg.tune.metric,
+            mode=cfg.tune.mode,
+            num_samples=cfg.tune.num_samples,
+            # concurrency is capped by the search algorithm (_search), where Tune honours it
+            scheduler=_scheduler(cfg),
+            search_alg=_search(cfg),
+        ),
+        run_config=tune.RunConfig(
+            name="search", storage_path=path, storage_filesystem=fs, verbose=0,
+            callbacks=[_Progress(cfg, log)],
+        ),
+    )
+
+
+def summarize(cfg, grid) -> list[dict]:
+    """One row per trial: overrides, final and best metric, steps run, stopped early?"""
+    rows = []
+    better = min if cfg.tune.mode == "min" else max
+    for result in grid:
+        df = result.metrics_dataframe
+        history = [] if df is None or df.empty else df.to_dict("records")
+        evals = [h for h in history if isinstance(h.get(cfg.tune.metric), int | float)
+                 and not math.isnan(h[cfg.tune.metric])]
+        params = {_key(k): v for k, v in (result.config or {}).items() if k != "_base"}
+        steps = int(max((h.get("step", 0) for h in history), default=0))
+        best = better(evals, key=lambda h: h[cfg.tune.metric]) if evals else None
+        rows.append(
+            {
+                "trial": (result.metrics or {}).get("trial_id") or Path(result.path or "?").name,
+                "overrides": params,
+                "final": evals[-1][cfg.tune.metric] if evals else None,
+                "best": best[cfg.tune.metric] if best else None,
+                "best_checkpoint": best.get("checkpoint_path") if best else None,
+                "steps": steps,
+                "stopped_early": bool(evals) and steps < cfg.training.max_steps
+                and not any(h.get("early_stopped") for h in history),
+                "error": str(result.error)[:200] if result.error else "",
+                "curve": [(h["step"], h[cfg.tune.metric]) for h in evals],
+            }
+        )
+    return rows
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def results_table(cfg, rows) -> str:
+    keys = list(cfg.tune.space)
+    head = ["trial", *keys, f"final {cfg.tune.metric}", f"best {cfg.tune.metric}", "steps", "stopped early"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in sorted(rows, key=lambda r: (r["best"] is None, r["best"] if cfg.tune.mode == "min" else -(r["best"] or 0))):
+        cells = [r["trial"], *(_fmt(r["overrides"].get(k)) for k in keys), _fmt(r["final"]), _fmt(r["best"]),
+                 str(r["steps"]), "yes" if r["stopped_early"] else ("error" if r["error"] else "no")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_csv(cfg, rows) -> str:
+    buf = io.StringIO()
+    keys = list(cfg.tune.space)
+    w = csv.writer(buf)
+    w.writerow(["trial", *keys, "final_metric", "best_metric", "steps", "stopped_early", "error"])
+    for r in rows:
+        w.writerow([r["trial"], *(r["overrides"].get(k) for k in keys), r["final"], r["best"], r["steps"],
+                    r["stopped_early"], r["error"]])
+    uri = storage.join(tune_root(cfg), "results.csv")
+    storage.write_text(uri, buf.getvalue())
+    return uri
+
+
+def plot_curves(cfg, rows, out_path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
+    for r in rows:
+        if not r["curve"]:
+            continue
+        steps, values = zip(*r["curve"], strict=True)
+        label = r["trial"] + " " + ", ".join(f"{k.split('.')[-1]}={_fmt(v)}" for k, v in r["overrides"].items())
+        (line,) = ax.plot(steps, values, marker="o", markersize=3, label=label)
+        if r["stopped_early"]:
+            ax.plot(steps[-1], values[-1], marker="x", markersize=11, mew=2.5, color=line.get_color())
+    ax.plot([], [], "kx", markersize=9, mew=2.5, label="stopped early")
+    ax.set_xlabel("training step")
+    ax.set_ylabel(cfg.tune.metric)
+    ax.set_title(f"lorafleet tune {cfg.name}: {cfg.tune.scheduler}, {cfg.tune.search} search")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(out_path)
+    plt.close(fig)
+    return out_path
+
+
+def tune_job(cfg, resume: bool = False, log=print) -> dict:
+    """Run the search, write its outputs, publish the best adapter. Returns a summary."""
+    import tempfile
+
+    from ray.train import Checkpoint
+
+    from cluster.ray_connect import ensure_ray
+    from train.data import prepare
+    from train.model import load_tokenizer, resolve_base
+    from train.trainer import absolute_paths, publish_adapter
+
+    if not cfg.tune.space:
+        from cluster.config import ConfigError
+
+        raise ConfigError(["tune.space: expected at least one key to search. Got {} instead"])
+    cfg = absolute_paths(resolve_base(cfg))
+    checked = prepare(cfg.data, load_tokenizer(cfg), log=log)
+    log(f"[data] {cfg.data.path}: {checked.report.summary()}")
+    ensure_ray(cfg.ray, log=log)
+    t0 = time.time()
+    grid = build_tuner(cfg, resume=resume, log=log).fit()
+    rows = summarize(cfg, grid)
+    table = results_table(cfg, rows)
+    log(table)
+    out = {"table": table, "rows": rows, "seconds": time.time() - t0, "csv": write_csv(cfg, rows)}
+    scored = [r for r in rows if r["best"] is not None and r["best_checkpoint"]]
+    if not scored:
+        raise RuntimeError("no trial reported a checkpoint; nothing to publish (see the errors above)")
+    best = (min if cfg.tune.mode == "min" else max)(scored, key=lambda r: r["best"])
+    best_cfg = with_overrides(cfg, {**best["overrides"], "tune.space": {}})
+    out["best_yaml"] = storage.join(tune_root(cfg), "best.yaml")
+    storage.write_text(out["best_yaml"], f"# best trial {best['trial']} of `lorafleet tune` {cfg.name}: "
+                       f"{cfg.tune.metric} {best['best']:.4f}\n" + dump_config(best_cfg))
+    with tempfile.TemporaryDirectory() as tmp:
+        png = plot_curves(cfg, rows, Path(tmp) / "curves.png")
+        out["plot"] = storage.join(tune_root(cfg), "curves.png")
+        if storage.is_remote(out["plot"]):
+            storage.upload_dir(tmp, tune_root(cfg) + "/plot")
+            out["plot"] = tune_root(cfg) + "/plot/curves.png"
+        else:
+            Path(out["plot"]).write_bytes(png.read_bytes())
+    out["adapter"] = publish_adapter(Checkpoint(best["best_checkpoint"]), best_cfg, log=log)
+    out["best"] = best
+    log(f"[tune] best trial {best['trial']} {best['overrides']}: {cfg.tune.metric} {best['best']:.4f}; "
+        f"results {out['csv']}, config {out['best_yaml']}, plot {out['plot']}")
+    json.dumps(out, default=str)
+    return out
