@@ -1,7 +1,7 @@
 """Benchmarks of the training spine. Each prints a ratio against its anchor, measured side by
 side in this one run (the machine is shared and noisy: absolute numbers mean little).
 
-    make bench            # = python -m bench.run [ray_overhead packing nf4_bits]
+    make bench            # = python -m bench.run [ray_overhead packing nf4_bits tune_asha]
 
 - ray_overhead: training tokens/s of `lorafleet train` (1 Ray Train worker) / a plain
   single-process transformers+peft loop on the same model, data, batch and steps. Target >= 0.95.
@@ -9,6 +9,8 @@ side in this one run (the machine is shared and noisy: absolute numbers mean lit
   skewed lengths. Target >= 2.
 - nf4_bits: storage bits per parameter of NF4 + double-quant linear layers / the QLoRA paper's
   4.127. Target within 3%.
+- tune_asha: total training steps of a search run to completion / the same search (space, seed)
+  under ASHA, and the best eval loss of each. Target >= 3x less compute, best within 2%.
 """
 
 from __future__ import annotations
@@ -173,9 +175,6 @@ def bench_nf4_bits() -> float:
     return ratio
 
 
-BENCHES = {"ray_overhead": bench_ray_overhead, "packing": bench_packing, "nf4_bits": bench_nf4_bits}
-
-
 def main(names: list[str]) -> int:
     results = {}
     for name in names or list(BENCHES):
@@ -183,6 +182,41 @@ def main(names: list[str]) -> int:
     print(json.dumps({k: round(v, 4) for k, v in results.items()}))
     return 0
 
+
+
+def bench_tune_asha() -> float:
+    """The same space and seed searched twice: ASHA, then every trial run to completion (FIFO).
+    Compute is total training steps across trials; the best eval loss of each is printed."""
+    from cluster.config import with_overrides
+    from tune.tuner import tune_job
+
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        base = _demo_cfg(Path(tmp), **{
+            "training.max_steps": 90, "training.eval_every_steps": 5, "training.eval_max_batches": 4,
+            "training.keep_checkpoints": 1, "scaling.resources_per_worker": {"CPU": 1},
+            "tune.num_samples": 12, "tune.max_concurrent_trials": 2, "tune.grace_period_steps": 5,
+            "tune.reduction_factor": 3, "tune.search": "random", "tune.seed": 7,
+            "tune.space": {"training.learning_rate": {"loguniform": [1e-5, 3e-3]}, "adapter.r": {"choice": [4, 8, 16]}},
+        })
+        for scheduler in ("asha", "fifo"):
+            cfg = with_overrides(base, {"name": f"bench-{scheduler}", "tune.scheduler": scheduler})
+            out = tune_job(cfg, log=lambda *_: None)
+            results[scheduler] = (sum(r["steps"] for r in out["rows"]), out["best"]["best"], out["seconds"])
+    (a_steps, a_best, a_s), (f_steps, f_best, f_s) = results["asha"], results["fifo"]
+    ratio = f_steps / a_steps
+    print(f"tune_asha: ASHA {a_steps} trial steps ({a_s:.0f}s), best eval_loss {a_best:.4f}; "
+          f"all to completion {f_steps} steps ({f_s:.0f}s), best {f_best:.4f} -> compute ratio {ratio:.2f} "
+          f"(target >= 3), best-loss ratio {a_best / f_best:.4f} (target <= 1.02)")
+    return ratio
+
+
+BENCHES = {
+    "ray_overhead": bench_ray_overhead,
+    "packing": bench_packing,
+    "nf4_bits": bench_nf4_bits,
+    "tune_asha": bench_tune_asha,
+}
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

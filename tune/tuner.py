@@ -124,6 +124,7 @@ class _Progress:
                 self.best = None
                 self.last_step: dict[str, int] = {}
                 self.done: dict[str, str] = {}
+                self.said = ""
 
             def on_trial_result(self, iteration, trials, trial, result, **info):
                 self.last_step[trial.trial_id] = result.get("step", 0)
@@ -144,13 +145,16 @@ class _Progress:
                 self._say(trials)
 
             def _say(self, trials):
-                running = sum(t.status == "RUNNING" for t in trials)
+                running = sum(t.status == "RUNNING" and t.trial_id not in self.done for t in trials)
                 counts = {k: list(self.done.values()).count(k) for k in ("finished", "stopped", "errored")}
                 best = f"; best {cfg.tune.metric} {self.best[0]:.4f} ({self.best[1]})" if self.best else ""
-                log(
+                line = (
                     f"[tune] {running} running, {counts['finished']} finished, {counts['stopped']} stopped early, "
                     f"{counts['errored']} errored of {cfg.tune.num_samples * _grid_size(cfg)}{best}"
                 )
+                if line != self.said:  # one line per change, not per report
+                    log(line)
+                    self.said = line
 
         return Progress()
 
