@@ -39,19 +39,25 @@ def _demo_cfg(tmp: Path, **over):
     data = write_task_data("last", tmp / "data")
     cfg = load_config(ROOT / "configs" / "demo.yaml")
     base = {
-        "name": "bench", "data.path": str(data["train"]), "storage.root": str(tmp / "store"),
-        "scaling.num_workers": 1, "scaling.resources_per_worker": {"CPU": THREADS},
-        "training.max_steps": STEPS, "training.eval_every_steps": STEPS, "training.log_every_steps": 10,
-        "training.eval_max_batches": 1, "ray.num_cpus": 4,
+        "name": "bench",
+        "data.path": str(data["train"]),
+        "storage.root": str(tmp / "store"),
+        "scaling.num_workers": 1,
+        "scaling.resources_per_worker": {"CPU": THREADS},
+        "training.max_steps": STEPS,
+        "training.eval_every_steps": STEPS,
+        "training.log_every_steps": 10,
+        "training.eval_max_batches": 1,
+        "ray.num_cpus": 4,
     }
     # the demo base lives under the repo's storage root; build it there once, as the demo does
     base["model.base"] = "tiny://demo"
     cfg = with_overrides(cfg, base | over)
     from train.model import resolve_base
 
-    return resolve_base(with_overrides(cfg, {"storage.root": str(ROOT / "lorafleet-runs")})).model_copy(
-        update={"storage": cfg.storage}
-    )
+    return resolve_base(
+        with_overrides(cfg, {"storage.root": str(ROOT / "lorafleet-runs")})
+    ).model_copy(update={"storage": cfg.storage})
 
 
 def plain_loop_tokens_per_s(cfg) -> float:
@@ -66,15 +72,33 @@ def plain_loop_tokens_per_s(cfg) -> float:
     torch.manual_seed(cfg.training.seed)
     tok = AutoTokenizer.from_pretrained(cfg.model.base)
     data = prepare(cfg.data, tok, log=lambda *_: None)
-    batches = ShardedBatches(data.train, cfg.training.batch_size, 0, 1, cfg.data.seed, tok.pad_token_id)
-    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                           bnb_4bit_compute_dtype=torch.float32)
-    model = AutoModelForCausalLM.from_pretrained(cfg.model.base, quantization_config=q, device_map={"": "cpu"})
+    batches = ShardedBatches(
+        data.train, cfg.training.batch_size, 0, 1, cfg.data.seed, tok.pad_token_id
+    )
+    q = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        cfg.model.base, quantization_config=q, device_map={"": "cpu"}
+    )
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     a = cfg.adapter
-    model = get_peft_model(model, LoraConfig(r=a.r, lora_alpha=a.alpha, lora_dropout=a.dropout,
-                                             target_modules=a.target_modules, task_type="CAUSAL_LM"))
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.training.learning_rate)
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=a.r,
+            lora_alpha=a.alpha,
+            lora_dropout=a.dropout,
+            target_modules=a.target_modules,
+            task_type="CAUSAL_LM",
+        ),
+    )
+    opt = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=cfg.training.learning_rate
+    )
     model.train()
     tokens, t0 = 0, None
     for step in range(STEPS):
@@ -96,13 +120,17 @@ def bench_ray_overhead() -> float:
         # alternate the two, twice, so drift in machine load hits both alike
         ours, plain = [], []
         for _ in range(2):
-            summary = train(cfg.model_copy(update={"name": f"bench{len(ours)}"}), log=lambda *_: None)
+            summary = train(
+                cfg.model_copy(update={"name": f"bench{len(ours)}"}), log=lambda *_: None
+            )
             reports = [h["tokens_per_s"] for h in summary["history"] if "tokens_per_s" in h][1:]
             ours.append(statistics.mean(reports))
             plain.append(plain_loop_tokens_per_s(cfg))
     o, p = statistics.median(ours), statistics.median(plain)
     ratio = o / p
-    print(f"ray_overhead: lorafleet train {o:,.0f} tok/s vs plain loop {p:,.0f} tok/s -> ratio {ratio:.3f} (target >= 0.95)")
+    print(
+        f"ray_overhead: lorafleet train {o:,.0f} tok/s vs plain loop {p:,.0f} tok/s -> ratio {ratio:.3f} (target >= 0.95)"
+    )
     return ratio
 
 
@@ -127,7 +155,9 @@ def bench_packing() -> float:
         examples.append(tokenize_segments([("q: ", False), (text, True)], tok, False))
     packed = pack(examples, max_len, tok.pad_token_id)
     padded = unpacked(examples)
-    model = load_for_training(cfg.model_copy(update={"data": DataConfig(path="x.jsonl", max_length=max_len)}), "cpu")
+    model = load_for_training(
+        cfg.model_copy(update={"data": DataConfig(path="x.jsonl", max_length=max_len)}), "cpu"
+    )
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     bs, steps = 4, 12
 
@@ -138,9 +168,13 @@ def bench_packing() -> float:
             useful += int(b.pop("num_tokens"))
             if "attention_mask" in b:  # pad every example to max_length, as the anchor does
                 extra = max_len - b["input_ids"].shape[1]
-                b["input_ids"] = torch.nn.functional.pad(b["input_ids"], (0, extra), value=tok.pad_token_id)
+                b["input_ids"] = torch.nn.functional.pad(
+                    b["input_ids"], (0, extra), value=tok.pad_token_id
+                )
                 b["labels"] = torch.nn.functional.pad(b["labels"], (0, extra), value=-100)
-                b["attention_mask"] = torch.nn.functional.pad(b["attention_mask"], (0, extra), value=0)
+                b["attention_mask"] = torch.nn.functional.pad(
+                    b["attention_mask"], (0, extra), value=0
+                )
             model(**b, use_cache=False).loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -153,7 +187,9 @@ def bench_packing() -> float:
         rates["padded"].append(run(padded))
     p, q = statistics.median(rates["packed"]), statistics.median(rates["padded"])
     ratio = p / q
-    print(f"packing: {p:,.0f} useful tok/s packed vs {q:,.0f} padded to {max_len} -> ratio {ratio:.2f} (target >= 2)")
+    print(
+        f"packing: {p:,.0f} useful tok/s packed vs {q:,.0f} padded to {max_len} -> ratio {ratio:.2f} (target >= 2)"
+    )
     return ratio
 
 
@@ -165,13 +201,19 @@ def bench_nf4_bits() -> float:
     total_bits, total_params = 0, 0
     for shape in ((4096, 4096), (11008, 4096)):
         w = torch.randn(*shape) * 0.02
-        qw, state = bnb.functional.quantize_4bit(w, quant_type="nf4", compress_statistics=True, blocksize=64)
+        qw, state = bnb.functional.quantize_4bit(
+            w, quant_type="nf4", compress_statistics=True, blocksize=64
+        )
         held = [qw, state.absmax, state.state2.absmax, state.state2.code, state.code]
-        total_bits += sum(t.numel() * t.element_size() * 8 for t in held) + 32  # + the nested offset
+        total_bits += (
+            sum(t.numel() * t.element_size() * 8 for t in held) + 32
+        )  # + the nested offset
         total_params += w.numel()
     bits = total_bits / total_params
     ratio = bits / 4.127
-    print(f"nf4_bits: {bits:.4f} bits/parameter vs the QLoRA paper's 4.127 -> ratio {ratio:.4f} (target 0.97-1.03)")
+    print(
+        f"nf4_bits: {bits:.4f} bits/parameter vs the QLoRA paper's 4.127 -> ratio {ratio:.4f} (target 0.97-1.03)"
+    )
     return ratio
 
 
@@ -183,7 +225,6 @@ def main(names: list[str]) -> int:
     return 0
 
 
-
 def bench_tune_asha() -> float:
     """The same space and seed searched twice: ASHA, then every trial run to completion (FIFO).
     Compute is total training steps across trials; the best eval loss of each is printed."""
@@ -192,22 +233,41 @@ def bench_tune_asha() -> float:
 
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        base = _demo_cfg(Path(tmp), **{
-            "training.max_steps": 90, "training.eval_every_steps": 5, "training.eval_max_batches": 4,
-            "training.keep_checkpoints": 1, "scaling.resources_per_worker": {"CPU": 1},
-            "tune.num_samples": 12, "tune.max_concurrent_trials": 2, "tune.grace_period_steps": 5,
-            "tune.reduction_factor": 3, "tune.search": "random", "tune.seed": 7,
-            "tune.space": {"training.learning_rate": {"loguniform": [1e-5, 3e-3]}, "adapter.r": {"choice": [4, 8, 16]}},
-        })
+        base = _demo_cfg(
+            Path(tmp),
+            **{
+                "training.max_steps": 90,
+                "training.eval_every_steps": 5,
+                "training.eval_max_batches": 4,
+                "training.keep_checkpoints": 1,
+                "scaling.resources_per_worker": {"CPU": 1},
+                "tune.num_samples": 12,
+                "tune.max_concurrent_trials": 2,
+                "tune.grace_period_steps": 5,
+                "tune.reduction_factor": 3,
+                "tune.search": "random",
+                "tune.seed": 7,
+                "tune.space": {
+                    "training.learning_rate": {"loguniform": [1e-5, 3e-3]},
+                    "adapter.r": {"choice": [4, 8, 16]},
+                },
+            },
+        )
         for scheduler in ("asha", "fifo"):
             cfg = with_overrides(base, {"name": f"bench-{scheduler}", "tune.scheduler": scheduler})
             out = tune_job(cfg, log=lambda *_: None)
-            results[scheduler] = (sum(r["steps"] for r in out["rows"]), out["best"]["best"], out["seconds"])
+            results[scheduler] = (
+                sum(r["steps"] for r in out["rows"]),
+                out["best"]["best"],
+                out["seconds"],
+            )
     (a_steps, a_best, a_s), (f_steps, f_best, f_s) = results["asha"], results["fifo"]
     ratio = f_steps / a_steps
-    print(f"tune_asha: ASHA {a_steps} trial steps ({a_s:.0f}s), best eval_loss {a_best:.4f}; "
-          f"all to completion {f_steps} steps ({f_s:.0f}s), best {f_best:.4f} -> compute ratio {ratio:.2f} "
-          f"(target >= 3), best-loss ratio {a_best / f_best:.4f} (target <= 1.02)")
+    print(
+        f"tune_asha: ASHA {a_steps} trial steps ({a_s:.0f}s), best eval_loss {a_best:.4f}; "
+        f"all to completion {f_steps} steps ({f_s:.0f}s), best {f_best:.4f} -> compute ratio {ratio:.2f} "
+        f"(target >= 3), best-loss ratio {a_best / f_best:.4f} (target <= 1.02)"
+    )
     return ratio
 
 

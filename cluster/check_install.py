@@ -1,14 +1,26 @@
 """Import every package of the stack once, so a broken install fails at setup, not mid-run.
 
-    python -m cluster.check_install
+python -m cluster.check_install
 """
 
 import importlib
 import sys
 
 PACKAGES = [
-    "torch", "transformers", "peft", "bitsandbytes", "datasets", "safetensors", "pydantic",
-    "ray", "ray.train", "ray.tune", "ray.serve", "deepspeed", "vllm", "ray.serve.llm",
+    "torch",
+    "transformers",
+    "peft",
+    "bitsandbytes",
+    "datasets",
+    "safetensors",
+    "pydantic",
+    "ray",
+    "ray.train",
+    "ray.tune",
+    "ray.serve",
+    "deepspeed",
+    "vllm",
+    "ray.serve.llm",
 ]
 
 

@@ -81,23 +81,40 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="fine-tune an adapter with QLoRA on Ray Train")
     t.add_argument("config")
-    t.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. training.learning_rate=1e-4")
-    t.add_argument("--resume", action="store_true", help="continue this name's latest run from its last checkpoint")
+    t.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="dotted overrides, e.g. training.learning_rate=1e-4",
+    )
+    t.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue this name's latest run from its last checkpoint",
+    )
     t.set_defaults(fn=_cmd_train)
 
-    tu = sub.add_parser("tune", help="search hyperparameters (tune.space) with Ray Tune; publish the best adapter")
+    tu = sub.add_parser(
+        "tune", help="search hyperparameters (tune.space) with Ray Tune; publish the best adapter"
+    )
     tu.add_argument("config")
     tu.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
-    tu.add_argument("--resume", action="store_true", help="continue an interrupted search of the same name")
+    tu.add_argument(
+        "--resume", action="store_true", help="continue an interrupted search of the same name"
+    )
     tu.set_defaults(fn=_cmd_tune)
 
-    m = sub.add_parser("merge", help="merge an adapter into its (dequantized) base; writes safetensors")
+    m = sub.add_parser(
+        "merge", help="merge an adapter into its (dequantized) base; writes safetensors"
+    )
     m.add_argument("adapter")
     m.add_argument("--out", required=True)
     m.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     m.set_defaults(fn=_cmd_merge)
 
-    d = sub.add_parser("demo", help="the embedded default: tiny base, two tasks, base vs adapter table")
+    d = sub.add_parser(
+        "demo", help="the embedded default: tiny base, two tasks, base vs adapter table"
+    )
     d.add_argument("config", nargs="?", default="configs/demo.yaml")
     d.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     d.add_argument("--json", action="store_true", help="also print the report as JSON")

@@ -50,7 +50,9 @@ class ModelConfig(_Section):
         "builds a tiny Llama-shaped model and tokenizer locally (no download) under "
         "`<storage.root>/models/<name>`.",
     )
-    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of `base`.")
+    revision: str | None = Field(
+        None, description="Hub revision (branch, tag or commit) of `base`."
+    )
     trust_remote_code: bool = Field(
         False, description="Run model code shipped with the checkpoint. Off unless you set it."
     )
@@ -79,7 +81,8 @@ class AdapterConfig(_Section):
     alpha: float = Field(32, gt=0, description="LoRA alpha; the update is scaled by alpha/r.")
     dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
     target_modules: list[str] | Literal["all-linear"] = Field(
-        "all-linear", description='Module names to adapt, or "all-linear" (every linear but the head).'
+        "all-linear",
+        description='Module names to adapt, or "all-linear" (every linear but the head).',
     )
     bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases to train.")
     use_rslora: bool = Field(False, description="Rank-stabilized LoRA: scale by alpha/sqrt(r).")
@@ -89,7 +92,9 @@ class AdapterConfig(_Section):
     @classmethod
     def _non_empty(cls, v):
         if isinstance(v, list) and not v:
-            raise ValueError('expected a non-empty list of module names or "all-linear". Got [] instead')
+            raise ValueError(
+                'expected a non-empty list of module names or "all-linear". Got [] instead'
+            )
         return v
 
 
@@ -117,12 +122,15 @@ class DataConfig(_Section):
         description="Pack several examples into one sequence. Position ids restart per example and "
         "attention is masked per example, so packed examples do not see each other.",
     )
-    eval_path: str | None = Field(None, description="A separate eval file. Else `eval_ratio` is used.")
+    eval_path: str | None = Field(
+        None, description="A separate eval file. Else `eval_ratio` is used."
+    )
     eval_ratio: float = Field(
         0.05, ge=0, lt=1, description="Share of the training rows held out for eval."
     )
     on_bad_row: Literal["error", "skip"] = Field(
-        "error", description="A malformed row stops the run (naming file and row), or is skipped and counted."
+        "error",
+        description="A malformed row stops the run (naming file and row), or is skipped and counted.",
     )
     seed: int = Field(0, description="Seed for the eval split and the shuffle order.")
 
@@ -140,7 +148,9 @@ class TrainingConfig(_Section):
         "cosine", description="Decay after warmup."
     )
     warmup_steps: int = Field(10, ge=0, description="Linear warmup steps.")
-    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip gradients to this norm; null: off.")
+    max_grad_norm: float | None = Field(
+        1.0, gt=0, description="Clip gradients to this norm; null: off."
+    )
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="Autocast dtype. auto: bf16 on a GPU that supports it, else fp32."
     )
@@ -148,19 +158,33 @@ class TrainingConfig(_Section):
         True, description="Recompute activations in backward (use_reentrant=False) to save memory."
     )
     seed: int = Field(42, description="Seed for weights of the adapter, dropout and data order.")
-    log_every_steps: int = Field(10, gt=0, description="Report loss, lr, grad norm, tokens/s every N steps.")
-    eval_every_steps: int = Field(50, gt=0, description="Eval loss/perplexity (and a checkpoint) every M steps.")
-    eval_max_batches: int | None = Field(None, gt=0, description="Cap on eval batches per eval; null: all.")
-    keep_checkpoints: int = Field(2, gt=0, description="Keep the best K checkpoints by eval loss (plus the latest, which a resume needs).")
+    log_every_steps: int = Field(
+        10, gt=0, description="Report loss, lr, grad norm, tokens/s every N steps."
+    )
+    eval_every_steps: int = Field(
+        50, gt=0, description="Eval loss/perplexity (and a checkpoint) every M steps."
+    )
+    eval_max_batches: int | None = Field(
+        None, gt=0, description="Cap on eval batches per eval; null: all."
+    )
+    keep_checkpoints: int = Field(
+        2,
+        gt=0,
+        description="Keep the best K checkpoints by eval loss (plus the latest, which a resume needs).",
+    )
     early_stopping_patience: int | None = Field(
         None, gt=0, description="Stop after this many evals without improvement; null: never."
     )
-    early_stopping_min_delta: float = Field(0.0, ge=0, description="Smallest eval-loss drop that counts.")
+    early_stopping_min_delta: float = Field(
+        0.0, ge=0, description="Smallest eval-loss drop that counts."
+    )
     resume_from: str | None = Field(
         None, description="A checkpoint directory to continue from (at its next step)."
     )
     max_failures: int = Field(
-        0, ge=-1, description="Worker-group restarts from the latest checkpoint after a failure; -1: always."
+        0,
+        ge=-1,
+        description="Worker-group restarts from the latest checkpoint after a failure; -1: always.",
     )
     export: Literal["best", "last"] = Field(
         "best", description="Which checkpoint's adapter is published: best eval loss, or the last."
@@ -212,38 +236,54 @@ class TuneSection(_Section):
         description="Dotted config key -> one distribution: {loguniform: [low, high]}, "
         "{uniform: [low, high]}, {randint: [low, high)}, {choice: [a, b, ...]} or {grid: [a, b, ...]}.",
     )
-    metric: str = Field("eval_loss", description="What trials are compared on (a metric training reports).")
-    mode: Literal["min", "max"] = Field("min", description="Whether smaller or larger `metric` is better.")
-    num_samples: int = Field(6, gt=0, description="Trials to sample (each grid point is run this many times).")
+    metric: str = Field(
+        "eval_loss", description="What trials are compared on (a metric training reports)."
+    )
+    mode: Literal["min", "max"] = Field(
+        "min", description="Whether smaller or larger `metric` is better."
+    )
+    num_samples: int = Field(
+        6, gt=0, description="Trials to sample (each grid point is run this many times)."
+    )
     max_concurrent_trials: int = Field(2, gt=0, description="Trials running at once.")
     scheduler: Literal["asha", "hyperband", "median", "fifo"] = Field(
-        "asha", description="Early stopping of weak trials: ASHA, HyperBand, median stopping, or none (fifo)."
+        "asha",
+        description="Early stopping of weak trials: ASHA, HyperBand, median stopping, or none (fifo).",
     )
     search: Literal["random", "grid", "optuna"] = Field(
-        "random", description="How trials are proposed: random/grid sampling of the space, or Optuna TPE."
+        "random",
+        description="How trials are proposed: random/grid sampling of the space, or Optuna TPE.",
     )
     grace_period_steps: int = Field(
         20, gt=0, description="Training steps every trial runs before it may be stopped early."
     )
-    reduction_factor: float = Field(3, gt=1, description="ASHA/HyperBand: keep the top 1/factor at each rung.")
+    reduction_factor: float = Field(
+        3, gt=1, description="ASHA/HyperBand: keep the top 1/factor at each rung."
+    )
     seed: int = Field(0, description="Seed of the search algorithm.")
 
 
 class JobConfig(_Section):
     """A whole fine-tuning job."""
 
-    name: str = Field("adapter", description="Run and adapter name: `<storage.root>/adapters/<name>/`.")
+    name: str = Field(
+        "adapter", description="Run and adapter name: `<storage.root>/adapters/<name>/`."
+    )
     model: ModelConfig = Field(default_factory=ModelConfig, description="The base model.")
     quantization: QuantizationConfig = Field(
         default_factory=QuantizationConfig, description="How the frozen base is stored."
     )
     adapter: AdapterConfig = Field(default_factory=AdapterConfig, description="The LoRA adapter.")
     data: DataConfig = Field(..., description="Training (and eval) data.")
-    training: TrainingConfig = Field(default_factory=TrainingConfig, description="The training loop.")
+    training: TrainingConfig = Field(
+        default_factory=TrainingConfig, description="The training loop."
+    )
     scaling: ScalingConfig = Field(default_factory=ScalingConfig, description="Ray Train workers.")
     storage: StorageConfig = Field(default_factory=StorageConfig, description="Outputs.")
     ray: RayConfig = Field(default_factory=RayConfig, description="Ray connection.")
-    tune: TuneSection = Field(default_factory=TuneSection, description="Hyperparameter search (`lorafleet tune`).")
+    tune: TuneSection = Field(
+        default_factory=TuneSection, description="Hyperparameter search (`lorafleet tune`)."
+    )
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -295,7 +335,12 @@ def _field_for(schema: type[BaseModel], dotted: str):
 
 
 # what the training loop reports at every eval (what `tune.metric` may name), and which way is better
-REPORTED_METRICS = {"eval_loss": "min", "eval_perplexity": "min", "loss": "min", "tokens_per_s": "max"}
+REPORTED_METRICS = {
+    "eval_loss": "min",
+    "eval_perplexity": "min",
+    "loss": "min",
+    "tokens_per_s": "max",
+}
 
 
 def check_space(cfg) -> list[str]:
@@ -303,7 +348,9 @@ def check_space(cfg) -> list[str]:
     problems = []
     t = cfg.tune
     if t.metric not in REPORTED_METRICS:
-        problems.append(f"tune.metric: training reports {sorted(REPORTED_METRICS)}. Got {t.metric!r} instead")
+        problems.append(
+            f"tune.metric: training reports {sorted(REPORTED_METRICS)}. Got {t.metric!r} instead"
+        )
     elif REPORTED_METRICS[t.metric] != t.mode:
         problems.append(
             f"tune.mode: {t.metric} is better when {'smaller' if REPORTED_METRICS[t.metric] == 'min' else 'larger'}; "
@@ -318,7 +365,9 @@ def check_space(cfg) -> list[str]:
             problems.append(f"{where}: not a config key that a trial can change.{hint}")
             continue
         if len(dist) != 1 or next(iter(dist)) not in DISTRIBUTIONS:
-            problems.append(f"{where}: expected exactly one of {list(DISTRIBUTIONS)}. Got {dist!r} instead")
+            problems.append(
+                f"{where}: expected exactly one of {list(DISTRIBUTIONS)}. Got {dist!r} instead"
+            )
             continue
         kind, args = next(iter(dist.items()))
         if kind in ("choice", "grid"):
@@ -327,12 +376,16 @@ def check_space(cfg) -> list[str]:
                 continue
             values = args
         else:
-            if len(args) != 2 or not all(isinstance(a, int | float) and not isinstance(a, bool) for a in args):
+            if len(args) != 2 or not all(
+                isinstance(a, int | float) and not isinstance(a, bool) for a in args
+            ):
                 problems.append(f"{where}: {kind} needs [low, high] numbers. Got {args!r} instead")
                 continue
             low, high = args
             if low >= high:
-                problems.append(f"{where}: {kind} needs low < high. Got low={low}, high={high} instead")
+                problems.append(
+                    f"{where}: {kind} needs low < high. Got low={low}, high={high} instead"
+                )
                 continue
             if kind == "loguniform" and low <= 0:
                 problems.append(f"{where}: loguniform needs low > 0. Got {low} instead")
@@ -345,8 +398,10 @@ def check_space(cfg) -> list[str]:
             except ConfigError as e:
                 problems.append(f"{where}: value {v!r} makes an invalid trial: {e.problems[0]}")
                 break
-    if cfg.tune.space and cfg.tune.search == "grid" and any(
-        k not in ("grid", "choice") for d in cfg.tune.space.values() for k in d
+    if (
+        cfg.tune.space
+        and cfg.tune.search == "grid"
+        and any(k not in ("grid", "choice") for d in cfg.tune.space.values() for k in d)
     ):
         problems.append("tune.search: grid needs every tune.space entry to be grid or choice")
     return problems
@@ -372,7 +427,9 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         # yaml reads 1e-4 as a string (YAML 1.1); numbers are what people mean
         if isinstance(value, str):
             try:
-                value = float(value) if re.fullmatch(r"[-+]?\d*\.?\d+[eE][-+]?\d+", value) else value
+                value = (
+                    float(value) if re.fullmatch(r"[-+]?\d*\.?\d+[eE][-+]?\d+", value) else value
+                )
             except ValueError:
                 pass
         set_dotted(nested, key, value)
@@ -476,7 +533,9 @@ def load_config(
         except yaml.YAMLError as e:
             raise ConfigError([f"not valid YAML: {e}"], source) from None
         if not isinstance(raw, dict):
-            raise ConfigError([f"expected a mapping at the top level. Got {type(raw).__name__}"], source)
+            raise ConfigError(
+                [f"expected a mapping at the top level. Got {type(raw).__name__}"], source
+            )
     if overrides:
         over = parse_overrides(overrides) if isinstance(overrides, list) else overrides
         raw = deep_merge(raw, over)

@@ -23,8 +23,11 @@ def ensure_ray(ray_cfg=None, log=print):
     }
     if address:
         log(f"[ray] connecting to {address}")
-        ray.init(address=address, runtime_env=env if "RAY_JOB_ID" not in os.environ else None,
-                 log_to_driver=True)
+        ray.init(
+            address=address,
+            runtime_env=env if "RAY_JOB_ID" not in os.environ else None,
+            log_to_driver=True,
+        )
     else:
         num_cpus = getattr(ray_cfg, "num_cpus", None)
         log(f"[ray] starting a local Ray ({num_cpus or 'all'} logical CPUs)")

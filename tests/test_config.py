@@ -84,12 +84,20 @@ def test_names_that_would_escape_the_adapter_store_are_refused(tmp_path, name):
 
 
 def test_dotted_overrides_are_typed_and_validated():
-    assert parse_overrides(["training.learning_rate=1e-4", "data.packing=false", "adapter.target_modules=[q_proj, v_proj]"]) == {
+    assert parse_overrides(
+        [
+            "training.learning_rate=1e-4",
+            "data.packing=false",
+            "adapter.target_modules=[q_proj, v_proj]",
+        ]
+    ) == {
         "training": {"learning_rate": 1e-4},
         "data": {"packing": False},
         "adapter": {"target_modules": ["q_proj", "v_proj"]},
     }
-    cfg = load_config(ROOT / "configs" / "demo.yaml", ["training.learning_rate=1e-4", "scaling.num_workers=3"])
+    cfg = load_config(
+        ROOT / "configs" / "demo.yaml", ["training.learning_rate=1e-4", "scaling.num_workers=3"]
+    )
     assert cfg.training.learning_rate == 1e-4 and cfg.scaling.num_workers == 3
     trial = with_overrides(cfg, {"adapter.r": 4})
     assert trial.adapter.r == 4 and cfg.adapter.r == 16
@@ -110,9 +118,20 @@ def test_cli_validate_reports_and_exits_nonzero(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("data: {path: x.jsonl}\nscaling: {num_worker: 2}\n")
     proc = subprocess.run(
-        [sys.executable, "-m", "cluster.cli", "validate", str(ROOT / "configs" / "demo.yaml"), str(bad)],
-        capture_output=True, text=True, cwd=ROOT,
+        [
+            sys.executable,
+            "-m",
+            "cluster.cli",
+            "validate",
+            str(ROOT / "configs" / "demo.yaml"),
+            str(bad),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
     )
     assert proc.returncode == 2
     assert "demo.yaml: ok" in proc.stdout
-    assert "scaling.num_worker" in proc.stderr and "Did you mean 'scaling.num_workers'?" in proc.stderr
+    assert (
+        "scaling.num_worker" in proc.stderr and "Did you mean 'scaling.num_workers'?" in proc.stderr
+    )

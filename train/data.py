@@ -29,7 +29,9 @@ DEFAULT_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
 )
 ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
-ALPACA_PROMPT_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+ALPACA_PROMPT_WITH_INPUT = (
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
 CHAT_ROLES = {"system", "user", "assistant"}
 
 
@@ -98,7 +100,7 @@ def read_rows(path: str, split: str = "train") -> Iterator[tuple[int, object, st
             if isinstance(data, dict) and isinstance(data.get("data"), list):
                 data = data["data"]
             if not isinstance(data, list):
-                raise DataError(f"{path}: expected a JSON list of rows (or {{\"data\": [...]}})")
+                raise DataError(f'{path}: expected a JSON list of rows (or {{"data": [...]}})')
             for n, row in enumerate(data, 1):
                 yield n, row, str(p)
         elif kind == "csv":
@@ -121,7 +123,9 @@ def read_rows(path: str, split: str = "train") -> Iterator[tuple[int, object, st
     try:
         ds = datasets.load_dataset(path, split=split)
     except Exception as e:  # network, auth or unknown id: say which
-        raise DataError(f"{path}: not a local file, and loading it as a hub dataset failed: {e}") from None
+        raise DataError(
+            f"{path}: not a local file, and loading it as a hub dataset failed: {e}"
+        ) from None
     for n, row in enumerate(ds, 1):
         yield n, row, f"{path}[{split}]"
 
@@ -154,7 +158,11 @@ def format_row(row: object, fmt: str, tokenizer) -> list[tuple[str, bool]]:
             raise RowError("field 'completion' is empty")
         return [(prompt, False), (completion + eos, True)]
     if fmt == "alpaca":
-        instruction, inp, output = _field(row, "instruction"), _field(row, "input", False), _field(row, "output")
+        instruction, inp, output = (
+            _field(row, "instruction"),
+            _field(row, "input", False),
+            _field(row, "output"),
+        )
         if not output:
             raise RowError("field 'output' is empty")
         tpl = ALPACA_PROMPT_WITH_INPUT if inp.strip() else ALPACA_PROMPT
@@ -174,8 +182,14 @@ def _chat_segments(row: dict, tokenizer) -> list[tuple[str, bool]]:
     if not isinstance(messages, list) or not messages:
         raise RowError("field 'messages' must be a non-empty list of {role, content}")
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in CHAT_ROLES:
-            raise RowError(f"messages[{i}] must be {{role: system|user|assistant, content: string}}, got {m!r}")
+        if (
+            not isinstance(m, dict)
+            or not isinstance(m.get("content"), str)
+            or m.get("role") not in CHAT_ROLES
+        ):
+            raise RowError(
+                f"messages[{i}] must be {{role: system|user|assistant, content: string}}, got {m!r}"
+            )
     if not any(m["role"] == "assistant" for m in messages):
         raise RowError("no assistant message to learn from")
     template = tokenizer.chat_template or DEFAULT_CHAT_TEMPLATE
@@ -220,7 +234,9 @@ def tokenize_segments(segments, tokenizer, train_on_prompt: bool) -> tuple[list[
     return ids, labels
 
 
-def build_examples(data_cfg, tokenizer, path: str | None = None, log=print) -> tuple[list, DataReport]:
+def build_examples(
+    data_cfg, tokenizer, path: str | None = None, log=print
+) -> tuple[list, DataReport]:
     """Read, validate, format and tokenize every row of one source."""
     report = DataReport()
     examples = []
@@ -306,7 +322,9 @@ def collate(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     """Tensors for the model, plus `num_tokens`: the real (non-padding) tokens in the batch."""
     if "position_ids" in batch[0]:
         # packed: equal lengths, no attention_mask (so the position-id restarts separate examples)
-        out = {k: torch.tensor([b[k] for b in batch]) for k in ("input_ids", "labels", "position_ids")}
+        out = {
+            k: torch.tensor([b[k] for b in batch]) for k in ("input_ids", "labels", "position_ids")
+        }
         out["num_tokens"] = torch.tensor(sum(b["num_tokens"] for b in batch))
         return out
     width = max(len(b["input_ids"]) for b in batch)
@@ -350,7 +368,9 @@ def prepare(data_cfg, tokenizer, log=print) -> Prepared:
         eval_ex, eval_report = build_examples(data_cfg, tokenizer, path=data_cfg.eval_path, log=log)
     else:
         train_ex, eval_ex = split_eval(examples, data_cfg.eval_ratio, data_cfg.seed)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = (
+        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    )
     rng = random.Random(data_cfg.seed)
     train_ex = list(train_ex)
     rng.shuffle(train_ex)  # pack a mix of lengths, not sorted runs
@@ -358,7 +378,9 @@ def prepare(data_cfg, tokenizer, log=print) -> Prepared:
     train_seqs, eval_seqs = build(train_ex), build(eval_ex)
     report.sequences = len(train_seqs)
     report.tokens = sum(len(ids) for ids, _ in train_ex)
-    report.trainable_tokens = sum(sum(label != IGNORE for label in labels) for _, labels in train_ex)
+    report.trainable_tokens = sum(
+        sum(label != IGNORE for label in labels) for _, labels in train_ex
+    )
     return Prepared(train_seqs, eval_seqs, report, eval_report)
 
 
@@ -371,7 +393,14 @@ class ShardedBatches:
         if len(seqs) < batch_size * world:
             # repeat a tiny dataset so every worker gets a full batch
             seqs = seqs * math.ceil(batch_size * world / max(1, len(seqs)))
-        self.seqs, self.bs, self.rank, self.world, self.seed, self.pad_id = seqs, batch_size, rank, world, seed, pad_id
+        self.seqs, self.bs, self.rank, self.world, self.seed, self.pad_id = (
+            seqs,
+            batch_size,
+            rank,
+            world,
+            seed,
+            pad_id,
+        )
         self.per_epoch = len(seqs) // (batch_size * world)
         self._epoch, self._order = -1, []
 

@@ -70,7 +70,9 @@ def render_completion(row: dict) -> str:
     return row["prompt"] + row["completion"] + "<|eos|>"
 
 
-def write_task_data(task_name: str, out_dir: str | Path, n_train: int = 4000, n_test: int = 200) -> dict:
+def write_task_data(
+    task_name: str, out_dir: str | Path, n_train: int = 4000, n_test: int = 200
+) -> dict:
     """Train and held-out test JSONL for a task. Test prompts never appear in train."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -87,7 +89,9 @@ def write_task_data(task_name: str, out_dir: str | Path, n_train: int = 4000, n_
 
 
 @torch.no_grad()
-def exact_match(model, tokenizer, rows: list[dict], max_new_tokens: int = 32, batch_size: int = 50) -> float:
+def exact_match(
+    model, tokenizer, rows: list[dict], max_new_tokens: int = 32, batch_size: int = 50
+) -> float:
     """Greedy decoding; an answer counts when it equals the expected completion exactly."""
     model.eval()
     device = next(model.parameters()).device
@@ -96,7 +100,9 @@ def exact_match(model, tokenizer, rows: list[dict], max_new_tokens: int = 32, ba
     for i in range(0, len(rows), batch_size):
         chunk = rows[i : i + batch_size]
         prompts = [tokenizer.bos_token + r["prompt"] for r in chunk]
-        enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(
+            device
+        )
         out = model.generate(
             **enc,
             max_new_tokens=max_new_tokens,
@@ -112,8 +118,12 @@ def exact_match(model, tokenizer, rows: list[dict], max_new_tokens: int = 32, ba
 DEMO_TASKS = ("last", "swap")
 
 
-def run_demo(config_path: str = "configs/demo.yaml", overrides: list[str] | None = None,
-             tasks: tuple[str, ...] = DEMO_TASKS, log=print) -> dict:
+def run_demo(
+    config_path: str = "configs/demo.yaml",
+    overrides: list[str] | None = None,
+    tasks: tuple[str, ...] = DEMO_TASKS,
+    log=print,
+) -> dict:
     """Train one adapter per task on the tiny base and compare exact match, base vs adapter."""
     import time
 
@@ -146,7 +156,8 @@ def run_demo(config_path: str = "configs/demo.yaml", overrides: list[str] | None
                 "eval_loss": summary["history"][-1].get("eval_loss"),
                 "train_seconds": summary["seconds"],
                 "held_out": len(test),
-                "example": (ex := next(r for r in test if len(r["prompt"].split()) > 3)) | {"adapter_says": _answer(adapted, tokenizer, ex["prompt"])},
+                "example": (ex := next(r for r in test if len(r["prompt"].split()) > 3))
+                | {"adapter_says": _answer(adapted, tokenizer, ex["prompt"])},
             }
         )
     seconds = time.time() - t0
@@ -172,6 +183,11 @@ def run_demo(config_path: str = "configs/demo.yaml", overrides: list[str] | None
 
 def _answer(model, tokenizer, prompt: str) -> str:
     enc = tokenizer(tokenizer.bos_token + prompt, return_tensors="pt", add_special_tokens=False)
-    out = model.generate(**enc, max_new_tokens=32, do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                         eos_token_id=tokenizer.eos_token_id)
-    return tokenizer.decode(out[0, enc.input_ids.shape[1]:], skip_special_tokens=True).strip("\n")
+    out = model.generate(
+        **enc,
+        max_new_tokens=32,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    return tokenizer.decode(out[0, enc.input_ids.shape[1] :], skip_special_tokens=True).strip("\n")

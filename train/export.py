@@ -1,6 +1,6 @@
 """Adapters out of training: check a PEFT adapter, load it for inference, merge it.
 
-    lorafleet merge lorafleet-runs/adapters/demo-last --out lorafleet-runs/merged/demo-last
+lorafleet merge lorafleet-runs/adapters/demo-last --out lorafleet-runs/merged/demo-last
 """
 
 from __future__ import annotations
@@ -27,7 +27,9 @@ def check_adapter(path: str | Path, expect_trained: bool = True) -> int:
         raise AdapterError(f"adapter at {path} is missing {missing}")
     tensors = load_file(str(path / "adapter_model.safetensors"))
     if not tensors:
-        raise AdapterError(f"adapter at {path} holds no tensors: the target modules matched nothing?")
+        raise AdapterError(
+            f"adapter at {path} holds no tensors: the target modules matched nothing?"
+        )
     bad = [k for k, v in tensors.items() if not torch.isfinite(v).all()]
     if bad:
         raise AdapterError(f"adapter at {path} has non-finite values in {bad[:3]}")
@@ -39,21 +41,33 @@ def check_adapter(path: str | Path, expect_trained: bool = True) -> int:
     return len(tensors)
 
 
-def load_adapter_model(adapter_dir: str | Path, base: str | None = None, quantization=None, trust_remote_code=False):
+def load_adapter_model(
+    adapter_dir: str | Path, base: str | None = None, quantization=None, trust_remote_code=False
+):
     """Base (unquantized unless `quantization` is given) + adapter, in eval mode, on CPU."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     adapter_dir = str(adapter_dir)
-    base = base or json.loads(Path(adapter_dir, "adapter_config.json").read_text())["base_model_name_or_path"]
+    base = (
+        base
+        or json.loads(Path(adapter_dir, "adapter_config.json").read_text())[
+            "base_model_name_or_path"
+        ]
+    )
     model = AutoModelForCausalLM.from_pretrained(
-        base, quantization_config=quantization, dtype=torch.float32, device_map={"": "cpu"},
+        base,
+        quantization_config=quantization,
+        dtype=torch.float32,
+        device_map={"": "cpu"},
         trust_remote_code=trust_remote_code,
     )
     return PeftModel.from_pretrained(model, adapter_dir).eval()
 
 
-def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, dtype: str = "float32", log=print) -> Path:
+def merge_adapter(
+    adapter_dir: str | Path, out_dir: str | Path, dtype: str = "float32", log=print
+) -> Path:
     """A full model with the adapter merged in, in safetensors. The base is loaded as training
     saw it (4-bit, from the adapter's lorafleet.json) and dequantized before the merge, so the
     merged weights are what the adapter was trained against."""
@@ -74,7 +88,9 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, dtype: str = "fl
         base = cfg.model.base
         trust = cfg.model.trust_remote_code
     else:
-        base = json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
+        base = json.loads((adapter_dir / "adapter_config.json").read_text())[
+            "base_model_name_or_path"
+        ]
         trust = False
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     model = model.to(torch.float32)

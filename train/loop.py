@@ -39,8 +39,12 @@ def _autocast_dtype(precision: str, device: torch.device):
 def _scheduler(optimizer, t):
     from transformers import get_scheduler
 
-    name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[t.lr_scheduler]
-    return get_scheduler(name, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=t.max_steps)
+    name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[
+        t.lr_scheduler
+    ]
+    return get_scheduler(
+        name, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=t.max_steps
+    )
 
 
 def _optimizer(params, t):
@@ -84,7 +88,9 @@ def load_checkpoint(dirpath: Path, model, optimizer, scheduler) -> dict:
     weights = load_file(str(dirpath / ADAPTER_DIR / "adapter_model.safetensors"))
     result = set_peft_model_state_dict(model, weights)
     if getattr(result, "unexpected_keys", None):
-        raise RuntimeError(f"checkpoint {dirpath} does not fit this adapter: {result.unexpected_keys[:3]}")
+        raise RuntimeError(
+            f"checkpoint {dirpath} does not fit this adapter: {result.unexpected_keys[:3]}"
+        )
     state = torch.load(dirpath / CHECKPOINT_STATE, weights_only=True, map_location="cpu")
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
@@ -129,8 +135,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     model = load_for_training(cfg, device)
     trainable, total = count_params(model)
-    log(f"[model] {cfg.model.base}: {trainable:,} trainable of {total:,} parameters "
-        f"({cfg.quantization.mode}, LoRA r={cfg.adapter.r}) on {world} worker(s), device {device}")
+    log(
+        f"[model] {cfg.model.base}: {trainable:,} trainable of {total:,} parameters "
+        f"({cfg.quantization.mode}, LoRA r={cfg.adapter.r}) on {world} worker(s), device {device}"
+    )
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = _optimizer(params, t)
     scheduler = _scheduler(optimizer, t)
@@ -155,7 +163,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
-        ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        ddp_model = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
 
     run_dir = loop_config["run_dir"]
     amp = _autocast_dtype(t.precision, device)
@@ -186,7 +196,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     def write_history():
         if is_main:
             storage.write_text(
-                storage.join(run_dir, "metrics.jsonl"), "".join(json.dumps(h) + "\n" for h in history)
+                storage.join(run_dir, "metrics.jsonl"),
+                "".join(json.dumps(h) + "\n" for h in history),
             )
 
     model.train()
@@ -194,7 +205,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
         # the baseline every later eval is measured against
         eval0 = evaluate()
         history.append({"step": 0, "eval_loss": eval0, "eval_perplexity": math.exp(min(eval0, 50))})
-        log(f"[train] step 0/{t.max_steps} eval_loss {eval0:.4f} ppl {history[-1]['eval_perplexity']:.2f}")
+        log(
+            f"[train] step 0/{t.max_steps} eval_loss {eval0:.4f} ppl {history[-1]['eval_perplexity']:.2f}"
+        )
     window_loss, window_n, window_tokens, window_t0 = 0.0, 0, 0, time.perf_counter()
     run_t0, run_start_step = time.perf_counter(), step
     stop_early = False
@@ -220,7 +233,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
         is_eval = step % t.eval_every_steps == 0 or step == t.max_steps
         if step % t.log_every_steps == 0 or is_eval:
-            loss_avg, tokens = _all_sum([window_loss / max(window_n, 1), float(window_tokens)], device)
+            loss_avg, tokens = _all_sum(
+                [window_loss / max(window_n, 1), float(window_tokens)], device
+            )
             elapsed = time.perf_counter() - window_t0
             metrics = {
                 "step": step,
@@ -250,7 +265,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 f"[train] step {step}/{t.max_steps} loss {metrics['loss']:.4f} "
                 f"lr {metrics['learning_rate']:.2e} grad_norm {grad_norm:.3f} "
                 f"tok/s {metrics['tokens_per_s']:,.0f}"
-                + (f" eval_loss {metrics['eval_loss']:.4f} ppl {metrics['eval_perplexity']:.2f}" if "eval_loss" in metrics else "")
+                + (
+                    f" eval_loss {metrics['eval_loss']:.4f} ppl {metrics['eval_perplexity']:.2f}"
+                    if "eval_loss" in metrics
+                    else ""
+                )
                 + f" eta {_fmt_eta(eta)}"
                 + (f" (early stop: no eval improvement in {bad_evals} evals)" if stop_early else "")
             )
@@ -270,7 +289,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                         save_checkpoint(Path(tmp), model, optimizer, scheduler, meta)
                         checkpoint = ray.train.Checkpoint.from_directory(tmp)
                     ray.train.report(
-                        {k: v for k, v in metrics.items() if k != "early_stopped"} | {"eval_loss": metrics.get("eval_loss", metrics["loss"])},
+                        {k: v for k, v in metrics.items() if k != "early_stopped"}
+                        | {"eval_loss": metrics.get("eval_loss", metrics["loss"])},
                         checkpoint=checkpoint,
                         checkpoint_dir_name=f"checkpoint_{step:06d}",
                     )

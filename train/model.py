@@ -13,7 +13,12 @@ import torch
 
 from cluster import storage
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "uint8": torch.uint8}
+DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "uint8": torch.uint8,
+}
 
 
 def resolve_base(cfg):
@@ -130,7 +135,9 @@ def load_for_training(cfg, device: torch.device | str = "cpu"):
 
 def trainable_state(model) -> dict[str, torch.Tensor]:
     """The adapter's trainable tensors, by parameter name (what a checkpoint stores)."""
-    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    return {
+        n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad
+    }
 
 
 def count_params(model) -> tuple[int, int]:

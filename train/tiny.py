@@ -33,12 +33,22 @@ CHAT_TEMPLATE = (
 TINY_SHAPES = {
     # name: (layers, width, heads, intermediate, max_positions)
     "demo": (4, 128, 4, 384, 512),
-    "test": (2, 64, 2, 128, 256),  # head_dim 32, as the demo model's: a size vLLM's CPU attention supports
+    "test": (
+        2,
+        64,
+        2,
+        128,
+        256,
+    ),  # head_dim 32, as the demo model's: a size vLLM's CPU attention supports
 }
 
 
 def _bytes_to_unicode() -> dict[int, str]:
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -98,7 +108,9 @@ def build_model(shape: str = "demo", seed: int = 0):
     return model
 
 
-def pretrain(model, tokenizer, steps: int, seed: int = 0, batch_size: int = 32, log=print) -> list[float]:
+def pretrain(
+    model, tokenizer, steps: int, seed: int = 0, batch_size: int = 32, log=print
+) -> list[float]:
     """Full fine-tuning of the tiny base on the demo's prompt format with the identity task."""
     import random
 
@@ -108,7 +120,9 @@ def pretrain(model, tokenizer, steps: int, seed: int = 0, batch_size: int = 32, 
     rng_rows = [r for t in PRETRAIN_TASKS for r in make_rows(TASKS[t], per_task, seed=seed + 1)]
     random.Random(seed).shuffle(rng_rows)
     texts = [render_completion(r) for r in rng_rows]
-    prompt_lens = [len(tokenizer(r["prompt"], add_special_tokens=False).input_ids) for r in rng_rows]
+    prompt_lens = [
+        len(tokenizer(r["prompt"], add_special_tokens=False).input_ids) for r in rng_rows
+    ]
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -120,7 +134,9 @@ def pretrain(model, tokenizer, steps: int, seed: int = 0, batch_size: int = 32, 
         batch = texts[step * batch_size : (step + 1) * batch_size]
         enc = tokenizer(batch, return_tensors="pt", padding=True)
         ids = torch.cat([torch.full((len(batch), 1), tokenizer.bos_token_id), enc.input_ids], 1)
-        att = torch.cat([torch.ones(len(batch), 1, dtype=enc.attention_mask.dtype), enc.attention_mask], 1)
+        att = torch.cat(
+            [torch.ones(len(batch), 1, dtype=enc.attention_mask.dtype), enc.attention_mask], 1
+        )
         labels = ids.masked_fill(att == 0, -100)
         for row, n_prompt in enumerate(prompt_lens[step * batch_size : (step + 1) * batch_size]):
             labels[row, : 1 + n_prompt] = -100  # the prompt is random letters: nothing to learn
@@ -132,21 +148,29 @@ def pretrain(model, tokenizer, steps: int, seed: int = 0, batch_size: int = 32, 
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
         if (step + 1) % max(1, steps // 10) == 0:
-            log(f"[pretrain] step {step + 1}/{steps} loss {sum(losses[-20:]) / len(losses[-20:]):.3f} ({time.time() - t0:.0f}s)")
+            log(
+                f"[pretrain] step {step + 1}/{steps} loss {sum(losses[-20:]) / len(losses[-20:]):.3f} ({time.time() - t0:.0f}s)"
+            )
     model.eval()
     return losses
 
 
-def ensure_tiny_base(name: str, out_dir: str | Path, pretrain_steps: int | None = None, log=print) -> Path:
+def ensure_tiny_base(
+    name: str, out_dir: str | Path, pretrain_steps: int | None = None, log=print
+) -> Path:
     """Build `tiny://<name>` into out_dir once; later calls reuse it. Returns the directory."""
     out = Path(out_dir)
     if (out / "config.json").is_file() and (out / "lorafleet-tiny.json").is_file():
         return out
     shape = name if name in TINY_SHAPES else None
     if shape is None:
-        raise ValueError(f"model.base: unknown tiny model 'tiny://{name}'. Expected one of {sorted(TINY_SHAPES)}")
+        raise ValueError(
+            f"model.base: unknown tiny model 'tiny://{name}'. Expected one of {sorted(TINY_SHAPES)}"
+        )
     if pretrain_steps is None:
-        pretrain_steps = int(os.environ.get("LORAFLEET_TINY_PRETRAIN_STEPS", 500 if shape == "demo" else 0))
+        pretrain_steps = int(
+            os.environ.get("LORAFLEET_TINY_PRETRAIN_STEPS", 500 if shape == "demo" else 0)
+        )
     log(f"building tiny://{name} locally in {out} ({pretrain_steps} pretraining steps)")
     torch_threads = torch.get_num_threads()
     tokenizer = build_tokenizer()
@@ -158,7 +182,9 @@ def ensure_tiny_base(name: str, out_dir: str | Path, pretrain_steps: int | None 
     tmp.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    (tmp / "lorafleet-tiny.json").write_text(json.dumps({"shape": shape, "pretrain_steps": pretrain_steps}))
+    (tmp / "lorafleet-tiny.json").write_text(
+        json.dumps({"shape": shape, "pretrain_steps": pretrain_steps})
+    )
     try:
         tmp.rename(out)
     except OSError:  # another process built it first: keep theirs

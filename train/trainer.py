@@ -112,24 +112,35 @@ def absolute_paths(cfg):
     from cluster.config import with_overrides
 
     over = {"storage.root": storage.absolute(cfg.storage.root)}
-    for key, value in (("data.path", cfg.data.path), ("data.eval_path", cfg.data.eval_path),
-                       ("model.base", cfg.model.base), ("training.resume_from", cfg.training.resume_from)):
+    for key, value in (
+        ("data.path", cfg.data.path),
+        ("data.eval_path", cfg.data.eval_path),
+        ("model.base", cfg.model.base),
+        ("training.resume_from", cfg.training.resume_from),
+    ):
         if value and not storage.is_remote(value) and Path(value).exists():
             over[key] = str(Path(value).resolve())
     return with_overrides(cfg, over)
 
 
-def train(cfg, resume: bool = False, log=print) -> dict:
-    """Run a whole job: resolve the base, fit on Ray, publish the adapter. Returns a summary."""
+def prepare_run(cfg, log=print):
+    """What every Ray job of ours does first, on the driver: build a tiny:// base, make paths
+    absolute, check every data row (a bad row fails in seconds, by file and row, before any
+    worker starts), connect to Ray. Returns the config the workers get."""
     from cluster.ray_connect import ensure_ray
     from train.data import prepare
     from train.model import load_tokenizer, resolve_base
 
     cfg = absolute_paths(resolve_base(cfg))
-    # check every row here, before any worker starts: a bad row fails in seconds, by file and row
     checked = prepare(cfg.data, load_tokenizer(cfg), log=log)
     log(f"[data] {cfg.data.path}: {checked.report.summary()}; {len(checked.eval)} eval sequences")
     ensure_ray(cfg.ray, log=log)
+    return cfg
+
+
+def train(cfg, resume: bool = False, log=print) -> dict:
+    """Run a whole job: resolve the base, fit on Ray, publish the adapter. Returns a summary."""
+    cfg = prepare_run(cfg, log=log)
     run_id = (latest_run_id(cfg) if resume else None) or new_run_id()
     log(f"[train] {cfg.name}: run {run_id} in {runs_root(cfg)}")
     t0 = time.time()

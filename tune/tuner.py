@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import time
 from pathlib import Path
@@ -86,18 +85,25 @@ def _scheduler(cfg):
     common = {"time_attr": "step"}  # metric and mode come from TuneConfig
     if t.scheduler == "asha":
         return AsyncHyperBandScheduler(
-            **common, max_t=cfg.training.max_steps, grace_period=t.grace_period_steps,
+            **common,
+            max_t=cfg.training.max_steps,
+            grace_period=t.grace_period_steps,
             reduction_factor=t.reduction_factor,
         )
     if t.scheduler == "hyperband":
         # asynchronous HyperBand: several ASHA brackets. The synchronous HyperBandScheduler
         # pauses and resumes trials through Tune checkpoints, which Train V2 trials do not give Tune.
         return AsyncHyperBandScheduler(
-            **common, max_t=cfg.training.max_steps, grace_period=t.grace_period_steps,
-            reduction_factor=t.reduction_factor, brackets=3,
+            **common,
+            max_t=cfg.training.max_steps,
+            grace_period=t.grace_period_steps,
+            reduction_factor=t.reduction_factor,
+            brackets=3,
         )
     if t.scheduler == "median":
-        return MedianStoppingRule(**common, grace_period=t.grace_period_steps, min_samples_required=2)
+        return MedianStoppingRule(
+            **common, grace_period=t.grace_period_steps, min_samples_required=2
+        )
     return FIFOScheduler()
 
 
@@ -113,50 +119,53 @@ def _search(cfg):
     return BasicVariantGenerator(random_state=t.seed, max_concurrent=t.max_concurrent_trials)
 
 
-class _Progress:
-    """One line per trial event: running, finished, stopped early, best so far."""
+def _progress_callback(cfg, log):
+    """A Tune callback printing one line per change: running, finished, stopped early, best."""
+    from ray.tune import Callback  # here, not at the top: `lorafleet validate` needs no Ray
 
-    def __new__(cls, cfg, log):
-        from ray.tune import Callback
+    class Progress(Callback):
+        def __init__(self):
+            self.best = None
+            self.last_step: dict[str, int] = {}
+            self.done: dict[str, str] = {}
+            self.said = ""
 
-        class Progress(Callback):
-            def __init__(self):
-                self.best = None
-                self.last_step: dict[str, int] = {}
-                self.done: dict[str, str] = {}
-                self.said = ""
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            self.last_step[trial.trial_id] = result.get("step", 0)
+            value = result.get(cfg.tune.metric)
+            if value is not None and (
+                self.best is None
+                or (value < self.best[0] if cfg.tune.mode == "min" else value > self.best[0])
+            ):
+                self.best = (value, trial.trial_id)
+            self._say(trials)
 
-            def on_trial_result(self, iteration, trials, trial, result, **info):
-                self.last_step[trial.trial_id] = result.get("step", 0)
-                value = result.get(cfg.tune.metric)
-                if value is not None and (
-                    self.best is None or (value < self.best[0] if cfg.tune.mode == "min" else value > self.best[0])
-                ):
-                    self.best = (value, trial.trial_id)
-                self._say(trials)
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            stopped = self.last_step.get(trial.trial_id, 0) < cfg.training.max_steps
+            self.done[trial.trial_id] = "stopped" if stopped else "finished"
+            self._say(trials)
 
-            def on_trial_complete(self, iteration, trials, trial, **info):
-                stopped = self.last_step.get(trial.trial_id, 0) < cfg.training.max_steps
-                self.done[trial.trial_id] = "stopped" if stopped else "finished"
-                self._say(trials)
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self.done[trial.trial_id] = "errored"
+            self._say(trials)
 
-            def on_trial_error(self, iteration, trials, trial, **info):
-                self.done[trial.trial_id] = "errored"
-                self._say(trials)
+        def _say(self, trials):
+            running = sum(t.status == "RUNNING" and t.trial_id not in self.done for t in trials)
+            counts = {
+                k: list(self.done.values()).count(k) for k in ("finished", "stopped", "errored")
+            }
+            best = (
+                f"; best {cfg.tune.metric} {self.best[0]:.4f} ({self.best[1]})" if self.best else ""
+            )
+            line = (
+                f"[tune] {running} running, {counts['finished']} finished, {counts['stopped']} stopped early, "
+                f"{counts['errored']} errored of {cfg.tune.num_samples * _grid_size(cfg)}{best}"
+            )
+            if line != self.said:  # one line per change, not per report
+                log(line)
+                self.said = line
 
-            def _say(self, trials):
-                running = sum(t.status == "RUNNING" and t.trial_id not in self.done for t in trials)
-                counts = {k: list(self.done.values()).count(k) for k in ("finished", "stopped", "errored")}
-                best = f"; best {cfg.tune.metric} {self.best[0]:.4f} ({self.best[1]})" if self.best else ""
-                line = (
-                    f"[tune] {running} running, {counts['finished']} finished, {counts['stopped']} stopped early, "
-                    f"{counts['errored']} errored of {cfg.tune.num_samples * _grid_size(cfg)}{best}"
-                )
-                if line != self.said:  # one line per change, not per report
-                    log(line)
-                    self.said = line
-
-        return Progress()
+    return Progress()
 
 
 def _grid_size(cfg) -> int:
@@ -180,7 +189,9 @@ def build_tuner(cfg, resume: bool = False, log=print):
     run_path = storage.join(tune_root(cfg), "search")
     if resume and tune.Tuner.can_restore(run_path, storage_filesystem=fs):
         log(f"[tune] resuming {run_path}")
-        return tune.Tuner.restore(run_path, trainable=trainable, resume_errored=True, storage_filesystem=fs)
+        return tune.Tuner.restore(
+            run_path, trainable=trainable, resume_errored=True, storage_filesystem=fs
+        )
     space = param_space(cfg) | {"_base": cfg.model_dump(mode="json")}
     return tune.Tuner(
         trainable,
@@ -194,8 +205,11 @@ def build_tuner(cfg, resume: bool = False, log=print):
             search_alg=_search(cfg),
         ),
         run_config=tune.RunConfig(
-            name="search", storage_path=path, storage_filesystem=fs, verbose=0,
-            callbacks=[_Progress(cfg, log)],
+            name="search",
+            storage_path=path,
+            storage_filesystem=fs,
+            verbose=0,
+            callbacks=[_progress_callback(cfg, log)],
         ),
     )
 
@@ -207,8 +221,12 @@ def summarize(cfg, grid) -> list[dict]:
     for result in grid:
         df = result.metrics_dataframe
         history = [] if df is None or df.empty else df.to_dict("records")
-        evals = [h for h in history if isinstance(h.get(cfg.tune.metric), int | float)
-                 and not math.isnan(h[cfg.tune.metric])]
+        evals = [
+            h
+            for h in history
+            if isinstance(h.get(cfg.tune.metric), int | float)
+            and not math.isnan(h[cfg.tune.metric])
+        ]
         params = {_key(k): v for k, v in (result.config or {}).items() if k != "_base"}
         steps = int(max((h.get("step", 0) for h in history), default=0))
         best = better(evals, key=lambda h: h[cfg.tune.metric]) if evals else None
@@ -220,7 +238,8 @@ def summarize(cfg, grid) -> list[dict]:
                 "best": best[cfg.tune.metric] if best else None,
                 "best_checkpoint": best.get("checkpoint_path") if best else None,
                 "steps": steps,
-                "stopped_early": bool(evals) and steps < cfg.training.max_steps
+                "stopped_early": bool(evals)
+                and steps < cfg.training.max_steps
                 and not any(h.get("early_stopped") for h in history),
                 "error": str(result.error)[:200] if result.error else "",
                 "curve": [(h["step"], h[cfg.tune.metric]) for h in evals],
@@ -237,11 +256,30 @@ def _fmt(v) -> str:
 
 def results_table(cfg, rows) -> str:
     keys = list(cfg.tune.space)
-    head = ["trial", *keys, f"final {cfg.tune.metric}", f"best {cfg.tune.metric}", "steps", "stopped early"]
+    head = [
+        "trial",
+        *keys,
+        f"final {cfg.tune.metric}",
+        f"best {cfg.tune.metric}",
+        "steps",
+        "stopped early",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in sorted(rows, key=lambda r: (r["best"] is None, r["best"] if cfg.tune.mode == "min" else -(r["best"] or 0))):
-        cells = [r["trial"], *(_fmt(r["overrides"].get(k)) for k in keys), _fmt(r["final"]), _fmt(r["best"]),
-                 str(r["steps"]), "yes" if r["stopped_early"] else ("error" if r["error"] else "no")]
+    for r in sorted(
+        rows,
+        key=lambda r: (
+            r["best"] is None,
+            r["best"] if cfg.tune.mode == "min" else -(r["best"] or 0),
+        ),
+    ):
+        cells = [
+            r["trial"],
+            *(_fmt(r["overrides"].get(k)) for k in keys),
+            _fmt(r["final"]),
+            _fmt(r["best"]),
+            str(r["steps"]),
+            "yes" if r["stopped_early"] else ("error" if r["error"] else "no"),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -252,8 +290,17 @@ def write_csv(cfg, rows) -> str:
     w = csv.writer(buf)
     w.writerow(["trial", *keys, "final_metric", "best_metric", "steps", "stopped_early", "error"])
     for r in rows:
-        w.writerow([r["trial"], *(r["overrides"].get(k) for k in keys), r["final"], r["best"], r["steps"],
-                    r["stopped_early"], r["error"]])
+        w.writerow(
+            [
+                r["trial"],
+                *(r["overrides"].get(k) for k in keys),
+                r["final"],
+                r["best"],
+                r["steps"],
+                r["stopped_early"],
+                r["error"],
+            ]
+        )
     uri = storage.join(tune_root(cfg), "results.csv")
     storage.write_text(uri, buf.getvalue())
     return uri
@@ -270,10 +317,16 @@ def plot_curves(cfg, rows, out_path: Path) -> Path:
         if not r["curve"]:
             continue
         steps, values = zip(*r["curve"], strict=True)
-        label = r["trial"] + " " + ", ".join(f"{k.split('.')[-1]}={_fmt(v)}" for k, v in r["overrides"].items())
+        label = (
+            r["trial"]
+            + " "
+            + ", ".join(f"{k.split('.')[-1]}={_fmt(v)}" for k, v in r["overrides"].items())
+        )
         (line,) = ax.plot(steps, values, marker="o", markersize=3, label=label)
         if r["stopped_early"]:
-            ax.plot(steps[-1], values[-1], marker="x", markersize=11, mew=2.5, color=line.get_color())
+            ax.plot(
+                steps[-1], values[-1], marker="x", markersize=11, mew=2.5, color=line.get_color()
+            )
     ax.plot([], [], "kx", markersize=9, mew=2.5, label="stopped early")
     ax.set_xlabel("training step")
     ax.set_ylabel(cfg.tune.metric)
@@ -292,19 +345,13 @@ def tune_job(cfg, resume: bool = False, log=print) -> dict:
 
     from ray.train import Checkpoint
 
-    from cluster.ray_connect import ensure_ray
-    from train.data import prepare
-    from train.model import load_tokenizer, resolve_base
-    from train.trainer import absolute_paths, publish_adapter
+    from train.trainer import prepare_run, publish_adapter
 
     if not cfg.tune.space:
         from cluster.config import ConfigError
 
         raise ConfigError(["tune.space: expected at least one key to search. Got {} instead"])
-    cfg = absolute_paths(resolve_base(cfg))
-    checked = prepare(cfg.data, load_tokenizer(cfg), log=log)
-    log(f"[data] {cfg.data.path}: {checked.report.summary()}")
-    ensure_ray(cfg.ray, log=log)
+    cfg = prepare_run(cfg, log=log)
     t0 = time.time()
     grid = build_tuner(cfg, resume=resume, log=log).fit()
     rows = summarize(cfg, grid)
@@ -313,12 +360,17 @@ def tune_job(cfg, resume: bool = False, log=print) -> dict:
     out = {"table": table, "rows": rows, "seconds": time.time() - t0, "csv": write_csv(cfg, rows)}
     scored = [r for r in rows if r["best"] is not None and r["best_checkpoint"]]
     if not scored:
-        raise RuntimeError("no trial reported a checkpoint; nothing to publish (see the errors above)")
+        raise RuntimeError(
+            "no trial reported a checkpoint; nothing to publish (see the errors above)"
+        )
     best = (min if cfg.tune.mode == "min" else max)(scored, key=lambda r: r["best"])
     best_cfg = with_overrides(cfg, {**best["overrides"], "tune.space": {}})
     out["best_yaml"] = storage.join(tune_root(cfg), "best.yaml")
-    storage.write_text(out["best_yaml"], f"# best trial {best['trial']} of `lorafleet tune` {cfg.name}: "
-                       f"{cfg.tune.metric} {best['best']:.4f}\n" + dump_config(best_cfg))
+    storage.write_text(
+        out["best_yaml"],
+        f"# best trial {best['trial']} of `lorafleet tune` {cfg.name}: "
+        f"{cfg.tune.metric} {best['best']:.4f}\n" + dump_config(best_cfg),
+    )
     with tempfile.TemporaryDirectory() as tmp:
         png = plot_curves(cfg, rows, Path(tmp) / "curves.png")
         out["plot"] = storage.join(tune_root(cfg), "curves.png")
@@ -329,7 +381,8 @@ def tune_job(cfg, resume: bool = False, log=print) -> dict:
             Path(out["plot"]).write_bytes(png.read_bytes())
     out["adapter"] = publish_adapter(Checkpoint(best["best_checkpoint"]), best_cfg, log=log)
     out["best"] = best
-    log(f"[tune] best trial {best['trial']} {best['overrides']}: {cfg.tune.metric} {best['best']:.4f}; "
-        f"results {out['csv']}, config {out['best_yaml']}, plot {out['plot']}")
-    json.dumps(out, default=str)
+    log(
+        f"[tune] best trial {best['trial']} {best['overrides']}: {cfg.tune.metric} {best['best']:.4f}; "
+        f"results {out['csv']}, config {out['best_yaml']}, plot {out['plot']}"
+    )
     return out

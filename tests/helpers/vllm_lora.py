@@ -18,11 +18,22 @@ def main(base: str, adapter: str, prompts_path: str) -> None:
     from vllm.lora.request import LoRARequest
 
     prompts = json.loads(open(prompts_path).read())
-    llm = LLM(model=base, enable_lora=True, max_lora_rank=16, max_loras=1, max_model_len=256,
-              dtype="float32", enforce_eager=True, seed=0)
+    llm = LLM(
+        model=base,
+        enable_lora=True,
+        max_lora_rank=16,
+        max_loras=1,
+        max_model_len=256,
+        dtype="float32",
+        enforce_eager=True,
+        seed=0,
+    )
     params = SamplingParams(temperature=0.0, max_tokens=32)
     base_out = [o.outputs[0].text for o in llm.generate(prompts, params)]
-    lora_out = [o.outputs[0].text for o in llm.generate(prompts, params, lora_request=LoRARequest("a", 1, adapter))]
+    lora_out = [
+        o.outputs[0].text
+        for o in llm.generate(prompts, params, lora_request=LoRARequest("a", 1, adapter))
+    ]
     print(json.dumps({"base": base_out, "lora": lora_out}))
 
 
