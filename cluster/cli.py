@@ -123,7 +123,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # a flag among the KEY=VALUE overrides (`train x.yaml --resume a.b=1`) ends argparse's
+    # positional list; the overrides after it come back here
+    if extra and (
+        not hasattr(args, "overrides") or any("=" not in x or x.startswith("-") for x in extra)
+    ):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     try:
         return args.fn(args)
     except ConfigError as e:

@@ -135,3 +135,13 @@ def test_cli_validate_reports_and_exits_nonzero(tmp_path):
     assert (
         "scaling.num_worker" in proc.stderr and "Did you mean 'scaling.num_workers'?" in proc.stderr
     )
+
+
+def test_cli_takes_flags_among_the_overrides(capsys):
+    from cluster.cli import main
+
+    assert (
+        main(["validate", str(ROOT / "configs" / "demo.yaml"), "--print", "training.max_steps=70"])
+        == 0
+    )
+    assert "max_steps: 70" in capsys.readouterr().out
