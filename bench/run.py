@@ -225,7 +225,7 @@ def main(names: list[str]) -> int:
     return 0
 
 
-def bench_tune_asha() -> float:
+def bench_tune_asha(grace_steps: int = 5) -> float:
     """The same space and seed searched twice: ASHA, then every trial run to completion (FIFO).
     Compute is total training steps across trials; the best eval loss of each is printed."""
     from cluster.config import with_overrides
@@ -243,7 +243,7 @@ def bench_tune_asha() -> float:
                 "scaling.resources_per_worker": {"CPU": 1},
                 "tune.num_samples": 12,
                 "tune.max_concurrent_trials": 2,
-                "tune.grace_period_steps": 5,
+                "tune.grace_period_steps": grace_steps,
                 "tune.reduction_factor": 3,
                 "tune.search": "random",
                 "tune.seed": 7,
