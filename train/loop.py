@@ -289,8 +289,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
                         save_checkpoint(Path(tmp), model, optimizer, scheduler, meta)
                         checkpoint = ray.train.Checkpoint.from_directory(tmp)
                     ray.train.report(
-                        {k: v for k, v in metrics.items() if k != "early_stopped"}
-                        | {"eval_loss": metrics.get("eval_loss", metrics["loss"])},
+                        # Tune tells our patience stop from its own by early_stopped; with no eval
+                        # data, checkpoints are ranked on the training loss
+                        metrics | {"eval_loss": metrics.get("eval_loss", metrics["loss"])},
                         checkpoint=checkpoint,
                         checkpoint_dir_name=f"checkpoint_{step:06d}",
                     )
