@@ -264,7 +264,7 @@ def bench_tune_asha(grace_steps: int = 5) -> float:
     (a_steps, a_best, a_s), (f_steps, f_best, f_s) = results["asha"], results["fifo"]
     ratio = f_steps / a_steps
     print(
-        f"tune_asha: ASHA {a_steps} trial steps ({a_s:.0f}s), best eval_loss {a_best:.4f}; "
+        f"tune_asha (grace {grace_steps}): ASHA {a_steps} trial steps ({a_s:.0f}s), best eval_loss {a_best:.4f}; "
         f"all to completion {f_steps} steps ({f_s:.0f}s), best {f_best:.4f} -> compute ratio {ratio:.2f} "
         f"(target >= 3), best-loss ratio {a_best / f_best:.4f} (target <= 1.02)"
     )
