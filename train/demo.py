@@ -33,20 +33,11 @@ TASKS = {
     # the demo's adapter tasks: new to the base
     "last": Task("last", lambda s: s.split()[-1], max_words=4),
     "swap": Task("swap", lambda s: " ".join(reversed(s.split())), max_words=3),
-    "first": Task("first", lambda s: s.split()[0], max_words=4),
-    "polite": Task("polite", lambda s: s + " please"),
-    "twice": Task("twice", lambda s: s + " " + s, max_words=2),
-    "upper": Task("upper", str.upper),
-    "reverse": Task("reverse", lambda s: s[::-1], max_words=2),
-    "shift": Task("shift", lambda s: "".join(_shift(c, 1) for c in s)),
+    # Character-mapping tasks (upper-case, reverse, shift letters) were tried and left out:
+    # a copy-pretrained base copies by matching the last output token against the prompt, which
+    # a mapped token no longer matches, so a LoRA adapter does not learn them in a demo's time.
 }
 PRETRAIN_TASKS = ("copy",)
-
-
-def _shift(c: str, k: int) -> str:
-    if c in string.ascii_lowercase:
-        return string.ascii_lowercase[(string.ascii_lowercase.index(c) + k) % 26]
-    return c
 
 
 def _words(rng: random.Random, task: Task) -> str:
