@@ -81,10 +81,6 @@ def job_config(tmp_path: Path, base: Path, data: Path, **overrides):
         "scaling": {"num_workers": 1},
         "storage": {"root": str(tmp_path / "store")},
     }
-    return _apply(raw, overrides)
-
-
-def _apply(raw: dict, overrides: dict):
     from cluster.config import deep_merge, load_config, set_dotted
 
     nested: dict = {}

@@ -172,12 +172,10 @@ def ensure_tiny_base(
             os.environ.get("LORAFLEET_TINY_PRETRAIN_STEPS", 500 if shape == "demo" else 0)
         )
     log(f"building tiny://{name} locally in {out} ({pretrain_steps} pretraining steps)")
-    torch_threads = torch.get_num_threads()
     tokenizer = build_tokenizer()
     model = build_model(shape)
     if pretrain_steps:
         pretrain(model, tokenizer, pretrain_steps, log=log)
-    torch.set_num_threads(torch_threads)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(tmp, safe_serialization=True)

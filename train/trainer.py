@@ -107,8 +107,6 @@ def publish_adapter(checkpoint, cfg, log=print) -> str:
 
 def absolute_paths(cfg):
     """Relative local paths resolved against the driver's directory: Ray workers run elsewhere."""
-    from pathlib import Path
-
     from cluster.config import with_overrides
 
     over = {"storage.root": storage.absolute(cfg.storage.root)}
