@@ -60,7 +60,7 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 def build_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     byte_chars = _bytes_to_unicode()
@@ -71,6 +71,11 @@ def build_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(SPECIALS)
+    # BOS first, as Llama tokenizers do: servers (vLLM's /v1/completions) encode with special
+    # tokens and must see the sequence start that training put there
+    tok.post_processor = processors.TemplateProcessing(
+        single="<|bos|> $A", pair="<|bos|> $A $B", special_tokens=[("<|bos|>", 1)]
+    )
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         pad_token="<|pad|>",
@@ -132,7 +137,7 @@ def pretrain(
     t0 = time.time()
     for step in range(steps):
         batch = texts[step * batch_size : (step + 1) * batch_size]
-        enc = tokenizer(batch, return_tensors="pt", padding=True)
+        enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False)
         ids = torch.cat([torch.full((len(batch), 1), tokenizer.bos_token_id), enc.input_ids], 1)
         att = torch.cat(
             [torch.ones(len(batch), 1, dtype=enc.attention_mask.dtype), enc.attention_mask], 1

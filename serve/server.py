@@ -1,0 +1,51 @@
+"""The vLLM deployment: Ray Serve LLM's `LLMServer` with lorafleet's adapter store plugged in as
+its LoRA loader (local directories, s3:// and gs://, through `cluster.storage`).
+
+Serve's multiplexing keeps at most `max_loras_per_replica` adapters per replica, evicting the
+least recently used, and routes a request to a replica that has its adapter loaded when it can.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+
+from ray.llm._internal.common.models import global_id_manager
+from ray.llm._internal.common.utils.lora_utils import get_lora_id
+from ray.llm._internal.serve.core.configs.llm_config import DiskMultiplexConfig
+from ray.llm._internal.serve.core.server.llm_server import LLMServer
+from ray.llm._internal.serve.utils.lora_serve_utils import LoraModelLoader
+
+from serve.store import local_copy
+
+
+class StoreLoraLoader(LoraModelLoader):
+    """Resolves `<model>:<adapter>` to a local directory of the adapter (a cached copy when the
+    store is remote)."""
+
+    def __init__(self, *, adapter_root: str, **kwargs):
+        super().__init__(**kwargs)
+        self.adapter_root = adapter_root
+
+    async def load_model_from_config(self, lora_model_id: str, llm_config) -> DiskMultiplexConfig:
+        if lora_model_id in self.disk_cache:
+            return self.disk_cache[lora_model_id]
+        path = await asyncio.to_thread(local_copy, self.adapter_root, get_lora_id(lora_model_id))
+        disk = DiskMultiplexConfig.model_validate(
+            {
+                "model_id": lora_model_id,
+                "max_total_tokens": None,
+                "local_path": path,
+                "lora_assigned_int_id": global_id_manager.next(),
+            }
+        )
+        self.disk_cache[lora_model_id] = disk
+        return disk
+
+
+class LoraStoreServer(LLMServer):
+    async def __init__(self, llm_config, *, adapter_root: str):
+        await super().__init__(
+            llm_config,
+            model_downloader=functools.partial(StoreLoraLoader, adapter_root=adapter_root),
+        )

@@ -1,0 +1,117 @@
+"""The adapter store as the server sees it: `<storage.root>/adapters/<name>/`, written by training.
+
+The root is a local directory on one node, or `s3://` / `gs://` on a cluster. Ray Serve LLM's own
+`dynamic_lora_loading_path` takes only cloud URIs, so lorafleet plugs its own loader into
+`LLMServer(model_downloader=...)`: one code path for every root, through `cluster.storage` (the
+seam training publishes through). Local adapters are read in place; remote ones are copied into
+a per-node cache first, as Ray's loader does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from cluster import storage
+from cluster.config import NAME_RE
+
+ADAPTER_CONFIG = "adapter_config.json"
+META = "lorafleet.json"
+
+
+def adapters_root(storage_root: str) -> str:
+    return storage.join(storage.absolute(storage_root), "adapters")
+
+
+def resolve_base(base: str, storage_root: str) -> str:
+    """`tiny://<name>` is the directory training built; anything else goes to vLLM as given."""
+    if base.startswith("tiny://"):
+        path = Path(storage.absolute(storage_root), "models", base[len("tiny://") :])
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"base {base!r}: no model at {path}. Build it first: `lorafleet demo` (or "
+                f"`lorafleet train` with model.base: {base})"
+            )
+        return str(path)
+    if not storage.is_remote(base) and Path(base).expanduser().exists():
+        return storage.absolute(base)
+    return base
+
+
+def same_base(a: str | None, b: str, storage_root: str) -> bool:
+    """Whether an adapter trained on base `a` (None: unknown, fits any) belongs to base `b`."""
+    if a is None:
+        return True
+
+    def norm(x: str) -> str:
+        try:
+            return resolve_base(x, storage_root)
+        except FileNotFoundError:
+            return x
+
+    return a == b or norm(a) == norm(b)
+
+
+def valid_adapter_name(name: str) -> bool:
+    return bool(NAME_RE.match(name)) and ".." not in name
+
+
+class AdapterStore:
+    """Names of the adapters in the store and the base each was trained on, re-listed every
+    `ttl_s` so adapters published after start are served without a redeploy."""
+
+    def __init__(self, root: str, ttl_s: float = 5.0):
+        self.root = root
+        self.ttl_s = ttl_s
+        self._listed_at = -1e9
+        self._bases: dict[str, str | None] = {}
+
+    def _list(self) -> dict[str, str | None]:
+        bases: dict[str, str | None] = {}
+        for name in storage.listdir(self.root):
+            if not valid_adapter_name(name):
+                continue  # `.incoming` publishes, stray files
+            uri = storage.join(self.root, name)
+            if not storage.exists(storage.join(uri, ADAPTER_CONFIG)):
+                continue
+            try:
+                bases[name] = json.loads(storage.read_text(storage.join(uri, META)))["base_model"]
+            except Exception:
+                bases[name] = None  # a plain PEFT adapter: fits any base of the right shape
+        return bases
+
+    async def adapters(self, refresh: bool = False) -> dict[str, str | None]:
+        """{adapter name: base model it was trained on (None: unknown)}."""
+        if refresh or time.monotonic() - self._listed_at > self.ttl_s:
+            self._bases = await asyncio.to_thread(self._list)
+            self._listed_at = time.monotonic()
+        return self._bases
+
+
+def local_copy(root: str, name: str, cache_dir: str | None = None) -> str:
+    """A local directory holding adapter `name`: the store itself when local, else a cached copy."""
+    if not valid_adapter_name(name):
+        raise ValueError(f"invalid adapter name {name!r}")
+    uri = storage.join(root, name)
+    if not storage.is_remote(root):
+        if not Path(uri, ADAPTER_CONFIG).is_file():
+            raise FileNotFoundError(f"adapter {name!r} not found in {root}")
+        return uri
+    cache = Path(cache_dir or Path(tempfile.gettempdir(), f"lorafleet-lora-cache-{os.getuid()}"))
+    dest = cache / name
+    if not (dest / ADAPTER_CONFIG).is_file():
+        if not storage.exists(storage.join(uri, ADAPTER_CONFIG)):
+            raise FileNotFoundError(f"adapter {name!r} not found in {root}")
+        tmp = cache / f".{name}.{os.getpid()}.incoming"
+        storage.download_dir(uri, tmp)
+        try:
+            tmp.rename(dest)
+        except OSError:  # another replica on this node got there first
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+    return str(dest)
