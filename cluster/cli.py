@@ -5,6 +5,8 @@
     lorafleet tune configs/tune-demo.yaml
     lorafleet validate configs/*.yaml
     lorafleet merge lorafleet-runs/adapters/demo-last --out merged/
+    lorafleet serve configs/serve-demo.yaml          # OpenAI-compatible HTTP on 127.0.0.1:8000
+    lorafleet serve set-weights configs/serve-demo.yaml word-bot last-word=50 swap-words=50
 
 Each command imports its package lazily, so `lorafleet validate` stays fast and `cluster`
 depends on nothing of ours at import time.
@@ -16,14 +18,14 @@ import argparse
 import json
 import sys
 
-from cluster.config import ConfigError, dump_config, load_config
+from cluster.config import ConfigError, dump_config, load_config, schema_for
 
 
 def _cmd_validate(args) -> int:
     bad = 0
     for path in args.config:
         try:
-            cfg = load_config(path, args.overrides)
+            cfg = load_config(path, args.overrides, schema_for(path))
         except ConfigError as e:
             print(e, file=sys.stderr)
             bad += 1
@@ -58,6 +60,64 @@ def _cmd_merge(args) -> int:
 
     merge_adapter(args.adapter, args.out, dtype=args.dtype)
     return 0
+
+
+def _cmd_serve(args) -> int:
+    from cluster.config import ServeAppConfig
+
+    words = list(args.args)
+    if words and words[0] == "set-weights":
+        if len(words) < 4:
+            print(
+                "usage: lorafleet serve set-weights CONFIG EXPERIMENT VARIANT=WEIGHT ...",
+                file=sys.stderr,
+            )
+            return 2
+        cfg = load_config(words[1], schema=ServeAppConfig)
+        return _set_weights(cfg, words[2], words[3:], args.url)
+    cfg = load_config(words[0] if words else "configs/serve-demo.yaml", words[1:], ServeAppConfig)
+    from serve.app import run
+
+    run(cfg, blocking=True)
+    return 0
+
+
+def _set_weights(cfg, experiment: str, pairs: list[str], url: str | None) -> int:
+    """PUT /v1/experiments/<name> on the running app (the API key comes from the environment)."""
+    import os
+    import urllib.error
+    import urllib.request
+
+    weights = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        try:
+            weights[name] = float(value) if sep else None
+        except ValueError:
+            weights[name] = None
+        if weights[name] is None:
+            print(f"error: expected VARIANT=WEIGHT (a number). Got {pair!r}", file=sys.stderr)
+            return 2
+    base = url or f"http://{cfg.http.host}:{cfg.http.port}"
+    headers = {"Content-Type": "application/json"}
+    key = os.environ.get(cfg.http.api_keys_env, "").split(",")[0].strip()
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    req = urllib.request.Request(
+        f"{base}/v1/experiments/{experiment}",
+        data=json.dumps({"weights": weights}).encode(),
+        headers=headers,
+        method="PUT",
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            print(json.dumps(json.loads(r.read()), indent=2))
+            return 0
+    except urllib.error.HTTPError as e:
+        print(f"error: HTTP {e.code}: {e.read().decode()}", file=sys.stderr)
+    except urllib.error.URLError as e:
+        print(f"error: no lorafleet server at {base}: {e.reason}", file=sys.stderr)
+    return 1
 
 
 def _cmd_demo(args) -> int:
@@ -111,6 +171,16 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--out", required=True)
     m.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     m.set_defaults(fn=_cmd_merge)
+
+    s = sub.add_parser(
+        "serve",
+        help="serve adapters and A/B experiments over OpenAI-compatible HTTP (Ray Serve + vLLM)",
+        description="lorafleet serve [CONFIG] [KEY=VALUE ...]  |  "
+        "lorafleet serve set-weights CONFIG EXPERIMENT VARIANT=WEIGHT ...",
+    )
+    s.add_argument("args", nargs="*", metavar="ARG")
+    s.add_argument("--url", help="set-weights: the server (default: http.host:http.port)")
+    s.set_defaults(fn=_cmd_serve, overrides=[])
 
     d = sub.add_parser(
         "demo", help="the embedded default: tiny base, two tasks, base vs adapter table"

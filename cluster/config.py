@@ -746,6 +746,19 @@ def load_config(
         raise ConfigError(describe_errors(e, raw, schema), source) from None
 
 
+def schema_for(path: str | Path) -> type[BaseModel]:
+    """Which schema a config file is written against: serve files have `models`, jobs `data`."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError):
+        return JobConfig  # load_config reports it
+    return (
+        ServeAppConfig
+        if isinstance(raw, dict) and "models" in raw and "data" not in raw
+        else JobConfig
+    )
+
+
 def with_overrides(cfg: BaseModel, overrides: list[str] | dict) -> Any:
     """A new, validated config: `cfg` plus dotted overrides (how a Tune trial is built)."""
     over = parse_overrides(overrides) if isinstance(overrides, list) else overrides

@@ -45,7 +45,18 @@ class StoreLoraLoader(LoraModelLoader):
 
 class LoraStoreServer(LLMServer):
     async def __init__(self, llm_config, *, adapter_root: str):
+        self._lora_locks: dict[str, asyncio.Lock] = {}
         await super().__init__(
             llm_config,
             model_downloader=functools.partial(StoreLoraLoader, adapter_root=adapter_root),
         )
+
+    async def _maybe_resolve_lora_from_multiplex(self) -> None:
+        # Ray's VLLMEngine.resolve_lora checks "already loaded?" and then awaits the load, so two
+        # first requests for one adapter both load it and the second fails ("has already been
+        # loaded"). One lock per adapter makes the second wait for the first.
+        from ray import serve
+
+        lock = self._lora_locks.setdefault(serve.get_multiplexed_model_id(), asyncio.Lock())
+        async with lock:
+            await super()._maybe_resolve_lora_from_multiplex()

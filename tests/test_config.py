@@ -8,7 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from cluster.config import ConfigError, JobConfig, load_config, parse_overrides, with_overrides
+from cluster.config import (
+    ConfigError,
+    JobConfig,
+    ServeAppConfig,
+    load_config,
+    parse_overrides,
+    schema_for,
+    with_overrides,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -20,8 +28,50 @@ def test_configs_exist():
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_every_shipped_config_validates(path):
-    cfg = load_config(path)
-    assert isinstance(cfg, JobConfig)
+    schema = schema_for(path)
+    cfg = load_config(path, schema=schema)
+    assert isinstance(cfg, JobConfig | ServeAppConfig)
+
+
+def test_serve_config_errors_name_key_value_and_expectation(tmp_path):
+    p = tmp_path / "s.yaml"
+    p.write_text(
+        """
+models:
+  - {id: tiny, base: tiny://demo, max_lora: 3, autoscaling: {min_replicas: 3, max_replicas: 2}}
+experiments:
+  - name: bot
+    variants:
+      - {name: a, model: tiny, adapter: "../etc", weight: 0}
+"""
+    )
+    assert schema_for(p) is ServeAppConfig
+    with pytest.raises(ConfigError) as e:
+        load_config(p, schema=ServeAppConfig)
+    text = "\n".join(e.value.problems)
+    assert len(e.value.problems) == 4, text
+    assert "models.0.max_lora: unknown key" in text and "Did you mean" in text
+    assert "models.0.autoscaling: expected min_replicas <= max_replicas. Got 3 > 2" in text
+    assert "experiments.0.variants.0.adapter" in text and "'../etc'" in text
+    assert "experiments.0.variants.0.weight: Input should be greater than 0. Got 0" in text
+
+
+def test_serve_config_cross_checks(tmp_path):
+    p = tmp_path / "s.yaml"
+    p.write_text(
+        """
+models: [{id: tiny, base: x}, {id: tiny, base: y}]
+experiments:
+  - {name: tiny, variants: [{name: a, model: tinyy, weight: 1}]}
+"""
+    )
+    with pytest.raises(ConfigError) as e:
+        load_config(p, schema=ServeAppConfig)
+    text = "\n".join(e.value.problems)
+    assert "models: id 'tiny' appears more than once" in text
+    assert "experiments[0].name: 'tiny' is also a model id" in text
+    assert "experiments[0].variants[0].model: expected one of ['tiny', 'tiny']. Got 'tinyy'" in text
+    assert "Did you mean 'tiny'?" in text
 
 
 def _problems(yaml_text: str, tmp_path, overrides=None) -> list[str]:
