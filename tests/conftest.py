@@ -58,6 +58,23 @@ def ray_local():
         ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def two_worker_run(ray_local, tmp_path_factory, tiny_base, task_data):
+    """A real 2-worker QLoRA run on the 'last' task, published as adapter `t-last`: the training
+    tests inspect it and the serve tests serve it."""
+    from train.trainer import train
+
+    tmp = tmp_path_factory.mktemp("run2")
+    cfg = job_config(
+        tmp,
+        tiny_base,
+        task_data["train"],
+        name="t-last",
+        **{"scaling.num_workers": 2, "training.max_steps": 30, "training.eval_every_steps": 10},
+    )
+    return cfg, train(cfg, log=lambda *_: None)
+
+
 def job_config(tmp_path: Path, base: Path, data: Path, **overrides):
     """A small, fast job on the tiny base; overrides are dotted keys."""
     raw = {

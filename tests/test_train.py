@@ -31,21 +31,6 @@ def _checkpoints(run_dir: str) -> list[Path]:
     return sorted(p for p in Path(run_dir).glob("checkpoint_*") if p.is_dir())
 
 
-@pytest.fixture(scope="module")
-def two_worker_run(ray_local, tmp_path_factory, tiny_base, task_data):
-    from train.trainer import train
-
-    tmp = tmp_path_factory.mktemp("run2")
-    cfg = job_config(
-        tmp,
-        tiny_base,
-        task_data["train"],
-        name="two",
-        **{"scaling.num_workers": 2, "training.max_steps": 30, "training.eval_every_steps": 10},
-    )
-    return cfg, train(cfg, log=lambda *_: None)
-
-
 def test_base_is_really_4bit_nf4_with_a_lora_adapter(tmp_path, tiny_base, task_data):
     import bitsandbytes as bnb
 
@@ -70,7 +55,7 @@ def test_two_worker_qlora_eval_loss_falls(two_worker_run):
     steps = [h for h in summary["history"] if "loss" in h]
     assert all(h["tokens_per_s"] > 0 and h["grad_norm"] > 0 and "learning_rate" in h for h in steps)
     adapter = Path(summary["adapter"])
-    assert adapter == Path(cfg.storage.root).resolve() / "adapters" / "two"
+    assert adapter == Path(cfg.storage.root).resolve() / "adapters" / "t-last"
     assert {p.name for p in adapter.iterdir()} >= {
         "adapter_config.json",
         "adapter_model.safetensors",
