@@ -33,9 +33,13 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-def validate_name(value: str, what: str = "name") -> str:
+def is_valid_name(value: str) -> bool:
     """Names become directory names in the adapter store: no separators, no '..'."""
-    if not NAME_RE.match(value) or ".." in value:
+    return bool(NAME_RE.match(value)) and ".." not in value
+
+
+def validate_name(value: str, what: str = "name") -> str:
+    if not is_valid_name(value):
         raise ValueError(
             f"{what} must be 1-128 characters of letters, digits, '.', '_' or '-', starting with a "
             f"letter or digit and without '..' (it becomes a directory name). Got {value!r} instead"

@@ -37,9 +37,9 @@ from ray.llm._internal.serve.core.ingress.utils import (
 )
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from cluster.config import ServeAppConfig
+from cluster.config import ServeAppConfig, is_valid_name
 from serve.experiments import Table, check_weights
-from serve.store import AdapterStore, same_base, valid_adapter_name
+from serve.store import AdapterStore, same_base
 
 VARIANT_HEADER = "X-Lorafleet-Variant"
 EXPERIMENT_HEADER = "X-Lorafleet-Experiment"
@@ -262,7 +262,7 @@ class FleetIngress(OpenAiIngress):
             raise await self._not_found(model, f"model {model!r} does not exist")
         if not sep:
             return
-        if not valid_adapter_name(adapter):
+        if not is_valid_name(adapter):
             raise ApiError(
                 400,
                 f"invalid adapter name {adapter!r}: letters, digits, '.', '_', '-' only, no '..'",

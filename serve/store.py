@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from cluster import storage
-from cluster.config import NAME_RE
+from cluster.config import is_valid_name
 
 ADAPTER_CONFIG = "adapter_config.json"
 META = "lorafleet.json"
@@ -56,10 +56,6 @@ def same_base(a: str | None, b: str, storage_root: str) -> bool:
     return a == b or norm(a) == norm(b)
 
 
-def valid_adapter_name(name: str) -> bool:
-    return bool(NAME_RE.match(name)) and ".." not in name
-
-
 class AdapterStore:
     """Names of the adapters in the store and the base each was trained on, re-listed every
     `ttl_s` so adapters published after start are served without a redeploy."""
@@ -73,7 +69,7 @@ class AdapterStore:
     def _list(self) -> dict[str, str | None]:
         bases: dict[str, str | None] = {}
         for name in storage.listdir(self.root):
-            if not valid_adapter_name(name):
+            if not is_valid_name(name):
                 continue  # `.incoming` publishes, stray files
             uri = storage.join(self.root, name)
             if not storage.exists(storage.join(uri, ADAPTER_CONFIG)):
@@ -94,7 +90,7 @@ class AdapterStore:
 
 def local_copy(root: str, name: str, cache_dir: str | None = None) -> str:
     """A local directory holding adapter `name`: the store itself when local, else a cached copy."""
-    if not valid_adapter_name(name):
+    if not is_valid_name(name):
         raise ValueError(f"invalid adapter name {name!r}")
     uri = storage.join(root, name)
     if not storage.is_remote(root):
