@@ -39,7 +39,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from cluster.config import ServeAppConfig, is_valid_name
 from serve.experiments import Table, check_weights
-from serve.store import AdapterStore, same_base
+from serve.store import AdapterStore, base_key
 
 VARIANT_HEADER = "X-Lorafleet-Variant"
 EXPERIMENT_HEADER = "X-Lorafleet-Experiment"
@@ -177,7 +177,8 @@ class FleetIngress(OpenAiIngress):
         self.cfg = ServeAppConfig.model_validate(app_config)
         self.bases = {m.id: m.base for m in self.cfg.models}
         self.experiments = {e.name: e for e in self.cfg.experiments}
-        self.store = AdapterStore(adapter_root)
+        self.store = AdapterStore(adapter_root, self.cfg.storage.root)
+        self.base_keys = {m.id: base_key(m.base, self.cfg.storage.root) for m in self.cfg.models}
         self.key_hashes = [bytes.fromhex(h) for h in key_hashes]
         self.state = state
         self.tables = {
@@ -234,7 +235,8 @@ class FleetIngress(OpenAiIngress):
     # --- names ----------------------------------------------------------------------------
 
     def _fits(self, trained_on: str | None, model_id: str) -> bool:
-        return same_base(trained_on, self.bases[model_id], self.cfg.storage.root)
+        """An adapter fits a model trained on the same base; one without lorafleet.json fits any."""
+        return trained_on is None or trained_on == self.base_keys[model_id]
 
     async def _known_names(self) -> list[str]:
         adapters = await self.store.adapters()

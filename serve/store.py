@@ -42,26 +42,22 @@ def resolve_base(base: str, storage_root: str) -> str:
     return base
 
 
-def same_base(a: str | None, b: str, storage_root: str) -> bool:
-    """Whether an adapter trained on base `a` (None: unknown, fits any) belongs to base `b`."""
-    if a is None:
-        return True
-
-    def norm(x: str) -> str:
-        try:
-            return resolve_base(x, storage_root)
-        except FileNotFoundError:
-            return x
-
-    return a == b or norm(a) == norm(b)
+def base_key(base: str, storage_root: str) -> str:
+    """One spelling per base (`tiny://demo` and its directory are the same model), so the
+    adapter-fits-model check is a string comparison."""
+    try:
+        return resolve_base(base, storage_root)
+    except FileNotFoundError:
+        return base
 
 
 class AdapterStore:
-    """Names of the adapters in the store and the base each was trained on, re-listed every
-    `ttl_s` so adapters published after start are served without a redeploy."""
+    """Names of the adapters in the store and the base each was trained on (as `base_key`),
+    re-listed every `ttl_s` so adapters published after start are served without a redeploy."""
 
-    def __init__(self, root: str, ttl_s: float = 5.0):
+    def __init__(self, root: str, storage_root: str, ttl_s: float = 5.0):
         self.root = root
+        self.storage_root = storage_root
         self.ttl_s = ttl_s
         self._listed_at = -1e9
         self._bases: dict[str, str | None] = {}
@@ -75,7 +71,8 @@ class AdapterStore:
             if not storage.exists(storage.join(uri, ADAPTER_CONFIG)):
                 continue
             try:
-                bases[name] = json.loads(storage.read_text(storage.join(uri, META)))["base_model"]
+                meta = json.loads(storage.read_text(storage.join(uri, META)))
+                bases[name] = base_key(meta["base_model"], self.storage_root)
             except Exception:
                 bases[name] = None  # a plain PEFT adapter: fits any base of the right shape
         return bases
