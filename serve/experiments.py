@@ -90,16 +90,19 @@ class Table:
         return {v: w / total for v, w in zip(self.variants, self.weights, strict=True)}
 
 
+def tables_for(experiments: list[dict]) -> dict[str, Table]:
+    """The starting tables of experiments as the config gives them (contiguous ranges)."""
+    return {
+        e["name"]: Table([v["name"] for v in e["variants"]], [v["weight"] for v in e["variants"]])
+        for e in experiments
+    }
+
+
 class ExperimentState:
     """One per app (a Serve deployment): bucket tables, a version, and summed counts."""
 
     def __init__(self, experiments: list[dict]):
-        self.tables = {
-            e["name"]: Table(
-                [v["name"] for v in e["variants"]], [v["weight"] for v in e["variants"]]
-            )
-            for e in experiments
-        }
+        self.tables = tables_for(experiments)
         self.version = 0
         self.counts: dict[str, dict[str, dict[str, float]]] = {
             e["name"]: {v["name"]: {} for v in e["variants"]} for e in experiments

@@ -33,12 +33,11 @@ from ray.llm._internal.serve.core.ingress.utils import (
     NON_STREAMING_RESPONSE_TYPES,
     _openai_json_wrapper,
     _peek_at_generator,
-    _sanitize_chat_completion_request,
 )
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from cluster.config import ServeAppConfig, is_valid_name
-from serve.experiments import Table, check_weights
+from serve.experiments import Table, tables_for
 from serve.store import AdapterStore, base_key
 
 VARIANT_HEADER = "X-Lorafleet-Variant"
@@ -170,8 +169,7 @@ class FleetIngress(OpenAiIngress):
         app_config: dict,
         adapter_root: str,
         key_hashes: list[str],
-        state=None,
-        lora_paths=None,
+        state,
     ):
         super().__init__(llm_deployments, model_cards)
         self.cfg = ServeAppConfig.model_validate(app_config)
@@ -181,10 +179,7 @@ class FleetIngress(OpenAiIngress):
         self.base_keys = {m.id: base_key(m.base, self.cfg.storage.root) for m in self.cfg.models}
         self.key_hashes = [bytes.fromhex(h) for h in key_hashes]
         self.state = state
-        self.tables = {
-            e.name: Table([v.name for v in e.variants], [v.weight for v in e.variants])
-            for e in self.cfg.experiments
-        }
+        self.tables = tables_for(app_config["experiments"])
         self.version = 0
         self.rng = random.Random()
         self.metrics = _Metrics()
@@ -210,8 +205,6 @@ class FleetIngress(OpenAiIngress):
 
     async def _sync(self) -> None:
         """Push this replica's counts to the shared state; pull re-weighted tables."""
-        if self.state is None:
-            return
         try:
             await self.state.add_counts.remote(self.metrics.take())
             version, snap = await self.state.snapshot.remote(self.version)
@@ -238,15 +231,8 @@ class FleetIngress(OpenAiIngress):
         """An adapter fits a model trained on the same base; one without lorafleet.json fits any."""
         return trained_on is None or trained_on == self.base_keys[model_id]
 
-    async def _known_names(self) -> list[str]:
-        adapters = await self.store.adapters()
-        names = [*self.bases, *self.experiments]
-        for mid in self.bases:
-            names += [f"{mid}:{a}" for a, b in adapters.items() if self._fits(b, mid)]
-        return names
-
     async def _not_found(self, model: str, what: str) -> ApiError:
-        names = await self._known_names()
+        names = [c["id"] for c in await self._cards()]
         close = difflib.get_close_matches(model, names, n=3, cutoff=0.5)
         hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
         return ApiError(
@@ -392,54 +378,43 @@ class FleetIngress(OpenAiIngress):
         return await self._serve(body, "completions", request)
 
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
-        return await self._serve(_sanitize_chat_completion_request(body), "chat", request)
+        return await self._serve(body, "chat", request)
+
+    async def _cards(self) -> list[dict]:
+        """OpenAI model cards: each base, the adapters that fit it, each experiment."""
+        adapters = await self.store.adapters()
+        now = int(time.time())
+
+        def card(mid, root, parent=None, **extra):
+            return {
+                "id": mid,
+                "object": "model",
+                "created": now,
+                "owned_by": "lorafleet",
+                "root": root,
+                "parent": parent,
+                **extra,
+            }
+
+        cards = []
+        for mid, base in self.bases.items():
+            cards.append(card(mid, base))
+            cards += [
+                card(f"{mid}:{a}", a, mid)
+                for a, b in sorted(adapters.items())
+                if self._fits(b, mid)
+            ]
+        for name, e in self.experiments.items():
+            cards.append(card(name, name, experiment={"variants": [v.name for v in e.variants]}))
+        return cards
 
     async def models(self, request: Request):
         self._auth(request)
-        adapters = await self.store.adapters()
-        now = int(time.time())
-        data = []
-        for mid, base in self.bases.items():
-            data.append(
-                {
-                    "id": mid,
-                    "object": "model",
-                    "created": now,
-                    "owned_by": "lorafleet",
-                    "root": base,
-                    "parent": None,
-                }
-            )
-            for a, b in sorted(adapters.items()):
-                if self._fits(b, mid):
-                    data.append(
-                        {
-                            "id": f"{mid}:{a}",
-                            "object": "model",
-                            "created": now,
-                            "owned_by": "lorafleet",
-                            "root": a,
-                            "parent": mid,
-                        }
-                    )
-        for name, e in self.experiments.items():
-            data.append(
-                {
-                    "id": name,
-                    "object": "model",
-                    "created": now,
-                    "owned_by": "lorafleet",
-                    "root": name,
-                    "parent": None,
-                    "experiment": {"variants": [v.name for v in e.variants]},
-                }
-            )
-        return JSONResponse({"object": "list", "data": data})
+        return JSONResponse({"object": "list", "data": await self._cards()})
 
     async def model_data(self, model: str, request: Request):
         self._auth(request)
-        listing = json.loads((await self.models(request)).body)
-        for card in listing["data"]:
+        for card in await self._cards():
             if card["id"] == model:
                 return JSONResponse(card)
         raise await self._not_found(model, f"model {model!r} does not exist")
@@ -447,13 +422,7 @@ class FleetIngress(OpenAiIngress):
     async def list_experiments(self, request: Request):
         self._auth(request)
         await self._sync()
-        if self.state is not None:
-            summary = await self.state.summary.remote()
-        else:
-            summary = {
-                n: {"variants": {v: {"share": s} for v, s in t.shares().items()}}
-                for n, t in self.tables.items()
-            }
+        summary = await self.state.summary.remote()
         for name, e in self.experiments.items():
             for v in e.variants:
                 summary[name]["variants"][v.name]["target"] = (
@@ -476,12 +445,6 @@ class FleetIngress(OpenAiIngress):
         weights = payload.get("weights") if isinstance(payload, dict) else None
         if not isinstance(weights, dict):
             raise ApiError(400, 'expected {"weights": {"<variant>": <positive number>, ...}}')
-        problems = check_weights(self.tables[name].variants, weights)
-        if problems:
-            raise ApiError(400, "; ".join(problems))
-        if self.state is None:
-            self.tables[name] = self.tables[name].reweight(weights)
-            return JSONResponse({"experiment": name, "shares": self.tables[name].shares()})
         result = await self.state.set_weights.remote(name, weights)
         if "error" in result:
             raise ApiError(400, result["error"])
