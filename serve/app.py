@@ -168,5 +168,10 @@ def run(cfg: ServeAppConfig, blocking: bool = True, log=print):
             while True:
                 time.sleep(3600)
         except KeyboardInterrupt:
-            serve.delete(cfg.name)
+            log(f"[serve] stopping {cfg.name!r}")
+            try:
+                serve.delete(cfg.name)
+            except KeyboardInterrupt:  # a second Ctrl-C: leave at once
+                pass
+            log("[serve] stopped")
     return handle
