@@ -23,6 +23,7 @@ import typing
 from typing import Any
 
 from fastapi import Request
+from ray.exceptions import RayActorError
 from ray.llm._internal.serve.core.configs.openai_api_models import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -48,7 +49,7 @@ LATENCY_BOUNDARIES_S = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60
 
 
 class ApiError(Exception):
-    """A client error: answered with its status and an OpenAI-style error body."""
+    """An error answered with its status and an OpenAI-style error body."""
 
     def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param=None):
         super().__init__(message)
@@ -61,6 +62,7 @@ def _error_response(e: ApiError) -> JSONResponse:
         content={
             "error": {"message": e.message, "type": e.kind, "param": e.param, "code": e.status}
         },
+        headers={"Retry-After": "1"} if e.status == 503 else None,
     )
 
 
@@ -336,6 +338,11 @@ class FleetIngress(OpenAiIngress):
         try:
             gen = self._get_response(body=body, call_method=call_method, raw_request=request)
             first, gen = await _peek_at_generator(gen)
+        except RayActorError as e:  # the replica died mid-request; Serve replaces it
+            done(False)
+            raise ApiError(
+                503, f"the replica serving {body.model!r} stopped; retry the request", "server_error"
+            ) from e
         except Exception:
             done(False)
             raise
