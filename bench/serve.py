@@ -3,9 +3,12 @@
     .venv/bin/python -m bench.serve
 
 - throughput: 16 concurrent HTTP clients mixing 4 adapters through lorafleet's ingress, divided
-  by the same prompts on vLLM used directly in-process (`LLM.generate` with LoRARequests).
+  by the same prompts on vLLM used directly in-process (`LLM.generate` with LoRARequests, all
+  prompts at once). Also printed: the same against in-process vLLM (`AsyncLLM`) fed by 16
+  concurrent requests, which splits the gap into batch size and the serving stack.
 - ingress overhead: p50/p99 latency of a short completion through HTTP + the experiment
-  ingress, divided by calling the Serve LLM deployment directly through its handle.
+  ingress, divided by calling the Serve LLM deployment directly through its handle. Also
+  printed: lorafleet's ingress against Ray Serve LLM's stock OpenAI ingress, both over HTTP.
 - adapter load: first-request latency on a cold adapter, divided by the same adapter warm.
 
 The model is the demo's shape (4 layers, width 128), built locally; the 4 adapters are PEFT LoRA
@@ -64,40 +67,78 @@ def _build(root: Path) -> Path:
 
 
 DIRECT = r"""
-import json, sys, time, os
+import asyncio, json, sys, time, os
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
+ENGINE = dict(enable_lora=True, max_lora_rank=16, max_loras=4, max_cpu_loras=4,
+              max_model_len=512, dtype="float32", enforce_eager=True, seed=0)
 
-def main():
+
+def batch(base, root, prompts):
+    # all prompts handed to vLLM at once: the batch grows as large as the engine allows
     from vllm import LLM, SamplingParams
     from vllm.lora.request import LoRARequest
-    base, root, prompts_path = sys.argv[1:4]
-    prompts = json.load(open(prompts_path))
     names = ["a0", "a1", "a2", "a3"]
-    llm = LLM(model=base, enable_lora=True, max_lora_rank=16, max_loras=4, max_cpu_loras=4,
-              max_model_len=512, dtype="float32", enforce_eager=True, seed=0)
+    llm = LLM(model=base, **ENGINE)
     params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
     reqs = [LoRARequest(n, i + 1, f"{root}/adapters/{n}") for i, n in enumerate(names)]
     llm.generate(prompts[:8], params, lora_request=[reqs[i % 4] for i in range(8)])  # warm: load all 4
     t = time.perf_counter()
     out = llm.generate(prompts, params, lora_request=[reqs[i % 4] for i in range(len(prompts))])
     dt = time.perf_counter() - t
-    print("RESULT " + json.dumps({"seconds": dt, "tokens": sum(len(o.outputs[0].token_ids) for o in out)}))
+    return {"seconds": dt, "tokens": sum(len(o.outputs[0].token_ids) for o in out)}
+
+
+async def concurrent(base, root, prompts, clients=16):
+    # the same engine in-process, fed by 16 concurrent requests like the HTTP clients
+    from vllm import SamplingParams
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.lora.request import LoRARequest
+    from vllm.v1.engine.async_llm import AsyncLLM
+    engine = AsyncLLM.from_engine_args(AsyncEngineArgs(model=base, **ENGINE))
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    reqs = [LoRARequest(n, i + 1, f"{root}/adapters/{n}") for i, n in enumerate(["a0", "a1", "a2", "a3"])]
+
+    async def one(i, prompt):
+        async for out in engine.generate(prompt, params, f"r{i}", lora_request=reqs[i % 4]):
+            pass
+        return len(out.outputs[0].token_ids)
+
+    await asyncio.gather(*(one(-1 - i, prompts[i]) for i in range(8)))  # warm: load all 4
+    queue = list(enumerate(prompts))
+    tokens = []
+
+    async def client():
+        while queue:
+            i, p = queue.pop(0)
+            tokens.append(await one(i, p))
+
+    t = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(clients)))
+    dt = time.perf_counter() - t
+    engine.shutdown()
+    return {"seconds": dt, "tokens": sum(tokens)}
 
 
 if __name__ == "__main__":  # vLLM starts its engine in a spawned process
-    main()
+    mode, base, root, prompts_path = sys.argv[1:5]
+    prompts = json.load(open(prompts_path))
+    if mode == "batch":
+        res = batch(base, root, prompts)
+    else:
+        res = asyncio.run(concurrent(base, root, prompts))
+    print("RESULT " + json.dumps(res))
 """
 
 
-def _direct(base: Path, root: Path, prompts: list[str]) -> dict:
+def _direct(mode: str, base: Path, root: Path, prompts: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         pp = Path(tmp, "p.json")
         pp.write_text(json.dumps(prompts))
         script = Path(tmp, "direct.py")
         script.write_text(DIRECT)
         proc = subprocess.run(
-            [sys.executable, str(script), str(base), str(root), str(pp)],
+            [sys.executable, str(script), mode, str(base), str(root), str(pp)],
             capture_output=True,
             text=True,
             timeout=900,
@@ -120,8 +161,10 @@ def main() -> None:
     try:
         base = _build(root)
         prompts = _prompts()
-        direct = _direct(base, root, prompts)
+        direct = _direct("batch", base, root, prompts)
         direct_tps = direct["tokens"] / direct["seconds"]
+        conc = _direct("concurrent", base, root, prompts)
+        conc_tps = conc["tokens"] / conc["seconds"]
 
         cfg = load_config(
             None,
@@ -148,8 +191,10 @@ def main() -> None:
         serve.run(build_app(cfg, key_hashes=[]), name="bench", route_prefix="/", blocking=False)
         url = f"http://127.0.0.1:{PORT}/v1/completions"
         session = requests.Session()
+        # one pooled connection per client thread (the default pool of 10 reconnects under 16)
+        session.mount("http://", requests.adapters.HTTPAdapter(pool_maxsize=32))
 
-        def post(model, prompt, max_tokens=MAX_TOKENS):
+        def post(model, prompt, max_tokens=MAX_TOKENS, url=url):
             t = time.perf_counter()
             r = session.post(
                 url,
@@ -205,6 +250,27 @@ def main() -> None:
             http_lat.append(post("tiny:a0", prompts[1], 4)[0])
             handle_lat.append(via_handle())
 
+        # the same HTTP hop through Ray Serve LLM's stock OpenAI ingress (base model: its
+        # ingress cannot load adapters from a local store), beside ours on the same request
+        from ray.serve.llm import build_openai_app
+
+        from serve.app import llm_config_for
+
+        stock_cfg = llm_config_for(cfg.models[0], cfg)
+        serve.run(
+            build_openai_app({"llm_configs": [stock_cfg]}),
+            name="stock",
+            route_prefix="/stock",
+            blocking=False,
+        )
+        stock_url = f"http://127.0.0.1:{PORT}/stock/v1/completions"
+        post("tiny", prompts[1], 4, url=stock_url)
+        ours_base, stock_base = [], []
+        for _ in range(100):
+            ours_base.append(post("tiny", prompts[1], 4)[0])
+            stock_base.append(post("tiny", prompts[1], 4, url=stock_url)[0])
+        serve.delete("stock")
+
         def pct(xs, q):
             return statistics.quantiles(xs, n=100)[q - 1]
 
@@ -213,6 +279,9 @@ def main() -> None:
                 "ratio": serve_tps / direct_tps,
                 "serve_tokens_per_s": serve_tps,
                 "direct_tokens_per_s": direct_tps,
+                # not the target's anchor: how much of the gap is 16 clients vs one big batch
+                "direct_16_concurrent_tokens_per_s": conc_tps,
+                "ratio_vs_direct_16_concurrent": serve_tps / conc_tps,
             },
             "ingress_overhead": {
                 "p50_ratio": pct(http_lat, 50) / pct(handle_lat, 50),
@@ -221,6 +290,10 @@ def main() -> None:
                 "handle_p50_ms": 1000 * pct(handle_lat, 50),
                 "http_p99_ms": 1000 * pct(http_lat, 99),
                 "handle_p99_ms": 1000 * pct(handle_lat, 99),
+                # not the target's anchor: lorafleet's ingress vs Ray's stock one, both over HTTP
+                "p50_ratio_vs_ray_stock_ingress": pct(ours_base, 50) / pct(stock_base, 50),
+                "ours_base_model_p50_ms": 1000 * pct(ours_base, 50),
+                "ray_stock_ingress_p50_ms": 1000 * pct(stock_base, 50),
             },
             "adapter_load": {
                 "ratio": statistics.median(cold) / statistics.median(warm),
@@ -230,9 +303,13 @@ def main() -> None:
         }
         print(json.dumps(report, indent=2))
         print(
-            f"serve throughput ratio {report['throughput']['ratio']:.3f} (target >= 0.9); "
+            f"serve throughput ratio {report['throughput']['ratio']:.3f} (target >= 0.9; "
+            f"{report['throughput']['ratio_vs_direct_16_concurrent']:.3f} against in-process vLLM "
+            f"fed by 16 concurrent requests); "
             f"ingress p50 ratio {report['ingress_overhead']['p50_ratio']:.3f} (target <= 1.10), "
-            f"p99 {report['ingress_overhead']['p99_ratio']:.3f}; "
+            f"p99 {report['ingress_overhead']['p99_ratio']:.3f}, "
+            f"p50 vs Ray's stock ingress "
+            f"{report['ingress_overhead']['p50_ratio_vs_ray_stock_ingress']:.3f}; "
             f"cold/warm adapter {report['adapter_load']['ratio']:.2f}"
         )
         serve.delete("bench")
