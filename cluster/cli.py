@@ -7,6 +7,7 @@
     lorafleet merge lorafleet-runs/adapters/demo-last --out merged/
     lorafleet serve configs/serve-demo.yaml          # OpenAI-compatible HTTP on 127.0.0.1:8000
     lorafleet serve set-weights configs/serve-demo.yaml word-bot last-word=50 swap-words=50
+    lorafleet serve eval configs/serve-demo.yaml tiny-demo:demo-last lorafleet-runs/demo/data/last/test.jsonl
 
 Each command imports its package lazily, so `lorafleet validate` stays fast and `cluster`
 depends on nothing of ours at import time.
@@ -75,6 +76,14 @@ def _cmd_serve(args) -> int:
             return 2
         cfg = load_config(words[1], schema=ServeAppConfig)
         return _set_weights(cfg, words[2], words[3:], args.url)
+    if words and words[0] == "eval":
+        if len(words) != 4:
+            print(
+                "usage: lorafleet serve eval CONFIG MODEL DATA.jsonl [--limit N]", file=sys.stderr
+            )
+            return 2
+        cfg = load_config(words[1], schema=ServeAppConfig)
+        return _eval(cfg, words[2], words[3], args.url, args.limit)
     cfg = load_config(words[0] if words else "configs/serve-demo.yaml", words[1:], ServeAppConfig)
     from serve.app import run
 
@@ -118,6 +127,36 @@ def _set_weights(cfg, experiment: str, pairs: list[str], url: str | None) -> int
     except urllib.error.URLError as e:
         print(f"error: no lorafleet server at {base}: {e.reason}", file=sys.stderr)
     return 1
+
+
+def _eval(cfg, model: str, data: str, url: str | None, limit: int | None) -> int:
+    """Exact match of a served model on held-out rows, through the running server."""
+    import os
+
+    import requests
+
+    from serve.eval import exact_match, read_rows
+
+    try:
+        rows = read_rows(data, limit)
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    base = url or f"http://{cfg.http.host}:{cfg.http.port}"
+    key = os.environ.get(cfg.http.api_keys_env, "").split(",")[0].strip() or None
+    try:
+        res = exact_match(base, model, rows, key=key, log=lambda m: print(m, file=sys.stderr))
+    except requests.ConnectionError:
+        print(f"error: no lorafleet server at {base}", file=sys.stderr)
+        return 1
+    except RuntimeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    split = "".join(
+        f"; variant {v}: {r['exact_match']:.1%} on {r['rows']}" for v, r in res["variants"].items()
+    )
+    print(f"{model}: exact match {res['exact_match']:.1%} on {res['rows']} rows of {data}{split}")
+    return 0
 
 
 def _cmd_demo(args) -> int:
@@ -176,10 +215,12 @@ def build_parser() -> argparse.ArgumentParser:
         "serve",
         help="serve adapters and A/B experiments over OpenAI-compatible HTTP (Ray Serve + vLLM)",
         description="lorafleet serve [CONFIG] [KEY=VALUE ...]  |  "
-        "lorafleet serve set-weights CONFIG EXPERIMENT VARIANT=WEIGHT ...",
+        "lorafleet serve set-weights CONFIG EXPERIMENT VARIANT=WEIGHT ...  |  "
+        "lorafleet serve eval CONFIG MODEL DATA.jsonl",
     )
     s.add_argument("args", nargs="*", metavar="ARG")
-    s.add_argument("--url", help="set-weights: the server (default: http.host:http.port)")
+    s.add_argument("--url", help="set-weights, eval: the server (default: http.host:http.port)")
+    s.add_argument("--limit", type=int, help="eval: score the first N rows only")
     s.set_defaults(fn=_cmd_serve, overrides=[])
 
     d = sub.add_parser(

@@ -341,7 +341,9 @@ class FleetIngress(OpenAiIngress):
         except RayActorError as e:  # the replica died mid-request; Serve replaces it
             done(False)
             raise ApiError(
-                503, f"the replica serving {body.model!r} stopped; retry the request", "server_error"
+                503,
+                f"the replica serving {body.model!r} stopped; retry the request",
+                "server_error",
             ) from e
         except Exception:
             done(False)

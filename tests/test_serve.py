@@ -147,34 +147,70 @@ def test_models_list_bases_adapters_and_experiments_with_the_openai_client(serve
 
 def test_each_adapter_answers_as_trained_and_differs_from_the_base(served, tiny_base, tokenizer):
     """Through HTTP, each adapter gives the greedy answers PEFT gives with the trained adapter on
-    the same base, and answers unlike the base and unlike each other. (The 2-layer test base is
-    too small to do the task well in 60 steps; `python -m bench.serve` measures exact match on the
-    demo's adapters through the server.)"""
+    the same base, and answers unlike the base and unlike each other. Exact match is scored the
+    way `lorafleet serve eval` scores it and printed; the 2-layer test base is too small to learn
+    the task in 30 steps (0% here). The demo's adapters through the server score what
+    `lorafleet demo` scores in-process (README: 98.5% and 79.0%)."""
+    from serve.eval import exact_match
     from train.demo import _answer
     from train.export import load_adapter_model
 
     rows = _rows(served["tests"]["last"], 24)
-
-    def answers(model):
-        with ThreadPoolExecutor(8) as pool:
-            outs = pool.map(
-                lambda r: _complete(served, model, r["prompt"]).json()["choices"][0]["text"], rows
-            )
-            return [o.strip("\n") for o in outs]
-
-    got = {m: answers(m) for m in ("tiny", "tiny:t-last", "tiny:t-swap")}
-    expected = [r["completion"] for r in rows]
-    em = {
-        m: sum(a == e for a, e in zip(o, expected, strict=True)) / len(rows) for m, o in got.items()
+    got = {
+        m: exact_match(served["url"], m, rows, key=KEY)
+        for m in ("tiny", "tiny:t-last", "tiny:t-swap")
     }
-    print(f"exact match on 'last' through the server (24 held-out prompts): {em}")
+    print(
+        "exact match on 'last' through the server (24 held-out prompts): "
+        + str({m: r["exact_match"] for m, r in got.items()})
+    )
     for name in ("t-last", "t-swap"):
         peft = load_adapter_model(str(served["store"] / "adapters" / name), base=str(tiny_base))
         want = [_answer(peft, tokenizer, r["prompt"]) for r in rows]
-        same = sum(a == b for a, b in zip(got[f"tiny:{name}"], want, strict=True))
-        assert same >= 20, list(zip(got[f"tiny:{name}"], want, strict=True))
-        assert got[f"tiny:{name}"] != got["tiny"]
-    assert got["tiny:t-swap"] != got["tiny:t-last"]
+        answers = got[f"tiny:{name}"]["answers"]
+        same = sum(a == b for a, b in zip(answers, want, strict=True))
+        assert same >= 20, list(zip(answers, want, strict=True))
+        assert answers != got["tiny"]["answers"]
+    assert got["tiny:t-swap"]["answers"] != got["tiny:t-last"]["answers"]
+    served["answers"] = {m: r["answers"] for m, r in got.items()}
+
+
+def test_serve_eval_scores_exact_match_and_reports_bad_rows(served, tmp_path, capsys):
+    """`lorafleet serve eval`: rows whose expected completion is the adapter's own answer count,
+    the others do not; the experiment's rows are split by variant; a bad row is named."""
+    from cluster.cli import main
+
+    rows = _rows(served["tests"]["last"], 24)
+    answers = served.get("answers", {}).get("tiny:t-last")
+    if answers is None:  # run alone: take the server's answers now
+        from serve.eval import exact_match
+
+        answers = exact_match(served["url"], "tiny:t-last", rows, key=KEY)["answers"]
+    data = tmp_path / "rows.jsonl"
+    data.write_text(
+        "".join(
+            json.dumps({"prompt": r["prompt"], "completion": a if i % 2 == 0 else "\u2205"}) + "\n"
+            for i, (r, a) in enumerate(zip(rows, answers, strict=True))
+        )
+    )
+    os.environ["LORAFLEET_API_KEYS"] = KEY
+    try:
+        args = ["serve", "eval", served["cfg_path"], "tiny:t-last", str(data), "--url"]
+        assert main([*args, served["url"]]) == 0
+        line = capsys.readouterr().out.strip().splitlines()[-1]
+        em = float(line.split("exact match ")[1].split("%")[0]) / 100
+        assert 10 / 24 <= em <= 12 / 24, line  # greedy answers repeat (batching may flip a tie)
+        assert (
+            main(["serve", "eval", served["cfg_path"], "bot", str(data), "--url", served["url"]])
+            == 0
+        )
+        line = capsys.readouterr().out.strip().splitlines()[-1]
+        assert "on 24 rows" in line and "; variant a: " in line, line
+        data.write_text(data.read_text() + '{"prompt": "last: x y\\n"}\n')
+        assert main([*args, served["url"]]) == 2
+        assert f"{data}: row 25: expected string fields" in capsys.readouterr().err
+    finally:
+        del os.environ["LORAFLEET_API_KEYS"]
 
 
 def test_streaming_completions_and_chat_match_the_unstreamed_answer(served):

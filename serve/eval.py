@@ -1,0 +1,102 @@
+"""Exact match of a served model, adapter or experiment on held-out rows, through the HTTP API.
+
+    lorafleet serve eval configs/serve-demo.yaml tiny-demo:demo-last \\
+        lorafleet-runs/demo/data/last/test.jsonl
+
+Each row is `{"prompt": ..., "completion": ...}` (the demo's test files, or any completion-format
+JSONL). Greedy decoding; an answer counts when it equals the completion exactly (trailing
+newlines stripped), the rule `lorafleet demo` scores adapters by in-process.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+VARIANT_HEADER = "X-Lorafleet-Variant"
+
+
+def read_rows(path: str | Path, limit: int | None = None) -> list[dict]:
+    """Completion rows from a JSONL file; a bad row raises ValueError naming the file and row."""
+    rows = []
+    with open(path) as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: row {i}: not JSON ({e.msg})") from None
+            if not (
+                isinstance(row, dict)
+                and isinstance(row.get("prompt"), str)
+                and isinstance(row.get("completion"), str)
+            ):
+                raise ValueError(
+                    f"{path}: row {i}: expected string fields 'prompt' and 'completion'"
+                )
+            rows.append(row)
+            if limit and len(rows) >= limit:
+                break
+    if not rows:
+        raise ValueError(f"{path}: no rows")
+    return rows
+
+
+def exact_match(
+    url: str,
+    model: str,
+    rows: list[dict],
+    *,
+    key: str | None = None,
+    max_tokens: int = 32,
+    clients: int = 8,
+    log=None,
+) -> dict:
+    """Send each row's prompt to `model` at `url`; return exact match, answers and, for an
+    experiment, each variant's rows and exact match (the user id is the row number)."""
+    import requests
+
+    session = requests.Session()
+    session.mount("http://", requests.adapters.HTTPAdapter(pool_maxsize=clients))
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+
+    def ask(i_row):
+        i, row = i_row
+        r = session.post(
+            f"{url.rstrip('/')}/v1/completions",
+            json={
+                "model": model,
+                "prompt": row["prompt"],
+                "max_tokens": max_tokens,
+                "temperature": 0,
+                "user": f"eval-{i}",
+            },
+            headers=headers,
+            timeout=300,
+        )
+        if r.status_code != 200:
+            raise RuntimeError(f"row {i + 1}: HTTP {r.status_code}: {r.text[:300]}")
+        text = r.json()["choices"][0]["text"].strip("\n")
+        return text, r.headers.get(VARIANT_HEADER)
+
+    answers, seen, hit = [], Counter(), Counter()
+    with ThreadPoolExecutor(clients) as pool:
+        results = pool.map(ask, enumerate(rows))
+        for n, ((text, variant), row) in enumerate(zip(results, rows, strict=True), 1):
+            answers.append(text)
+            if variant:
+                seen[variant] += 1
+                hit[variant] += text == row["completion"]
+            if log and (n % 50 == 0 or n == len(rows)):
+                log(f"[eval] {n}/{len(rows)} answered")
+    hits = sum(a == r["completion"] for a, r in zip(answers, rows, strict=True))
+    return {
+        "model": model,
+        "rows": len(rows),
+        "exact_match": hits / len(rows),
+        "answers": answers,
+        "variants": {v: {"rows": n, "exact_match": hit[v] / n} for v, n in sorted(seen.items())},
+    }
