@@ -132,6 +132,14 @@ class _Metrics:
         out, self.pending = self.pending, {}
         return out
 
+    def put_back(self, taken: dict) -> None:
+        """Counts a failed sync took: added to what came in since, for the next sync."""
+        for exp, variants in taken.items():
+            for var, counts in variants.items():
+                c = self.pending.setdefault(exp, {}).setdefault(var, {})
+                for k, v in counts.items():
+                    c[k] = c.get(k, 0) + v
+
 
 def _usage(obj) -> tuple[int, int]:
     usage = getattr(obj, "usage", None) if not isinstance(obj, dict) else obj.get("usage")
@@ -207,8 +215,14 @@ class FleetIngress(OpenAiIngress):
 
     async def _sync(self) -> None:
         """Push this replica's counts to the shared state; pull re-weighted tables."""
+        counts = self.metrics.take()
         try:
-            await self.state.add_counts.remote(self.metrics.take())
+            await self.state.add_counts.remote(counts)
+        except Exception as e:  # the state replica restarting must not fail requests
+            self.metrics.put_back(counts)  # sent with the next sync instead
+            print(f"[ingress] experiment state sync failed: {e!r}")
+            return
+        try:
             version, snap = await self.state.snapshot.remote(self.version)
             if snap is not None:
                 self.tables = {n: Table(v, w, o) for n, (v, w, o) in snap.items()}

@@ -84,3 +84,33 @@ def test_state_counts_add_up_across_ingress_replicas():
     out = state.set_weights("e", {"a": 1, "b": 1})
     assert out["shares"] == {"a": 0.5, "b": 0.5} and out["moved_users"] == pytest.approx(0.25)
     assert state.snapshot(1)[1] is None and state.snapshot(0)[1] is not None
+
+
+def test_counts_a_failed_sync_took_are_sent_with_the_next_one():
+    from serve.ingress import _Metrics
+
+    m = _Metrics()
+    m.record("bot", "a", ok=True, latency_s=0.5, prompt=3, completion=4)
+    taken = m.take()  # a sync takes them, then the state replica does not answer
+    m.record("bot", "a", ok=False, latency_s=1.0)
+    m.record("bot", "b", ok=True, latency_s=0.25, prompt=1, completion=2)
+    m.put_back(taken)
+    assert m.take() == {
+        "bot": {
+            "a": {
+                "requests": 2,
+                "errors": 1,
+                "latency_s_sum": 1.5,
+                "prompt_tokens": 3,
+                "completion_tokens": 4,
+            },
+            "b": {
+                "requests": 1,
+                "errors": 0,
+                "latency_s_sum": 0.25,
+                "prompt_tokens": 1,
+                "completion_tokens": 2,
+            },
+        }
+    }
+    assert m.take() == {}
