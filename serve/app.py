@@ -161,9 +161,15 @@ def run(cfg: ServeAppConfig, blocking: bool = True, log=print):
     names = [m.id for m in cfg.models] + [e.name for e in cfg.experiments]
     log(f"[serve] ready at {url}/v1  models: {', '.join(names)}")
     if blocking:
+        import signal
         import time
 
-        log("[serve] Ctrl-C stops the app")
+        def _stop(signum, frame):
+            raise KeyboardInterrupt
+
+        # `kill`, `docker stop` and systemd send SIGTERM: stop the app the way Ctrl-C does
+        signal.signal(signal.SIGTERM, _stop)
+        log("[serve] Ctrl-C (or SIGTERM) stops the app")
         try:
             while True:
                 time.sleep(3600)
