@@ -91,9 +91,20 @@ def _cmd_serve(args) -> int:
     return 0
 
 
-def _set_weights(cfg, experiment: str, pairs: list[str], url: str | None) -> int:
-    """PUT /v1/experiments/<name> on the running app (the API key comes from the environment)."""
+def _client_key(cfg) -> str | None:
+    """The key a client command sends: the first of the server's keys, from the environment
+    variable or else the key file the config names (never from YAML)."""
     import os
+    from pathlib import Path
+
+    keys = os.environ.get(cfg.http.api_keys_env, "").split(",")
+    if cfg.http.api_keys_file and Path(cfg.http.api_keys_file).is_file():
+        keys += Path(cfg.http.api_keys_file).read_text().splitlines()
+    return next((k.strip() for k in keys if k.strip()), None)
+
+
+def _set_weights(cfg, experiment: str, pairs: list[str], url: str | None) -> int:
+    """PUT /v1/experiments/<name> on the running app (the key from the environment or key file)."""
     import urllib.error
     import urllib.request
 
@@ -109,7 +120,7 @@ def _set_weights(cfg, experiment: str, pairs: list[str], url: str | None) -> int
             return 2
     base = url or f"http://{cfg.http.host}:{cfg.http.port}"
     headers = {"Content-Type": "application/json"}
-    key = os.environ.get(cfg.http.api_keys_env, "").split(",")[0].strip()
+    key = _client_key(cfg)
     if key:
         headers["Authorization"] = f"Bearer {key}"
     req = urllib.request.Request(
@@ -131,25 +142,28 @@ def _set_weights(cfg, experiment: str, pairs: list[str], url: str | None) -> int
 
 def _eval(cfg, model: str, data: str, url: str | None, limit: int | None) -> int:
     """Exact match of a served model on held-out rows, through the running server."""
-    import os
 
     import requests
 
     from serve.eval import exact_match, read_rows
 
+    if limit is not None and limit < 1:
+        print(f"error: --limit must be at least 1. Got {limit}", file=sys.stderr)
+        return 2
     try:
         rows = read_rows(data, limit)
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     base = url or f"http://{cfg.http.host}:{cfg.http.port}"
-    key = os.environ.get(cfg.http.api_keys_env, "").split(",")[0].strip() or None
     try:
-        res = exact_match(base, model, rows, key=key, log=lambda m: print(m, file=sys.stderr))
+        res = exact_match(
+            base, model, rows, key=_client_key(cfg), log=lambda m: print(m, file=sys.stderr)
+        )
     except requests.ConnectionError:
         print(f"error: no lorafleet server at {base}", file=sys.stderr)
         return 1
-    except RuntimeError as e:
+    except (RuntimeError, requests.RequestException) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     split = "".join(

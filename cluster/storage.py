@@ -58,8 +58,8 @@ def exists(uri: str) -> bool:
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
-def files(uri: str) -> list[tuple[str, int, float]]:
-    """(relative path, size, mtime) of every file under `uri`, sorted: a version fingerprint
+def files(uri: str) -> list[tuple[str, int, int]]:
+    """(relative path, size, mtime in ns) of every file under `uri`, sorted: a version fingerprint
     (a publish rewrites every file, so size and mtime change with it)."""
     fs, path = _fs(uri)
     infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))

@@ -162,13 +162,16 @@ def run(cfg: ServeAppConfig, blocking: bool = True, log=print):
     log(f"[serve] ready at {url}/v1  models: {', '.join(names)}")
     if blocking:
         import signal
+        import threading
         import time
 
         def _stop(signum, frame):
             raise KeyboardInterrupt
 
         # `kill`, `docker stop` and systemd send SIGTERM: stop the app the way Ctrl-C does
-        signal.signal(signal.SIGTERM, _stop)
+        # (signal handlers can only be set from the main thread)
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, _stop)
         log("[serve] Ctrl-C (or SIGTERM) stops the app")
         try:
             while True:

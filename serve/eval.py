@@ -79,11 +79,15 @@ def exact_match(
         )
         if r.status_code != 200:
             raise RuntimeError(f"row {i + 1}: HTTP {r.status_code}: {r.text[:300]}")
-        text = r.json()["choices"][0]["text"].strip("\n")
+        try:
+            text = r.json()["choices"][0]["text"].strip("\n")
+        except (ValueError, KeyError, IndexError, TypeError):
+            raise RuntimeError(f"row {i + 1}: not a completion: {r.text[:300]}") from None
         return text, r.headers.get(VARIANT_HEADER)
 
     answers, seen, hit = [], Counter(), Counter()
-    with ThreadPoolExecutor(clients) as pool:
+    pool = ThreadPoolExecutor(clients)
+    try:
         results = pool.map(ask, enumerate(rows))
         for n, ((text, variant), row) in enumerate(zip(results, rows, strict=True), 1):
             answers.append(text)
@@ -92,6 +96,8 @@ def exact_match(
                 hit[variant] += text == row["completion"]
             if log and (n % 50 == 0 or n == len(rows)):
                 log(f"[eval] {n}/{len(rows)} answered")
+    finally:  # the first failed row stops the rest
+        pool.shutdown(wait=True, cancel_futures=True)
     hits = sum(a == r["completion"] for a, r in zip(answers, rows, strict=True))
     return {
         "model": model,

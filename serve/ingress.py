@@ -133,7 +133,8 @@ class _Metrics:
         return out
 
     def put_back(self, taken: dict) -> None:
-        """Counts a failed sync took: added to what came in since, for the next sync."""
+        """Counts a failed sync took: added to what came in since, for the next sync (at least
+        once: a sync whose reply was lost after the state applied it counts twice)."""
         for exp, variants in taken.items():
             for var, counts in variants.items():
                 c = self.pending.setdefault(exp, {}).setdefault(var, {})

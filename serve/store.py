@@ -86,10 +86,24 @@ class AdapterStore:
         return self._bases
 
 
-def local_copy(root: str, name: str, cache_dir: str | None = None) -> str:
+def _version(uri: str) -> str:
+    """The published version of the adapter at `uri`: its files (sizes, times) and its
+    lorafleet.json, which names the publish uniquely, so a same-size republish differs too."""
+    listing = storage.files(uri)
+    names = {f for f, _, _ in listing}
+    if ADAPTER_CONFIG not in names:
+        raise FileNotFoundError(uri)
+    meta = storage.read_text(storage.join(uri, META)) if META in names else ""
+    return hashlib.sha256(json.dumps([listing, meta]).encode()).hexdigest()[:16]
+
+
+def local_copy(root: str, name: str, cache_dir: str | None = None, attempts: int = 3) -> str:
     """A local directory holding adapter `name`: the store itself when local, else a copy in the
-    node's cache, kept per store and per published version (file sizes and times), so two stores
-    with one adapter name never share a copy and a republished adapter is fetched again."""
+    node's cache, kept per store and per published version, so two stores with one adapter name
+    never share a copy and a republished adapter is fetched again. A publish that lands while a
+    copy downloads makes it download again."""
+    import shutil
+
     if not is_valid_name(name):
         raise ValueError(f"invalid adapter name {name!r}")
     uri = storage.join(root, name)
@@ -97,20 +111,26 @@ def local_copy(root: str, name: str, cache_dir: str | None = None) -> str:
         if not Path(uri, ADAPTER_CONFIG).is_file():
             raise FileNotFoundError(f"adapter {name!r} not found in {root}")
         return uri
-    listing = storage.files(uri)
-    if ADAPTER_CONFIG not in {f for f, _, _ in listing}:
-        raise FileNotFoundError(f"adapter {name!r} not found in {root}")
     cache = Path(cache_dir or Path(tempfile.gettempdir(), f"lorafleet-lora-cache-{os.getuid()}"))
-    store_key = hashlib.sha256(root.encode()).hexdigest()[:12]
-    version = hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:12]
-    dest = cache / store_key / name / version
-    if not (dest / ADAPTER_CONFIG).is_file():
-        tmp = dest.with_name(f".{version}.{os.getpid()}.incoming")
-        storage.download_dir(uri, tmp)
+    store_key = hashlib.sha256(root.rstrip("/").encode()).hexdigest()[:12]
+    for _ in range(attempts):
         try:
-            tmp.rename(dest)
-        except OSError:  # another replica on this node got there first
-            import shutil
-
+            version = _version(uri)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"adapter {name!r} not found in {root}") from None
+        dest = cache / store_key / name / version
+        if (dest / ADAPTER_CONFIG).is_file():
+            return str(dest)
+        tmp = dest.with_name(f".{version}.{os.getpid()}.incoming")
+        try:
+            storage.download_dir(uri, tmp)
+            if _version(uri) != version:  # republished meanwhile: what came may be mixed
+                continue
+            try:
+                tmp.rename(dest)
+            except OSError:  # another replica on this node got there first
+                pass
+            return str(dest)
+        finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    return str(dest)
+    raise RuntimeError(f"adapter {name!r} in {root} changed during {attempts} downloads")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -195,3 +196,31 @@ def test_cli_takes_flags_among_the_overrides(capsys):
         == 0
     )
     assert "max_steps: 70" in capsys.readouterr().out
+
+
+def test_serve_client_commands_take_the_key_from_env_or_key_file_and_report_no_server(
+    tmp_path, monkeypatch, capsys
+):
+    from cluster.cli import _client_key, main
+    from cluster.config import ServeAppConfig, load_config
+
+    keys = tmp_path / "keys"
+    keys.write_text("\n sk-from-file \nsk-second\n")
+    raw = {"name": "x", "models": [{"id": "m", "base": "tiny://demo"}]}
+    cfg = load_config(None, {**raw, "http": {"api_keys_file": str(keys)}}, ServeAppConfig)
+    monkeypatch.delenv("LORAFLEET_API_KEYS", raising=False)
+    assert _client_key(cfg) == "sk-from-file"
+    monkeypatch.setenv("LORAFLEET_API_KEYS", "sk-env,sk-other")
+    assert _client_key(cfg) == "sk-env"
+
+    cfg_path = tmp_path / "serve.yaml"
+    cfg_path.write_text("name: x\nmodels: [{id: m, base: 'tiny://demo'}]\n")
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"prompt": "last: a b\\n", "completion": "b"}\n')
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}"
+    assert main(["serve", "eval", str(cfg_path), "m", str(rows), "--url", url]) == 1
+    assert f"no lorafleet server at {url}" in capsys.readouterr().err
+    assert main(["serve", "eval", str(cfg_path), "m", str(rows), "--limit", "0"]) == 2
+    assert "--limit must be at least 1. Got 0" in capsys.readouterr().err

@@ -19,15 +19,18 @@ def s3_root(s3_bucket, request):
     return f"{s3_bucket}/{request.node.name}"
 
 
-def _adapter(dir_, base):
-    dir_.mkdir(parents=True)
+def _adapter(dir_, base, weights=bytes(range(256)) * 40, publish_id="p1"):
+    dir_.mkdir(parents=True, exist_ok=True)
     (dir_ / "adapter_config.json").write_text(json.dumps({"r": 8}))
-    (dir_ / "adapter_model.safetensors").write_bytes(bytes(range(256)) * 40)
-    if base:
-        (dir_ / "lorafleet.json").write_text(json.dumps({"base_model": base}))
+    (dir_ / "adapter_model.safetensors").write_bytes(weights)
+    if base:  # as training publishes it
+        meta = {"base_model": base, "publish_id": publish_id}
+        (dir_ / "lorafleet.json").write_text(json.dumps(meta))
 
 
-def test_s3_store_lists_adapters_with_their_base_and_copies_them_to_the_cache(s3_root, tmp_path):
+def test_s3_store_lists_adapters_with_their_base_and_copies_them_to_the_cache(
+    s3_root, tmp_path, monkeypatch
+):
     adapters = storage.join(s3_root, "adapters")
     _adapter(tmp_path / "src" / "support", "org/base-7b")
     _adapter(tmp_path / "src" / "plain", None)
@@ -46,14 +49,41 @@ def test_s3_store_lists_adapters_with_their_base_and_copies_them_to_the_cache(s3
     assert Path(path).is_relative_to(cache) and Path(path).parent.name == "support"
     for f in ("adapter_config.json", "adapter_model.safetensors", "lorafleet.json"):
         assert Path(path, f).read_bytes() == (tmp_path / "src" / "support" / f).read_bytes()
-    assert local_copy(adapters, "support", cache_dir=str(cache)) == path  # cached, not again
+    downloads = []
+    real_download = storage.download_dir
+    monkeypatch.setattr(
+        storage, "download_dir", lambda *a: downloads.append(a) or real_download(*a)
+    )
+    assert local_copy(adapters, "support", cache_dir=str(cache)) == path
+    assert local_copy(adapters + "/", "support", cache_dir=str(cache)) == path
+    assert downloads == []  # cached: not downloaded again
 
-    # republished under the same name: the next load fetches the new version
-    (tmp_path / "src" / "support" / "adapter_model.safetensors").write_bytes(b"v2" * 100)
+    # republished under the same name at once, same sizes, other weights: fetched again
+    v2 = bytes(reversed(range(256))) * 40
+    _adapter(tmp_path / "src" / "support", "org/base-7b", weights=v2, publish_id="p2")
     storage.upload_dir(tmp_path / "src" / "support", storage.join(adapters, "support"))
     path2 = local_copy(adapters, "support", cache_dir=str(cache))
-    assert path2 != path
-    assert Path(path2, "adapter_model.safetensors").read_bytes() == b"v2" * 100
+    assert path2 != path and len(downloads) == 1
+    assert Path(path2, "adapter_model.safetensors").read_bytes() == v2
+
+    # a publish landing while a copy downloads: that copy is dropped and the new one fetched
+    _adapter(tmp_path / "src" / "support", "org/base-7b", weights=v2, publish_id="p2b")
+    storage.upload_dir(tmp_path / "src" / "support", storage.join(adapters, "support"))
+    v3 = b"v3" * 5120
+
+    def download_then_republish(*a):
+        downloads.append(a)
+        real_download(*a)
+        if len(downloads) == 1:
+            _adapter(tmp_path / "src" / "support", "org/base-7b", weights=v3, publish_id="p3")
+            storage.upload_dir(tmp_path / "src" / "support", storage.join(adapters, "support"))
+
+    downloads.clear()
+    monkeypatch.setattr(storage, "download_dir", download_then_republish)
+    path4 = local_copy(adapters, "support", cache_dir=str(cache))
+    assert len(downloads) == 2
+    assert Path(path4, "adapter_model.safetensors").read_bytes() == v3
+    assert not list(Path(path4).parent.glob(".*incoming"))  # the dropped copy is gone
     # another store's adapter of the same name is another copy
     other = storage.join(s3_root, "other", "adapters")
     storage.upload_dir(tmp_path / "src" / "plain", storage.join(other, "support"))

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import tempfile
 import time
+import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 
 from cluster import storage
@@ -92,6 +94,9 @@ def publish_adapter(checkpoint, cfg, log=print) -> str:
             json.dumps(
                 {
                     "name": cfg.name,
+                    # names this publish: servers cache by it, so a republish is fetched again
+                    "publish_id": uuid.uuid4().hex,
+                    "published_at": datetime.now(UTC).isoformat(timespec="seconds"),
                     "base_model": cfg.model.base,
                     "step": meta["step"],
                     "eval_loss": meta.get("eval_loss"),
