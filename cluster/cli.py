@@ -94,13 +94,7 @@ def _cmd_serve(args) -> int:
 def _client_key(cfg) -> str | None:
     """The key a client command sends: the first of the server's keys, from the environment
     variable or else the key file the config names (never from YAML)."""
-    import os
-    from pathlib import Path
-
-    keys = os.environ.get(cfg.http.api_keys_env, "").split(",")
-    if cfg.http.api_keys_file and Path(cfg.http.api_keys_file).is_file():
-        keys += Path(cfg.http.api_keys_file).read_text().splitlines()
-    return next((k.strip() for k in keys if k.strip()), None)
+    return next(iter(cfg.http.api_keys(missing_file_ok=True)), None)
 
 
 def _set_weights(cfg, experiment: str, pairs: list[str], url: str | None) -> int:

@@ -467,6 +467,17 @@ class HttpConfig(_Section):
     ingress_replicas: int = Field(1, gt=0, description="Replicas of the OpenAI/experiment ingress.")
     request_timeout_s: float = Field(120, gt=0, description="Longest a request may take.")
 
+    def api_keys(self, environ=None, missing_file_ok: bool = False) -> list[str]:
+        """The accepted keys, in order: the environment variable's, then the key file's. The
+        server needs its key file (`missing_file_ok=False`); a client may run without it."""
+        import os
+
+        env = os.environ if environ is None else environ
+        keys = env.get(self.api_keys_env, "").split(",")
+        if self.api_keys_file and not (missing_file_ok and not Path(self.api_keys_file).is_file()):
+            keys += Path(self.api_keys_file).read_text().splitlines()
+        return [k.strip() for k in keys if k.strip()]
+
 
 class ServeAppConfig(_Section):
     """What `lorafleet serve` runs: base models with their adapters, and experiments."""

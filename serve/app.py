@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-from pathlib import Path
 from typing import Any
 
 from cluster.config import ServeAppConfig, ServeModelConfig
@@ -82,10 +81,7 @@ def llm_config_for(m: ServeModelConfig, cfg: ServeAppConfig):
 def api_key_hashes(cfg: ServeAppConfig, environ=os.environ) -> list[str]:
     """SHA-256 of each accepted key, from the environment variable and/or the key file. Only the
     hashes travel to the ingress replicas, so keys never sit in Ray's deployment config."""
-    keys = [k.strip() for k in environ.get(cfg.http.api_keys_env, "").split(",")]
-    if cfg.http.api_keys_file:
-        keys += [k.strip() for k in Path(cfg.http.api_keys_file).read_text().splitlines()]
-    return sorted({hashlib.sha256(k.encode()).hexdigest() for k in keys if k})
+    return sorted({hashlib.sha256(k.encode()).hexdigest() for k in cfg.http.api_keys(environ)})
 
 
 def build_app(cfg: ServeAppConfig, key_hashes: list[str] | None = None):

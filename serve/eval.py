@@ -15,7 +15,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-VARIANT_HEADER = "X-Lorafleet-Variant"
+from serve.experiments import VARIANT_HEADER
 
 
 def read_rows(path: str | Path, limit: int | None = None) -> list[dict]:

@@ -17,6 +17,18 @@ import random
 from dataclasses import dataclass, field
 
 BUCKETS = 10_000
+# response headers naming who answered a request for an experiment
+VARIANT_HEADER = "X-Lorafleet-Variant"
+EXPERIMENT_HEADER = "X-Lorafleet-Experiment"
+
+
+def merge_counts(into: dict, deltas: dict) -> None:
+    """Add per experiment, per variant counts (`{exp: {variant: {stat: n}}}`) into `into`."""
+    for exp, variants in deltas.items():
+        for var, stats in variants.items():
+            c = into.setdefault(exp, {}).setdefault(var, {})
+            for k, v in stats.items():
+                c[k] = c.get(k, 0) + v
 
 
 def bucket(experiment: str, user: str) -> int:
@@ -131,11 +143,7 @@ class ExperimentState:
         }
 
     def add_counts(self, deltas: dict) -> None:
-        for exp, variants in deltas.items():
-            for var, stats in variants.items():
-                into = self.counts.setdefault(exp, {}).setdefault(var, {})
-                for k, v in stats.items():
-                    into[k] = into.get(k, 0) + v
+        merge_counts(self.counts, deltas)
 
     def summary(self) -> dict:
         out = {}

@@ -38,11 +38,15 @@ from ray.llm._internal.serve.core.ingress.utils import (
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from cluster.config import ServeAppConfig, is_valid_name
-from serve.experiments import Table, tables_for
+from serve.experiments import (
+    EXPERIMENT_HEADER,
+    VARIANT_HEADER,
+    Table,
+    merge_counts,
+    tables_for,
+)
 from serve.store import AdapterStore, base_key
 
-VARIANT_HEADER = "X-Lorafleet-Variant"
-EXPERIMENT_HEADER = "X-Lorafleet-Experiment"
 USER_HEADER = "x-user-id"
 SYNC_INTERVAL_S = 1.0
 LATENCY_BOUNDARIES_S = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60]
@@ -135,11 +139,7 @@ class _Metrics:
     def put_back(self, taken: dict) -> None:
         """Counts a failed sync took: added to what came in since, for the next sync (at least
         once: a sync whose reply was lost after the state applied it counts twice)."""
-        for exp, variants in taken.items():
-            for var, counts in variants.items():
-                c = self.pending.setdefault(exp, {}).setdefault(var, {})
-                for k, v in counts.items():
-                    c[k] = c.get(k, 0) + v
+        merge_counts(self.pending, taken)
 
 
 def _usage(obj) -> tuple[int, int]:
