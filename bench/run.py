@@ -33,7 +33,8 @@ THREADS = 2
 
 
 def _demo_cfg(tmp: Path, **over):
-    from cluster.config import load_config, with_overrides
+    from cluster.config import load_config
+    from cluster.validation import with_overrides
     from train.demo import write_task_data
 
     data = write_task_data("last", tmp / "data")
@@ -138,7 +139,7 @@ def bench_packing() -> float:
     """Useful tokens/s, packed vs padded to max_length, on a long-tailed length mix."""
     from transformers import AutoTokenizer
 
-    from cluster.config import DataConfig
+    from cluster.job_config import DataConfig
     from train.data import collate, pack, tokenize_segments, unpacked
     from train.model import load_for_training
 
@@ -228,7 +229,7 @@ def main(names: list[str]) -> int:
 def bench_tune_asha(grace_steps: int = 5) -> float:
     """The same space and seed searched twice: ASHA, then every trial run to completion (FIFO).
     Compute is total training steps across trials; the best eval loss of each is printed."""
-    from cluster.config import with_overrides
+    from cluster.validation import with_overrides
     from tune.tuner import tune_job
 
     results = {}

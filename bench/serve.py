@@ -153,9 +153,10 @@ def main() -> None:
     import requests
     from ray import serve
 
-    from cluster.config import ServeAppConfig, load_config
+    from cluster.config import load_config
     from cluster.ray_connect import ensure_ray
-    from serve.app import build_app
+    from cluster.serve_config import ServeAppConfig
+    from serve.app import build_app, resolve
 
     root = Path(tempfile.mkdtemp(prefix="lorafleet-bench-serve-"))
     try:
@@ -188,7 +189,9 @@ def main() -> None:
         )
         ensure_ray(cfg.ray, log=lambda *_: None)
         serve.start(http_options={"host": "127.0.0.1", "port": PORT})
-        serve.run(build_app(cfg, key_hashes=[]), name="bench", route_prefix="/", blocking=False)
+        serve.run(
+            build_app(cfg, resolve(cfg, environ={})), name="bench", route_prefix="/", blocking=False
+        )
         url = f"http://127.0.0.1:{PORT}/v1/completions"
         session = requests.Session()
         # one pooled connection per client thread (the default pool of 10 reconnects under 16)
@@ -230,7 +233,7 @@ def main() -> None:
         serve_tps = sum(tok for _, tok in res) / dt
 
         # ingress overhead: HTTP + ingress vs the LLM deployment's handle, interleaved
-        from ray.llm._internal.serve.core.configs.openai_api_models import CompletionRequest
+        from serve.ray_internal import CompletionRequest
 
         handle = serve.get_deployment_handle("LoraStoreServer:tiny", app_name="bench").options(
             stream=True, multiplexed_model_id="tiny:a0"
@@ -256,7 +259,9 @@ def main() -> None:
 
         from serve.app import llm_config_for
 
-        stock_cfg = llm_config_for(cfg.models[0], cfg)
+        stock_cfg = llm_config_for(
+            cfg.models[0], resolve(cfg, environ={}).model_sources[cfg.models[0].id]
+        )
         serve.run(
             build_openai_app({"llm_configs": [stock_cfg]}),
             name="stock",

@@ -8,9 +8,14 @@
     lorafleet serve configs/serve-demo.yaml          # OpenAI-compatible HTTP on 127.0.0.1:8000
     lorafleet serve set-weights configs/serve-demo.yaml word-bot last-word=50 swap-words=50
     lorafleet serve eval configs/serve-demo.yaml tiny-demo:demo-last lorafleet-runs/demo/data/last/test.jsonl
+    lorafleet submit train configs/demo.yaml --address http://127.0.0.1:8265 --env HF_TOKEN
+    lorafleet doctor configs/demo.yaml ray.address=auto
 
-Each command imports its package lazily, so `lorafleet validate` stays fast and `cluster`
-depends on nothing of ours at import time.
+Flags may stand anywhere among the words. Each command imports its package lazily, so
+`lorafleet validate` stays fast and `cluster` depends on nothing of ours at import time.
+Exit codes: 0 done; 1 the server failed or could not be reached, the demo's adapters did
+not beat the base, a submitted job failed, or a doctor check failed; 2 a problem with what was asked (usage, config, data: any LorafleetError);
+130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -18,28 +23,53 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import threading
+from dataclasses import dataclass, field
 
-from cluster.config import ConfigError, dump_config, load_config, schema_for
+from cluster.config import dump_config, load_config, schema_for
+from cluster.errors import ConfigError, LorafleetError
+
+SERVE_ACTIONS = ("set-weights", "eval")
 
 
-def _cmd_validate(args) -> int:
+@dataclass(frozen=True)
+class Invocation:
+    """What one command line asks for: the command and the arguments its function runs with."""
+
+    command: str
+    params: dict = field(default_factory=dict)
+
+
+class Interrupted(Exception):
+    """Ctrl-C during a long command; the message says what stopped and how to continue it."""
+
+
+# ---------------------------------------------------------------------------------------------
+# The commands: each takes the parameters `parse` found and returns the exit code
+
+
+def run_validate(configs: list[str], overrides: list[str], print_config: bool) -> int:
     bad = 0
-    for path in args.config:
+    for path in configs:
         try:
-            cfg = load_config(path, args.overrides, schema_for(path))
+            cfg = load_config(path, overrides, schema_for(path))
         except ConfigError as e:
             print(e, file=sys.stderr)
             bad += 1
             continue
-        print(f"{path}: ok" if not args.print else dump_config(cfg))
+        print(f"{path}: ok" if not print_config else dump_config(cfg))
     return 2 if bad else 0
 
 
-def _cmd_train(args) -> int:
+def run_train(config: str, overrides: list[str], resume: bool) -> int:
+    cfg = load_config(config, overrides)  # a config error needs no torch
     from train.trainer import train
 
-    cfg = load_config(args.config, args.overrides)
-    summary = train(cfg, resume=args.resume)
+    summary = _interruptible(
+        lambda: train(cfg, resume=resume),
+        f"lorafleet train {config} stopped; rerun it with --resume to continue from its last "
+        "checkpoint",
+    )
     last = summary["history"][-1] if summary["history"] else {}
     print(
         f"[done] {cfg.name}: {len(summary['history'])} reports, final loss {last.get('loss', float('nan')):.4f}"
@@ -49,115 +79,91 @@ def _cmd_train(args) -> int:
     return 0
 
 
-def _cmd_tune(args) -> int:
+def run_tune(config: str, overrides: list[str], resume: bool) -> int:
+    cfg = load_config(config, overrides)
     from tune.tuner import tune_job
 
-    tune_job(load_config(args.config, args.overrides), resume=args.resume)
+    _interruptible(
+        lambda: tune_job(cfg, resume=resume),
+        f"lorafleet tune {config} stopped; rerun it with --resume to continue the search",
+    )
     return 0
 
 
-def _cmd_merge(args) -> int:
+def run_merge(adapter: str, out: str, dtype: str) -> int:
     from train.export import merge_adapter
 
-    merge_adapter(args.adapter, args.out, dtype=args.dtype)
+    merge_adapter(adapter, out, dtype=dtype)
     return 0
 
 
-def _cmd_serve(args) -> int:
-    from cluster.config import ServeAppConfig
+def run_serve(config: str, overrides: list[str]) -> int:
+    from cluster.serve_config import ServeAppConfig
 
-    words = list(args.args)
-    if words and words[0] == "set-weights":
-        if len(words) < 4:
-            print(
-                "usage: lorafleet serve set-weights CONFIG EXPERIMENT VARIANT=WEIGHT ...",
-                file=sys.stderr,
-            )
-            return 2
-        cfg = load_config(words[1], schema=ServeAppConfig)
-        return _set_weights(cfg, words[2], words[3:], args.url)
-    if words and words[0] == "eval":
-        if len(words) != 4:
-            print(
-                "usage: lorafleet serve eval CONFIG MODEL DATA.jsonl [--limit N]", file=sys.stderr
-            )
-            return 2
-        cfg = load_config(words[1], schema=ServeAppConfig)
-        return _eval(cfg, words[2], words[3], args.url, args.limit)
-    cfg = load_config(words[0] if words else "configs/serve-demo.yaml", words[1:], ServeAppConfig)
+    cfg = load_config(config, overrides, ServeAppConfig)
     from serve.app import run
 
     run(cfg, blocking=True)
     return 0
 
 
+def run_demo(config: str, overrides: list[str], json_report: bool) -> int:
+    from train.demo import run_demo as demo
+
+    report = _interruptible(
+        lambda: demo(config, overrides), "lorafleet demo stopped; rerun it to start again"
+    )
+    if json_report:
+        print(json.dumps(report, indent=2))
+    return 0 if report["passed"] else 1
+
+
+def _base_url(cfg, url: str | None) -> str:
+    return url or f"http://{cfg.http.host}:{cfg.http.port}"
+
+
 def _client_key(cfg) -> str | None:
     """The key a client command sends: the first of the server's keys, from the environment
-    variable or else the key file the config names (never from YAML)."""
+    variable or else the key file (never from YAML)."""
     return next(iter(cfg.http.api_keys(missing_file_ok=True)), None)
 
 
-def _set_weights(cfg, experiment: str, pairs: list[str], url: str | None) -> int:
-    """PUT /v1/experiments/<name> on the running app (the key from the environment or key file)."""
-    import urllib.error
-    import urllib.request
+def run_set_weights(config: str, experiment: str, weights: dict, url: str | None) -> int:
+    """PUT /v1/experiments/<name> on the running app."""
+    from cluster.http_client import Client, HttpError, ServerUnreachable
+    from cluster.serve_config import ServeAppConfig
 
-    weights = {}
-    for pair in pairs:
-        name, sep, value = pair.partition("=")
-        try:
-            weights[name] = float(value) if sep else None
-        except ValueError:
-            weights[name] = None
-        if weights[name] is None:
-            print(f"error: expected VARIANT=WEIGHT (a number). Got {pair!r}", file=sys.stderr)
-            return 2
-    base = url or f"http://{cfg.http.host}:{cfg.http.port}"
-    headers = {"Content-Type": "application/json"}
-    key = _client_key(cfg)
-    if key:
-        headers["Authorization"] = f"Bearer {key}"
-    req = urllib.request.Request(
-        f"{base}/v1/experiments/{experiment}",
-        data=json.dumps({"weights": weights}).encode(),
-        headers=headers,
-        method="PUT",
-    )
+    cfg = load_config(config, schema=ServeAppConfig)
+    client = Client(_base_url(cfg, url), key=_client_key(cfg))
     try:
-        with urllib.request.urlopen(req, timeout=30) as r:
-            print(json.dumps(json.loads(r.read()), indent=2))
-            return 0
-    except urllib.error.HTTPError as e:
-        print(f"error: HTTP {e.code}: {e.read().decode()}", file=sys.stderr)
-    except urllib.error.URLError as e:
-        print(f"error: no lorafleet server at {base}: {e.reason}", file=sys.stderr)
-    return 1
+        r = client.put(f"/v1/experiments/{experiment}", {"weights": weights})
+    except (ServerUnreachable, HttpError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(r.json(), indent=2))
+    return 0
 
 
-def _eval(cfg, model: str, data: str, url: str | None, limit: int | None) -> int:
+def run_serve_eval(config: str, model: str, data: str, url: str | None, limit: int | None) -> int:
     """Exact match of a served model on held-out rows, through the running server."""
-
-    import requests
-
+    from cluster.serve_config import ServeAppConfig
     from serve.eval import exact_match, read_rows
 
-    if limit is not None and limit < 1:
-        print(f"error: --limit must be at least 1. Got {limit}", file=sys.stderr)
-        return 2
+    cfg = load_config(config, schema=ServeAppConfig)
     try:
         rows = read_rows(data, limit)
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    base = url or f"http://{cfg.http.host}:{cfg.http.port}"
     try:
         res = exact_match(
-            base, model, rows, key=_client_key(cfg), log=lambda m: print(m, file=sys.stderr)
+            _base_url(cfg, url),
+            model,
+            rows,
+            key=_client_key(cfg),
+            log=lambda m: print(m, file=sys.stderr),
         )
-    except requests.ConnectionError:
-        print(f"error: no lorafleet server at {base}", file=sys.stderr)
-        return 1
-    except (RuntimeError, requests.RequestException) as e:
+    except LorafleetError as e:  # no server there, or it failed a row
         print(f"error: {e}", file=sys.stderr)
         return 1
     split = "".join(
@@ -167,27 +173,117 @@ def _eval(cfg, model: str, data: str, url: str | None, limit: int | None) -> int
     return 0
 
 
-def _cmd_demo(args) -> int:
-    from train.demo import run_demo
+def run_submit(
+    command: str,
+    config: str,
+    overrides: list[str],
+    address: str | None,
+    env: list[str],
+    follow: bool,
+) -> int:
+    from cluster.submit import submit
 
-    report = run_demo(args.config, args.overrides)
-    if args.json:
-        print(json.dumps(report, indent=2))
-    return 0 if report["passed"] else 1
+    return submit(command, config, overrides, address, env, follow=follow)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def run_doctor(config: str | None, overrides: list[str]) -> int:
+    from cluster.doctor import ClusterOnly
+    from cluster.doctor import run_doctor as doctor
+    from cluster.ray_connect import ensure_ray
+
+    cfg = load_config(config, overrides, schema_for(config) if config else ClusterOnly)
+    return doctor(cfg, ensure_ray(cfg.ray))
+
+
+COMMANDS = {
+    "validate": run_validate,
+    "train": run_train,
+    "tune": run_tune,
+    "merge": run_merge,
+    "serve": run_serve,
+    "serve set-weights": run_set_weights,
+    "serve eval": run_serve_eval,
+    "demo": run_demo,
+    "submit": run_submit,
+    "doctor": run_doctor,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Ctrl-C
+
+
+def _interruptible(job, message: str):
+    """Run a Ray job so that Ctrl-C (or SIGTERM) stops it with `message`. Ray Train and Tune
+    replace the main thread's SIGINT handler with their own graceful abort (Train's ends in exit
+    0 or a traceback; Tune's returns the partial search as if it had finished, and ours would
+    publish from it). From a second thread they leave signals alone, so the job runs there and
+    the main thread, which keeps the signals, waits for it."""
+    import logging
+    import signal
+
+    if threading.current_thread() is not threading.main_thread():
+        return job()  # signals are the main thread's business; it is not ours here
+    box: dict = {}
+
+    def target():
+        try:
+            box["value"] = job()
+        except BaseException as e:  # handed to the main thread, raised there
+            box["error"] = e
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    # ray.init warns, off the main thread, that it cannot set its SIGTERM handler: this one is it
+    quiet = _DropMessage("SIGTERM handler is not set")
+    logging.getLogger("ray._private.worker").addFilter(quiet)
+    previous = signal.signal(signal.SIGTERM, stop)
+    worker = threading.Thread(target=target, name="lorafleet-job", daemon=True)
+    worker.start()
+    try:
+        while worker.is_alive():
+            worker.join(0.5)
+    except KeyboardInterrupt:
+        raise Interrupted(message) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        logging.getLogger("ray._private.worker").removeFilter(quiet)
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+class _DropMessage:
+    def __init__(self, text: str):
+        self.text = text
+
+    def filter(self, record) -> bool:
+        return self.text not in record.getMessage()
+
+
+def _ray_running() -> bool:
+    """Whether this process is connected to Ray, without importing Ray to find out."""
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line
+
+
+def build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The `lorafleet` parser (for --help) and each command's own parser, by name."""
     p = argparse.ArgumentParser(prog="lorafleet", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
 
     v = sub.add_parser("validate", help="check config files (all problems at once)")
-    v.add_argument("config", nargs="+")
+    v.add_argument("config", nargs="+", metavar="CONFIG|KEY=VALUE")
     v.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     v.add_argument("--print", action="store_true", help="print the full config with defaults")
-    v.set_defaults(fn=_cmd_validate)
 
     t = sub.add_parser("train", help="fine-tune an adapter with QLoRA on Ray Train")
-    t.add_argument("config")
+    t.add_argument("config", nargs="?")
     t.add_argument(
         "overrides",
         nargs="*",
@@ -199,17 +295,15 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="continue this name's latest run from its last checkpoint",
     )
-    t.set_defaults(fn=_cmd_train)
 
     tu = sub.add_parser(
         "tune", help="search hyperparameters (tune.space) with Ray Tune; publish the best adapter"
     )
-    tu.add_argument("config")
+    tu.add_argument("config", nargs="?")
     tu.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     tu.add_argument(
         "--resume", action="store_true", help="continue an interrupted search of the same name"
     )
-    tu.set_defaults(fn=_cmd_tune)
 
     m = sub.add_parser(
         "merge", help="merge an adapter into its (dequantized) base; writes safetensors"
@@ -217,19 +311,17 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("adapter")
     m.add_argument("--out", required=True)
     m.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    m.set_defaults(fn=_cmd_merge)
 
     s = sub.add_parser(
         "serve",
         help="serve adapters and A/B experiments over OpenAI-compatible HTTP (Ray Serve + vLLM)",
         description="lorafleet serve [CONFIG] [KEY=VALUE ...]  |  "
-        "lorafleet serve set-weights CONFIG EXPERIMENT VARIANT=WEIGHT ...  |  "
-        "lorafleet serve eval CONFIG MODEL DATA.jsonl",
+        "lorafleet serve set-weights CONFIG EXPERIMENT VARIANT=WEIGHT ... [--url URL]  |  "
+        "lorafleet serve eval CONFIG MODEL DATA.jsonl [--url URL] [--limit N]",
     )
-    s.add_argument("args", nargs="*", metavar="ARG")
+    s.add_argument("words", nargs="*", metavar="ARG")
     s.add_argument("--url", help="set-weights, eval: the server (default: http.host:http.port)")
     s.add_argument("--limit", type=int, help="eval: score the first N rows only")
-    s.set_defaults(fn=_cmd_serve, overrides=[])
 
     d = sub.add_parser(
         "demo", help="the embedded default: tiny base, two tasks, base vs adapter table"
@@ -237,34 +329,147 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("config", nargs="?", default="configs/demo.yaml")
     d.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     d.add_argument("--json", action="store_true", help="also print the report as JSON")
-    d.set_defaults(fn=_cmd_demo)
-    return p
+
+    parsers = {"validate": v, "train": t, "tune": tu, "merge": m, "serve": s, "demo": d}
+    return p, parsers | _cluster_parsers(sub)
+
+
+def _cluster_parsers(sub) -> dict[str, argparse.ArgumentParser]:
+    """`submit` and `doctor`: the commands that talk to a cluster rather than run a job here."""
+    sb = sub.add_parser(
+        "submit",
+        help="run train, tune or serve on a Ray cluster as a Ray job; follow its logs",
+        description="lorafleet submit train|tune|serve CONFIG [KEY=VALUE ...] [--address URL] "
+        "[--env NAME ...] [--no-follow]",
+    )
+    sb.add_argument("what", choices=["train", "tune", "serve"])
+    sb.add_argument("words", nargs="*", metavar="CONFIG|KEY=VALUE")
+    sb.add_argument(
+        "--address", help="the cluster's job server (default: $RAY_ADDRESS, else :8265 here)"
+    )
+    sb.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="pass this environment variable to the job (repeatable)",
+    )
+    sb.add_argument("--no-follow", action="store_true", help="print the job id and return at once")
+
+    dr = sub.add_parser(
+        "doctor", help="preflight checks of the cluster a config points to (or a local Ray)"
+    )
+    dr.add_argument("words", nargs="*", metavar="CONFIG|KEY=VALUE")
+    return {"submit": sb, "doctor": dr}
+
+
+def _split_words(p, words: list[str], default: str | None) -> tuple[str, list[str]]:
+    """CONFIG and KEY=VALUE overrides from the positional words, in any order."""
+    configs = [w for w in words if "=" not in w]
+    overrides = [w for w in words if "=" in w]
+    if len(configs) > 1:
+        p.error(f"expected one CONFIG and KEY=VALUE overrides. Got {configs!r}")
+    if not configs and default is None:
+        p.error("expected a CONFIG file")
+    return (configs[0] if configs else default), overrides
+
+
+def _weights(p, pairs: list[str]) -> dict[str, float]:
+    weights = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        try:
+            weights[name] = float(value)
+        except ValueError:
+            sep = ""
+        if not (sep and name):
+            p.error(f"expected VARIANT=WEIGHT (a number). Got {pair!r}")
+    return weights
+
+
+def _serve_invocation(p, a) -> Invocation:
+    words = a.words
+    action = words[0] if words and words[0] in SERVE_ACTIONS else None
+    if action is None:
+        if a.url is not None or a.limit is not None:
+            p.error("--url and --limit are for `serve set-weights` and `serve eval`")
+        config, overrides = _split_words(p, words, "configs/serve-demo.yaml")
+        return Invocation("serve", {"config": config, "overrides": overrides})
+    if action == "set-weights":
+        if a.limit is not None:
+            p.error("--limit is for `serve eval`")
+        if len(words) < 4:
+            p.error("usage: lorafleet serve set-weights CONFIG EXPERIMENT VARIANT=WEIGHT ...")
+        params = {"config": words[1], "experiment": words[2], "weights": _weights(p, words[3:])}
+        return Invocation("serve set-weights", params | {"url": a.url})
+    if len(words) != 4:
+        p.error("usage: lorafleet serve eval CONFIG MODEL DATA.jsonl [--url URL] [--limit N]")
+    if a.limit is not None and a.limit < 1:
+        p.error(f"--limit must be at least 1. Got {a.limit}")
+    params = {"config": words[1], "model": words[2], "data": words[3]}
+    return Invocation("serve eval", params | {"url": a.url, "limit": a.limit})
+
+
+def parse(argv: list[str] | None = None) -> Invocation:
+    """The command a command line asks for, and what it would run with; nothing runs. Flags may
+    stand anywhere among the words (argparse's intermixed parsing): `set-weights C E a=1 --url U
+    b=2` sets both weights. A usage error exits 2 with argparse's message."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    top, parsers = build_parsers()
+    if not argv or argv[0] not in parsers:
+        # --help, no command or an unknown one: argparse says which and exits
+        top.parse_args(argv)
+        top.error("expected a command first")
+    command = argv[0]
+    p = parsers[command]
+    a = p.parse_intermixed_args(argv[1:])
+    if command == "serve":
+        return _serve_invocation(p, a)
+    if command == "validate":
+        configs = [w for w in a.config if "=" not in w]
+        if not configs:
+            p.error("expected at least one CONFIG file")
+        overrides = a.overrides + [w for w in a.config if "=" in w]
+        return Invocation(
+            "validate", {"configs": configs, "overrides": overrides, "print_config": a.print}
+        )
+    if command == "submit":
+        config, overrides = _split_words(p, a.words, None)
+        params = {"command": a.what, "config": config, "overrides": overrides}
+        return Invocation(
+            "submit", params | {"address": a.address, "env": a.env, "follow": not a.no_follow}
+        )
+    if command == "doctor":
+        config, overrides = _split_words(p, a.words, "")
+        return Invocation("doctor", {"config": config or None, "overrides": overrides})
+    if command == "merge":
+        return Invocation("merge", {"adapter": a.adapter, "out": a.out, "dtype": a.dtype})
+    words = ([a.config] if a.config else []) + a.overrides
+    config, overrides = _split_words(p, words, "configs/demo.yaml" if command == "demo" else None)
+    params = {"config": config, "overrides": overrides}
+    if command == "demo":
+        return Invocation("demo", params | {"json_report": a.json})
+    return Invocation(command, params | {"resume": a.resume})
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    # a flag among the KEY=VALUE overrides (`train x.yaml --resume a.b=1`) ends argparse's
-    # positional list; the overrides after it come back here
-    if extra and (
-        not hasattr(args, "overrides") or any("=" not in x or x.startswith("-") for x in extra)
-    ):
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    if extra:
-        args.overrides = [*args.overrides, *extra]
     try:
-        return args.fn(args)
-    except ConfigError as e:
+        inv = parse(argv)
+    except SystemExit as e:  # --help (0) or a usage error (2), already printed by argparse
+        return e.code
+    ray_was_running = _ray_running()
+    try:
+        return COMMANDS[inv.command](**inv.params)
+    except LorafleetError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except Exception as e:
-        from train.data import DataError
-        from train.export import AdapterError
-
-        if isinstance(e, DataError | AdapterError):
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        raise
+    except Interrupted as e:
+        print(f"interrupted: {e}", file=sys.stderr)
+        return 130
+    finally:
+        if not ray_was_running and _ray_running():
+            # the local Ray this command started goes with it (a cluster it joined stays up)
+            sys.modules["ray"].shutdown()
 
 
 if __name__ == "__main__":

@@ -5,6 +5,16 @@ from __future__ import annotations
 
 import os
 
+# what every Ray worker of ours runs with; `lorafleet submit` puts the same into its job's
+# runtime env, since a job's driver may not add env vars of its own (Ray refuses the merge)
+WORKER_ENV_VARS = {
+    "TOKENIZERS_PARALLELISM": "false",
+    # Train V2 tees worker print() to stdout and to its logger: each line came out twice
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+}
+# set by Ray in the driver of a submitted job (`ray job submit`, `lorafleet submit`)
+IN_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
 
 def ensure_ray(ray_cfg=None, log=print):
     """ray.init() once; returns the ray module. Never stops a cluster it did not start."""
@@ -14,18 +24,12 @@ def ensure_ray(ray_cfg=None, log=print):
         return ray
     address = getattr(ray_cfg, "address", None) or os.environ.get("RAY_ADDRESS")
     # workers import our packages from the working directory; jobs already ship it
-    env = {
-        "env_vars": {
-            "TOKENIZERS_PARALLELISM": "false",
-            # Train V2 tees worker print() to stdout and to its logger: each line came out twice
-            "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
-        }
-    }
+    env = {"env_vars": dict(WORKER_ENV_VARS)}
     if address:
         log(f"[ray] connecting to {address}")
         ray.init(
             address=address,
-            runtime_env=env if "RAY_JOB_ID" not in os.environ else None,
+            runtime_env=env if IN_JOB_ENV not in os.environ else None,
             log_to_driver=True,
         )
     else:
@@ -35,5 +39,39 @@ def ensure_ray(ray_cfg=None, log=print):
         # without it that cleaner warns every few seconds
         # address="local": a new Ray of our own, even when another local one is running (a plain
         # ray.init() would join it, and our Serve app or shutdown would land in someone else's)
-        ray.init(address="local", num_cpus=num_cpus, dashboard_host="127.0.0.1", runtime_env=env)
+        _stay_on_loopback()
+        # Train's placement-group cleaner finds the State API by looking for "the" local Ray; with
+        # several on the machine it fails, dies, and the groups of stopped Tune trials stay
+        # reserved until the search hangs for resources. Tell its processes which dashboard is ours.
+        dashboard_port = _free_port()
+        env["env_vars"]["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard_port}"
+        ray.init(
+            address="local",
+            num_cpus=num_cpus,
+            dashboard_host="127.0.0.1",
+            dashboard_port=dashboard_port,
+            _node_ip_address="127.0.0.1",
+            runtime_env=env,
+        )
     return ray
+
+
+def _stay_on_loopback() -> None:
+    """A local Ray takes this machine's outward address as its node IP, even when given
+    127.0.0.1 (ray.init resolves loopback to the outward address), and binds workers, the object
+    store and Serve's replicas there. Ray's own switch for single-machine use (on by default on
+    macOS and Windows) keeps it on 127.0.0.1: set it for this process and the ones Ray starts.
+    It is read at `import ray`, hence the module attribute too (the one private Ray name that
+    cluster/ touches; checked against Ray 2.60)."""
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,1 +1,1 @@
-"""Ray Serve + vLLM multi-LoRA serving of the adapters `train` publishes (issue #3)."""
+"""Ray Serve + vLLM multi-LoRA serving of the adapters `train` publishes."""

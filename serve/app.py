@@ -3,24 +3,55 @@ LoRA adapters per replica, autoscaled) behind lorafleet's OpenAI-compatible expe
 
     lorafleet serve configs/serve-demo.yaml
 
-`build_app(cfg)` is a pure function from config to a Serve `Application`; only `run()` (and the
-CLI) deploys it.
+`resolve(cfg, environ)` reads what the app needs from outside its config (the bases' directories,
+the API keys from the environment and the key file); `build_app(cfg, resolved)` is a pure function
+from those to a Serve `Application`; only `run()` (and the CLI) does both and deploys.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from cluster.config import ServeAppConfig, ServeModelConfig
-from serve.store import ADAPTER_CONFIG, adapters_root, resolve_base
+from cluster.errors import LorafleetError
+from cluster.layout import ADAPTER_CONFIG, adapters_root
+from cluster.serve_config import ServeAppConfig, ServeModelConfig
+from serve.store import resolve_base
 
 INGRESS_NAME = "LorafleetIngress"
 
 
-def llm_config_for(m: ServeModelConfig, cfg: ServeAppConfig):
-    """Ray Serve LLM's `LLMConfig` for one base model."""
+class KeyFileMissing(LorafleetError):
+    """`http.api_keys_file` names a file that cannot be read."""
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """What the app takes from outside its config, read once at start by `resolve`."""
+
+    model_sources: dict[str, str]  # model id -> the directory or hub id vLLM loads
+    adapter_root: str  # absolute URI of `<storage.root>/adapters`
+    key_hashes: list[str]  # SHA-256 of each accepted API key; empty: no auth
+
+
+def resolve(cfg: ServeAppConfig, environ: Mapping[str, str]) -> Resolved:
+    """Read the bases' locations, the adapter store's absolute root and the API keys (from
+    `environ` and the key file). Raises a LorafleetError for a base never built or a missing
+    key file, before anything starts."""
+    return Resolved(
+        model_sources={m.id: resolve_base(m.base, cfg.storage.root) for m in cfg.models},
+        adapter_root=adapters_root(cfg.storage.root),
+        key_hashes=api_key_hashes(cfg, environ),
+    )
+
+
+def llm_config_for(m: ServeModelConfig, model_source: str):
+    """Ray Serve LLM's `LLMConfig` for one base model, loaded from `model_source` (what
+    `resolve` found for it: a directory or a hub id)."""
     from ray.serve.llm import LLMConfig
 
     engine: dict[str, Any] = {
@@ -68,7 +99,7 @@ def llm_config_for(m: ServeModelConfig, cfg: ServeAppConfig):
     return LLMConfig(
         model_loading_config={
             "model_id": m.id,
-            "model_source": resolve_base(m.base, cfg.storage.root),
+            "model_source": model_source,
         },
         engine_kwargs=engine,
         deployment_config=deployment,
@@ -78,25 +109,32 @@ def llm_config_for(m: ServeModelConfig, cfg: ServeAppConfig):
     )
 
 
-def api_key_hashes(cfg: ServeAppConfig, environ=os.environ) -> list[str]:
+def api_key_hashes(cfg: ServeAppConfig, environ: Mapping[str, str]) -> list[str]:
     """SHA-256 of each accepted key, from the environment variable and/or the key file. Only the
     hashes travel to the ingress replicas, so keys never sit in Ray's deployment config."""
-    return sorted({hashlib.sha256(k.encode()).hexdigest() for k in cfg.http.api_keys(environ)})
+    try:
+        keys = cfg.http.api_keys(environ)
+    except OSError as e:
+        path = Path(cfg.http.api_keys_file or "").expanduser().absolute()
+        raise KeyFileMissing(
+            f"http.api_keys_file: cannot read {path} ({e.strerror or e}); write the accepted "
+            "API keys there, one per line, or remove http.api_keys_file from the config"
+        ) from None
+    return sorted({hashlib.sha256(k.encode()).hexdigest() for k in keys})
 
 
-def build_app(cfg: ServeAppConfig, key_hashes: list[str] | None = None):
-    """Serve `Application`: LLM deployments (one per base model) behind the experiment ingress."""
+def build_app(cfg: ServeAppConfig, resolved: Resolved):
+    """Serve `Application`: LLM deployments (one per base model) behind the experiment ingress.
+    Pure: everything it needs from outside the config comes in `resolved`."""
     from ray import serve
-    from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
-    from ray.llm._internal.serve.core.ingress.ingress import make_fastapi_ingress
-    from ray.llm._internal.serve.core.server.builder import build_llm_deployment
 
     from serve.experiments import ExperimentState
     from serve.ingress import ENDPOINTS, FleetIngress, make_app
+    from serve.ray_internal import build_llm_deployment, make_fastapi_ingress, to_model_metadata
     from serve.server import LoraStoreServer
 
-    root = adapters_root(cfg.storage.root)
-    llm_configs = {m.id: llm_config_for(m, cfg) for m in cfg.models}
+    root = resolved.adapter_root
+    llm_configs = {m.id: llm_config_for(m, resolved.model_sources[m.id]) for m in cfg.models}
     deployments = {
         mid: build_llm_deployment(
             c, deployment_cls=LoraStoreServer, bind_kwargs={"adapter_root": root}
@@ -119,7 +157,7 @@ def build_app(cfg: ServeAppConfig, key_hashes: list[str] | None = None):
         model_cards=cards,
         app_config=cfg.model_dump(mode="json"),
         adapter_root=root,
-        key_hashes=api_key_hashes(cfg) if key_hashes is None else key_hashes,
+        key_hashes=list(resolved.key_hashes),
         state=state,
     )
 
@@ -139,18 +177,19 @@ def check_store(cfg: ServeAppConfig, log=print) -> None:
                 )
 
 
-def run(cfg: ServeAppConfig, blocking: bool = True, log=print):
-    """Deploy on Ray Serve (local Ray, or the cluster in `ray.address` / $RAY_ADDRESS)."""
+def run(cfg: ServeAppConfig, blocking: bool = True, log=print, environ=None):
+    """Deploy on Ray Serve (local Ray, or the cluster in `ray.address` / $RAY_ADDRESS). The API
+    keys come from `environ` (default: os.environ) and the key file."""
     from ray import serve
 
     from cluster.ray_connect import ensure_ray
+    from serve import ray_internal  # noqa: F401  (checks Ray's version before anything starts)
 
-    for m in cfg.models:
-        resolve_base(m.base, cfg.storage.root)  # fail before Ray starts
+    resolved = resolve(cfg, os.environ if environ is None else environ)  # fails before Ray starts
     check_store(cfg, log)
     ensure_ray(cfg.ray, log=log)
     serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port})
-    app = build_app(cfg)
+    app = build_app(cfg, resolved)
     url = f"http://{cfg.http.host}:{cfg.http.port}"
     log(f"[serve] deploying {cfg.name!r}: {len(cfg.models)} model(s); vLLM start takes a minute")
     handle = serve.run(app, name=cfg.name, route_prefix="/", blocking=False)

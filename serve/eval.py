@@ -4,8 +4,8 @@
         lorafleet-runs/demo/data/last/test.jsonl
 
 Each row is `{"prompt": ..., "completion": ...}` (the demo's test files, or any completion-format
-JSONL). Greedy decoding; an answer counts when it equals the completion exactly (trailing
-newlines stripped), the rule `lorafleet demo` scores adapters by in-process.
+JSONL). Greedy decoding, scored by `cluster.scoring` (the rule `lorafleet demo` scores adapters by
+in-process), over `cluster.http_client` (the client of every lorafleet command).
 """
 
 from __future__ import annotations
@@ -15,7 +15,14 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from cluster.errors import LorafleetError
+from cluster.http_client import Client, HttpError
+from cluster.scoring import is_exact_match, normalize_answer
 from serve.experiments import VARIANT_HEADER
+
+
+class RowFailed(LorafleetError):
+    """The server failed a row (an HTTP error) or answered it with something not a completion."""
 
 
 def read_rows(path: str | Path, limit: int | None = None) -> list[dict]:
@@ -56,33 +63,27 @@ def exact_match(
     log=None,
 ) -> dict:
     """Send each row's prompt to `model` at `url`; return exact match, answers and, for an
-    experiment, each variant's rows and exact match (the user id is the row number)."""
-    import requests
-
-    session = requests.Session()
-    session.mount("http://", requests.adapters.HTTPAdapter(pool_maxsize=clients))
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    experiment, each variant's rows and exact match (the user id is the row number). The first
+    row the server fails raises RowFailed; no server at `url`, ServerUnreachable."""
+    client = Client(url, key=key, pool_size=clients)
 
     def ask(i_row):
         i, row = i_row
-        r = session.post(
-            f"{url.rstrip('/')}/v1/completions",
-            json={
-                "model": model,
-                "prompt": row["prompt"],
-                "max_tokens": max_tokens,
-                "temperature": 0,
-                "user": f"eval-{i}",
-            },
-            headers=headers,
-            timeout=300,
-        )
-        if r.status_code != 200:
-            raise RuntimeError(f"row {i + 1}: HTTP {r.status_code}: {r.text[:300]}")
+        body = {
+            "model": model,
+            "prompt": row["prompt"],
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "user": f"eval-{i}",
+        }
         try:
-            text = r.json()["choices"][0]["text"].strip("\n")
+            r = client.post("/v1/completions", body)
+        except HttpError as e:
+            raise RowFailed(f"row {i + 1}: {e}") from None
+        try:
+            text = normalize_answer(r.json()["choices"][0]["text"])
         except (ValueError, KeyError, IndexError, TypeError):
-            raise RuntimeError(f"row {i + 1}: not a completion: {r.text[:300]}") from None
+            raise RowFailed(f"row {i + 1}: not a completion: {r.text[:300]}") from None
         return text, r.headers.get(VARIANT_HEADER)
 
     answers, seen, hit = [], Counter(), Counter()
@@ -93,12 +94,12 @@ def exact_match(
             answers.append(text)
             if variant:
                 seen[variant] += 1
-                hit[variant] += text == row["completion"]
+                hit[variant] += is_exact_match(text, row["completion"])
             if log and (n % 50 == 0 or n == len(rows)):
                 log(f"[eval] {n}/{len(rows)} answered")
     finally:  # the first failed row stops the rest
         pool.shutdown(wait=True, cancel_futures=True)
-    hits = sum(a == r["completion"] for a, r in zip(answers, rows, strict=True))
+    hits = sum(is_exact_match(a, r["completion"]) for a, r in zip(answers, rows, strict=True))
     return {
         "model": model,
         "rows": len(rows),

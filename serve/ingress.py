@@ -24,26 +24,26 @@ from typing import Any
 
 from fastapi import Request
 from ray.exceptions import RayActorError
-from ray.llm._internal.serve.core.configs.openai_api_models import (
-    ChatCompletionRequest,
-    CompletionRequest,
-    ErrorResponse,
-)
-from ray.llm._internal.serve.core.ingress.ingress import OpenAiIngress, init
-from ray.llm._internal.serve.core.ingress.utils import (
-    NON_STREAMING_RESPONSE_TYPES,
-    _openai_json_wrapper,
-    _peek_at_generator,
-)
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from cluster.config import ServeAppConfig, is_valid_name
+from cluster.schema_base import is_valid_name
+from cluster.serve_config import ServeAppConfig
 from serve.experiments import (
     EXPERIMENT_HEADER,
     VARIANT_HEADER,
     Table,
     merge_counts,
     tables_for,
+)
+from serve.ray_internal import (
+    NON_STREAMING_RESPONSE_TYPES,
+    ChatCompletionRequest,
+    CompletionRequest,
+    ErrorResponse,
+    OpenAiIngress,
+    init,
+    open_ai_json_wrapper,
+    peek_at_generator,
 )
 from serve.store import AdapterStore, base_key
 
@@ -352,7 +352,7 @@ class FleetIngress(OpenAiIngress):
             body.stream_options = options_cls(include_usage=True)
         try:
             gen = self._get_response(body=body, call_method=call_method, raw_request=request)
-            first, gen = await _peek_at_generator(gen)
+            first, gen = await peek_at_generator(gen)
         except RayActorError as e:  # the replica died mid-request; Serve replaces it
             done(False)
             raise ApiError(
@@ -395,7 +395,7 @@ class FleetIngress(OpenAiIngress):
                 done(ok, prompt, completion)
 
         return StreamingResponse(
-            _openai_json_wrapper(counted()), media_type="text/event-stream", headers=headers
+            open_ai_json_wrapper(counted()), media_type="text/event-stream", headers=headers
         )
 
     async def completions(self, body: CompletionRequest, request: Request) -> Response:

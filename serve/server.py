@@ -10,12 +10,13 @@ from __future__ import annotations
 import asyncio
 import functools
 
-from ray.llm._internal.common.models import global_id_manager
-from ray.llm._internal.common.utils.lora_utils import get_lora_id
-from ray.llm._internal.serve.core.configs.llm_config import DiskMultiplexConfig
-from ray.llm._internal.serve.core.server.llm_server import LLMServer
-from ray.llm._internal.serve.utils.lora_serve_utils import LoraModelLoader
-
+from serve.ray_internal import (
+    DiskMultiplexConfig,
+    LLMServer,
+    LoraModelLoader,
+    get_lora_id,
+    global_id_manager,
+)
 from serve.store import local_copy
 
 

@@ -18,24 +18,32 @@ import time
 from pathlib import Path
 
 from cluster import storage
-from cluster.config import is_valid_name
+from cluster.errors import LorafleetError
+from cluster.layout import ADAPTER_CONFIG, ADAPTER_META, TINY_MARKER, tiny_dir, tiny_name
+from cluster.schema_base import is_valid_name
 
-ADAPTER_CONFIG = "adapter_config.json"
-META = "lorafleet.json"
+# a publish in progress (`cluster.storage` writes `<name>.incoming`, then renames it)
+INCOMING_SUFFIX = ".incoming"
 
 
-def adapters_root(storage_root: str) -> str:
-    return storage.join(storage.absolute(storage_root), "adapters")
+def is_adapter_name(name: str) -> bool:
+    """A name the store serves: a valid name, and not a publish still in progress."""
+    return is_valid_name(name) and not name.endswith(INCOMING_SUFFIX)
+
+
+class BaseNotBuilt(LorafleetError):
+    """A `tiny://` base that no training run or demo has built on this machine yet."""
 
 
 def resolve_base(base: str, storage_root: str) -> str:
     """`tiny://<name>` is the directory training built; anything else goes to vLLM as given."""
-    if base.startswith("tiny://"):
-        path = Path(storage.absolute(storage_root), "models", base[len("tiny://") :])
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(
-                f"base {base!r}: no model at {path}. Build it first: `lorafleet demo` (or "
-                f"`lorafleet train` with model.base: {base})"
+    name = tiny_name(base)
+    if name is not None:
+        path = tiny_dir(name, storage_root)
+        if not (path / "config.json").is_file() or not (path / TINY_MARKER).is_file():
+            raise BaseNotBuilt(
+                f"base {base!r} is not built (no model at {path}); build it first with "
+                f"`lorafleet demo`, or `lorafleet train` on a config with model.base: {base}"
             )
         return str(path)
     if not storage.is_remote(base) and Path(base).expanduser().exists():
@@ -48,7 +56,7 @@ def base_key(base: str, storage_root: str) -> str:
     adapter-fits-model check is a string comparison."""
     try:
         return resolve_base(base, storage_root)
-    except FileNotFoundError:
+    except BaseNotBuilt:
         return base
 
 
@@ -66,13 +74,13 @@ class AdapterStore:
     def _list(self) -> dict[str, str | None]:
         bases: dict[str, str | None] = {}
         for name in storage.listdir(self.root):
-            if not is_valid_name(name):
-                continue  # `.incoming` publishes, stray files
+            if not is_adapter_name(name):
+                continue  # half-published `<name>.incoming` folders, stray files
             uri = storage.join(self.root, name)
             if not storage.exists(storage.join(uri, ADAPTER_CONFIG)):
                 continue
             try:
-                meta = json.loads(storage.read_text(storage.join(uri, META)))
+                meta = json.loads(storage.read_text(storage.join(uri, ADAPTER_META)))
                 bases[name] = base_key(meta["base_model"], self.storage_root)
             except Exception:
                 bases[name] = None  # a plain PEFT adapter: fits any base of the right shape
@@ -93,7 +101,7 @@ def _version(uri: str) -> str:
     names = {f for f, _, _ in listing}
     if ADAPTER_CONFIG not in names:
         raise FileNotFoundError(uri)
-    meta = storage.read_text(storage.join(uri, META)) if META in names else ""
+    meta = storage.read_text(storage.join(uri, ADAPTER_META)) if ADAPTER_META in names else ""
     return hashlib.sha256(json.dumps([listing, meta]).encode()).hexdigest()[:16]
 
 
@@ -104,7 +112,7 @@ def local_copy(root: str, name: str, cache_dir: str | None = None, attempts: int
     copy downloads makes it download again."""
     import shutil
 
-    if not is_valid_name(name):
+    if not is_adapter_name(name):
         raise ValueError(f"invalid adapter name {name!r}")
     uri = storage.join(root, name)
     if not storage.is_remote(root):

@@ -15,6 +15,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# nothing here can reach the Hugging Face hub: say so, so a hub id fails at once, not after retries
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 @pytest.fixture(scope="session")
@@ -132,7 +134,8 @@ def job_config(tmp_path: Path, base: Path, data: Path, **overrides):
         "scaling": {"num_workers": 1},
         "storage": {"root": str(tmp_path / "store")},
     }
-    from cluster.config import deep_merge, load_config, set_dotted
+    from cluster.config import load_config
+    from cluster.overrides import deep_merge, set_dotted
 
     nested: dict = {}
     for k, v in overrides.items():

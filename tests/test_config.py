@@ -9,15 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from cluster.config import (
-    ConfigError,
-    JobConfig,
-    ServeAppConfig,
-    load_config,
-    parse_overrides,
-    schema_for,
-    with_overrides,
-)
+from cluster.config import load_config, schema_for
+from cluster.errors import ConfigError
+from cluster.job_config import JobConfig
+from cluster.overrides import parse_overrides
+from cluster.serve_config import ServeAppConfig
+from cluster.validation import with_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -202,7 +199,8 @@ def test_serve_client_commands_take_the_key_from_env_or_key_file_and_report_no_s
     tmp_path, monkeypatch, capsys
 ):
     from cluster.cli import _client_key, main
-    from cluster.config import ServeAppConfig, load_config
+    from cluster.config import load_config
+    from cluster.serve_config import ServeAppConfig
 
     keys = tmp_path / "keys"
     keys.write_text("\n sk-from-file \nsk-second\n")
@@ -224,3 +222,18 @@ def test_serve_client_commands_take_the_key_from_env_or_key_file_and_report_no_s
     assert f"no lorafleet server at {url}" in capsys.readouterr().err
     assert main(["serve", "eval", str(cfg_path), "m", str(rows), "--limit", "0"]) == 2
     assert "--limit must be at least 1. Got 0" in capsys.readouterr().err
+
+
+def test_storage_root_comes_from_the_cluster_environment_unless_the_file_sets_it(
+    tmp_path, monkeypatch
+):
+    from cluster.config import STORAGE_ROOT_ENV
+
+    job = tmp_path / "job.yaml"
+    job.write_text("data: {path: rows.jsonl}\n")
+    assert load_config(job).storage.root == "lorafleet-runs"
+    monkeypatch.setenv(STORAGE_ROOT_ENV, "s3://bucket/lf")
+    assert load_config(job).storage.root == "s3://bucket/lf"
+    assert load_config(job, ["storage.root=/mnt/runs"]).storage.root == "/mnt/runs"
+    job.write_text("data: {path: rows.jsonl}\nstorage: {root: here}\n")
+    assert load_config(job).storage.root == "here"

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from cluster.config import DataConfig
+from cluster.job_config import DataConfig
 from train.data import (
     IGNORE,
     DataError,

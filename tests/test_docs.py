@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cluster.config import ServeAppConfig, config_reference
+from cluster.config_reference import config_reference
+from cluster.serve_config import ServeAppConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -14,7 +15,7 @@ def test_readme_config_reference_matches_the_schema():
     rows = config_reference() + config_reference(ServeAppConfig)
     missing = [row for row in rows if row not in README]
     assert not missing, (
-        "README config reference is stale; regenerate its rows with `python -m cluster.config [serve]`:\n"
+        "README config reference is stale; regenerate its rows with `python -m cluster.config_reference [serve]`:\n"
         + "\n".join(missing)
     )
 

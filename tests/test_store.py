@@ -108,3 +108,46 @@ def test_local_store_is_read_in_place(tmp_path):
         local_copy(adapters, "nope")
     with pytest.raises(ValueError, match="invalid adapter name"):
         local_copy(adapters, "../runs")
+
+
+def test_a_half_published_incoming_folder_is_neither_listed_nor_served(s3_root, tmp_path):
+    """`<name>.incoming` is a publish still being written: the store lists and serves only whole
+    adapters, on local and remote roots alike."""
+    local = str(tmp_path / "runs" / "adapters")
+    _adapter(Path(local) / "support", "org/base-7b")
+    _adapter(Path(local) / "support.incoming", "org/base-7b", publish_id="p2")
+    remote = storage.join(s3_root, "adapters")
+    for name in ("support", "support.incoming"):
+        storage.upload_dir(Path(local) / name, storage.join(remote, name))
+    for root, storage_root in ((local, str(tmp_path / "runs")), (remote, s3_root)):
+        assert list(run(AdapterStore(root, storage_root).adapters())) == ["support"]
+        with pytest.raises(ValueError, match="invalid adapter name 'support.incoming'"):
+            local_copy(root, "support.incoming", cache_dir=str(tmp_path / "cache"))
+
+
+def test_a_tiny_base_resolves_where_training_builds_it(tmp_path, monkeypatch):
+    """`tiny://NAME` is one directory for training and serving (cluster.layout.tiny_dir): under a
+    local root, `<root>/models/NAME`; under a remote root, this machine's cache. A base never built
+    is a one-line error naming the base and the command that builds it."""
+    from cluster.errors import LorafleetError
+    from cluster.layout import TINY_MARKER, tiny_dir
+    from serve.store import resolve_base
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    local_root = str(tmp_path / "store")
+    for root in (local_root, "s3://fleet/somewhere"):
+        with pytest.raises(LorafleetError) as e:
+            resolve_base("tiny://toy", root)
+        msg = str(e.value)
+        assert "\n" not in msg and "'tiny://toy' is not built" in msg, msg
+        assert "`lorafleet demo`" in msg and "model.base: tiny://toy" in msg, msg
+        built = tiny_dir("toy", root)
+        built.mkdir(parents=True)
+        (built / "config.json").write_text("{}")
+        with pytest.raises(LorafleetError):  # no marker: a half-built base
+            resolve_base("tiny://toy", root)
+        (built / TINY_MARKER).write_text("{}")
+        assert resolve_base("tiny://toy", root) == str(built)
+    assert tiny_dir("toy", local_root) == tmp_path / "store" / "models" / "toy"
+    assert tiny_dir("toy", "s3://fleet/somewhere").is_relative_to(tmp_path / "home")
+    assert base_key("tiny://never", local_root) == "tiny://never"

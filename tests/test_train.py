@@ -11,7 +11,17 @@ import pytest
 import torch
 from conftest import ROOT, job_config
 
+from cluster import cli
+from cluster.config import dump_config
+from cluster.errors import LorafleetError
+from cluster.scoring import is_exact_match
+
 pytestmark = pytest.mark.slow
+
+# vLLM's answers with the two-worker adapter vs the base's, on 12 held-out 'last' prompts: at
+# least this many differ, and the adapter gives a one-word answer this many times more often
+LORA_DIFFER = 8
+LORA_ONE_WORD_MARGIN = 4
 
 
 def _probe_batch(tokenizer, task_data):
@@ -262,6 +272,176 @@ def test_adapter_loads_in_vllm_with_lora_request(
     out = json.loads(next(x for x in proc.stdout.splitlines() if x.startswith('{"base"')))
     peft_model = load_adapter_model(summary["adapter"], base=str(tiny_base))
     peft_answers = [_answer(peft_model, tokenizer, r["prompt"]) for r in rows]
-    same = sum(a.strip("\n") == b for a, b in zip(out["lora"], peft_answers, strict=True))
+    same = sum(is_exact_match(a, b) for a, b in zip(out["lora"], peft_answers, strict=True))
     assert same >= 10, list(zip(out["lora"], peft_answers, strict=True))
-    assert out["lora"] != out["base"]
+    # what vLLM serves with the adapter is the adapter's, not the base's: after 30 steps it has
+    # learned the task's shape (one word back; the base copies the whole line) though not yet
+    # the exact word. Measured here: 0 of 12 exact for both, and the first answers read
+    # lora 'tje', 'khs', 'z' against base 'q lu k l', 'nnidadad nbnbnnn ...'.
+    differ = sum(a != b for a, b in zip(out["lora"], out["base"], strict=True))
+    assert differ >= LORA_DIFFER, (differ, out)
+    one_word = {k: sum(" " not in a.strip() for a in out[k]) for k in ("base", "lora")}
+    assert one_word["lora"] >= one_word["base"] + LORA_ONE_WORD_MARGIN, (one_word, out)
+
+
+def _cli_error(capsys, argv: list[str]) -> str:
+    """Runs the CLI, expects a user error: exit code 2 and one stderr line `error: ...` (Ray's
+    streamed worker lines, tagged `pid=`, aside)."""
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.strip() and "pid=" not in x]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+def test_unknown_tiny_base_is_a_one_line_error(capsys, tmp_path):
+    line = _cli_error(
+        capsys,
+        [
+            "train",
+            str(ROOT / "configs/demo.yaml"),
+            "model.base=tiny://nope",
+            f"storage.root={tmp_path}",
+        ],
+    )
+    assert "unknown tiny model 'tiny://nope'" in line and "tiny://demo, tiny://test" in line
+
+
+def test_unreachable_hub_model_names_the_id_and_suggests_a_local_path(capsys, tmp_path):
+    line = _cli_error(
+        capsys,
+        [
+            "train",
+            str(ROOT / "configs/demo.yaml"),
+            "model.base=someorg/not-a-model",
+            f"storage.root={tmp_path}",
+        ],
+    )
+    assert "'someorg/not-a-model'" in line and "could not be loaded from the hub" in line
+    assert "local path" in line
+
+
+def test_unreachable_hub_dataset_names_the_id_and_suggests_a_local_path(
+    capsys, tmp_path, tiny_base
+):
+    line = _cli_error(
+        capsys,
+        [
+            "train",
+            str(ROOT / "configs/demo.yaml"),
+            f"model.base={tiny_base}",
+            "data.path=someorg/nope",
+            f"storage.root={tmp_path}",
+        ],
+    )
+    assert "data.path: 'someorg/nope'" in line and "could not be loaded from the hub" in line
+    assert "local path" in line
+
+
+def test_failed_training_run_is_one_line_with_the_workers_error(
+    ray_local, tmp_path, tiny_base, task_data
+):
+    from train.trainer import TrainingError, train
+
+    # PEFT raises on the worker: no module of the base is called 'nope'
+    cfg = job_config(
+        tmp_path,
+        tiny_base,
+        task_data["train"],
+        name="fails",
+        **{"adapter.target_modules": ["nope"]},
+    )
+    with pytest.raises(TrainingError) as e:
+        train(cfg, log=lambda *_: None)
+    assert isinstance(e.value, LorafleetError)
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert msg.startswith(
+        "training failed: worker 0: NoMatchingPeftModuleError: Target modules {'nope'} not found"
+    )
+
+
+def test_checkpoint_restores_every_rng(tmp_path):
+    import random
+
+    import numpy as np
+
+    from train.loop import rng_state, set_rng_state
+
+    def draws():
+        return (random.random(), float(np.random.rand()), float(torch.rand(1)))
+
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    torch.save({"rng": rng_state()}, tmp_path / "state.pt")
+    want = draws()
+    assert draws() != want  # the RNGs moved on
+    # what a resume does: read back without unpickling anything but tensors and plain values
+    set_rng_state(torch.load(tmp_path / "state.pt", weights_only=True)["rng"])
+    assert draws() == want
+
+
+def test_cli_merge_bfloat16_matches_the_adapter_model(
+    two_worker_run, tiny_base, tokenizer, task_data, tmp_path
+):
+    from peft import PeftModel
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from train.model import keep_cpu_4bit_trainable, quantization_config
+
+    cfg, summary = two_worker_run
+    out = tmp_path / "merged-bf16"
+    assert cli.main(["merge", summary["adapter"], "--out", str(out), "--dtype", "bfloat16"]) == 0
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        dtypes = {f.get_tensor(k).dtype for k in f.keys()}
+    assert dtypes == {torch.bfloat16}
+    enc, _ = _probe_batch(tokenizer, task_data)
+    base4 = AutoModelForCausalLM.from_pretrained(
+        tiny_base, quantization_config=quantization_config(cfg.quantization)
+    )
+    keep_cpu_4bit_trainable(base4)
+    with torch.no_grad():
+        want = (
+            PeftModel.from_pretrained(base4, summary["adapter"])
+            .eval()(**enc, use_cache=False)
+            .logits
+        )
+        merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16).eval()
+        got = merged(**enc, use_cache=False).logits.float()
+    # bfloat16 keeps 8 bits of mantissa: logits agree to a few hundredths, and so do the answers
+    assert (got - want).abs().max() < BF16_LOGIT_TOL, (got - want).abs().max()
+    mask = enc.attention_mask.bool()
+    assert (got.argmax(-1)[mask] == want.argmax(-1)[mask]).float().mean() > 0.97
+
+
+BF16_LOGIT_TOL = 0.25
+
+
+def test_cli_train_resume_continues_the_latest_run(ray_local, tmp_path, tiny_base, task_data):
+    common = {
+        "training.eval_every_steps": 2,
+        "training.log_every_steps": 1,
+        "training.keep_checkpoints": 4,
+    }
+    cfg = job_config(
+        tmp_path, tiny_base, task_data["train"], name="cont", **common, **{"training.max_steps": 4}
+    )
+    path = tmp_path / "cont.yaml"
+    path.write_text(dump_config(cfg))
+    assert cli.main(["train", str(path)]) == 0
+    [run_dir] = (Path(cfg.storage.root) / "runs" / "cont").iterdir()
+    first = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    ckpt2 = (run_dir / "checkpoint_000002" / "state.json").stat().st_mtime_ns
+
+    assert cli.main(["train", str(path), "--resume", "training.max_steps=6"]) == 0
+    assert [p.name for p in (Path(cfg.storage.root) / "runs" / "cont").iterdir()] == [run_dir.name]
+    history = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    # steps 1-4 are the first run's, kept; the resumed run went on with 5 and 6
+    assert [h["step"] for h in history] == [0, 1, 2, 3, 4, 5, 6]
+    assert history[:5] == first
+    assert {p.name for p in _checkpoints(str(run_dir))} >= {
+        "checkpoint_000004",
+        "checkpoint_000006",
+    }
+    # nothing before the last checkpoint ran again
+    assert (run_dir / "checkpoint_000002" / "state.json").stat().st_mtime_ns == ckpt2

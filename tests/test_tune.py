@@ -4,13 +4,15 @@ the best adapter is published and loads in PEFT, the best YAML validates and run
 from __future__ import annotations
 
 import csv
-import statistics
+import json
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import job_config
 
-from cluster.config import ConfigError, load_config
+from cluster.config import load_config
+from cluster.errors import ConfigError
 
 pytestmark = pytest.mark.slow
 
@@ -55,10 +57,48 @@ def test_asha_stops_at_least_half_of_six_trials_early(search):
     assert any(r["steps"] == 27 for r in rows)
 
 
-def test_best_trial_is_no_worse_than_the_median(search):
-    _, out, _ = search
-    finals = [r["best"] for r in out["rows"]]
-    assert out["best"]["best"] <= statistics.median(finals)
+def test_early_stopped_trials_stopped_at_an_asha_rung(search):
+    """ASHA decides at its rungs: grace_period_steps, then x reduction_factor each rung below
+    max_steps. A trial it stopped reported its last step at one of them, never between."""
+    cfg, out, _ = search
+    t = cfg.tune
+    rungs, r = set(), t.grace_period_steps
+    while r < cfg.training.max_steps:
+        rungs.add(int(r))
+        r *= t.reduction_factor
+    assert rungs == {3, 9}
+    stopped = [r for r in out["rows"] if r["stopped_early"]]
+    assert stopped and all(r["steps"] in rungs for r in stopped), out["table"]
+    assert any(r["steps"] == t.grace_period_steps for r in stopped), out["table"]
+
+
+def _trial_evals(cfg) -> list[tuple[float, str, int]]:
+    """(eval_loss, trial run dir, step) of every checkpointed eval every trial wrote to its own
+    metrics.jsonl: read from the runs, not from Tune's results."""
+    evals = []
+    for metrics in Path(cfg.storage.root, "runs").glob(f"{cfg.name}-*/run/metrics.jsonl"):
+        for line in metrics.read_text().splitlines():
+            h = json.loads(line)
+            if h["step"] > 0 and "eval_loss" in h:  # step 0 is the baseline, not a checkpoint
+                evals.append((h["eval_loss"], str(metrics.parent), h["step"]))
+    return evals
+
+
+def test_the_published_adapter_is_the_best_trials_checkpoint(search):
+    from safetensors.torch import load_file
+
+    from cluster.layout import ADAPTER_META, ADAPTER_WEIGHTS
+    from train.loop import ADAPTER_DIR
+
+    cfg, out, _ = search
+    loss, run_dir, step = min(_trial_evals(cfg))
+    meta = json.loads((Path(out["adapter"]) / ADAPTER_META).read_text())
+    assert meta["step"] == step and meta["eval_loss"] == pytest.approx(loss)
+    assert meta["config"]["training"]["learning_rate"] == 3e-3
+    published = load_file(str(Path(out["adapter"]) / ADAPTER_WEIGHTS))
+    best = load_file(str(Path(run_dir, f"checkpoint_{step:06d}", ADAPTER_DIR, ADAPTER_WEIGHTS)))
+    assert published.keys() == best.keys()
+    assert all(torch.equal(published[k], best[k]) for k in best)
 
 
 def test_outputs_exist_and_the_best_yaml_validates_and_runs(search, tmp_path):
@@ -99,6 +139,64 @@ def test_outputs_exist_and_the_best_yaml_validates_and_runs(search, tmp_path):
     assert Path(train(again, log=lambda *_: None)["adapter"], "adapter_model.safetensors").is_file()
 
 
+def test_tune_resume_continues_the_search_instead_of_starting_over(search, tmp_path, capsys):
+    """`lorafleet tune CONFIG --resume` on the search above (finished): it restores the same
+    trials from storage, trains none of them again, and publishes the best one anew."""
+    from cluster.cli import main
+    from cluster.config import dump_config
+    from cluster.layout import ADAPTER_META
+
+    cfg, out, _ = search
+    meta = Path(out["adapter"]) / ADAPTER_META
+    before = json.loads(meta.read_text())
+    runs = {p: p.stat().st_mtime_ns for p in Path(cfg.storage.root, "runs").rglob("metrics.jsonl")}
+    assert len(runs) == 6
+    path = tmp_path / "tune.yaml"
+    path.write_text(dump_config(cfg))
+    capsys.readouterr()
+    assert main(["tune", str(path), "--resume"]) == 0
+    said = capsys.readouterr().out
+    assert f"[tune] resuming {Path(cfg.storage.root, 'tune', cfg.name, 'search')}" in said
+    for row in out["rows"]:  # the results table lists the same six trials
+        assert f"| {row['trial']} |" in said, said
+    assert {p: p.stat().st_mtime_ns for p in runs} == runs  # no trial trained again
+    after = json.loads(meta.read_text())
+    assert after["publish_id"] != before["publish_id"]
+    assert (after["step"], after["eval_loss"]) == (before["step"], before["eval_loss"])
+
+
+def test_a_search_without_any_checkpoint_is_a_one_line_error(
+    ray_local, tmp_path, tiny_base, task_data, capsys
+):
+    """Every trial fails before its first checkpoint (its data file is not there): the CLI says
+    so in one line and exits 2, with the trials' error, instead of a traceback."""
+    from cluster.cli import main
+    from cluster.config import dump_config
+
+    gone = tmp_path / "gone.jsonl"
+    cfg = job_config(
+        tmp_path,
+        tiny_base,
+        task_data["train"],
+        name="nothing",
+        **{
+            "tune.num_samples": 1,
+            "tune.search": "grid",
+            "tune.space": {"data.path": {"grid": [str(gone)]}},
+        },
+    )
+    path = tmp_path / "tune.yaml"
+    path.write_text(dump_config(cfg))
+    assert main(["tune", str(path)]) == 2
+    errors = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")]
+    assert len(errors) == 1, errors
+    assert errors[0].startswith(
+        "error: no trial of nothing reported a checkpoint, so there is nothing to publish: "
+        "1 of 1 trials errored; the first: "
+    )
+    assert f"{gone}: data file not found" in errors[0]
+
+
 @pytest.mark.parametrize(
     "space, message",
     [
@@ -123,3 +221,45 @@ def test_metric_and_mode_are_checked_against_what_training_reports(tmp_path, tin
         job_config(tmp_path, tiny_base, task_data["train"], **{"tune.metric": "accuracy"})
     with pytest.raises(ConfigError, match="tune.mode: eval_loss is better when smaller"):
         job_config(tmp_path, tiny_base, task_data["train"], **{"tune.mode": "max"})
+
+
+def test_a_search_on_a_bucket_publishes_the_best_checkpoint_by_tune_metric(
+    ray_local, s3_bucket, tmp_path, tiny_base, task_data
+):
+    """storage.root on the S3 server on loopback: trials checkpoint there, and the publish step
+    reads the best trial's checkpoint back from the bucket. tune.metric is the training loss,
+    not the eval loss that plain training keeps checkpoints by, and each trial keeps only one
+    checkpoint: the one kept must be the one the search publishes."""
+    from cluster import storage
+    from tune.tuner import tune_job
+
+    cfg = job_config(
+        tmp_path,
+        tiny_base,
+        task_data["train"],
+        name="bucket-search",
+        **{
+            "storage.root": f"{s3_bucket}/tune-test",
+            "training.max_steps": 6,
+            "training.eval_every_steps": 3,
+            "training.keep_checkpoints": 1,
+            "tune.metric": "loss",
+            "tune.scheduler": "fifo",
+            "tune.search": "grid",
+            "tune.num_samples": 1,
+            "tune.space": {"training.learning_rate": {"grid": [3e-3, 1e-5]}},
+        },
+    )
+    out = tune_job(cfg, log=lambda *_: None)
+    assert out["adapter"].startswith(f"{s3_bucket}/tune-test/adapters/bucket-search")
+    meta = json.loads(storage.read_text(storage.join(out["adapter"], "lorafleet.json")))
+    best = out["best"]
+    # the published checkpoint is the best trial's lowest-loss one, read back from the bucket
+    curve = dict(best["curve"])
+    assert meta["step"] == min(curve, key=curve.get)
+    assert (
+        meta["config"]["training"]["learning_rate"] == best["overrides"]["training.learning_rate"]
+    )
+    for f in ("adapter_model.safetensors", "adapter_config.json"):
+        assert storage.exists(storage.join(out["adapter"], f))
+    assert storage.exists(out["best_yaml"]) and storage.exists(out["csv"])

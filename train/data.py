@@ -18,16 +18,12 @@ from pathlib import Path
 
 import torch
 
+from cluster.errors import LorafleetError
+from train.chat_template import CHAT_TEMPLATE
+
 IGNORE = -100
 LOCAL_SUFFIXES = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
-# Used for `format: chat` when the tokenizer carries no chat template of its own.
-DEFAULT_CHAT_TEMPLATE = (
-    "{% for m in messages %}"
-    "{{ '<|' + m['role'] + '|>\n' + m['content'] + '\n' }}"
-    "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
-)
 ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
 ALPACA_PROMPT_WITH_INPUT = (
     "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
@@ -35,7 +31,7 @@ ALPACA_PROMPT_WITH_INPUT = (
 CHAT_ROLES = {"system", "user", "assistant"}
 
 
-class DataError(ValueError):
+class DataError(LorafleetError, ValueError):
     """A data problem that names its file and row."""
 
 
@@ -122,9 +118,11 @@ def read_rows(path: str, split: str = "train") -> Iterator[tuple[int, object, st
 
     try:
         ds = datasets.load_dataset(path, split=split)
-    except Exception as e:  # network, auth or unknown id: say which
+    except Exception as e:  # network, auth or unknown id: say which, in one line
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise DataError(
-            f"{path}: not a local file, and loading it as a hub dataset failed: {e}"
+            f"data.path: '{path}' is not a local file and could not be loaded from the hub as a "
+            f"dataset ({reason}); give a local path ending in one of {sorted(LOCAL_SUFFIXES)}"
         ) from None
     for n, row in enumerate(ds, 1):
         yield n, row, f"{path}[{split}]"
@@ -192,7 +190,7 @@ def _chat_segments(row: dict, tokenizer) -> list[tuple[str, bool]]:
             )
     if not any(m["role"] == "assistant" for m in messages):
         raise RowError("no assistant message to learn from")
-    template = tokenizer.chat_template or DEFAULT_CHAT_TEMPLATE
+    template = tokenizer.chat_template or CHAT_TEMPLATE
 
     def render(msgs, gen):
         return tokenizer.apply_chat_template(
@@ -356,16 +354,14 @@ class Prepared:
     train: list[dict]
     eval: list[dict]
     report: DataReport
-    eval_report: DataReport | None
 
 
 def prepare(data_cfg, tokenizer, log=print) -> Prepared:
     """Everything from the config's data section to training and eval sequences."""
     examples, report = build_examples(data_cfg, tokenizer, log=log)
-    eval_report = None
     if data_cfg.eval_path:
         train_ex = examples
-        eval_ex, eval_report = build_examples(data_cfg, tokenizer, path=data_cfg.eval_path, log=log)
+        eval_ex, _ = build_examples(data_cfg, tokenizer, path=data_cfg.eval_path, log=log)
     else:
         train_ex, eval_ex = split_eval(examples, data_cfg.eval_ratio, data_cfg.seed)
     pad_id = (
@@ -381,7 +377,7 @@ def prepare(data_cfg, tokenizer, log=print) -> Prepared:
     report.trainable_tokens = sum(
         sum(label != IGNORE for label in labels) for _, labels in train_ex
     )
-    return Prepared(train_seqs, eval_seqs, report, eval_report)
+    return Prepared(train_seqs, eval_seqs, report)
 
 
 class ShardedBatches:

@@ -3,62 +3,19 @@
     lorafleet demo                      # = make demo: build the tiny base, train, print tables
 
 Each task maps a prompt like `upper: cat dog` to an answer like `CAT DOG`. The tiny base is
-pretrained on `copy` only (see train.tiny), so it knows the format but not the tasks; each
+pretrained on `copy` only (see train.tiny; the tasks are in train.tasks), so it knows the format but not the tasks; each
 adapter must learn its own task. Exact match on held-out prompts, greedy decoding.
 """
 
 from __future__ import annotations
 
 import json
-import random
-import string
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-
-@dataclass(frozen=True)
-class Task:
-    name: str
-    answer: Callable[[str], str]
-    max_words: int = 3
-    letters: str = string.ascii_lowercase
-
-
-TASKS = {
-    # the base's pretraining (train.tiny): the prompt format, and copying
-    "copy": Task("copy", lambda s: s),
-    # the demo's adapter tasks: new to the base
-    "last": Task("last", lambda s: s.split()[-1], max_words=4),
-    "swap": Task("swap", lambda s: " ".join(reversed(s.split())), max_words=3),
-    # Character-mapping tasks (upper-case, reverse, shift letters) were tried and left out:
-    # a copy-pretrained base copies by matching the last output token against the prompt, which
-    # a mapped token no longer matches, so a LoRA adapter does not learn them in a demo's time.
-}
-PRETRAIN_TASKS = ("copy",)
-
-
-def _words(rng: random.Random, task: Task) -> str:
-    n = rng.randint(1, task.max_words)
-    return " ".join(
-        "".join(rng.choice(task.letters) for _ in range(rng.randint(2, 6))) for _ in range(n)
-    )
-
-
-def make_rows(task: Task, n: int, seed: int) -> list[dict]:
-    """`n` completion rows for a task; the seed picks a disjoint stream per split."""
-    rng = random.Random(f"{task.name}:{seed}")
-    rows = []
-    for _ in range(n):
-        s = _words(rng, task)
-        rows.append({"prompt": f"{task.name}: {s}\n", "completion": task.answer(s)})
-    return rows
-
-
-def render_completion(row: dict) -> str:
-    return row["prompt"] + row["completion"] + "<|eos|>"
+from cluster.scoring import is_exact_match, normalize_answer
+from train.tasks import TASKS, make_rows
 
 
 def write_task_data(
@@ -102,7 +59,7 @@ def exact_match(
             eos_token_id=tokenizer.eos_token_id,
         )
         texts = tokenizer.batch_decode(out[:, enc.input_ids.shape[1] :], skip_special_tokens=True)
-        hits += sum(t.strip("\n") == r["completion"] for t, r in zip(texts, chunk, strict=True))
+        hits += sum(is_exact_match(t, r["completion"]) for t, r in zip(texts, chunk, strict=True))
     return hits / len(rows)
 
 
@@ -114,26 +71,30 @@ def run_demo(
     overrides: list[str] | None = None,
     tasks: tuple[str, ...] = DEMO_TASKS,
     log=print,
+    n_train: int = 4000,
+    n_test: int = 200,
 ) -> dict:
-    """Train one adapter per task on the tiny base and compare exact match, base vs adapter."""
+    """Train one adapter per task on the tiny base and compare exact match, base vs adapter, on
+    `n_test` held-out prompts (`n_train` rows generated to train on)."""
     import time
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from cluster import storage
-    from cluster.config import load_config, with_overrides
+    from cluster.config import load_config
+    from cluster.validation import with_overrides
     from train.export import load_adapter_model
-    from train.model import resolve_base
+    from train.model import load_tokenizer, resolve_base
     from train.trainer import train
 
     t0 = time.time()
     cfg = resolve_base(load_config(config_path, overrides or []))
     root = Path(storage.absolute(cfg.storage.root))
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.base)
+    tokenizer = load_tokenizer(cfg)
     base_model = AutoModelForCausalLM.from_pretrained(cfg.model.base, dtype=torch.float32)
     rows = []
     for name in tasks:
-        paths = write_task_data(name, root / "demo" / "data" / name)
+        paths = write_task_data(name, root / "demo" / "data" / name, n_train, n_test)
         task_cfg = with_overrides(cfg, {"name": f"demo-{name}", "data.path": str(paths["train"])})
         summary = train(task_cfg, log=log)
         test = [json.loads(x) for x in paths["test"].read_text().splitlines()]
@@ -147,7 +108,7 @@ def run_demo(
                 "eval_loss": summary["history"][-1].get("eval_loss"),
                 "train_seconds": summary["seconds"],
                 "held_out": len(test),
-                "example": (ex := next(r for r in test if len(r["prompt"].split()) > 3))
+                "example": (ex := next((r for r in test if len(r["prompt"].split()) > 3), test[0]))
                 | {"adapter_says": _answer(adapted, tokenizer, ex["prompt"])},
             }
         )
@@ -181,4 +142,5 @@ def _answer(model, tokenizer, prompt: str) -> str:
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
-    return tokenizer.decode(out[0, enc.input_ids.shape[1] :], skip_special_tokens=True).strip("\n")
+    answer = tokenizer.decode(out[0, enc.input_ids.shape[1] :], skip_special_tokens=True)
+    return normalize_answer(answer)

@@ -10,11 +10,12 @@ from pathlib import Path
 
 import torch
 
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+from cluster.errors import LorafleetError
+from cluster.layout import ADAPTER_CONFIG, ADAPTER_FILES, ADAPTER_META, ADAPTER_WEIGHTS
 
 
-class AdapterError(RuntimeError):
-    pass
+class AdapterError(LorafleetError, RuntimeError):
+    """An adapter that is missing, empty, non-finite or never trained."""
 
 
 def check_adapter(path: str | Path, expect_trained: bool = True) -> int:
@@ -25,7 +26,7 @@ def check_adapter(path: str | Path, expect_trained: bool = True) -> int:
     missing = [f for f in ADAPTER_FILES if not (path / f).is_file()]
     if missing:
         raise AdapterError(f"adapter at {path} is missing {missing}")
-    tensors = load_file(str(path / "adapter_model.safetensors"))
+    tensors = load_file(str(path / ADAPTER_WEIGHTS))
     if not tensors:
         raise AdapterError(
             f"adapter at {path} holds no tensors: the target modules matched nothing?"
@@ -37,7 +38,7 @@ def check_adapter(path: str | Path, expect_trained: bool = True) -> int:
         b = [v for k, v in tensors.items() if "lora_B" in k]
         if b and all(float(v.abs().max()) == 0.0 for v in b):
             raise AdapterError(f"adapter at {path} is untrained: every lora_B is zero")
-    json.loads((path / "adapter_config.json").read_text())
+    json.loads((path / ADAPTER_CONFIG).read_text())
     return len(tensors)
 
 
@@ -50,10 +51,7 @@ def load_adapter_model(
 
     adapter_dir = str(adapter_dir)
     base = (
-        base
-        or json.loads(Path(adapter_dir, "adapter_config.json").read_text())[
-            "base_model_name_or_path"
-        ]
+        base or json.loads(Path(adapter_dir, ADAPTER_CONFIG).read_text())["base_model_name_or_path"]
     )
     model = AutoModelForCausalLM.from_pretrained(
         base,
@@ -74,12 +72,12 @@ def merge_adapter(
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from cluster.config import JobConfig
+    from cluster.job_config import JobConfig
     from train.model import DTYPES, load_base
 
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
     check_adapter(adapter_dir, expect_trained=False)
-    meta_path = adapter_dir / "lorafleet.json"
+    meta_path = adapter_dir / ADAPTER_META
     if meta_path.is_file():
         cfg = JobConfig.model_validate(json.loads(meta_path.read_text())["config"])
         model = load_base(cfg, "cpu")
@@ -88,9 +86,7 @@ def merge_adapter(
         base = cfg.model.base
         trust = cfg.model.trust_remote_code
     else:
-        base = json.loads((adapter_dir / "adapter_config.json").read_text())[
-            "base_model_name_or_path"
-        ]
+        base = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())["base_model_name_or_path"]
         trust = False
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     model = model.to(torch.float32)

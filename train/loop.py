@@ -3,7 +3,8 @@
 Every worker builds the same data deterministically and takes its own slice of each global
 batch; rank 0 writes checkpoints and prints progress. A checkpoint holds the adapter (PEFT
 safetensors), optimizer and scheduler state (`torch.load(weights_only=True)` loads it), the
-step, the data position and the RNG state, so a resumed run continues at the next step on the
+step, the data position and every RNG a step may draw from (Python's `random`, numpy, torch
+CPU, and torch CUDA where present), so a resumed run continues at the next step on the
 same batches it would have seen.
 """
 
@@ -14,12 +15,17 @@ import json
 import logging
 import math
 import os
+import random
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
+
+from cluster.layout import ADAPTER_WEIGHTS
 
 CHECKPOINT_STATE = "trainer_state.pt"
 CHECKPOINT_META = "state.json"
@@ -68,13 +74,55 @@ def _fmt_eta(seconds: float) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # seeds every CUDA device too
+
+
+def rng_state() -> dict:
+    """Every RNG a step may use, as tensors and plain numbers (`torch.load(weights_only=True)`
+    reads them back; nothing is pickled)."""
+    py_version, py_state, py_gauss = random.getstate()
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state = {
+        "python": {
+            "version": py_version,
+            "state": torch.tensor(py_state, dtype=torch.int64),
+            "gauss": py_gauss,
+        },
+        "numpy": {
+            "kind": np_kind,
+            "keys": torch.from_numpy(np_keys.astype(np.int64)),
+            "pos": int(np_pos),
+            "has_gauss": int(np_has_gauss),
+            "gauss": float(np_gauss),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss"]))
+    n = state["numpy"]
+    keys = n["keys"].numpy().astype(np.uint32)
+    np.random.set_state((n["kind"], keys, n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 def save_checkpoint(dirpath: Path, model, optimizer, scheduler, meta: dict) -> None:
     model.save_pretrained(dirpath / ADAPTER_DIR, safe_serialization=True)
     torch.save(
         {
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
-            "torch_rng": torch.get_rng_state(),
+            "rng": rng_state(),
         },
         dirpath / CHECKPOINT_STATE,
     )
@@ -85,7 +133,7 @@ def load_checkpoint(dirpath: Path, model, optimizer, scheduler) -> dict:
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    weights = load_file(str(dirpath / ADAPTER_DIR / "adapter_model.safetensors"))
+    weights = load_file(str(dirpath / ADAPTER_DIR / ADAPTER_WEIGHTS))
     result = set_peft_model_state_dict(model, weights)
     if getattr(result, "unexpected_keys", None):
         raise RuntimeError(
@@ -94,212 +142,308 @@ def load_checkpoint(dirpath: Path, model, optimizer, scheduler) -> dict:
     state = torch.load(dirpath / CHECKPOINT_STATE, weights_only=True, map_location="cpu")
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["torch_rng"])
+    if "rng" in state:
+        set_rng_state(state["rng"])
+    else:  # a checkpoint from before every RNG was saved
+        torch.set_rng_state(state["torch_rng"])
     return json.loads((dirpath / CHECKPOINT_META).read_text())
 
 
+@dataclass
+class Run:
+    """One worker's training state: what setup builds, and what fit, validate and save share."""
+
+    cfg: object
+    rank: int
+    world: int
+    device: torch.device
+    run_dir: str
+    data: object = None
+    batches: object = None
+    pad_id: int = 0
+    model: object = None
+    ddp_model: object = None
+    params: list = field(default_factory=list)
+    optimizer: object = None
+    scheduler: object = None
+    amp: torch.dtype | None = None
+    step: int = 0
+    position: int = 0
+    best_eval: float = math.inf
+    bad_evals: int = 0
+    stop_early: bool = False
+    history: list[dict] = field(default_factory=list)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def log(self, msg: str) -> None:
+        if self.is_main:
+            print(msg, flush=True)
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
-    import ray.train
-    import ray.train.torch
+    _quiet_ray_train_reports()
+    run = setup(loop_config)
+    fit(run)
+    if run.world > 1:
+        dist.barrier()
 
-    from cluster import storage
-    from cluster.config import JobConfig
-    from train.data import ShardedBatches, collate, prepare
-    from train.model import count_params, load_for_training, load_tokenizer
 
-    # one line per report from us is enough; Ray's own per-report INFO line repeats the metrics
+def _quiet_ray_train_reports() -> None:
+    """One line per report from us is enough; Ray's own per-report INFO line repeats it."""
     try:
         from ray.train.v2._internal.execution import context as _train_context
 
         _train_context.logger.setLevel(logging.WARNING)
     except (ImportError, AttributeError):  # internal module: fine to miss on other Ray versions
         pass
+
+
+def setup(loop_config: dict) -> Run:
+    """Config, data, quantized model + adapter, optimizer; restored from a checkpoint if any."""
+    import ray.train
+    import ray.train.torch
+
+    from cluster.job_config import JobConfig
+    from train.data import ShardedBatches, prepare
+    from train.model import count_params, load_for_training, load_tokenizer
+
     cfg = JobConfig.model_validate(loop_config["cfg"])
     t = cfg.training
     ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
+    run = Run(cfg, ctx.get_world_rank(), ctx.get_world_size(), device, loop_config["run_dir"])
     torch.set_num_threads(max(1, int(cfg.scaling.resources_per_worker.get("CPU", 1))))
-    is_main = rank == 0
-
-    def log(msg):
-        if is_main:
-            print(msg, flush=True)
-
-    torch.manual_seed(t.seed)
+    seed_everything(t.seed)
     tokenizer = load_tokenizer(cfg)
-    data = prepare(cfg.data, tokenizer, log=log)
-    log(f"[data] train: {data.report.summary()}; eval: {len(data.eval)} sequences")
-    pad_id = tokenizer.pad_token_id
-    batches = ShardedBatches(data.train, t.batch_size, rank, world, cfg.data.seed, pad_id)
-
-    model = load_for_training(cfg, device)
-    trainable, total = count_params(model)
-    log(
-        f"[model] {cfg.model.base}: {trainable:,} trainable of {total:,} parameters "
-        f"({cfg.quantization.mode}, LoRA r={cfg.adapter.r}) on {world} worker(s), device {device}"
+    run.data = prepare(cfg.data, tokenizer, log=run.log)
+    run.log(f"[data] train: {run.data.report.summary()}; eval: {len(run.data.eval)} sequences")
+    run.pad_id = tokenizer.pad_token_id
+    run.batches = ShardedBatches(
+        run.data.train, t.batch_size, run.rank, run.world, cfg.data.seed, run.pad_id
     )
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = _optimizer(params, t)
-    scheduler = _scheduler(optimizer, t)
-
-    step, position, best_eval, bad_evals = 0, 0, math.inf, 0
-    history: list[dict] = []
-    resume = ray.train.get_checkpoint()
-    resume_dir = None
-    if resume is not None:
-        resume_dir = resume.to_directory()
-    elif t.resume_from:
-        resume_dir = tempfile.mkdtemp(prefix="lorafleet-resume-")
-        storage.download_dir(t.resume_from, resume_dir)
-    if resume_dir is not None:
-        meta = load_checkpoint(Path(resume_dir), model, optimizer, scheduler)
-        step, position = meta["step"], meta["position"]
-        best_eval, bad_evals = meta.get("best_eval_loss", math.inf), meta.get("bad_evals", 0)
-        history = [h for h in meta.get("history", []) if h["step"] <= step]
-        log(f"[train] resumed from a checkpoint at step {step}; continuing at step {step + 1}")
-
-    ddp_model = model
-    if world > 1:
+    run.model = load_for_training(cfg, device)
+    trainable, total = count_params(run.model)
+    run.log(
+        f"[model] {cfg.model.base}: {trainable:,} trainable of {total:,} parameters "
+        f"({cfg.quantization.mode}, LoRA r={cfg.adapter.r}) on {run.world} worker(s), "
+        f"device {device}"
+    )
+    run.params = [p for p in run.model.parameters() if p.requires_grad]
+    run.optimizer = _optimizer(run.params, t)
+    run.scheduler = _scheduler(run.optimizer, t)
+    restore(run)
+    run.ddp_model = run.model
+    if run.world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
-        ddp_model = DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
+        run.ddp_model = DistributedDataParallel(
+            run.model, device_ids=[device.index] if device.type == "cuda" else None
         )
+    run.amp = _autocast_dtype(t.precision, device)
+    return run
 
-    run_dir = loop_config["run_dir"]
-    amp = _autocast_dtype(t.precision, device)
 
-    def forward_loss(batch):
-        batch = {k: v.to(device) for k, v in batch.items()}
-        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            return ddp_model(**batch, use_cache=False).loss
+def restore(run: Run) -> None:
+    """Ray's checkpoint (a restarted worker group, a resumed run) or training.resume_from."""
+    import ray.train
 
-    @torch.no_grad()
-    def evaluate() -> float:
-        model.eval()
-        loss_sum, tok_sum = 0.0, 0.0
-        shard = data.eval[rank::world]
-        limit = t.eval_max_batches * t.batch_size if t.eval_max_batches else None
-        shard = shard[:limit] if limit else shard
-        for i in range(0, len(shard), t.batch_size):
-            batch = collate(shard[i : i + t.batch_size], pad_id)
-            batch.pop("num_tokens")
-            n = (batch["labels"][:, 1:] != -100).sum().item()
-            if n:
-                loss_sum += forward_loss(batch).item() * n
-                tok_sum += n
-        model.train()
-        loss_sum, tok_sum = _all_sum([loss_sum, tok_sum], device)
-        return loss_sum / max(tok_sum, 1.0)
+    from cluster import storage
 
-    def write_history():
-        if is_main:
-            storage.write_text(
-                storage.join(run_dir, "metrics.jsonl"),
-                "".join(json.dumps(h) + "\n" for h in history),
-            )
+    resume = ray.train.get_checkpoint()
+    if resume is not None:
+        resume_dir = resume.to_directory()
+    elif run.cfg.training.resume_from:
+        resume_dir = tempfile.mkdtemp(prefix="lorafleet-resume-")
+        storage.download_dir(run.cfg.training.resume_from, resume_dir)
+    else:
+        return
+    meta = load_checkpoint(Path(resume_dir), run.model, run.optimizer, run.scheduler)
+    run.step, run.position = meta["step"], meta["position"]
+    run.best_eval, run.bad_evals = meta.get("best_eval_loss", math.inf), meta.get("bad_evals", 0)
+    run.history = [h for h in meta.get("history", []) if h["step"] <= run.step]
+    run.log(
+        f"[train] resumed from a checkpoint at step {run.step}; continuing at step {run.step + 1}"
+    )
 
-    model.train()
-    if step == 0 and data.eval:
-        # the baseline every later eval is measured against
-        eval0 = evaluate()
-        history.append({"step": 0, "eval_loss": eval0, "eval_perplexity": math.exp(min(eval0, 50))})
-        log(
-            f"[train] step 0/{t.max_steps} eval_loss {eval0:.4f} ppl {history[-1]['eval_perplexity']:.2f}"
+
+def forward_loss(run: Run, batch: dict) -> torch.Tensor:
+    batch = {k: v.to(run.device) for k, v in batch.items()}
+    amp = run.amp
+    with torch.autocast(run.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        return run.ddp_model(**batch, use_cache=False).loss
+
+
+@torch.no_grad()
+def validate(run: Run) -> float:
+    """Mean eval loss per trained token, over every worker's shard of the eval sequences."""
+    from train.data import collate
+
+    t = run.cfg.training
+    run.model.eval()
+    loss_sum, tok_sum = 0.0, 0.0
+    shard = run.data.eval[run.rank :: run.world]
+    limit = t.eval_max_batches * t.batch_size if t.eval_max_batches else None
+    shard = shard[:limit] if limit else shard
+    for i in range(0, len(shard), t.batch_size):
+        batch = collate(shard[i : i + t.batch_size], run.pad_id)
+        batch.pop("num_tokens")
+        n = (batch["labels"][:, 1:] != -100).sum().item()
+        if n:
+            loss_sum += forward_loss(run, batch).item() * n
+            tok_sum += n
+    run.model.train()
+    loss_sum, tok_sum = _all_sum([loss_sum, tok_sum], run.device)
+    return loss_sum / max(tok_sum, 1.0)
+
+
+def train_step(run: Run) -> tuple[float, float, int]:
+    """One optimizer step over grad_accum_steps micro-batches: (loss, grad norm, real tokens)."""
+    t = run.cfg.training
+    step_loss, tokens = 0.0, 0
+    for micro in range(t.grad_accum_steps):
+        batch = run.batches.batch(run.position)
+        run.position += 1
+        tokens += int(batch.pop("num_tokens"))
+        last = micro == t.grad_accum_steps - 1
+        sync = run.ddp_model.no_sync() if (run.world > 1 and not last) else contextlib.nullcontext()
+        with sync:
+            loss = forward_loss(run, batch) / t.grad_accum_steps
+            loss.backward()
+        step_loss += loss.item()
+    norm = torch.nn.utils.clip_grad_norm_(run.params, t.max_grad_norm or float("inf")).item()
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.step += 1
+    return step_loss, norm, tokens
+
+
+def fit(run: Run) -> None:
+    """Steps until max_steps or an early stop; metrics every log_every_steps, an eval and a
+    checkpoint every eval_every_steps and at the end."""
+    t = run.cfg.training
+    run.model.train()
+    if run.step == 0 and run.data.eval:
+        eval0 = validate(run)  # the baseline every later eval is measured against
+        run.history.append(
+            {"step": 0, "eval_loss": eval0, "eval_perplexity": math.exp(min(eval0, 50))}
         )
-    window_loss, window_n, window_tokens, window_t0 = 0.0, 0, 0, time.perf_counter()
-    run_t0, run_start_step = time.perf_counter(), step
-    stop_early = False
-    while step < t.max_steps and not stop_early:
-        step_loss = 0.0
-        for micro in range(t.grad_accum_steps):
-            batch = batches.batch(position)
-            position += 1
-            window_tokens += int(batch.pop("num_tokens"))
-            last = micro == t.grad_accum_steps - 1
-            sync = ddp_model.no_sync() if (world > 1 and not last) else contextlib.nullcontext()
-            with sync:
-                loss = forward_loss(batch) / t.grad_accum_steps
-                loss.backward()
-            step_loss += loss.item()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm or float("inf")).item()
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        window_loss += step_loss
-        window_n += 1
-
-        is_eval = step % t.eval_every_steps == 0 or step == t.max_steps
-        if step % t.log_every_steps == 0 or is_eval:
-            loss_avg, tokens = _all_sum(
-                [window_loss / max(window_n, 1), float(window_tokens)], device
-            )
-            elapsed = time.perf_counter() - window_t0
-            metrics = {
-                "step": step,
-                "loss": loss_avg / world,
-                "learning_rate": scheduler.get_last_lr()[0],
-                "grad_norm": grad_norm,
-                "tokens_per_s": tokens / max(elapsed, 1e-9),
-                "epoch": position / max(batches.per_epoch, 1),
-            }
-            window_loss, window_n, window_tokens, window_t0 = 0.0, 0, 0, time.perf_counter()
-            checkpoint = None
-            if is_eval and data.eval:
-                eval_loss = evaluate()
-                metrics["eval_loss"] = eval_loss
-                metrics["eval_perplexity"] = math.exp(min(eval_loss, 50))
-                if eval_loss < best_eval - t.early_stopping_min_delta:
-                    best_eval, bad_evals = eval_loss, 0
-                else:
-                    bad_evals += 1
-                if t.early_stopping_patience and bad_evals >= t.early_stopping_patience:
-                    stop_early = True
-                    metrics["early_stopped"] = True
-            history.append(metrics)
-            done_steps = step - run_start_step
-            eta = (time.perf_counter() - run_t0) / max(done_steps, 1) * (t.max_steps - step)
-            log(
-                f"[train] step {step}/{t.max_steps} loss {metrics['loss']:.4f} "
-                f"lr {metrics['learning_rate']:.2e} grad_norm {grad_norm:.3f} "
-                f"tok/s {metrics['tokens_per_s']:,.0f}"
-                + (
-                    f" eval_loss {metrics['eval_loss']:.4f} ppl {metrics['eval_perplexity']:.2f}"
-                    if "eval_loss" in metrics
-                    else ""
-                )
-                + f" eta {_fmt_eta(eta)}"
-                + (f" (early stop: no eval improvement in {bad_evals} evals)" if stop_early else "")
-            )
-            write_history()
+        ppl = run.history[-1]["eval_perplexity"]
+        run.log(f"[train] step 0/{t.max_steps} eval_loss {eval0:.4f} ppl {ppl:.2f}")
+    window = _Window(time.perf_counter())
+    run_t0, run_start_step = time.perf_counter(), run.step
+    while run.step < t.max_steps and not run.stop_early:
+        loss, grad_norm, tokens = train_step(run)
+        window.add(loss, tokens)
+        is_eval = run.step % t.eval_every_steps == 0 or run.step == t.max_steps
+        if run.step % t.log_every_steps == 0 or is_eval:
+            metrics = _step_metrics(run, window, grad_norm)
+            if is_eval and run.data.eval:
+                _eval_and_early_stop(run, metrics)
+            run.history.append(metrics)
+            seconds_per_step = (time.perf_counter() - run_t0) / max(run.step - run_start_step, 1)
+            _log_report(run, metrics, seconds_per_step * (t.max_steps - run.step))
+            _write_history(run)
             if is_eval:
-                with tempfile.TemporaryDirectory(prefix="lorafleet-ckpt-") as tmp:
-                    if is_main:
-                        meta = {
-                            "step": step,
-                            "position": position,
-                            "eval_loss": metrics.get("eval_loss"),
-                            "best_eval_loss": best_eval,
-                            "bad_evals": bad_evals,
-                            "history": history,
-                            "base_model": cfg.model.base,
-                        }
-                        save_checkpoint(Path(tmp), model, optimizer, scheduler, meta)
-                        checkpoint = ray.train.Checkpoint.from_directory(tmp)
-                    ray.train.report(
-                        # Tune tells our patience stop from its own by early_stopped; with no eval
-                        # data, checkpoints are ranked on the training loss
-                        metrics | {"eval_loss": metrics.get("eval_loss", metrics["loss"])},
-                        checkpoint=checkpoint,
-                        checkpoint_dir_name=f"checkpoint_{step:06d}",
-                    )
+                save(run, metrics)
             else:
+                import ray.train
+
                 ray.train.report(metrics)
-            window_t0 = time.perf_counter()  # tokens/s counts training time, not eval or saving
-    if world > 1:
-        dist.barrier()
+            window = _Window(time.perf_counter())  # tokens/s counts training, not eval or saving
+
+
+@dataclass
+class _Window:
+    """Training since the last report: its loss, steps, tokens and start time."""
+
+    t0: float
+    loss: float = 0.0
+    steps: int = 0
+    tokens: int = 0
+
+    def add(self, loss: float, tokens: int) -> None:
+        self.loss, self.steps, self.tokens = self.loss + loss, self.steps + 1, self.tokens + tokens
+
+
+def _step_metrics(run: Run, window: _Window, grad_norm: float) -> dict:
+    loss_avg, tokens = _all_sum(
+        [window.loss / max(window.steps, 1), float(window.tokens)], run.device
+    )
+    return {
+        "step": run.step,
+        "loss": loss_avg / run.world,
+        "learning_rate": run.scheduler.get_last_lr()[0],
+        "grad_norm": grad_norm,
+        "tokens_per_s": tokens / max(time.perf_counter() - window.t0, 1e-9),
+        "epoch": run.position / max(run.batches.per_epoch, 1),
+    }
+
+
+def _eval_and_early_stop(run: Run, metrics: dict) -> None:
+    t = run.cfg.training
+    eval_loss = validate(run)
+    metrics["eval_loss"] = eval_loss
+    metrics["eval_perplexity"] = math.exp(min(eval_loss, 50))
+    if eval_loss < run.best_eval - t.early_stopping_min_delta:
+        run.best_eval, run.bad_evals = eval_loss, 0
+    else:
+        run.bad_evals += 1
+    if t.early_stopping_patience and run.bad_evals >= t.early_stopping_patience:
+        run.stop_early = True
+        metrics["early_stopped"] = True
+
+
+def _log_report(run: Run, metrics: dict, eta: float) -> None:
+    evals = ""
+    if "eval_loss" in metrics:
+        evals = f" eval_loss {metrics['eval_loss']:.4f} ppl {metrics['eval_perplexity']:.2f}"
+    stop = f" (early stop: no eval improvement in {run.bad_evals} evals)" if run.stop_early else ""
+    run.log(
+        f"[train] step {run.step}/{run.cfg.training.max_steps} loss {metrics['loss']:.4f} "
+        f"lr {metrics['learning_rate']:.2e} grad_norm {metrics['grad_norm']:.3f} "
+        f"tok/s {metrics['tokens_per_s']:,.0f}{evals} eta {_fmt_eta(eta)}{stop}"
+    )
+
+
+def _write_history(run: Run) -> None:
+    from cluster import storage
+
+    if run.is_main:
+        storage.write_text(
+            storage.join(run.run_dir, "metrics.jsonl"),
+            "".join(json.dumps(h) + "\n" for h in run.history),
+        )
+
+
+def save(run: Run, metrics: dict) -> None:
+    """Rank 0 writes the checkpoint; every worker reports, as Ray Train requires."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory(prefix="lorafleet-ckpt-") as tmp:
+        checkpoint = None
+        if run.is_main:
+            meta = {
+                "step": run.step,
+                "position": run.position,
+                "eval_loss": metrics.get("eval_loss"),
+                "best_eval_loss": run.best_eval,
+                "bad_evals": run.bad_evals,
+                "history": run.history,
+                "base_model": run.cfg.model.base,
+            }
+            save_checkpoint(Path(tmp), run.model, run.optimizer, run.scheduler, meta)
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(
+            # Tune tells our patience stop from its own by early_stopped; with no eval data,
+            # checkpoints are ranked on the training loss
+            metrics | {"eval_loss": metrics.get("eval_loss", metrics["loss"])},
+            checkpoint=checkpoint,
+            checkpoint_dir_name=f"checkpoint_{run.step:06d}",
+        )
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from cluster import storage
+from cluster import layout
+from cluster.errors import ModelError
 
 DTYPES = {
     "float32": torch.float32,
@@ -24,27 +25,38 @@ DTYPES = {
 def resolve_base(cfg):
     """`tiny://<name>` -> a locally built model under `<storage.root>/models/<name>`; other
     values (a local directory or a hub id) pass through untouched."""
-    base = cfg.model.base
-    if not base.startswith("tiny://"):
+    name = layout.tiny_name(cfg.model.base)
+    if name is None:
         return cfg
-    from cluster.config import with_overrides
+    from cluster.validation import with_overrides
     from train.tiny import ensure_tiny_base
 
-    if storage.is_remote(cfg.storage.root):
-        local_root = Path("~/.cache/lorafleet").expanduser()
-    else:
-        local_root = Path(storage.absolute(cfg.storage.root))
-    name = base.removeprefix("tiny://")
-    path = ensure_tiny_base(name, local_root / "models" / name)
+    path = ensure_tiny_base(name, layout.tiny_dir(name, cfg.storage.root))
     return with_overrides(cfg, {"model.base": str(path)})
+
+
+def hub_error(base: str, error: Exception) -> ModelError:
+    """One line for a base that is neither a local directory nor loadable from the hub."""
+    reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return ModelError(
+        f"model.base: '{base}' is not a local directory and could not be loaded from the hub "
+        f"({reason}); give a local path to a model directory, or check the id and the network"
+    )
 
 
 def load_tokenizer(cfg):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(
-        cfg.model.base, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
-    )
+    try:
+        tok = AutoTokenizer.from_pretrained(
+            cfg.model.base,
+            revision=cfg.model.revision,
+            trust_remote_code=cfg.model.trust_remote_code,
+        )
+    except (OSError, ValueError) as e:
+        if Path(cfg.model.base).is_dir():
+            raise
+        raise hub_error(cfg.model.base, e) from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -131,13 +143,6 @@ def load_for_training(cfg, device: torch.device | str = "cpu"):
         model.enable_input_require_grads()
     model.config.use_cache = False
     return get_peft_model(model, lora_config(cfg.adapter))
-
-
-def trainable_state(model) -> dict[str, torch.Tensor]:
-    """The adapter's trainable tensors, by parameter name (what a checkpoint stores)."""
-    return {
-        n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad
-    }
 
 
 def count_params(model) -> tuple[int, int]:

@@ -8,7 +8,7 @@ from the hub, so every later step (4-bit loading, PEFT, vLLM) runs the real load
 
 A random base is too weak for LoRA to learn much in a demo's time, so the base gets a short
 full-parameter pretraining on a "copy" task written in the same prompt format as the demo tasks
-(`train.demo`): it learns the format and to copy, and the adapters learn to transform.
+(both in `train.tasks`): it learns the format and to copy, and the adapters learn to transform.
 """
 
 from __future__ import annotations
@@ -20,26 +20,19 @@ from pathlib import Path
 
 import torch
 
+from cluster.errors import ModelError
+from cluster.layout import TINY_MARKER, TINY_SCHEME
+from train.chat_template import CHAT_TEMPLATE
+from train.tasks import PRETRAIN_TASKS, TASKS, make_rows, render_completion
+
 # Byte-level vocabulary: 256 bytes (GPT-2's printable mapping) + 3 specials. Every string
 # tokenizes, one token per byte, so the demo tasks are character-level.
 SPECIALS = ["<|pad|>", "<|bos|>", "<|eos|>"]
-CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}"
-    "{{ '<|' + m['role'] + '|>\n' + m['content'] + '\n' }}"
-    "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
-)
-
 TINY_SHAPES = {
     # name: (layers, width, heads, intermediate, max_positions)
     "demo": (4, 128, 4, 384, 512),
-    "test": (
-        2,
-        64,
-        2,
-        128,
-        256,
-    ),  # head_dim 32, as the demo model's: a size vLLM's CPU attention supports
+    # head_dim 32, as the demo model's: a size vLLM's CPU attention supports
+    "test": (2, 64, 2, 128, 256),
 }
 
 
@@ -116,10 +109,8 @@ def build_model(shape: str = "demo", seed: int = 0):
 def pretrain(
     model, tokenizer, steps: int, seed: int = 0, batch_size: int = 32, log=print
 ) -> list[float]:
-    """Full fine-tuning of the tiny base on the demo's prompt format with the identity task."""
+    """Full fine-tuning of the tiny base on the tasks' prompt format with the identity task."""
     import random
-
-    from train.demo import PRETRAIN_TASKS, TASKS, make_rows, render_completion
 
     per_task = steps * batch_size // len(PRETRAIN_TASKS) + 1
     rng_rows = [r for t in PRETRAIN_TASKS for r in make_rows(TASKS[t], per_task, seed=seed + 1)]
@@ -165,13 +156,12 @@ def ensure_tiny_base(
 ) -> Path:
     """Build `tiny://<name>` into out_dir once; later calls reuse it. Returns the directory."""
     out = Path(out_dir)
-    if (out / "config.json").is_file() and (out / "lorafleet-tiny.json").is_file():
+    if (out / "config.json").is_file() and (out / TINY_MARKER).is_file():
         return out
     shape = name if name in TINY_SHAPES else None
     if shape is None:
-        raise ValueError(
-            f"model.base: unknown tiny model 'tiny://{name}'. Expected one of {sorted(TINY_SHAPES)}"
-        )
+        known = ", ".join(TINY_SCHEME + n for n in sorted(TINY_SHAPES))
+        raise ModelError(f"model.base: unknown tiny model '{TINY_SCHEME}{name}'; expected {known}")
     if pretrain_steps is None:
         pretrain_steps = int(
             os.environ.get("LORAFLEET_TINY_PRETRAIN_STEPS", 500 if shape == "demo" else 0)
@@ -185,9 +175,7 @@ def ensure_tiny_base(
     tmp.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    (tmp / "lorafleet-tiny.json").write_text(
-        json.dumps({"shape": shape, "pretrain_steps": pretrain_steps})
-    )
+    (tmp / TINY_MARKER).write_text(json.dumps({"shape": shape, "pretrain_steps": pretrain_steps}))
     try:
         tmp.rename(out)
     except OSError:  # another process built it first: keep theirs

@@ -13,21 +13,26 @@ import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
-from cluster import storage
-from train.export import ADAPTER_FILES, check_adapter
+from cluster import layout, storage
+from cluster.errors import LorafleetError
+from train.export import check_adapter
 from train.loop import ADAPTER_DIR, CHECKPOINT_META, train_loop_per_worker
 
 
+class TrainingError(LorafleetError):
+    """A training run that failed on its workers: the first worker's error, in one line."""
+
+
 def runs_root(cfg) -> str:
-    return storage.join(storage.absolute(cfg.storage.root), "runs", cfg.name)
+    return storage.join(layout.runs_root(cfg.storage.root), cfg.name)
 
 
 def adapter_uri(cfg) -> str:
-    return storage.join(storage.absolute(cfg.storage.root), "adapters", cfg.name)
+    return storage.join(layout.adapters_root(cfg.storage.root), cfg.name)
 
 
-def new_run_id() -> str:
-    return time.strftime("run-%Y%m%d-%H%M%S")
+def new_run_id(now: float) -> str:
+    return time.strftime("run-%Y%m%d-%H%M%S", time.localtime(now))
 
 
 def latest_run_id(cfg) -> str | None:
@@ -35,13 +40,15 @@ def latest_run_id(cfg) -> str | None:
     return runs[-1] if runs else None
 
 
-def build_trainer(cfg, run_id: str | None = None, callbacks: list | None = None):
+def build_trainer(
+    cfg, run_id: str, callbacks: list | None = None, keep_by: tuple[str, str] = ("eval_loss", "min")
+):
     """A TorchTrainer for this config; nothing runs until `.fit()`. A run with the same run_id
-    (same storage path and name) resumes where it stopped: that is how a crashed driver resumes."""
+    (same storage path and name) resumes where it stopped: that is how a crashed driver resumes.
+    Pure: the caller names the run (`new_run_id(time.time())` for a new one)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    run_id = run_id or new_run_id()
     s = cfg.scaling
     resources = dict(s.resources_per_worker)
     if s.use_gpu:
@@ -63,8 +70,10 @@ def build_trainer(cfg, run_id: str | None = None, callbacks: list | None = None)
             storage_filesystem=fs,
             checkpoint_config=CheckpointConfig(
                 num_to_keep=cfg.training.keep_checkpoints,
-                checkpoint_score_attribute="eval_loss",
-                checkpoint_score_order="min",
+                # the metric that picks what is kept: eval loss, or a Tune trial's tune.metric,
+                # so the checkpoint the search publishes is never the one deleted
+                checkpoint_score_attribute=keep_by[0],
+                checkpoint_score_order=keep_by[1],
             ),
             failure_config=FailureConfig(max_failures=cfg.training.max_failures),
             callbacks=callbacks or [],
@@ -88,9 +97,9 @@ def publish_adapter(checkpoint, cfg, log=print) -> str:
         check_adapter(adapter, expect_trained=meta["step"] > 0)
         out = Path(tmp) / "out"
         out.mkdir()
-        for f in ADAPTER_FILES:
+        for f in layout.ADAPTER_FILES:
             (out / f).write_bytes((adapter / f).read_bytes())
-        (out / "lorafleet.json").write_text(
+        (out / layout.ADAPTER_META).write_text(
             json.dumps(
                 {
                     "name": cfg.name,
@@ -112,7 +121,7 @@ def publish_adapter(checkpoint, cfg, log=print) -> str:
 
 def absolute_paths(cfg):
     """Relative local paths resolved against the driver's directory: Ray workers run elsewhere."""
-    from cluster.config import with_overrides
+    from cluster.validation import with_overrides
 
     over = {"storage.root": storage.absolute(cfg.storage.root)}
     for key, value in (
@@ -141,18 +150,44 @@ def prepare_run(cfg, log=print):
     return cfg
 
 
+def fit_trainer(trainer):
+    """`trainer.fit()`, with a worker's failure as one TrainingError line instead of Ray's
+    wrapped traceback."""
+    from ray.train import TrainingFailedError
+
+    try:
+        result = trainer.fit()
+        if result.error:
+            raise result.error
+    except TrainingFailedError as e:
+        raise TrainingError(summarize_failure(e)) from e
+    return result
+
+
+def summarize_failure(error: Exception) -> str:
+    """`training failed: worker 0: ValueError: <first line>` for a worker's error; the first line
+    of Ray's own message for anything else (a controller error)."""
+    failures = getattr(error, "worker_failures", None) or {}
+    if failures:
+        rank = min(failures)
+        cause = failures[rank]
+        cause = getattr(cause, "cause", None) or cause  # a RayTaskError carries the user's error
+        first = (str(cause).strip().splitlines() or [""])[0]
+        return f"training failed: worker {rank}: {type(cause).__name__}: {first}"
+    lines = [x for x in str(error).strip().splitlines() if x.strip()]
+    return "training failed: " + " ".join(lines[:2])
+
+
 def train(cfg, resume: bool = False, log=print) -> dict:
     """Run a whole job: resolve the base, fit on Ray, publish the adapter. Returns a summary."""
     cfg = prepare_run(cfg, log=log)
-    run_id = (latest_run_id(cfg) if resume else None) or new_run_id()
-    log(f"[train] {cfg.name}: run {run_id} in {runs_root(cfg)}")
     t0 = time.time()
-    result = build_trainer(cfg, run_id).fit()
-    if result.error:
-        raise result.error
+    run_id = (latest_run_id(cfg) if resume else None) or new_run_id(t0)
+    log(f"[train] {cfg.name}: run {run_id} in {runs_root(cfg)}")
+    result = fit_trainer(build_trainer(cfg, run_id))
     checkpoint = pick_checkpoint(result, cfg.training.export)
     if checkpoint is None:
-        raise RuntimeError("training finished without a checkpoint; nothing to publish")
+        raise TrainingError("training finished without a checkpoint; nothing to publish")
     dest = publish_adapter(checkpoint, cfg, log=log)
     history_uri = storage.join(runs_root(cfg), run_id, "metrics.jsonl")
     history = [json.loads(x) for x in storage.read_text(history_uri).splitlines() if x.strip()]

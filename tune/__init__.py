@@ -1,1 +1,1 @@
-"""Ray Tune over the training step of `train` (issue #4)."""
+"""Ray Tune over the training step of `train`."""

@@ -14,13 +14,21 @@ from __future__ import annotations
 import csv
 import io
 import math
+import re
 import time
 from pathlib import Path
 
 from cluster import storage
-from cluster.config import JobConfig, dump_config, with_overrides
+from cluster.config import dump_config
+from cluster.errors import ConfigError, LorafleetError
+from cluster.job_config import JobConfig
+from cluster.validation import with_overrides
 
 SEP = "__"  # dotted keys become Tune parameter names without dots
+
+
+class NothingToPublish(LorafleetError):
+    """The search ended without a trial checkpoint (every trial errored, or none reported)."""
 
 
 def _param(key: str) -> str:
@@ -75,7 +83,8 @@ def _trial_fn(params: dict) -> None:
     base = JobConfig.model_validate(params.pop("_base"))
     ctx = tune.get_context()
     cfg = trial_config(base, params, f"{base.name}-{ctx.get_trial_id()}")
-    build_trainer(cfg, run_id="run", callbacks=[TuneReportCallback()]).fit()
+    keep_by = (cfg.tune.metric, cfg.tune.mode)
+    build_trainer(cfg, run_id="run", callbacks=[TuneReportCallback()], keep_by=keep_by).fit()
 
 
 def _scheduler(cfg):
@@ -177,20 +186,30 @@ def _grid_size(cfg) -> int:
     return n
 
 
-def build_tuner(cfg, resume: bool = False, log=print):
-    """A Tuner for this config's search; nothing runs until `.fit()`. With resume=True and an
-    earlier run of the same name in storage, that run continues (finished trials are kept)."""
+def search_path(cfg) -> str:
+    return storage.join(tune_root(cfg), "search")
+
+
+def can_resume(cfg) -> bool:
+    """Whether storage holds an earlier search of this name that `--resume` can continue."""
+    from ray import tune
+
+    fs, _ = storage.filesystem(tune_root(cfg))
+    return tune.Tuner.can_restore(search_path(cfg), storage_filesystem=fs)
+
+
+def build_tuner(cfg, restore: bool = False, log=print):
+    """A Tuner for this config's search; nothing runs until `.fit()`. With restore=True, the
+    earlier search of the same name (see `can_resume`) continues, its finished trials kept."""
     from ray import tune
 
     # the trial function only drives a Ray Train run (whose workers reserve their own resources);
     # Tune refuses an empty request, so it takes a sliver of a CPU
     trainable = tune.with_resources(_trial_fn, {"CPU": 0.1})
     fs, path = storage.filesystem(tune_root(cfg))
-    run_path = storage.join(tune_root(cfg), "search")
-    if resume and tune.Tuner.can_restore(run_path, storage_filesystem=fs):
-        log(f"[tune] resuming {run_path}")
+    if restore:
         return tune.Tuner.restore(
-            run_path, trainable=trainable, resume_errored=True, storage_filesystem=fs
+            search_path(cfg), trainable=trainable, resume_errored=True, storage_filesystem=fs
         )
     space = param_space(cfg) | {"_base": cfg.model_dump(mode="json")}
     return tune.Tuner(
@@ -241,11 +260,19 @@ def summarize(cfg, grid) -> list[dict]:
                 "stopped_early": bool(evals)
                 and steps < cfg.training.max_steps
                 and not any(h.get("early_stopped") for h in history),
-                "error": str(result.error)[:200] if result.error else "",
+                "error": _one_line(result.error) if result.error else "",
                 "curve": [(h["step"], h[cfg.tune.metric]) for h in evals],
             }
         )
     return rows
+
+
+def _one_line(error: BaseException) -> str:
+    """A trial's error in one line: Ray wraps the worker's exception in its traceback, whose
+    last `SomeError: message` line is the one that says what went wrong."""
+    lines = [x.strip() for x in str(error).splitlines() if x.strip()]
+    said = [x for x in lines if re.match(r"^[\w.]*(Error|Exception)\b.*: ", x)]
+    return (said[-1] if said else lines[0] if lines else type(error).__name__)[:300]
 
 
 def _fmt(v) -> str:
@@ -339,29 +366,49 @@ def plot_curves(cfg, rows, out_path: Path) -> Path:
     return out_path
 
 
+def best_checkpoint(cfg, best: dict):
+    """The best trial's best checkpoint by tune.metric, on the filesystem the trials wrote to (a
+    bucket path has no scheme once Ray has it, so the path alone would be read as local)."""
+    from pyarrow.fs import FileType
+    from ray.train import Checkpoint
+
+    fs, _ = storage.filesystem(tune_root(cfg))
+    path = best["best_checkpoint"]
+    if fs.get_file_info(path).type == FileType.NotFound:
+        raise NothingToPublish(
+            f"the best trial {best['trial']}'s checkpoint {path} is gone; its trial kept "
+            f"training.keep_checkpoints={cfg.training.keep_checkpoints} by {cfg.tune.metric}"
+        )
+    return Checkpoint(path, filesystem=fs)
+
+
 def tune_job(cfg, resume: bool = False, log=print) -> dict:
     """Run the search, write its outputs, publish the best adapter. Returns a summary."""
     import tempfile
 
-    from ray.train import Checkpoint
-
     from train.trainer import prepare_run, publish_adapter
 
     if not cfg.tune.space:
-        from cluster.config import ConfigError
-
         raise ConfigError(["tune.space: expected at least one key to search. Got {} instead"])
     cfg = prepare_run(cfg, log=log)
     t0 = time.time()
-    grid = build_tuner(cfg, resume=resume, log=log).fit()
+    restore = resume and can_resume(cfg)
+    if restore:
+        log(f"[tune] resuming {search_path(cfg)}")
+    elif resume:
+        log(f"[tune] no earlier search at {search_path(cfg)}; starting a new one")
+    grid = build_tuner(cfg, restore=restore, log=log).fit()
     rows = summarize(cfg, grid)
     table = results_table(cfg, rows)
     log(table)
     out = {"table": table, "rows": rows, "seconds": time.time() - t0, "csv": write_csv(cfg, rows)}
     scored = [r for r in rows if r["best"] is not None and r["best_checkpoint"]]
     if not scored:
-        raise RuntimeError(
-            "no trial reported a checkpoint; nothing to publish (see the errors above)"
+        errored = [r for r in rows if r["error"]]
+        raise NothingToPublish(
+            f"no trial of {cfg.name} reported a checkpoint, so there is nothing to publish: "
+            f"{len(errored)} of {len(rows)} trials errored"
+            + (f"; the first: {errored[0]['error']}" if errored else "")
         )
     best = (min if cfg.tune.mode == "min" else max)(scored, key=lambda r: r["best"])
     best_cfg = with_overrides(cfg, {**best["overrides"], "tune.space": {}})
@@ -379,7 +426,7 @@ def tune_job(cfg, resume: bool = False, log=print) -> dict:
             out["plot"] = tune_root(cfg) + "/plot/curves.png"
         else:
             Path(out["plot"]).write_bytes(png.read_bytes())
-    out["adapter"] = publish_adapter(Checkpoint(best["best_checkpoint"]), best_cfg, log=log)
+    out["adapter"] = publish_adapter(best_checkpoint(cfg, best), best_cfg, log=log)
     out["best"] = best
     log(
         f"[tune] best trial {best['trial']} {best['overrides']}: {cfg.tune.metric} {best['best']:.4f}; "

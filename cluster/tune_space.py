@@ -1,0 +1,137 @@
+"""`tune:`: the search space over dotted job keys, and the checks that every trial it can
+produce is a valid job (so a search never starts a trial that would fail at config time)."""
+
+from __future__ import annotations
+
+import difflib
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from cluster.errors import ConfigError
+from cluster.schema_base import Section
+from cluster.validation import with_overrides
+
+DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice", "grid")
+
+
+class TuneSection(Section):
+    space: dict[str, dict[str, list]] = Field(
+        default_factory=dict,
+        description="Dotted config key -> one distribution: {loguniform: [low, high]}, "
+        "{uniform: [low, high]}, {randint: [low, high)}, {choice: [a, b, ...]} or {grid: [a, b, ...]}.",
+    )
+    metric: str = Field(
+        "eval_loss", description="What trials are compared on (a metric training reports)."
+    )
+    mode: Literal["min", "max"] = Field(
+        "min", description="Whether smaller or larger `metric` is better."
+    )
+    num_samples: int = Field(
+        6, gt=0, description="Trials to sample (each grid point is run this many times)."
+    )
+    max_concurrent_trials: int = Field(2, gt=0, description="Trials running at once.")
+    scheduler: Literal["asha", "hyperband", "median", "fifo"] = Field(
+        "asha",
+        description="Early stopping of weak trials: ASHA, HyperBand, median stopping, or none (fifo).",
+    )
+    search: Literal["random", "grid", "optuna"] = Field(
+        "random",
+        description="How trials are proposed: random/grid sampling of the space, or Optuna TPE.",
+    )
+    grace_period_steps: int = Field(
+        20, gt=0, description="Training steps every trial runs before it may be stopped early."
+    )
+    reduction_factor: float = Field(
+        3, gt=1, description="ASHA/HyperBand: keep the top 1/factor at each rung."
+    )
+    seed: int = Field(0, description="Seed of the search algorithm.")
+
+
+def _field_for(schema: type[BaseModel], dotted: str):
+    """The pydantic field a dotted key names, or (None, known keys at the point it failed)."""
+    node = schema
+    parts = dotted.split(".")
+    for i, part in enumerate(parts):
+        fields = node.model_fields
+        if part not in fields:
+            return None, [".".join([*parts[:i], k]) for k in fields]
+        ann = fields[part].annotation
+        if i < len(parts) - 1:
+            if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+                return None, [".".join(parts[: i + 1])]
+            node = ann
+    return fields[parts[-1]], []
+
+
+# what the training loop reports at every eval (what `tune.metric` may name), and which way is better
+REPORTED_METRICS = {
+    "eval_loss": "min",
+    "eval_perplexity": "min",
+    "loss": "min",
+    "tokens_per_s": "max",
+}
+
+
+def check_space(cfg) -> list[str]:
+    """Every problem in `tune.space`, `tune.metric` and `tune.mode`, each naming its key."""
+    problems = []
+    t = cfg.tune
+    if t.metric not in REPORTED_METRICS:
+        problems.append(
+            f"tune.metric: training reports {sorted(REPORTED_METRICS)}. Got {t.metric!r} instead"
+        )
+    elif REPORTED_METRICS[t.metric] != t.mode:
+        problems.append(
+            f"tune.mode: {t.metric} is better when {'smaller' if REPORTED_METRICS[t.metric] == 'min' else 'larger'}; "
+            f"expected '{REPORTED_METRICS[t.metric]}'. Got {t.mode!r} instead"
+        )
+    for key, dist in cfg.tune.space.items():
+        where = f"tune.space.{key}"
+        f, known = _field_for(type(cfg), key)
+        if f is None or key.startswith(("tune", "name", "storage", "ray")):
+            close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            problems.append(f"{where}: not a config key that a trial can change.{hint}")
+            continue
+        if len(dist) != 1 or next(iter(dist)) not in DISTRIBUTIONS:
+            problems.append(
+                f"{where}: expected exactly one of {list(DISTRIBUTIONS)}. Got {dist!r} instead"
+            )
+            continue
+        kind, args = next(iter(dist.items()))
+        if kind in ("choice", "grid"):
+            if not args:
+                problems.append(f"{where}: {kind} needs at least one value. Got [] instead")
+                continue
+            values = args
+        else:
+            if len(args) != 2 or not all(
+                isinstance(a, int | float) and not isinstance(a, bool) for a in args
+            ):
+                problems.append(f"{where}: {kind} needs [low, high] numbers. Got {args!r} instead")
+                continue
+            low, high = args
+            if low >= high:
+                problems.append(
+                    f"{where}: {kind} needs low < high. Got low={low}, high={high} instead"
+                )
+                continue
+            if kind == "loguniform" and low <= 0:
+                problems.append(f"{where}: loguniform needs low > 0. Got {low} instead")
+                continue
+            values = [low, high - 1 if kind == "randint" else high]
+        # every value the space can produce must be a valid config
+        for v in values:
+            try:
+                with_overrides(cfg.model_copy(update={"tune": TuneSection()}), {key: v})
+            except ConfigError as e:
+                problems.append(f"{where}: value {v!r} makes an invalid trial: {e.problems[0]}")
+                break
+    if (
+        cfg.tune.space
+        and cfg.tune.search == "grid"
+        and any(k not in ("grid", "choice") for d in cfg.tune.space.values() for k in d)
+    ):
+        problems.append("tune.search: grid needs every tune.space entry to be grid or choice")
+    return problems

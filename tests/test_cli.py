@@ -1,0 +1,351 @@
+"""The `lorafleet` command itself: flags in any position, the one error contract (a
+LorafleetError prints `error: ...` and exits 2, without importing torch), Ctrl-C during a real
+training run, and `lorafleet serve CONFIG` started, asked, and stopped with SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+import requests
+from conftest import ROOT
+
+from cluster.cli import Invocation, parse
+
+# one command line per subcommand; FLAGS names the words that are one flag (with its value)
+CASES = {
+    "validate": (
+        ["validate", "a.yaml", "b.yaml", "training.max_steps=5"],
+        ["--print"],
+        Invocation(
+            "validate",
+            {
+                "configs": ["a.yaml", "b.yaml"],
+                "overrides": ["training.max_steps=5"],
+                "print_config": True,
+            },
+        ),
+    ),
+    "train": (
+        ["train", "c.yaml", "training.max_steps=5", "name=x"],
+        ["--resume"],
+        Invocation(
+            "train",
+            {"config": "c.yaml", "overrides": ["training.max_steps=5", "name=x"], "resume": True},
+        ),
+    ),
+    "tune": (
+        ["tune", "c.yaml", "tune.num_samples=2", "name=x"],
+        ["--resume"],
+        Invocation(
+            "tune",
+            {"config": "c.yaml", "overrides": ["tune.num_samples=2", "name=x"], "resume": True},
+        ),
+    ),
+    "merge": (
+        ["merge", "store/adapters/a"],
+        ["--out", "merged/"],
+        Invocation("merge", {"adapter": "store/adapters/a", "out": "merged/", "dtype": "float32"}),
+    ),
+    "serve": (
+        ["serve", "s.yaml", "http.port=9000", "name=y"],
+        [],  # plain serve takes no flag: the case below checks its words in any order
+        Invocation("serve", {"config": "s.yaml", "overrides": ["http.port=9000", "name=y"]}),
+    ),
+    "serve set-weights": (
+        ["serve", "set-weights", "s.yaml", "bot", "a=50", "b=50"],
+        ["--url", "http://127.0.0.1:9"],
+        Invocation(
+            "serve set-weights",
+            {
+                "config": "s.yaml",
+                "experiment": "bot",
+                "weights": {"a": 50.0, "b": 50.0},
+                "url": "http://127.0.0.1:9",
+            },
+        ),
+    ),
+    "serve eval": (
+        ["serve", "eval", "s.yaml", "tiny:a", "rows.jsonl"],
+        ["--limit", "7"],
+        Invocation(
+            "serve eval",
+            {"config": "s.yaml", "model": "tiny:a", "data": "rows.jsonl", "url": None, "limit": 7},
+        ),
+    ),
+    "demo": (
+        ["demo", "d.yaml", "training.max_steps=5"],
+        ["--json"],
+        Invocation(
+            "demo", {"config": "d.yaml", "overrides": ["training.max_steps=5"], "json_report": True}
+        ),
+    ),
+    "submit": (
+        ["submit", "train", "c.yaml", "training.max_steps=5"],
+        ["--env", "HF_TOKEN"],
+        Invocation(
+            "submit",
+            {
+                "command": "train",
+                "config": "c.yaml",
+                "overrides": ["training.max_steps=5"],
+                "address": None,
+                "env": ["HF_TOKEN"],
+                "follow": True,
+            },
+        ),
+    ),
+    "doctor": (
+        ["doctor", "c.yaml", "ray.address=auto"],
+        [],  # no flag: its words may come in any order
+        Invocation("doctor", {"config": "c.yaml", "overrides": ["ray.address=auto"]}),
+    ),
+}
+# the flag at every position after the command's name (`serve set-weights --url U C ...` too)
+POSITIONS = [
+    (name, i) for name, (words, flag, _) in CASES.items() for i in range(1, len(words) + 1) if flag
+]
+
+
+@pytest.mark.parametrize("name, at", POSITIONS, ids=[f"{n}@{i}" for n, i in POSITIONS])
+def test_a_flag_means_the_same_in_every_position(name, at):
+    words, flag, want = CASES[name]
+    argv = words[:at] + flag + words[at:]
+    assert parse(argv) == want, argv
+
+
+def test_set_weights_sends_every_weight_whatever_stands_between_them():
+    # the bug: words after --url were dropped, so only a=50 was sent
+    argv = ["serve", "set-weights", "C", "EXP", "a=50", "--url", "U", "b=50"]
+    assert parse(argv).params["weights"] == {"a": 50.0, "b": 50.0}
+    # plain serve takes no flag: its overrides may stand before or after the config
+    words, _, want = CASES["serve"]
+    assert parse(["serve", words[2], words[1], words[3]]) == want
+    both = ["serve", "eval", "C", "M", "--url", "U", "D", "--limit", "3"]
+    assert parse(both).params == {
+        "config": "C",
+        "model": "M",
+        "data": "D",
+        "url": "U",
+        "limit": 3,
+    }
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["serve", "set-weights", "C", "EXP", "a=fifty"], "expected VARIANT=WEIGHT (a number)"),
+        (["serve", "set-weights", "C", "EXP"], "usage: lorafleet serve set-weights"),
+        (["serve", "eval", "C", "M", "D", "--limit", "0"], "--limit must be at least 1. Got 0"),
+        (["serve", "c.yaml", "--url", "U"], "--url and --limit are for"),
+        (["train", "a.yaml", "b.yaml"], "expected one CONFIG"),
+        (["train", "--resume"], "expected a CONFIG file"),
+        (["train", "a.yaml", "--bogus"], "unrecognized arguments: --bogus"),
+        (["nope"], "invalid choice: 'nope'"),
+    ],
+)
+def test_usage_errors_exit_2_naming_the_problem(argv, message, capsys):
+    from cluster.cli import main
+
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_lorafleet_error_is_one_line_and_exit_2_without_importing_torch(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("data: {path: x.jsonl}\ntraining: {max_step: 3}\n")
+    code = (
+        "import sys\nfrom cluster.cli import main\n"
+        f"rc = main(['train', {str(cfg)!r}])\n"
+        "print(sorted(m for m in ('torch', 'train', 'tune', 'serve', 'ray') if m in sys.modules))\n"
+        "sys.exit(rc)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("error: 1 problem(s) in ") and "Traceback" not in proc.stderr
+    assert (
+        "training.max_step" in proc.stderr and "Did you mean 'training.max_steps'?" in proc.stderr
+    )
+    assert proc.stdout.strip().splitlines()[-1] == "[]"  # nothing heavy imported to say so
+
+
+def _ray_processes_of(pid: int) -> list[psutil.Process]:
+    return [p for p in psutil.Process(pid).children(recursive=True) if p.is_running()]
+
+
+def _gone(procs: list[psutil.Process], timeout_s: float) -> list[str]:
+    """The processes still running after timeout_s (zombies count as gone)."""
+    _, alive = psutil.wait_procs(procs, timeout=timeout_s)
+    left = []
+    for p in alive:
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE:
+                left.append(f"{p.pid} {' '.join(p.cmdline()[:3])}")
+        except psutil.NoSuchProcess:
+            pass
+    return left
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_train_says_how_to_resume_and_exits_130(tmp_path, tiny_base, task_data):
+    cfg = tmp_path / "train.yaml"
+    cfg.write_text(
+        json.dumps(
+            {
+                "name": "interrupted",
+                "model": {"base": str(tiny_base)},
+                "quantization": {"mode": "4bit", "compute_dtype": "float32"},
+                "adapter": {"r": 8, "alpha": 16},
+                "data": {"path": str(task_data["train"]), "max_length": 64},
+                # far more steps than the test waits for: it is stopped while training
+                "training": {
+                    "max_steps": 5000,
+                    "batch_size": 4,
+                    "log_every_steps": 1,
+                    "eval_every_steps": 1000,
+                    "eval_max_batches": 1,
+                    "warmup_steps": 0,
+                    "gradient_checkpointing": False,
+                },
+                "scaling": {"num_workers": 1},
+                "storage": {"root": str(tmp_path / "store")},
+                "ray": {"num_cpus": 2},
+            }
+        )
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cluster.cli", "train", str(cfg)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=ROOT,
+        env=os.environ | {"RAY_ADDRESS": ""},
+    )
+    seen = []
+    try:
+        deadline = time.time() + 400
+        for line in proc.stdout:
+            seen.append(line)
+            if "[train] step 2/5000" in line or time.time() > deadline:
+                break
+        assert "[train] step 2/5000" in seen[-1], "".join(seen[-30:])
+        ray_procs = _ray_processes_of(proc.pid)
+        proc.send_signal(signal.SIGINT)
+        after = proc.stdout.read()
+        rc = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert rc == 130, after[-3000:]
+    assert (
+        f"interrupted: lorafleet train {cfg} stopped; rerun it with --resume to continue" in after
+    ), after[-3000:]
+    # Train's placement-group cleaner actor prints a traceback of its own every few seconds when
+    # other local Rays run on the machine (it looks its cluster up by address and finds several):
+    # Ray's noise, not this command's
+    ours = [x for x in after.splitlines() if "(PlacementGroupCleaner pid=" not in x]
+    assert not [x for x in ours if "Traceback" in x], after[-3000:]
+    assert not _gone(ray_procs, timeout_s=20), "Ray processes outlived the command"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.mark.slow
+def test_serve_config_starts_warns_of_a_missing_adapter_and_stops_on_sigterm(tmp_path, tiny_base):
+    from cluster.config import dump_config, load_config
+    from cluster.serve_config import ServeAppConfig
+
+    port = _free_port()
+    store = tmp_path / "store"
+    store.mkdir()
+    cfg = load_config(
+        None,
+        {
+            "name": "cli-serve",
+            "models": [
+                {
+                    "id": "tiny",
+                    "base": str(tiny_base),
+                    "dtype": "float32",
+                    "max_model_len": 128,
+                    "max_lora_rank": 8,
+                    "max_loras_per_replica": 1,
+                    "engine_kwargs": {"enforce_eager": True},
+                    "autoscaling": {"min_replicas": 1, "max_replicas": 1},
+                }
+            ],
+            "experiments": [
+                {
+                    "name": "bot",
+                    "variants": [
+                        {"name": "a", "model": "tiny", "adapter": "never-trained", "weight": 1}
+                    ],
+                }
+            ],
+            "http": {"host": "127.0.0.1", "port": port},
+            "storage": {"root": str(store)},
+            "ray": {"num_cpus": 4},
+        },
+        ServeAppConfig,
+    )
+    path = tmp_path / "serve.yaml"
+    path.write_text(dump_config(cfg))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cluster.cli", "serve", str(path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=ROOT,
+        env=os.environ | {"RAY_ADDRESS": "", "LORAFLEET_API_KEYS": ""},
+    )
+    seen = []
+    try:
+        deadline = time.time() + 500
+        for line in proc.stdout:
+            seen.append(line)
+            if "[serve] ready at" in line or time.time() > deadline:
+                break
+        out = "".join(seen)
+        assert "[serve] ready at" in out, out[-3000:]
+        assert (
+            "[serve] warning: experiment 'bot' variant 'a' names adapter 'never-trained', "
+            f"which is not in {store / 'adapters'} yet" in out
+        ), out[-3000:]
+        models = requests.get(f"http://127.0.0.1:{port}/v1/models", timeout=60)
+        assert models.status_code == 200 and "tiny" in {m["id"] for m in models.json()["data"]}
+        ray_procs = _ray_processes_of(proc.pid)
+        proc.send_signal(signal.SIGTERM)
+        after = proc.stdout.read()
+        rc = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert rc == 0, after[-3000:]
+    assert "[serve] stopping 'cli-serve'" in after and "[serve] stopped" in after, after[-3000:]
+    assert "Traceback" not in after, after[-3000:]
+    assert not _listening(port)
+    assert not _gone(ray_procs, timeout_s=20), "Ray processes outlived the command"
+
+
+def test_every_command_has_a_case_here():
+    from cluster.cli import COMMANDS
+
+    assert set(COMMANDS) == set(CASES)
