@@ -254,7 +254,8 @@ def test_ctrl_c_during_train_says_how_to_resume_and_exits_130(tmp_path, tiny_bas
     # Ray's noise, not this command's
     ours = [x for x in after.splitlines() if "(PlacementGroupCleaner pid=" not in x]
     assert not [x for x in ours if "Traceback" in x], after[-3000:]
-    assert not _gone(ray_procs, timeout_s=20), "Ray processes outlived the command"
+    # Ray stops its agents last, by SIGTERM; on a loaded 2-core machine that took over 20 s
+    assert not _gone(ray_procs, timeout_s=60), "Ray processes outlived the command"
 
 
 def _free_port() -> int:
@@ -342,7 +343,8 @@ def test_serve_config_starts_warns_of_a_missing_adapter_and_stops_on_sigterm(tmp
     assert "[serve] stopping 'cli-serve'" in after and "[serve] stopped" in after, after[-3000:]
     assert "Traceback" not in after, after[-3000:]
     assert not _listening(port)
-    assert not _gone(ray_procs, timeout_s=20), "Ray processes outlived the command"
+    # Ray stops its agents last, by SIGTERM; on a loaded 2-core machine that took over 20 s
+    assert not _gone(ray_procs, timeout_s=60), "Ray processes outlived the command"
 
 
 def test_every_command_has_a_case_here():

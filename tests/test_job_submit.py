@@ -58,6 +58,9 @@ def ray_head():
         # token auth, with a token of this test's own, for the head and every client
         "RAY_AUTH_MODE": "token",
         "RAY_AUTH_TOKEN": secrets.token_hex(16),
+        # Train's placement-group cleaner looks up "the" local Ray's State API; with other Rays
+        # on the machine it must be told which dashboard is this head's
+        "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dash}",
         "RAY_ADDRESS": "",
     }
     env.pop("RAY_ADDRESS")

@@ -26,6 +26,9 @@ from conftest import ROOT, job_config
 
 from cluster import storage
 
+# a real Ray Serve app with vLLM replicas: minutes, not the quick tier
+pytestmark = pytest.mark.slow
+
 KEY = "sk-test-" + "0123456789abcdef"  # in the app's key file (http.api_keys_file)
 ENV_KEY = "sk-env-" + "fedcba9876543210"  # in the app's environment (http.api_keys_env)
 APP = "t-serve"

@@ -54,7 +54,10 @@ def test_submit_passes_secrets_by_env_and_ctrl_c_stops_following_not_the_job(
     text = "".join(out) + rest
     assert proc.returncode == 130, text[-3000:]
     assert f"stopped following; job {job_id} keeps running" in text
-    assert "Traceback" not in text
+    # Train's placement-group cleaner prints tracebacks of its own when other Rays run on the
+    # machine (Ray's noise, not this command's): the command itself printed none
+    ours = [x for x in text.splitlines() if "PlacementGroupCleaner" not in x]
+    assert not [x for x in ours if "Traceback" in x], text[-3000:]
     assert "HF_TOKEN" in text and "hf-test-secret" not in text  # named, never printed
 
     saved = {k: os.environ.get(k) for k in ("RAY_AUTH_TOKEN", "RAY_AUTH_MODE")}
