@@ -60,26 +60,32 @@ def test_submit_passes_secrets_by_env_and_ctrl_c_stops_following_not_the_job(
     assert not [x for x in ours if "Traceback" in x], text[-3000:]
     assert "HF_TOKEN" in text and "hf-test-secret" not in text  # named, never printed
 
-    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_TOKEN", "RAY_AUTH_MODE")}
-    os.environ.update({"RAY_AUTH_TOKEN": head_env["RAY_AUTH_TOKEN"], "RAY_AUTH_MODE": "token"})
-    try:
-        from ray.job_submission import JobSubmissionClient
+    # asked from a process of its own: this one's Ray client keeps the token of the session's
+    # own Ray, which this head refuses
+    probe = (
+        "import json, sys, time\n"
+        "from ray.job_submission import JobSubmissionClient\n"
+        "c = JobSubmissionClient(sys.argv[1])\n"
+        "while str(c.get_job_status(sys.argv[2])).split('.')[-1] not in ('SUCCEEDED', 'FAILED'):\n"
+        "    time.sleep(1)\n"
+        "i = c.get_job_info(sys.argv[2])\n"
+        "print(json.dumps({'status': str(i.status), 'env': i.runtime_env['env_vars'],"
+        " 'logs': c.get_job_logs(sys.argv[2])[-5000:]}))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe, address, job_id],
+        env=head_env,
+        capture_output=True,
+        text=True,
+        timeout=420,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    import json
 
-        client = JobSubmissionClient(address)
-        while str(client.get_job_status(job_id)).split(".")[-1] not in ("SUCCEEDED", "FAILED"):
-            assert time.time() < deadline + 120, "job did not finish"
-            time.sleep(1)
-        info = client.get_job_info(job_id)
-        assert str(info.status).endswith("SUCCEEDED"), client.get_job_logs(job_id)[-3000:]
-        env_vars = info.runtime_env["env_vars"]
-        assert env_vars["HF_TOKEN"] == "hf-test-secret" and env_vars["MY_SETTING"] == "on"
-        assert "[done] submitted2" in client.get_job_logs(job_id)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    info = json.loads(done.stdout.strip().splitlines()[-1])
+    assert info["status"].endswith("SUCCEEDED"), info["logs"]
+    assert info["env"]["HF_TOKEN"] == "hf-test-secret" and info["env"]["MY_SETTING"] == "on"
+    assert "[done] submitted2" in info["logs"]
     assert (store / "adapters" / "submitted2" / "adapter_model.safetensors").is_file()
     assert "hf-test-secret" not in (ROOT / "configs" / "demo.yaml").read_text()
 
