@@ -1,7 +1,7 @@
 """Where lorafleet keeps things under `storage.root`, and the file names of a published
 adapter: one rule each, read by training (which writes them) and serving (which reads them).
 
-    <storage.root>/models/<name>/            a `tiny://<name>` base, built locally
+    <storage.root>/models/<name>/            a `tiny://<name>` base, built by the driver
     <storage.root>/adapters/<name>/          a published adapter: ADAPTER_FILES + ADAPTER_META
     <storage.root>/runs/<run>/               Ray Train / Tune runs and checkpoints
 """
@@ -27,10 +27,16 @@ def tiny_name(base: str) -> str | None:
     return base[len(TINY_SCHEME) :] if base.startswith(TINY_SCHEME) else None
 
 
+def tiny_uri(name: str, storage_root: str) -> str:
+    """Where `tiny://<name>` lives for every node: `<root>/models/<name>` (local path or URI).
+    Training records it as the adapter's base, so serving compares bases by it."""
+    return storage.join(storage.absolute(storage_root), "models", name)
+
+
 def tiny_dir(name: str, storage_root: str) -> Path:
-    """The local directory of `tiny://<name>`: under a local storage root, `<root>/models/<name>`;
-    under a remote one (s3://, gs://), this machine's cache, since Hugging Face loaders read
-    local directories."""
+    """The local directory of `tiny://<name>` on this machine: under a local storage root,
+    `<root>/models/<name>`; under a remote one (s3://, gs://), the driver builds it in this
+    machine's cache before uploading it to `tiny_uri`, since Hugging Face savers write locally."""
     if storage.is_remote(storage_root):
         return Path("~/.cache/lorafleet/models", name).expanduser()
     return Path(storage.absolute(storage_root), "models", name)

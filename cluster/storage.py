@@ -1,4 +1,5 @@
-"""One seam for every read and write of runs, checkpoints and adapters.
+"""One seam for every read and write of runs, checkpoints and adapters, and for reading data
+files and base models from wherever they live (`local_copy`: remote ones via a per-node cache).
 
 A storage root is a local path, `s3://bucket/prefix` or `gs://bucket/prefix`. pyarrow's
 filesystems do the work (the same ones Ray Train uses for `RunConfig(storage_path=...)`), so an
@@ -8,8 +9,11 @@ the environment, never from the config.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
+import uuid
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -118,3 +122,54 @@ def listdir(uri: str) -> list[str]:
     fs, path = _fs(uri)
     info = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
     return sorted(i.base_name for i in info)
+
+
+def cache_root() -> Path:
+    """This node's cache of remote files: $LORAFLEET_CACHE, else ~/.cache/lorafleet/remote."""
+    return Path(os.environ.get("LORAFLEET_CACHE") or "~/.cache/lorafleet/remote").expanduser()
+
+
+def _fingerprint(uri: str) -> tuple[str, list]:
+    """('file' | 'dir', listing) of `uri`; FileNotFoundError naming it when nothing is there."""
+    fs, path = _fs(uri)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.File:
+        return "file", [(info.base_name, info.size or 0, info.mtime_ns or 0)]
+    listing = files(uri) if info.type == pafs.FileType.Directory else []
+    if not listing:
+        raise FileNotFoundError(f"{uri}: not found")
+    return "dir", listing
+
+
+def local_copy(uri: str) -> Path:
+    """A local path with the content of `uri`: the path itself when local; for s3:// or gs://, a
+    copy in this node's cache, fetched once per node and per content (keyed by the URI and the
+    size and mtime of every file, so a rewrite is fetched again). The copy lands under a temporary
+    name and is renamed into place, so workers racing on one node never see half a copy."""
+    if not is_remote(uri):
+        return Path(uri).expanduser()
+    kind, listing = _fingerprint(uri)
+    key = hashlib.sha256(json.dumps([uri.rstrip("/"), listing]).encode()).hexdigest()[:20]
+    name = uri.rstrip("/").rsplit("/", 1)[-1]
+    dest = cache_root() / key / name
+    if dest.exists():
+        return dest
+    tmp = dest.with_name(f".{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.incoming")
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        if kind == "file":
+            fs, path = _fs(uri)
+            with fs.open_input_stream(path) as src, open(tmp, "wb") as out:
+                shutil.copyfileobj(src, out)
+        else:
+            download_dir(uri, tmp)
+        try:
+            tmp.rename(dest)
+        except OSError:  # another process on this node got there first: theirs is the same
+            pass
+    finally:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+    return dest

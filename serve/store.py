@@ -19,7 +19,7 @@ from pathlib import Path
 
 from cluster import storage
 from cluster.errors import LorafleetError
-from cluster.layout import ADAPTER_CONFIG, ADAPTER_META, TINY_MARKER, tiny_dir, tiny_name
+from cluster.layout import ADAPTER_CONFIG, ADAPTER_META, TINY_MARKER, tiny_dir, tiny_name, tiny_uri
 from cluster.schema_base import is_valid_name
 
 # a publish in progress (`cluster.storage` writes `<name>.incoming`, then renames it)
@@ -53,7 +53,11 @@ def resolve_base(base: str, storage_root: str) -> str:
 
 def base_key(base: str, storage_root: str) -> str:
     """One spelling per base (`tiny://demo` and its directory are the same model), so the
-    adapter-fits-model check is a string comparison."""
+    adapter-fits-model check is a string comparison. On a remote root, training records a tiny
+    base by its URI (`<root>/models/<name>`), not by any node's local copy."""
+    name = tiny_name(base)
+    if name is not None and storage.is_remote(storage_root):
+        return tiny_uri(name, storage_root)
     try:
         return resolve_base(base, storage_root)
     except BaseNotBuilt:

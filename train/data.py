@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from cluster import storage
 from cluster.errors import LorafleetError
 from train.chat_template import CHAT_TEMPLATE
 
@@ -72,44 +73,24 @@ class DataReport:
 
 
 def read_rows(path: str, split: str = "train") -> Iterator[tuple[int, object, str]]:
-    """(row number, row, source) for a local file or a hub dataset id."""
-    p = Path(path).expanduser()
+    """(row number, row, source) for a local file, an s3:// or gs:// file (read from this node's
+    cache; errors name the remote URI), or a hub dataset id."""
+    remote = storage.is_remote(path)
+    p = Path(path if remote else Path(path).expanduser())
     suffix = p.suffix.lower()
     if suffix in LOCAL_SUFFIXES:
-        if not p.is_file():
+        try:
+            local = storage.local_copy(path) if remote else p
+        except FileNotFoundError:
+            local = None
+        except OSError as e:  # the bucket unreachable, or access denied: one line that says so
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise DataError(f"{path}: cannot read the data file ({reason})") from None
+        if local is None or not local.is_file():
             raise DataError(f"{path}: data file not found")
-        kind = LOCAL_SUFFIXES[suffix]
-        if kind == "jsonl":
-            with p.open(encoding="utf-8") as f:
-                for n, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        yield n, json.loads(line), str(p)
-                    except json.JSONDecodeError as e:
-                        yield n, RowError(f"invalid JSON ({e.msg} at column {e.colno})"), str(p)
-        elif kind == "json":
-            try:
-                data = json.loads(p.read_text(encoding="utf-8"))
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
-            if isinstance(data, dict) and isinstance(data.get("data"), list):
-                data = data["data"]
-            if not isinstance(data, list):
-                raise DataError(f'{path}: expected a JSON list of rows (or {{"data": [...]}})')
-            for n, row in enumerate(data, 1):
-                yield n, row, str(p)
-        elif kind == "csv":
-            with p.open(encoding="utf-8", newline="") as f:
-                for n, row in enumerate(csv.DictReader(f), 1):
-                    yield n, row, str(p)
-        else:
-            import pyarrow.parquet as pq
-
-            for n, row in enumerate(pq.read_table(p).to_pylist(), 1):
-                yield n, row, str(p)
+        yield from _file_rows(local, LOCAL_SUFFIXES[suffix], path if remote else str(p))
         return
-    if p.exists():
+    if remote or p.exists():
         raise DataError(
             f"{path}: unsupported file type {suffix or '(none)'}; expected one of {sorted(LOCAL_SUFFIXES)}"
         )
@@ -126,6 +107,39 @@ def read_rows(path: str, split: str = "train") -> Iterator[tuple[int, object, st
         ) from None
     for n, row in enumerate(ds, 1):
         yield n, row, f"{path}[{split}]"
+
+
+def _file_rows(p: Path, kind: str, source: str) -> Iterator[tuple[int, object, str]]:
+    """Rows of the local file `p`, reported as coming from `source` (its path or remote URI)."""
+    if kind == "jsonl":
+        with p.open(encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    yield n, json.loads(line), source
+                except json.JSONDecodeError as e:
+                    yield n, RowError(f"invalid JSON ({e.msg} at column {e.colno})"), source
+    elif kind == "json":
+        try:
+            data = json.loads(p.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{source}: invalid JSON at line {e.lineno}: {e.msg}") from None
+        if isinstance(data, dict) and isinstance(data.get("data"), list):
+            data = data["data"]
+        if not isinstance(data, list):
+            raise DataError(f'{source}: expected a JSON list of rows (or {{"data": [...]}})')
+        for n, row in enumerate(data, 1):
+            yield n, row, source
+    elif kind == "csv":
+        with p.open(encoding="utf-8", newline="") as f:
+            for n, row in enumerate(csv.DictReader(f), 1):
+                yield n, row, source
+    else:
+        import pyarrow.parquet as pq
+
+        for n, row in enumerate(pq.read_table(p).to_pylist(), 1):
+            yield n, row, source
 
 
 # ---------------------------------------------------------------------------------------------

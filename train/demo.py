@@ -84,21 +84,32 @@ def run_demo(
     from cluster.config import load_config
     from cluster.validation import with_overrides
     from train.export import load_adapter_model
-    from train.model import load_tokenizer, resolve_base
+    from train.model import base_path, load_tokenizer, resolve_base
     from train.trainer import train
 
     t0 = time.time()
-    cfg = resolve_base(load_config(config_path, overrides or []))
+    cfg = load_config(config_path, overrides or [])
+    if storage.is_remote(cfg.storage.root):
+        from cluster.errors import ConfigError
+
+        raise ConfigError(
+            [
+                "storage.root: the demo writes its data and reads its adapters on this machine; "
+                f"expected a local path. Got {cfg.storage.root!r} instead"
+            ]
+        )
+    cfg = resolve_base(cfg)
     root = Path(storage.absolute(cfg.storage.root))
     tokenizer = load_tokenizer(cfg)
-    base_model = AutoModelForCausalLM.from_pretrained(cfg.model.base, dtype=torch.float32)
+    base = base_path(cfg)
+    base_model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     rows = []
     for name in tasks:
         paths = write_task_data(name, root / "demo" / "data" / name, n_train, n_test)
         task_cfg = with_overrides(cfg, {"name": f"demo-{name}", "data.path": str(paths["train"])})
         summary = train(task_cfg, log=log)
         test = [json.loads(x) for x in paths["test"].read_text().splitlines()]
-        adapted = load_adapter_model(summary["adapter"], base=cfg.model.base)
+        adapted = load_adapter_model(summary["adapter"], base=base)
         rows.append(
             {
                 "task": name,
