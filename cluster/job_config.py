@@ -16,9 +16,10 @@ from cluster.tune_space import TuneSection, check_space
 class ModelConfig(Section):
     base: str = Field(
         "tiny://demo",
-        description="Base causal LM: a local directory or a Hugging Face hub id. `tiny://<name>` "
-        "builds a tiny Llama-shaped model and tokenizer locally (no download) under "
-        "`<storage.root>/models/<name>`.",
+        description="Base causal LM: a local directory, an s3:// or gs:// directory (fetched "
+        "once per node), or a Hugging Face hub id. `tiny://<name>` builds a tiny Llama-shaped "
+        "model and tokenizer locally (no download) into `<storage.root>/models/<name>` (on a "
+        "remote root: built by the driver, uploaded once, read by every node).",
     )
     revision: str | None = Field(
         None, description="Hub revision (branch, tag or commit) of `base`."
@@ -71,8 +72,9 @@ class AdapterConfig(Section):
 class DataConfig(Section):
     path: str = Field(
         ...,
-        description="Training data: a local .jsonl/.json/.csv/.parquet file, or a Hugging Face "
-        "datasets hub id (with `split`).",
+        description="Training data: a .jsonl/.json/.csv/.parquet file (a local path, or "
+        "s3://... / gs://..., fetched once per node), or a Hugging Face datasets hub id (with "
+        "`split`).",
     )
     split: str = Field("train", description="Split to read when `path` is a hub id.")
     format: Literal["alpaca", "chat", "completion", "text"] = Field(
@@ -93,7 +95,8 @@ class DataConfig(Section):
         "attention is masked per example, so packed examples do not see each other.",
     )
     eval_path: str | None = Field(
-        None, description="A separate eval file. Else `eval_ratio` is used."
+        None,
+        description="A separate eval file (local path, s3:// or gs://). Else `eval_ratio` is used.",
     )
     eval_ratio: float = Field(
         0.05, ge=0, lt=1, description="Share of the training rows held out for eval."
@@ -161,15 +164,42 @@ class TrainingConfig(Section):
     )
 
 
+class DeepSpeedSection(Section):
+    stage: Literal[2, 3] = Field(
+        2,
+        description="ZeRO stage: 2 partitions optimizer state and gradients across workers, 3 "
+        "also the parameters (the frozen base included), gathered layer by layer when used.",
+    )
+    config: str | None = Field(
+        None,
+        description="A DeepSpeed JSON file (local path or storage URI), read on the driver and "
+        "merged over the config generated from this YAML (batch sizes, accumulation, clipping, "
+        "precision, ZeRO stage). Batch sizes, accumulation and stage may only repeat the YAML's "
+        "values; optimizer, scheduler, fp16 and bf16 sections are refused (they come from "
+        "`training`).",
+    )
+
+
 class ScalingConfig(Section):
     num_workers: int = Field(1, gt=0, description="Ray Train workers (one model replica each).")
     use_gpu: bool = Field(False, description="One GPU per worker.")
     resources_per_worker: dict[str, float] = Field(
         default_factory=lambda: {"CPU": 1}, description="Ray resources each worker reserves."
     )
-    strategy: Literal["ddp"] = Field(
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK",
+        description="How workers are placed on nodes (Ray placement group strategy): PACK fills "
+        "few nodes, SPREAD spreads where it can, STRICT_SPREAD puts each worker on its own node "
+        "(needs as many nodes as workers), STRICT_PACK puts all on one node.",
+    )
+    strategy: Literal["ddp", "deepspeed"] = Field(
         "ddp",
-        description="Data-parallel strategy: PyTorch DDP (gloo on CPU, NCCL on GPU), the only one so far.",
+        description="Data-parallel strategy: PyTorch DDP (gloo on CPU, NCCL on GPU), or DeepSpeed "
+        "ZeRO (`scaling.deepspeed`) over the same process group.",
+    )
+    deepspeed: DeepSpeedSection = Field(
+        default_factory=DeepSpeedSection,
+        description="DeepSpeed settings, read when `strategy` is deepspeed.",
     )
 
     @field_validator("resources_per_worker")
@@ -248,7 +278,31 @@ class JobConfig(Section):
                 "model.attn_implementation: flash_attention_2 needs scaling.use_gpu=true. "
                 "Got 'flash_attention_2' instead"
             )
+        problems += _deepspeed_problems(self)
         problems += check_space(self)
         if problems:
             raise ValueError("\n".join(problems))
         return self
+
+
+def _deepspeed_problems(cfg: JobConfig) -> list[str]:
+    """Combinations DeepSpeed cannot train, each found by trying it (DeepSpeed 0.19.8)."""
+    s = cfg.scaling
+    if s.strategy != "deepspeed":
+        return []
+    problems = []
+    if s.deepspeed.stage == 3 and cfg.adapter.use_dora and cfg.quantization.mode != "none":
+        problems.append(
+            "adapter.use_dora: DoRA reads the whole frozen base weight, which ZeRO-3 partitions; "
+            "bitsandbytes' quantized weights are not ZeRO-3 parameters (AttributeError: 'Params4bit' "
+            f"object has no attribute 'ds_status', 'Int8Params' likewise). Got use_dora=true with "
+            f"quantization.mode='{cfg.quantization.mode}' and scaling.deepspeed.stage=3 instead; "
+            "use stage 2, quantization.mode=none, or plain LoRA"
+        )
+    if cfg.training.optimizer == "paged_adamw_8bit":
+        problems.append(
+            "training.optimizer: DeepSpeed ZeRO partitions the optimizer state itself and counts "
+            "bitsandbytes' paged AdamW 8-bit as an untested ZeRO optimizer. Got "
+            "'paged_adamw_8bit' with scaling.strategy='deepspeed' instead; use 'adamw'"
+        )
+    return problems

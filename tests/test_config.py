@@ -237,3 +237,35 @@ def test_storage_root_comes_from_the_cluster_environment_unless_the_file_sets_it
     assert load_config(job, ["storage.root=/mnt/runs"]).storage.root == "/mnt/runs"
     job.write_text("data: {path: rows.jsonl}\nstorage: {root: here}\n")
     assert load_config(job).storage.root == "here"
+
+
+def test_deepspeed_combinations_that_cannot_train_are_refused_with_the_reason(tmp_path):
+    ds3 = "scaling: {strategy: deepspeed, deepspeed: {stage: 3}, use_gpu: true}\n"
+    problems = _problems(
+        "data: {path: x.jsonl}\nadapter: {use_dora: true}\n"
+        "training: {optimizer: paged_adamw_8bit}\n" + ds3,
+        tmp_path,
+    )
+    text = "\n".join(problems)
+    assert len(problems) == 2, problems
+    assert "adapter.use_dora" in text and "stage=3" in text and "'4bit'" in text
+    assert "ds_status" in text  # the error DeepSpeed gives when it is tried
+    assert "training.optimizer" in text and "'paged_adamw_8bit'" in text and "deepspeed" in text
+    # what does work: DoRA on ZeRO-2 or on an unquantized base, ZeRO-3 QLoRA with adamw
+    for ok in (
+        "adapter: {use_dora: true}\nscaling: {strategy: deepspeed, deepspeed: {stage: 2}}\n",
+        "adapter: {use_dora: true}\nquantization: {mode: none}\n" + ds3,
+        ds3,
+    ):
+        p = tmp_path / "ok.yaml"
+        p.write_text("data: {path: x.jsonl}\n" + ok)
+        assert load_config(p).scaling.strategy == "deepspeed"
+
+
+def test_deepspeed_stage_and_strategy_values_are_checked(tmp_path):
+    problems = _problems(
+        "data: {path: x.jsonl}\nscaling: {strategy: fsdp, deepspeed: {stage: 1}}\n", tmp_path
+    )
+    text = "\n".join(problems)
+    assert "scaling.strategy" in text and "fsdp" in text and "deepspeed" in text
+    assert "scaling.deepspeed.stage" in text and "1" in text

@@ -31,6 +31,11 @@ def check_adapter(path: str | Path, expect_trained: bool = True) -> int:
         raise AdapterError(
             f"adapter at {path} holds no tensors: the target modules matched nothing?"
         )
+    empty = [k for k, v in tensors.items() if v.numel() == 0]
+    if empty:  # what a ZeRO-3 save without gathering the partitioned weights writes
+        raise AdapterError(
+            f"adapter at {path} has empty tensors {empty[:3]}: saved from partitioned weights?"
+        )
     bad = [k for k, v in tensors.items() if not torch.isfinite(v).all()]
     if bad:
         raise AdapterError(f"adapter at {path} has non-finite values in {bad[:3]}")
@@ -73,7 +78,7 @@ def merge_adapter(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from cluster.job_config import JobConfig
-    from train.model import DTYPES, load_base
+    from train.model import DTYPES, base_path, load_base
 
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
     check_adapter(adapter_dir, expect_trained=False)
@@ -83,7 +88,7 @@ def merge_adapter(
         model = load_base(cfg, "cpu")
         if cfg.quantization.mode != "none":
             model = model.dequantize()
-        base = cfg.model.base
+        base = base_path(cfg)  # an s3:// or gs:// base: this machine's cached copy
         trust = cfg.model.trust_remote_code
     else:
         base = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())["base_model_name_or_path"]

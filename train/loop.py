@@ -1,11 +1,12 @@
-"""The per-worker training loop that Ray Train runs on each worker (DDP over gloo or NCCL).
+"""The per-worker training loop that Ray Train runs on each worker: DDP over gloo or NCCL, or
+DeepSpeed ZeRO over the same process group (`scaling.strategy`, train/zero.py).
 
 Every worker builds the same data deterministically and takes its own slice of each global
 batch; rank 0 writes checkpoints and prints progress. A checkpoint holds the adapter (PEFT
-safetensors), optimizer and scheduler state (`torch.load(weights_only=True)` loads it), the
-step, the data position and every RNG a step may draw from (Python's `random`, numpy, torch
-CPU, and torch CUDA where present), so a resumed run continues at the next step on the
-same batches it would have seen.
+safetensors), optimizer and scheduler state (`torch.load(weights_only=True)` loads it; under
+DeepSpeed each worker adds its own ZeRO shard), the step, the data position and every RNG a
+step may draw from (Python's `random`, numpy, torch CPU, and torch CUDA where present), so a
+resumed run continues at the next step on the same batches it would have seen.
 """
 
 from __future__ import annotations
@@ -117,30 +118,34 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(dirpath: Path, model, optimizer, scheduler, meta: dict) -> None:
+    """The adapter, optimizer (None under DeepSpeed: each rank saves its ZeRO shard), scheduler,
+    RNGs and meta. Under ZeRO-3 call it inside `zero.gathered`, or the adapter is empty."""
     model.save_pretrained(dirpath / ADAPTER_DIR, safe_serialization=True)
-    torch.save(
-        {
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "rng": rng_state(),
-        },
-        dirpath / CHECKPOINT_STATE,
-    )
+    state = {"scheduler": scheduler.state_dict(), "rng": rng_state()}
+    if optimizer is not None:
+        state["optimizer"] = optimizer.state_dict()
+    torch.save(state, dirpath / CHECKPOINT_STATE)
     (dirpath / CHECKPOINT_META).write_text(json.dumps(meta, indent=2))
 
 
-def load_checkpoint(dirpath: Path, model, optimizer, scheduler) -> dict:
-    from peft import set_peft_model_state_dict
+def load_checkpoint(dirpath: Path, model, optimizer, scheduler, engine=None) -> dict:
+    """The inverse of save_checkpoint; with a DeepSpeed `engine`, the adapter goes into the
+    partitioned model and this rank's ZeRO shard into the engine's optimizer."""
     from safetensors.torch import load_file
 
+    from train import zero
+
     weights = load_file(str(dirpath / ADAPTER_DIR / ADAPTER_WEIGHTS))
-    result = set_peft_model_state_dict(model, weights)
+    result = zero.set_adapter(model, weights, engine.zero_optimization_stage() if engine else 0)
     if getattr(result, "unexpected_keys", None):
         raise RuntimeError(
             f"checkpoint {dirpath} does not fit this adapter: {result.unexpected_keys[:3]}"
         )
     state = torch.load(dirpath / CHECKPOINT_STATE, weights_only=True, map_location="cpu")
-    optimizer.load_state_dict(state["optimizer"])
+    if engine is None:
+        optimizer.load_state_dict(state["optimizer"])
+    else:
+        zero.load_shard(engine, dirpath)
     scheduler.load_state_dict(state["scheduler"])
     if "rng" in state:
         set_rng_state(state["rng"])
@@ -163,6 +168,8 @@ class Run:
     pad_id: int = 0
     model: object = None
     ddp_model: object = None
+    engine: object = None  # the DeepSpeed engine under scaling.strategy=deepspeed
+    zero_stage: int = 0
     params: list = field(default_factory=list)
     optimizer: object = None
     scheduler: object = None
@@ -234,16 +241,35 @@ def setup(loop_config: dict) -> Run:
     run.params = [p for p in run.model.parameters() if p.requires_grad]
     run.optimizer = _optimizer(run.params, t)
     run.scheduler = _scheduler(run.optimizer, t)
-    restore(run)
+    run.amp = _autocast_dtype(t.precision, device)
+    if cfg.scaling.strategy == "deepspeed":
+        _wrap_deepspeed(run, loop_config.get("deepspeed"))
+        restore(run)  # into the engine: ZeRO's partitions exist only after initialize
+    else:
+        restore(run)
+        _wrap_ddp(run)
+    return run
+
+
+def _wrap_ddp(run: Run) -> None:
     run.ddp_model = run.model
     if run.world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
+        device = run.device
         run.ddp_model = DistributedDataParallel(
             run.model, device_ids=[device.index] if device.type == "cuda" else None
         )
-    run.amp = _autocast_dtype(t.precision, device)
-    return run
+
+
+def _wrap_deepspeed(run: Run, override: dict | None) -> None:
+    from train import zero
+
+    config = zero.ds_config(run.cfg, run.world, run.amp, override)
+    run.engine = run.ddp_model = zero.initialize(run.model, run.optimizer, config)
+    run.zero_stage = run.engine.zero_optimization_stage()
+    run.amp = None  # DeepSpeed's torch_autocast casts inside the engine's forward
+    run.log(f"[deepspeed] ZeRO-{run.zero_stage} on {run.world} worker(s): {json.dumps(config)}")
 
 
 def restore(run: Run) -> None:
@@ -260,7 +286,7 @@ def restore(run: Run) -> None:
         storage.download_dir(run.cfg.training.resume_from, resume_dir)
     else:
         return
-    meta = load_checkpoint(Path(resume_dir), run.model, run.optimizer, run.scheduler)
+    meta = load_checkpoint(Path(resume_dir), run.model, run.optimizer, run.scheduler, run.engine)
     run.step, run.position = meta["step"], meta["position"]
     run.best_eval, run.bad_evals = meta.get("best_eval_loss", math.inf), meta.get("bad_evals", 0)
     run.history = [h for h in meta.get("history", []) if h["step"] <= run.step]
@@ -281,26 +307,44 @@ def validate(run: Run) -> float:
     """Mean eval loss per trained token, over every worker's shard of the eval sequences."""
     from train.data import collate
 
-    t = run.cfg.training
     run.model.eval()
     loss_sum, tok_sum = 0.0, 0.0
-    shard = run.data.eval[run.rank :: run.world]
-    limit = t.eval_max_batches * t.batch_size if t.eval_max_batches else None
-    shard = shard[:limit] if limit else shard
-    for i in range(0, len(shard), t.batch_size):
-        batch = collate(shard[i : i + t.batch_size], run.pad_id)
+    for rows, weight in _eval_rows(run):
+        batch = collate(rows, run.pad_id)
         batch.pop("num_tokens")
-        n = (batch["labels"][:, 1:] != -100).sum().item()
-        if n:
-            loss_sum += forward_loss(run, batch).item() * n
-            tok_sum += n
+        n = (batch["labels"][:, 1:] != -100).sum().item() * weight
+        if n or run.zero_stage == 3:  # ZeRO-3: every forward is collective, so none is skipped
+            loss = forward_loss(run, batch).item()
+            if n:
+                loss_sum, tok_sum = loss_sum + loss * n, tok_sum + n
     run.model.train()
     loss_sum, tok_sum = _all_sum([loss_sum, tok_sum], run.device)
     return loss_sum / max(tok_sum, 1.0)
 
 
+def _eval_rows(run: Run) -> list[tuple[list, int]]:
+    """This worker's eval batches, each with a weight (1, or 0 for padding). Under ZeRO-3 every
+    worker runs as many forwards as worker 0 (whose shard is the largest), repeating a batch
+    with weight 0 where its own shard is shorter."""
+    t = run.cfg.training
+    limit = t.eval_max_batches * t.batch_size if t.eval_max_batches else None
+
+    def batches(rank: int) -> list[tuple[list, int]]:
+        shard = run.data.eval[rank :: run.world][:limit]
+        return [(shard[i : i + t.batch_size], 1) for i in range(0, len(shard), t.batch_size)]
+
+    own = batches(run.rank)
+    if run.zero_stage == 3:
+        most = batches(0)
+        filler = (own or most)[0][0]
+        own += [(filler, 0)] * (len(most) - len(own))
+    return own
+
+
 def train_step(run: Run) -> tuple[float, float, int]:
     """One optimizer step over grad_accum_steps micro-batches: (loss, grad norm, real tokens)."""
+    if run.engine is not None:
+        return _zero_step(run)
     t = run.cfg.training
     step_loss, tokens = 0.0, 0
     for micro in range(t.grad_accum_steps):
@@ -319,6 +363,25 @@ def train_step(run: Run) -> tuple[float, float, int]:
     run.optimizer.zero_grad(set_to_none=True)
     run.step += 1
     return step_loss, norm, tokens
+
+
+def _zero_step(run: Run) -> tuple[float, float, int]:
+    """train_step under DeepSpeed: the engine scales the loss for accumulation, clips, and
+    steps its optimizer only at the last micro-batch."""
+    t = run.cfg.training
+    step_loss, tokens = 0.0, 0
+    for _ in range(t.grad_accum_steps):
+        batch = run.batches.batch(run.position)
+        run.position += 1
+        tokens += int(batch.pop("num_tokens"))
+        loss = forward_loss(run, batch)
+        run.engine.backward(loss)
+        run.engine.step()
+        step_loss += loss.item() / t.grad_accum_steps
+    run.scheduler.step()
+    run.step += 1
+    norm = run.engine.get_global_grad_norm()
+    return step_loss, float(norm if norm is not None else 0.0), tokens
 
 
 def fit(run: Run) -> None:
@@ -424,7 +487,27 @@ def save(run: Run, metrics: dict) -> None:
     import ray.train
 
     with tempfile.TemporaryDirectory(prefix="lorafleet-ckpt-") as tmp:
-        checkpoint = None
+        checkpoint = _write_checkpoint(run, Path(tmp), metrics)
+        ray.train.report(
+            # Tune tells our patience stop from its own by early_stopped; with no eval data,
+            # checkpoints are ranked on the training loss
+            metrics | {"eval_loss": metrics.get("eval_loss", metrics["loss"])},
+            checkpoint=checkpoint,
+            checkpoint_dir_name=f"checkpoint_{run.step:06d}",
+        )
+
+
+def _write_checkpoint(run: Run, tmp: Path, metrics: dict):
+    """Rank 0 writes the adapter and the loop's state. Under DeepSpeed every rank also writes
+    its ZeRO shard into the same checkpoint (Ray merges the ranks' files), and under ZeRO-3 the
+    adapter is gathered first: a plain save would write empty tensors."""
+    import ray.train
+
+    from train import zero
+
+    if run.engine is not None:
+        zero.save_shard(run.engine, tmp)
+    with zero.gathered(run.model, run.zero_stage):
         if run.is_main:
             meta = {
                 "step": run.step,
@@ -435,15 +518,11 @@ def save(run: Run, metrics: dict) -> None:
                 "history": run.history,
                 "base_model": run.cfg.model.base,
             }
-            save_checkpoint(Path(tmp), run.model, run.optimizer, run.scheduler, meta)
-            checkpoint = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report(
-            # Tune tells our patience stop from its own by early_stopped; with no eval data,
-            # checkpoints are ranked on the training loss
-            metrics | {"eval_loss": metrics.get("eval_loss", metrics["loss"])},
-            checkpoint=checkpoint,
-            checkpoint_dir_name=f"checkpoint_{run.step:06d}",
-        )
+            optimizer = None if run.engine is not None else run.optimizer
+            save_checkpoint(tmp, run.model, optimizer, run.scheduler, meta)
+    if run.is_main or run.engine is not None:
+        return ray.train.Checkpoint.from_directory(tmp)
+    return None
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

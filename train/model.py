@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from cluster import layout
+from cluster import layout, storage
 from cluster.errors import ModelError
 
 DTYPES = {
@@ -23,16 +23,54 @@ DTYPES = {
 
 
 def resolve_base(cfg):
-    """`tiny://<name>` -> a locally built model under `<storage.root>/models/<name>`; other
-    values (a local directory or a hub id) pass through untouched."""
+    """`tiny://<name>` -> the model built once under `<storage.root>/models/<name>`. On a local
+    root it is built there; on a remote root (s3://, gs://) it is built on this machine and
+    uploaded there once, and model.base becomes that URI: a name every node can read, never a
+    path on the driver. Other values (a directory, an s3:// or gs:// URI, a hub id) pass as given."""
     name = layout.tiny_name(cfg.model.base)
     if name is None:
         return cfg
     from cluster.validation import with_overrides
     from train.tiny import ensure_tiny_base
 
-    path = ensure_tiny_base(name, layout.tiny_dir(name, cfg.storage.root))
-    return with_overrides(cfg, {"model.base": str(path)})
+    root = cfg.storage.root
+    if not storage.is_remote(root):
+        path = ensure_tiny_base(name, layout.tiny_dir(name, root))
+        return with_overrides(cfg, {"model.base": str(path)})
+    uri = layout.tiny_uri(name, root)
+    if not storage.exists(storage.join(uri, layout.TINY_MARKER)):
+        upload_model(ensure_tiny_base(name, layout.tiny_dir(name, root)), uri)
+    return with_overrides(cfg, {"model.base": uri})
+
+
+def upload_model(local: Path, uri: str) -> None:
+    """Copy a built tiny base to `uri`, its marker last: a reader that finds the marker finds a
+    whole model (an upload cut short leaves no marker, and is redone by the next run)."""
+    import shutil
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="lorafleet-base-") as tmp:
+        staged = Path(tmp, "model")
+        shutil.copytree(local, staged, ignore=shutil.ignore_patterns(layout.TINY_MARKER))
+        storage.upload_dir(staged, uri)
+    marker = (local / layout.TINY_MARKER).read_text()
+    storage.write_text(storage.join(uri, layout.TINY_MARKER), marker)
+
+
+def base_path(cfg) -> str:
+    """What `from_pretrained` reads for model.base: for an s3:// or gs:// URI, this node's cached
+    copy (fetched once per node and per content); anything else as given."""
+    base = cfg.model.base
+    if not storage.is_remote(base):
+        return base
+    try:
+        return str(storage.local_copy(base))
+    except OSError as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ModelError(
+            f"model.base: '{base}' could not be read ({reason}); expected a model directory "
+            "(config.json, weights, tokenizer files) at that URI"
+        ) from None
 
 
 def hub_error(base: str, error: Exception) -> ModelError:
@@ -47,14 +85,15 @@ def hub_error(base: str, error: Exception) -> ModelError:
 def load_tokenizer(cfg):
     from transformers import AutoTokenizer
 
+    base = base_path(cfg)
     try:
         tok = AutoTokenizer.from_pretrained(
-            cfg.model.base,
+            base,
             revision=cfg.model.revision,
             trust_remote_code=cfg.model.trust_remote_code,
         )
     except (OSError, ValueError) as e:
-        if Path(cfg.model.base).is_dir():
+        if Path(base).is_dir():
             raise
         raise hub_error(cfg.model.base, e) from None
     if tok.pad_token is None:
@@ -62,16 +101,21 @@ def load_tokenizer(cfg):
     return tok
 
 
-def quantization_config(q):
+def quantization_config(q, zero3: bool = False):
+    """bitsandbytes settings for the base. Under DeepSpeed ZeRO-3 the packed 4-bit weights are
+    stored in the compute dtype (quant_storage is overridden): ZeRO-3 partitions and gathers them
+    like every other parameter, and one floating dtype for all of them is the recipe PEFT and
+    bitsandbytes give for ZeRO-3 QLoRA."""
     from transformers import BitsAndBytesConfig
 
     if q.mode == "4bit":
+        storage = q.compute_dtype if zero3 else q.quant_storage
         return BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type=q.quant_type,
             bnb_4bit_use_double_quant=q.double_quant,
             bnb_4bit_compute_dtype=DTYPES[q.compute_dtype],
-            bnb_4bit_quant_storage=DTYPES[q.quant_storage],
+            bnb_4bit_quant_storage=DTYPES[storage],
         )
     if q.mode == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
@@ -82,9 +126,10 @@ def load_base(cfg, device: torch.device | str = "cpu", quantized: bool = True):
     """The base causal LM on `device`, quantized as the config says (or not, for merging)."""
     from transformers import AutoModelForCausalLM
 
-    qcfg = quantization_config(cfg.quantization) if quantized else None
+    zero3 = cfg.scaling.strategy == "deepspeed" and cfg.scaling.deepspeed.stage == 3
+    qcfg = quantization_config(cfg.quantization, zero3=zero3) if quantized else None
     model = AutoModelForCausalLM.from_pretrained(
-        cfg.model.base,
+        base_path(cfg),
         revision=cfg.model.revision,
         trust_remote_code=cfg.model.trust_remote_code,
         quantization_config=qcfg,

@@ -17,6 +17,7 @@ from cluster import layout, storage
 from cluster.errors import LorafleetError
 from train.export import check_adapter
 from train.loop import ADAPTER_DIR, CHECKPOINT_META, train_loop_per_worker
+from train.zero import load_override
 
 
 class TrainingError(LorafleetError):
@@ -59,10 +60,16 @@ def build_trainer(
         train_loop_config={
             "cfg": cfg.model_dump(mode="json"),
             "run_dir": storage.join(runs_root(cfg), run_id),
+            # scaling.deepspeed.config, read here so workers on other nodes need not see the file
+            "deepspeed": load_override(cfg),
         },
+        # DeepSpeed too runs over this process group (train/zero.py)
         torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
-            num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources
+            num_workers=s.num_workers,
+            use_gpu=s.use_gpu,
+            resources_per_worker=resources,
+            placement_strategy=s.placement_strategy,
         ),
         run_config=RunConfig(
             name=run_id,
