@@ -14,6 +14,15 @@ WORKER_ENV_VARS = {
 }
 # set by Ray in the driver of a submitted job (`ray job submit`, `lorafleet submit`)
 IN_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+# the State API (dashboard) of the local Ray this process started; None until it starts one
+_local_state_api: str | None = None
+
+
+def state_api_address() -> str | None:
+    """The State API of the local Ray this process started, for `ray.util.state` calls: with
+    several local Rays on one machine, Ray cannot guess which one is ours. None when this process
+    joined a cluster (then Ray finds it from the address)."""
+    return _local_state_api
 
 
 def ensure_ray(ray_cfg=None, log=print):
@@ -43,8 +52,10 @@ def ensure_ray(ray_cfg=None, log=print):
         # Train's placement-group cleaner finds the State API by looking for "the" local Ray; with
         # several on the machine it fails, dies, and the groups of stopped Tune trials stay
         # reserved until the search hangs for resources. Tell its processes which dashboard is ours.
+        global _local_state_api
         dashboard_port = _free_port()
-        env["env_vars"]["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard_port}"
+        _local_state_api = f"http://127.0.0.1:{dashboard_port}"
+        env["env_vars"]["RAY_API_SERVER_ADDRESS"] = _local_state_api
         ray.init(
             address="local",
             num_cpus=num_cpus,

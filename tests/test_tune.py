@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -263,3 +264,113 @@ def test_a_search_on_a_bucket_publishes_the_best_checkpoint_by_tune_metric(
     for f in ("adapter_model.safetensors", "adapter_config.json"):
         assert storage.exists(storage.join(out["adapter"], f))
     assert storage.exists(out["best_yaml"]) and storage.exists(out["csv"])
+
+
+def _trial_steps(runs: Path) -> dict[str, int]:
+    """Each trial's last reported step, from its run's metrics file."""
+    out = {}
+    for f in runs.glob("*/run/metrics.jsonl"):
+        steps = [json.loads(x)["step"] for x in f.read_text().splitlines() if x.strip()]
+        out[f.parent.parent.name] = max(steps, default=0)
+    return out
+
+
+def test_a_search_interrupted_mid_way_continues_with_resume(
+    ray_local, tmp_path, tiny_base, task_data
+):
+    """Ctrl-C during `lorafleet tune` once Tune has recorded its first trial as finished and the
+    second is past a checkpoint, then `lorafleet tune --resume`: the finished trial is not
+    trained again, the interrupted one continues from its checkpoint, and the search ends with
+    every trial done. Both commands join the session's Ray, as jobs on a cluster do."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    from cluster.config import dump_config
+    from tune.tuner import STATE_SAVE_S
+
+    cfg = job_config(
+        tmp_path,
+        tiny_base,
+        task_data["train"],
+        name="cut",
+        **{
+            "training.max_steps": 16,
+            "training.eval_every_steps": 4,
+            "training.keep_checkpoints": 1,
+            "tune.scheduler": "fifo",
+            "tune.search": "grid",
+            "tune.num_samples": 1,
+            "tune.max_concurrent_trials": 1,
+            "tune.space": {"training.learning_rate": {"grid": [3e-3, 1e-3, 3e-4]}},
+            "ray.address": ray_local.get_runtime_context().gcs_address,
+        },
+    )
+    path = tmp_path / "tune.yaml"
+    path.write_text(dump_config(cfg))
+    runs = Path(cfg.storage.root, "runs")
+    cmd = [sys.executable, "-m", "cluster.cli", "tune", str(path)]
+
+    def launch(*extra: str, log: Path) -> subprocess.Popen:
+        with log.open("w") as out:
+            return subprocess.Popen([*cmd, *extra], cwd=ROOT, stdout=out, stderr=out)
+
+    def finish(proc: subprocess.Popen, timeout: float) -> int:
+        try:
+            return proc.wait(timeout=timeout)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+
+    def ready() -> bool:
+        """Tune saw one trial finish over STATE_SAVE_S ago (so its saved state says so), and the
+        next trial is mid-way, with a checkpoint that Ray Train has registered."""
+        nonlocal finished_at
+        said = (tmp_path / "first.log").read_text()
+        if finished_at is None and re.search(r"\[tune\] \d+ running, 1 finished", said):
+            finished_at = time.time()
+        running = {n: s for n, s in _trial_steps(runs).items() if s < 16}
+        return (
+            finished_at is not None
+            and time.time() - finished_at > STATE_SAVE_S + 1
+            and len(running) == 1
+            # Ray Train has registered a checkpoint of the running trial (what a resume reads)
+            and (runs / next(iter(running)) / "run" / "checkpoint_manager_snapshot.json").is_file()
+        )
+
+    finished_at = None
+    first = launch(log=tmp_path / "first.log")
+    try:
+        deadline = time.time() + 300
+        while not ready():
+            assert first.poll() is None and time.time() < deadline, "search ended before Ctrl-C"
+            time.sleep(0.2)
+        at_interrupt = _trial_steps(runs)
+        first.send_signal(signal.SIGINT)
+    finally:
+        finish(first, timeout=180)
+    said = (tmp_path / "first.log").read_text()
+    assert first.returncode == 130, said[-3000:]
+    assert f"lorafleet tune {path} stopped; rerun it with --resume" in said, said[-3000:]
+    finished = {
+        n: (runs / n / "run" / "metrics.jsonl").stat().st_mtime_ns
+        for n, s in at_interrupt.items()
+        if s == 16
+    }
+    assert len(finished) == 1, at_interrupt
+
+    second = launch("--resume", log=tmp_path / "resume.log")
+    finish(second, timeout=400)
+    text = (tmp_path / "resume.log").read_text()
+    assert second.returncode == 0, text[-3000:]
+    assert "[tune] resuming" in text, text[-3000:]
+    final = _trial_steps(runs)
+    assert len(final) == 3 and set(final.values()) == {16}, final
+    # the finished trial was left alone; the interrupted one went on from a checkpoint
+    assert {
+        n: (runs / n / "run" / "metrics.jsonl").stat().st_mtime_ns for n in finished
+    } == finished
+    assert re.search(r"resumed from a checkpoint at step (4|8|12)", text), text[-3000:]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import os
 import re
 import time
 from pathlib import Path
@@ -25,6 +26,8 @@ from cluster.job_config import JobConfig
 from cluster.validation import with_overrides
 
 SEP = "__"  # dotted keys become Tune parameter names without dots
+# how often, at most, Tune saves the search state that `--resume` continues from (seconds)
+STATE_SAVE_S = 5
 
 
 class NothingToPublish(LorafleetError):
@@ -392,6 +395,9 @@ def tune_job(cfg, resume: bool = False, log=print) -> dict:
         raise ConfigError(["tune.space: expected at least one key to search. Got {} instead"])
     cfg = prepare_run(cfg, log=log)
     t0 = time.time()
+    # Tune saves the search's state at most every 10 s by default; Ctrl-C (see cluster/cli.py)
+    # leaves without a last save, so a trial finished in those 10 s would run again on --resume
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", str(STATE_SAVE_S))
     restore = resume and can_resume(cfg)
     if restore:
         log(f"[tune] resuming {search_path(cfg)}")
