@@ -61,9 +61,10 @@ def _demo_cfg(tmp: Path, **over):
     ).model_copy(update={"storage": cfg.storage})
 
 
-def plain_loop_tokens_per_s(cfg) -> float:
+def plain_loop_tokens_per_s(cfg, device: str = "cpu") -> float:
     """The anchor: transformers + peft + bitsandbytes in one process, nothing of lorafleet's in
-    the step (the same prepared sequences, so the same data)."""
+    the step (the same prepared sequences, so the same data). On CUDA it computes in the config's
+    compute dtype under bf16 autocast, as lorafleet's loop does there."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
@@ -80,10 +81,10 @@ def plain_loop_tokens_per_s(cfg) -> float:
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.float32,
+        bnb_4bit_compute_dtype=getattr(torch, cfg.quantization.compute_dtype),
     )
     model = AutoModelForCausalLM.from_pretrained(
-        cfg.model.base, quantization_config=q, device_map={"": "cpu"}
+        cfg.model.base, quantization_config=q, device_map={"": device}
     )
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     a = cfg.adapter
@@ -107,9 +108,14 @@ def plain_loop_tokens_per_s(cfg) -> float:
             tokens, t0 = 0, time.perf_counter()
         b = batches.batch(step)
         tokens += int(b.pop("num_tokens"))
-        model(**b, use_cache=False).loss.backward()
+        b = {k: v.to(device) for k, v in b.items()}
+        with torch.autocast("cuda", torch.bfloat16, enabled=device == "cuda"):
+            loss = model(**b, use_cache=False).loss
+        loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+    if device == "cuda":
+        torch.cuda.synchronize()
     return tokens / (time.perf_counter() - t0)
 
 
