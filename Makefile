@@ -21,8 +21,10 @@ setup: $(BIN)/.installed
 demo: setup
 	$(BIN)/lorafleet demo configs/demo.yaml
 
+# two pytest-xdist workers, a file each at a time: the suite is mostly waiting on Ray and vLLM
+# processes, so two files at once finish in well under the time of one after the other
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 bench: setup
 	$(BIN)/python -m bench.run

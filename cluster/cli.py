@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import threading
 from dataclasses import dataclass, field
@@ -472,5 +473,19 @@ def main(argv: list[str] | None = None) -> int:
             sys.modules["ray"].shutdown()
 
 
+def entry() -> None:
+    """The `lorafleet` command: main(), then a hard exit after Ctrl-C. The interrupted job's
+    thread may still be inside Ray while the interpreter tears down, and Ray aborts the process
+    when that thread touches the core worker main() already shut down (seen: exit 134 instead
+    of 130 after a Ctrl-C in `lorafleet tune`). By then the message is printed and the local Ray
+    stopped, so nothing is lost by leaving at once."""
+    code = main()
+    if code == 130:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

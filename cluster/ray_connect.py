@@ -36,6 +36,10 @@ def ensure_ray(ray_cfg=None, log=print):
     env = {"env_vars": dict(WORKER_ENV_VARS)}
     if address:
         log(f"[ray] connecting to {address}")
+        # a State API named by the caller is the workers' too (Train's placement-group cleaner
+        # looks it up; with several Rays on one machine it cannot guess)
+        if os.environ.get("RAY_API_SERVER_ADDRESS"):
+            env["env_vars"]["RAY_API_SERVER_ADDRESS"] = os.environ["RAY_API_SERVER_ADDRESS"]
         ray.init(
             address=address,
             runtime_env=env if IN_JOB_ENV not in os.environ else None,

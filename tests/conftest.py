@@ -141,3 +141,36 @@ def job_config(tmp_path: Path, base: Path, data: Path, **overrides):
     for k, v in overrides.items():
         set_dotted(nested, k, v)
     return load_config(None, deep_merge(raw, nested))
+
+
+# the files that take longest, longest first: `make test` runs files on 2 pytest-xdist workers
+# (`--dist loadfile`), and starting the long ones first keeps the two busy to the end
+LONGEST_FIRST = [
+    "test_serve.py",
+    "test_tune.py",
+    "test_faults.py",
+    "test_cli.py",
+    "test_train.py",
+    "test_deepspeed.py",
+    "test_demo.py",
+    "test_multinode.py",
+    "test_submit.py",
+    "test_job_submit.py",
+]
+
+
+def pytest_collection_modifyitems(config, items):
+    """Long files first (a stable sort: order within a file is kept); `gpu` tests are skipped,
+    with the reason, where CUDA is not available (CI, laptops)."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+    gpu_items = [item for item in items if "gpu" in item.keywords]
+    if not gpu_items:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU; bench/gpu_check.sh runs it on a GPU node")
+    for item in gpu_items:
+        item.add_marker(skip)

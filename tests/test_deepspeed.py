@@ -53,8 +53,11 @@ def _train(cfg, tmp: Path, ray_address: str) -> tuple[list[dict], str]:
     path = tmp / f"{cfg.name}.yaml"
     path.write_text(dump_config(cfg))
     cmd = [sys.executable, "-m", "cluster.cli", "train", str(path), f"ray.address={ray_address}"]
+    from cluster.ray_connect import state_api_address
+
+    env = os.environ | {"RAY_API_SERVER_ADDRESS": state_api_address()}
     proc = subprocess.Popen(
-        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         start_new_session=True,
     )  # fmt: skip
     try:

@@ -2,9 +2,11 @@
 exact match on held-out prompts) comes from `run_demo`, so its claim is tested here on the
 demo's own base (`tiny://demo`, built and pretrained as `make demo` builds it).
 
-Shrunk: the `last` task only, 100 steps instead of 150, 100 held-out prompts instead of 200.
-Measured here: base 16% -> adapter 90% (the `swap` task needs the full 150 steps and is left
-to `make demo`, whose table the README shows)."""
+Shrunk: the `last` task only (its 150 steps and 4000 rows as the demo trains it), 100
+held-out prompts instead of 200. Measured here: base 16-17% -> adapter 98%. With 100 steps on
+2000 rows the same adapter reached only 27% (eval loss 1.00 against 0.02 at 150 steps): this
+task is learned late, so the test trains it as the demo does. The `swap` task is left to
+`make demo`, whose table the README shows."""
 
 from __future__ import annotations
 
@@ -23,11 +25,8 @@ def test_the_demo_adapter_beats_the_base_by_a_margin(ray_local, session_dir):
         "configs/demo.yaml",
         [
             f"storage.root={session_dir / 'demo'}",
-            "training.max_steps=100",
-            "training.eval_every_steps=100",
         ],
         tasks=("last",),
-        n_train=2000,
         n_test=100,
         log=lambda *_: None,
     )

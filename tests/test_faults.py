@@ -17,7 +17,7 @@ from conftest import job_config
 
 pytestmark = pytest.mark.slow
 
-STEPS, EVERY = 40, 10
+STEPS, EVERY = 30, 10
 # a worker kill must not change where training ends by more than this (relative eval loss)
 EVAL_LOSS_TOLERANCE = 0.02
 
@@ -129,14 +129,19 @@ def test_killing_the_driver_then_resume_repeats_at_most_one_checkpoint_interval(
 
     from conftest import ROOT
 
+    from cluster.ray_connect import state_api_address
+
     cfg = _cfg(tmp_path, tiny_base, task_data, "driver-kill").model_dump(mode="json")
     cfg["scaling"]["num_workers"] = 1
     cfg["ray"]["address"] = ray_local.get_runtime_context().gcs_address
     path = tmp_path / "job.yaml"
     path.write_text(json.dumps(cfg))
     cmd = [sys.executable, "-m", "cluster.cli", "train", str(path)]
+    env = os.environ | {"RAY_API_SERVER_ADDRESS": state_api_address()}
     runs = Path(cfg["storage"]["root"], "runs", "driver-kill")
-    first = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         deadline = time.time() + 300
         while _last_step(runs.glob("run-*")) < EVERY + 3:
@@ -151,7 +156,7 @@ def test_killing_the_driver_then_resume_repeats_at_most_one_checkpoint_interval(
     (run_dir,) = runs.glob("run-*")
     t0 = time.time()
     second = subprocess.run(
-        [*cmd, "--resume"], cwd=ROOT, capture_output=True, text=True, timeout=400
+        [*cmd, "--resume"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=400
     )
     text = second.stdout + second.stderr
     assert second.returncode == 0, text[-3000:]

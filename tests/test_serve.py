@@ -133,7 +133,10 @@ def served(ray_local, s3_bucket, tmp_path_factory, tiny_base, task_data, two_wor
         **{
             "storage.root": str(store),
             "training.max_steps": 60,
-            "training.learning_rate": 2e-2,
+            # 2e-2 learned the task on one machine and not at all on another (loss stuck at 1.3):
+            # at that rate the outcome hangs on the CPU's float rounding. 1e-2 learned it fully
+            # (40 of 40 through PEFT) where 2e-2 did not
+            "training.learning_rate": 1e-2,
             "training.batch_size": 8,
             "training.eval_every_steps": 60,
         },
@@ -409,8 +412,8 @@ def _variant(served, user=None, header_user=None, experiment="bot"):
     return r.headers["X-Lorafleet-Variant"]
 
 
-def test_sticky_split_of_2000_users_follows_the_80_20_weights(served):
-    users = [f"user-{i}" for i in range(2000)]
+def test_sticky_split_of_1000_users_follows_the_80_20_weights(served):
+    users = [f"user-{i}" for i in range(1000)]
     with ThreadPoolExecutor(8) as pool:
         first = list(pool.map(lambda u: _variant(served, user=u), users))
         # the same users again (the OpenAI `user` field, then the X-User-Id header)
@@ -418,7 +421,7 @@ def test_sticky_split_of_2000_users_follows_the_80_20_weights(served):
         anon = list(pool.map(lambda _: _variant(served), range(200)))
     assert again == first[:200]
     share_a = first.count("a") / len(first)
-    assert abs(share_a - 0.8) < 4 * (0.8 * 0.2 / 2000) ** 0.5, share_a  # within 4 sd
+    assert abs(share_a - 0.8) < 4 * (0.8 * 0.2 / 1000) ** 0.5, share_a  # within 4 sd (5 points)
     assert set(anon) == {"a", "b"} and abs(anon.count("a") / 200 - 0.8) < 0.12
 
 
@@ -625,10 +628,14 @@ def test_killing_a_replica_under_load_fails_only_its_in_flight_requests(served):
     import psutil
     from ray.util.state import list_actors
 
+    from cluster.ray_connect import state_api_address
+
     def replica_actors():
         return [
             a
-            for a in list_actors(filters=[("state", "=", "ALIVE")], detail=True)
+            for a in list_actors(
+                address=state_api_address(), filters=[("state", "=", "ALIVE")], detail=True
+            )
             if a.class_name.startswith(f"ServeReplica:{APP}:{LLM_DEPLOYMENT}")
         ]
 

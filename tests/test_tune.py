@@ -282,6 +282,7 @@ def test_a_search_interrupted_mid_way_continues_with_resume(
     second is past a checkpoint, then `lorafleet tune --resume`: the finished trial is not
     trained again, the interrupted one continues from its checkpoint, and the search ends with
     every trial done. Both commands join the session's Ray, as jobs on a cluster do."""
+    import os
     import signal
     import subprocess
     import sys
@@ -290,6 +291,7 @@ def test_a_search_interrupted_mid_way_continues_with_resume(
     from conftest import ROOT
 
     from cluster.config import dump_config
+    from cluster.ray_connect import state_api_address
     from tune.tuner import STATE_SAVE_S
 
     cfg = job_config(
@@ -313,10 +315,11 @@ def test_a_search_interrupted_mid_way_continues_with_resume(
     path.write_text(dump_config(cfg))
     runs = Path(cfg.storage.root, "runs")
     cmd = [sys.executable, "-m", "cluster.cli", "tune", str(path)]
+    env = os.environ | {"RAY_API_SERVER_ADDRESS": state_api_address()}
 
     def launch(*extra: str, log: Path) -> subprocess.Popen:
         with log.open("w") as out:
-            return subprocess.Popen([*cmd, *extra], cwd=ROOT, stdout=out, stderr=out)
+            return subprocess.Popen([*cmd, *extra], cwd=ROOT, env=env, stdout=out, stderr=out)
 
     def finish(proc: subprocess.Popen, timeout: float) -> int:
         try:
