@@ -33,8 +33,8 @@ KEY = "sk-test-" + "0123456789abcdef"  # in the app's key file (http.api_keys_fi
 ENV_KEY = "sk-env-" + "fedcba9876543210"  # in the app's environment (http.api_keys_env)
 APP = "t-serve"
 LLM_DEPLOYMENT = "LoraStoreServer:tiny"
-# the 'reply' adapter's exact match through HTTP must beat the base's by this much (measured:
-# 0.825 against 0.0 after 60 steps)
+# the 'reply' adapter's exact match through HTTP must beat the base's by this much (measured
+# through PEFT after 60 steps at lr 1e-2: 40 of 40 against the base's 0)
 LEARNED_MARGIN = 0.5
 REPLIES = {"greet": "hi", "thank": "ok", "leave": "by"}
 
