@@ -111,6 +111,17 @@ def two_worker_run(ray_local, tmp_path_factory, tiny_base, task_data):
     return cfg, train(cfg, log=lambda *_: None)
 
 
+# Ray Train's own control actors log their internal retries with tracebacks (a placement-group
+# cleaner that cannot find its State API, a controller's health poll that timed out on a loaded
+# machine and was retried): Ray's noise, tagged with the actor's name, not an error of ours
+RAY_CONTROL_ACTORS = ("(PlacementGroupCleaner pid=", "(TrainController pid=")
+
+
+def our_lines(text: str) -> list[str]:
+    """The lines of a command's output that are not Ray's control actors' own logs."""
+    return [x for x in text.splitlines() if not any(tag in x for tag in RAY_CONTROL_ACTORS)]
+
+
 def job_config(tmp_path: Path, base: Path, data: Path, **overrides):
     """A small, fast job on the tiny base; overrides are dotted keys."""
     raw = {

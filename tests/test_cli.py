@@ -15,7 +15,7 @@ import time
 import psutil
 import pytest
 import requests
-from conftest import ROOT
+from conftest import ROOT, our_lines
 
 from cluster.cli import Invocation, parse
 
@@ -252,7 +252,7 @@ def test_ctrl_c_during_train_says_how_to_resume_and_exits_130(tmp_path, tiny_bas
     # Train's placement-group cleaner actor prints a traceback of its own every few seconds when
     # other local Rays run on the machine (it looks its cluster up by address and finds several):
     # Ray's noise, not this command's
-    ours = [x for x in after.splitlines() if "(PlacementGroupCleaner pid=" not in x]
+    ours = our_lines(after)
     assert not [x for x in ours if "Traceback" in x], after[-3000:]
     # Ray stops its agents last, by SIGTERM; on a loaded 2-core machine that took over 20 s
     assert not _gone(ray_procs, timeout_s=60), "Ray processes outlived the command"

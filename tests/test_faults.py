@@ -17,7 +17,7 @@ from conftest import job_config
 
 pytestmark = pytest.mark.slow
 
-STEPS, EVERY = 30, 10
+STEPS, EVERY = 20, 5
 # a worker kill must not change where training ends by more than this (relative eval loss)
 EVAL_LOSS_TOLERANCE = 0.02
 

@@ -11,7 +11,7 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, our_lines
 from test_job_submit import ray_head  # noqa: F401 (the fixture)
 
 pytestmark = pytest.mark.slow
@@ -56,7 +56,7 @@ def test_submit_passes_secrets_by_env_and_ctrl_c_stops_following_not_the_job(
     assert f"stopped following; job {job_id} keeps running" in text
     # Train's placement-group cleaner prints tracebacks of its own when other Rays run on the
     # machine (Ray's noise, not this command's): the command itself printed none
-    ours = [x for x in text.splitlines() if "PlacementGroupCleaner" not in x]
+    ours = our_lines(text)
     assert not [x for x in ours if "Traceback" in x], text[-3000:]
     assert "HF_TOKEN" in text and "hf-test-secret" not in text  # named, never printed
 
