@@ -122,6 +122,27 @@ def our_lines(text: str) -> list[str]:
     return [x for x in text.splitlines() if not any(tag in x for tag in RAY_CONTROL_ACTORS)]
 
 
+def vllm_greedy(base, adapter: str, prompts: list[str], tmp_path: Path, env=None) -> dict:
+    """Real vLLM's greedy answers for the base and with the adapter (`tests/helpers/vllm_lora.py`
+    in its own process): {"base": [...], "lora": [...]}."""
+    import json
+    import subprocess
+
+    path = tmp_path / "prompts.json"
+    path.write_text(json.dumps(prompts))
+    helper = ROOT / "tests" / "helpers" / "vllm_lora.py"
+    proc = subprocess.run(
+        [sys.executable, str(helper), str(base), adapter, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=400,
+        cwd=ROOT,
+        env=os.environ | (env or {}),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(next(x for x in proc.stdout.splitlines() if x.startswith('{"base"')))
+
+
 def job_config(tmp_path: Path, base: Path, data: Path, **overrides):
     """A small, fast job on the tiny base; overrides are dotted keys."""
     raw = {

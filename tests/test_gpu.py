@@ -6,14 +6,11 @@ the GPU path's, not the model's."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, job_config
+from conftest import job_config, vllm_greedy
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 
@@ -94,24 +91,13 @@ def test_vllm_on_gpu_serves_the_adapter_as_peft_answers_it(
 
     summary = train(_gpu_job(tmp_path, tiny_base, task_data, "vllm"), log=lambda *_: None)
     rows = [json.loads(x) for x in Path(task_data["test"]).read_text().splitlines()[:12]]
-    prompts = tmp_path / "prompts.json"
-    prompts.write_text(json.dumps([r["prompt"] for r in rows]))
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "tests" / "helpers" / "vllm_lora.py"),
-            str(tiny_base),
-            summary["adapter"],
-            str(prompts),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=400,
-        cwd=ROOT,
-        env=os.environ | {"VLLM_TARGET_DEVICE": "cuda"},
+    out = vllm_greedy(
+        tiny_base,
+        summary["adapter"],
+        [r["prompt"] for r in rows],
+        tmp_path,
+        env={"VLLM_TARGET_DEVICE": "cuda"},
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(next(x for x in proc.stdout.splitlines() if x.startswith('{"base"')))
     peft_model = load_adapter_model(summary["adapter"], base=str(tiny_base))
     peft_answers = [_answer(peft_model, tokenizer, r["prompt"]) for r in rows]
     same = sum(is_exact_match(a, b) for a, b in zip(out["lora"], peft_answers, strict=True))

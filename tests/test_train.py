@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, job_config
+from conftest import ROOT, job_config, vllm_greedy
 
 from cluster import cli
 from cluster.config import dump_config
@@ -252,24 +252,8 @@ def test_adapter_loads_in_vllm_with_lora_request(
 
     _, summary = two_worker_run
     rows = [json.loads(x) for x in Path(task_data["test"]).read_text().splitlines()[:12]]
-    prompts = tmp_path / "prompts.json"
     # the tokenizer adds BOS itself, as training saw it (vLLM encodes with special tokens)
-    prompts.write_text(json.dumps([r["prompt"] for r in rows]))
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "tests" / "helpers" / "vllm_lora.py"),
-            str(tiny_base),
-            summary["adapter"],
-            str(prompts),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=400,
-        cwd=ROOT,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(next(x for x in proc.stdout.splitlines() if x.startswith('{"base"')))
+    out = vllm_greedy(tiny_base, summary["adapter"], [r["prompt"] for r in rows], tmp_path)
     peft_model = load_adapter_model(summary["adapter"], base=str(tiny_base))
     peft_answers = [_answer(peft_model, tokenizer, r["prompt"]) for r in rows]
     same = sum(is_exact_match(a, b) for a, b in zip(out["lora"], peft_answers, strict=True))

@@ -341,6 +341,13 @@ def _eval_rows(run: Run) -> list[tuple[list, int]]:
     return own
 
 
+def _next_batch(run: Run) -> tuple[dict, int]:
+    """This worker's next micro-batch and its count of real tokens; the data position moves on."""
+    batch = run.batches.batch(run.position)
+    run.position += 1
+    return batch, int(batch.pop("num_tokens"))
+
+
 def train_step(run: Run) -> tuple[float, float, int]:
     """One optimizer step over grad_accum_steps micro-batches: (loss, grad norm, real tokens)."""
     if run.engine is not None:
@@ -348,9 +355,8 @@ def train_step(run: Run) -> tuple[float, float, int]:
     t = run.cfg.training
     step_loss, tokens = 0.0, 0
     for micro in range(t.grad_accum_steps):
-        batch = run.batches.batch(run.position)
-        run.position += 1
-        tokens += int(batch.pop("num_tokens"))
+        batch, n = _next_batch(run)
+        tokens += n
         last = micro == t.grad_accum_steps - 1
         sync = run.ddp_model.no_sync() if (run.world > 1 and not last) else contextlib.nullcontext()
         with sync:
@@ -371,9 +377,8 @@ def _zero_step(run: Run) -> tuple[float, float, int]:
     t = run.cfg.training
     step_loss, tokens = 0.0, 0
     for _ in range(t.grad_accum_steps):
-        batch = run.batches.batch(run.position)
-        run.position += 1
-        tokens += int(batch.pop("num_tokens"))
+        batch, n = _next_batch(run)
+        tokens += n
         loss = forward_loss(run, batch)
         run.engine.backward(loss)
         run.engine.step()
