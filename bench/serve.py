@@ -60,10 +60,19 @@ def _build(root: Path) -> Path:
         for n, p in peft.named_parameters():
             if "lora_B" in n:
                 torch.nn.init.normal_(p, std=0.02)
-        out = root / "adapters" / name
+        out = root / "flat" / name  # what in-process vLLM loads
         peft.save_pretrained(out)
-        (out / "lorafleet.json").write_text(json.dumps({"name": name, "base_model": str(base)}))
+        publish(out, root, name, base)
     return base
+
+
+def publish(folder: Path, root: Path, name: str, base: Path) -> str:
+    """Publish `folder` as a version of adapter `name` in the store under `root`."""
+    from cluster import versions
+    from cluster.fingerprint import base_fingerprint
+
+    meta = {"base_model": str(base), "base_fingerprint": base_fingerprint(str(base))}
+    return versions.publish(folder, str(root / "adapters"), name, meta)
 
 
 DIRECT = r"""
@@ -81,7 +90,7 @@ def batch(base, root, prompts):
     names = ["a0", "a1", "a2", "a3"]
     llm = LLM(model=base, **ENGINE)
     params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
-    reqs = [LoRARequest(n, i + 1, f"{root}/adapters/{n}") for i, n in enumerate(names)]
+    reqs = [LoRARequest(n, i + 1, f"{root}/flat/{n}") for i, n in enumerate(names)]
     llm.generate(prompts[:8], params, lora_request=[reqs[i % 4] for i in range(8)])  # warm: load all 4
     t = time.perf_counter()
     out = llm.generate(prompts, params, lora_request=[reqs[i % 4] for i in range(len(prompts))])
@@ -97,7 +106,7 @@ async def concurrent(base, root, prompts, clients=16):
     from vllm.v1.engine.async_llm import AsyncLLM
     engine = AsyncLLM.from_engine_args(AsyncEngineArgs(model=base, **ENGINE))
     params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
-    reqs = [LoRARequest(n, i + 1, f"{root}/adapters/{n}") for i, n in enumerate(["a0", "a1", "a2", "a3"])]
+    reqs = [LoRARequest(n, i + 1, f"{root}/flat/{n}") for i, n in enumerate(["a0", "a1", "a2", "a3"])]
 
     async def one(i, prompt):
         async for out in engine.generate(prompt, params, f"r{i}", lora_request=reqs[i % 4]):
@@ -217,7 +226,7 @@ def main() -> None:
         cold, warm = [], []
         for i in range(3):
             name = f"cold{i}"
-            shutil.copytree(root / "adapters" / "a0", root / "adapters" / name)
+            publish(root / "flat" / "a0", root, name, base)
             cold.append(post(f"tiny:{name}", prompts[0], 1)[0])
             warm.append(statistics.median(post(f"tiny:{name}", prompts[0], 1)[0] for _ in range(5)))
         for name in ADAPTERS:

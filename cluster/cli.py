@@ -5,6 +5,9 @@
     lorafleet tune configs/tune-demo.yaml
     lorafleet validate configs/*.yaml
     lorafleet merge lorafleet-runs/adapters/demo-last --out merged/
+    lorafleet adapters list | show NAME | promote NAME VERSION | rollback NAME  [--root ROOT]
+    lorafleet release configs/serve-demo.yaml        # canary: ramp, promote or roll back
+    lorafleet release status | abort configs/serve-demo.yaml [ADAPTER]
     lorafleet serve configs/serve-demo.yaml          # OpenAI-compatible HTTP on 127.0.0.1:8000
     lorafleet serve set-weights configs/serve-demo.yaml word-bot last-word=50 swap-words=50
     lorafleet serve eval configs/serve-demo.yaml tiny-demo:demo-last lorafleet-runs/demo/data/last/test.jsonl
@@ -31,6 +34,13 @@ from cluster.config import dump_config, load_config, schema_for
 from cluster.errors import ConfigError, LorafleetError
 
 SERVE_ACTIONS = ("set-weights", "eval")
+# each adapters action and the words it takes after itself
+ADAPTER_ACTIONS = {
+    "list": (),
+    "show": ("NAME",),
+    "promote": ("NAME", "VERSION"),
+    "rollback": ("NAME",),
+}
 
 
 @dataclass(frozen=True)
@@ -62,7 +72,7 @@ def run_validate(configs: list[str], overrides: list[str], print_config: bool) -
     return 2 if bad else 0
 
 
-def run_train(config: str, overrides: list[str], resume: bool) -> int:
+def run_train(config: str, overrides: list[str], resume: bool, release: str | None = None) -> int:
     cfg = load_config(config, overrides)  # a config error needs no torch
     from train.trainer import train
 
@@ -77,25 +87,81 @@ def run_train(config: str, overrides: list[str], resume: bool) -> int:
         + (f", eval_loss {last['eval_loss']:.4f}" if "eval_loss" in last else "")
         + f", {summary['seconds']:.0f}s; adapter at {summary['adapter']}"
     )
-    return 0
+    return start_release_after(release, cfg.name, summary["version"])
 
 
-def run_tune(config: str, overrides: list[str], resume: bool) -> int:
+def run_tune(config: str, overrides: list[str], resume: bool, release: str | None = None) -> int:
     cfg = load_config(config, overrides)
     from tune.tuner import tune_job
 
-    _interruptible(
+    out = _interruptible(
         lambda: tune_job(cfg, resume=resume),
         f"lorafleet tune {config} stopped; rerun it with --resume to continue the search",
     )
-    return 0
+    return start_release_after(release, cfg.name, out["version"])
 
 
 def run_merge(adapter: str, out: str, dtype: str) -> int:
+    from cluster.versions import local_version_dir
     from train.export import merge_adapter
 
-    merge_adapter(adapter, out, dtype=dtype)
+    # `adapters/<name>` (its current version), `adapters/<name>@<version>`, or a PEFT folder
+    merge_adapter(local_version_dir(adapter), out, dtype=dtype)
     return 0
+
+
+def run_adapters(
+    action: str, name: str | None, version: str | None, root: str | None, config: str | None
+) -> int:
+    from cluster import adapter_commands as ac
+
+    root = ac.storage_root(root, config)
+    if action == "list":
+        return ac.list_adapters(root)
+    if action == "show":
+        return ac.show_adapter(root, name)
+    return ac.move(root, name, version if action == "promote" else None)
+
+
+def run_release(
+    action: str,
+    config: str,
+    overrides: list[str],
+    adapter: str | None,
+    url: str | None,
+    follow: bool,
+) -> int:
+    """Start, follow or abort a canary release on the running app (cluster/release_commands.py)."""
+    from cluster import release_commands as rc
+    from cluster.http_client import HttpError, ServerUnreachable
+    from cluster.serve_config import ServeAppConfig
+
+    cfg = load_config(config, overrides, ServeAppConfig)
+    try:
+        if action == "start":
+            if cfg.release is None:
+                raise ConfigError(f"{config}: no `release:` section (adapter, steps, gates)")
+            return rc.start(cfg, cfg.release.model_dump(mode="json"), url, follow)
+        if action == "status":
+            return rc.status(cfg, adapter, url, follow)
+        return rc.abort(cfg, adapter, url)
+    except (ServerUnreachable, HttpError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+def start_release_after(serve_config: str | None, adapter: str, version: str) -> int:
+    """`lorafleet train|tune --release SERVE_CONFIG`: release the version just published, with the
+    serve file's ramp and gates (its `release:` section, or the defaults)."""
+    if not serve_config:
+        return 0
+    from cluster import release_commands as rc
+    from cluster.release_config import ReleaseConfig
+    from cluster.serve_config import ServeAppConfig
+
+    cfg = load_config(serve_config, [], ServeAppConfig)
+    spec = (cfg.release or ReleaseConfig(adapter=adapter)).model_dump(mode="json")
+    return rc.start(cfg, spec | {"adapter": adapter, "version": version}, None, wait=True)
 
 
 def run_serve(config: str, overrides: list[str]) -> int:
@@ -123,10 +189,12 @@ def _base_url(cfg, url: str | None) -> str:
     return url or f"http://{cfg.http.host}:{cfg.http.port}"
 
 
-def _client_key(cfg) -> str | None:
+def _client_key(cfg, admin: bool = False) -> str | None:
     """The key a client command sends: the first of the server's keys, from the environment
-    variable or else the key file (never from YAML)."""
-    return next(iter(cfg.http.api_keys(missing_file_ok=True)), None)
+    variable or else the key file (never from YAML). Commands that change the server send the
+    first admin key when there is one (`http.admin_keys_env` / `_file`)."""
+    keys = cfg.http.admin_keys(missing_file_ok=True) if admin else []
+    return next(iter(keys + cfg.http.api_keys(missing_file_ok=True)), None)
 
 
 def run_set_weights(config: str, experiment: str, weights: dict, url: str | None) -> int:
@@ -135,7 +203,7 @@ def run_set_weights(config: str, experiment: str, weights: dict, url: str | None
     from cluster.serve_config import ServeAppConfig
 
     cfg = load_config(config, schema=ServeAppConfig)
-    client = Client(_base_url(cfg, url), key=_client_key(cfg))
+    client = Client(_base_url(cfg, url), key=_client_key(cfg, admin=True))
     try:
         r = client.put(f"/v1/experiments/{experiment}", {"weights": weights})
     except (ServerUnreachable, HttpError) as e:
@@ -205,6 +273,8 @@ COMMANDS = {
     "serve set-weights": run_set_weights,
     "serve eval": run_serve_eval,
     "demo": run_demo,
+    "adapters": run_adapters,
+    "release": run_release,
     "submit": run_submit,
     "doctor": run_doctor,
 }
@@ -305,6 +375,13 @@ def build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
     tu.add_argument(
         "--resume", action="store_true", help="continue an interrupted search of the same name"
     )
+    for parser in (t, tu):
+        parser.add_argument(
+            "--release",
+            metavar="SERVE_CONFIG",
+            help="then canary-release the published version on that running server "
+            "(its `release:` ramp and gates)",
+        )
 
     m = sub.add_parser(
         "merge", help="merge an adapter into its (dequantized) base; writes safetensors"
@@ -331,8 +408,42 @@ def build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
     d.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     d.add_argument("--json", action="store_true", help="also print the report as JSON")
 
-    parsers = {"validate": v, "train": t, "tune": tu, "merge": m, "serve": s, "demo": d}
-    return p, parsers | _cluster_parsers(sub)
+    parsers = {
+        "validate": v,
+        "train": t,
+        "tune": tu,
+        "merge": m,
+        "serve": s,
+        "demo": d,
+    }
+    return p, parsers | _cluster_parsers(sub) | _store_parsers(sub)
+
+
+def _store_parsers(sub) -> dict[str, argparse.ArgumentParser]:
+    """`adapters`: the command that reads and moves the adapter store's versions."""
+    ad = sub.add_parser(
+        "adapters",
+        help="list adapter versions; promote one or roll back (served within seconds)",
+        description="lorafleet adapters list | show NAME | promote NAME VERSION | rollback NAME "
+        "[--root ROOT | --config CONFIG]",
+    )
+    ad.add_argument("action", choices=ADAPTER_ACTIONS)
+    ad.add_argument("args", nargs="*", metavar="NAME [VERSION]")
+    ad.add_argument(
+        "--root", help="storage root (default: $LORAFLEET_STORAGE_ROOT, else lorafleet-runs)"
+    )
+    ad.add_argument("--config", help="take storage.root from this job or serve config")
+    r = sub.add_parser(
+        "release",
+        help="canary-release an adapter version on a running server: ramp, promote or roll back",
+        description="lorafleet release [start] CONFIG [KEY=VALUE ...] [--no-follow]  |  "
+        "lorafleet release status CONFIG [ADAPTER] [--follow]  |  lorafleet release abort CONFIG ADAPTER",
+    )
+    r.add_argument("words", nargs="*", metavar="ARG")
+    r.add_argument("--url", help="the server (default: http.host:http.port)")
+    r.add_argument("--no-follow", action="store_true", help="start: return once it has started")
+    r.add_argument("--follow", action="store_true", help="status: follow it until it ends")
+    return {"adapters": ad, "release": r}
 
 
 def _cluster_parsers(sub) -> dict[str, argparse.ArgumentParser]:
@@ -411,6 +522,23 @@ def _serve_invocation(p, a) -> Invocation:
     return Invocation("serve eval", params | {"url": a.url, "limit": a.limit})
 
 
+def _release_invocation(p, a) -> Invocation:
+    words = list(a.words)
+    action = words.pop(0) if words and words[0] in ("start", "status", "abort") else "start"
+    if action == "start":
+        config, overrides = _split_words(p, words, None)
+        params = {"config": config, "overrides": overrides, "adapter": None}
+        return Invocation(
+            "release", params | {"action": action, "url": a.url, "follow": not a.no_follow}
+        )
+    if not 1 <= len(words) <= 2 or (action == "abort" and len(words) != 2):
+        p.error(
+            f"usage: lorafleet release {action} CONFIG {'ADAPTER' if action == 'abort' else '[ADAPTER]'}"
+        )
+    params = {"config": words[0], "overrides": [], "adapter": words[1] if len(words) > 1 else None}
+    return Invocation("release", params | {"action": action, "url": a.url, "follow": a.follow})
+
+
 def parse(argv: list[str] | None = None) -> Invocation:
     """The command a command line asks for, and what it would run with; nothing runs. Flags may
     stand anywhere among the words (argparse's intermixed parsing): `set-weights C E a=1 --url U
@@ -443,6 +571,15 @@ def parse(argv: list[str] | None = None) -> Invocation:
     if command == "doctor":
         config, overrides = _split_words(p, a.words, "")
         return Invocation("doctor", {"config": config or None, "overrides": overrides})
+    if command == "release":
+        return _release_invocation(p, a)
+    if command == "adapters":
+        want = ADAPTER_ACTIONS[a.action]
+        if len(a.args) != len(want):
+            p.error(f"usage: lorafleet adapters {' '.join((a.action, *want))} [--root ROOT]")
+        words = dict(zip(want, a.args, strict=True))
+        params = {"action": a.action, "name": words.get("NAME"), "version": words.get("VERSION")}
+        return Invocation("adapters", params | {"root": a.root, "config": a.config})
     if command == "merge":
         return Invocation("merge", {"adapter": a.adapter, "out": a.out, "dtype": a.dtype})
     words = ([a.config] if a.config else []) + a.overrides
@@ -450,7 +587,7 @@ def parse(argv: list[str] | None = None) -> Invocation:
     params = {"config": config, "overrides": overrides}
     if command == "demo":
         return Invocation("demo", params | {"json_report": a.json})
-    return Invocation(command, params | {"resume": a.resume})
+    return Invocation(command, params | {"resume": a.resume, "release": a.release})
 
 
 def main(argv: list[str] | None = None) -> int:

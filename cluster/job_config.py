@@ -9,7 +9,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from cluster.schema_base import Section, validate_name
+from cluster.schema_base import Section, name_problem, validate_name
 from cluster.tune_space import TuneSection, check_space
 
 
@@ -215,8 +215,15 @@ class StorageConfig(Section):
     root: str = Field(
         "lorafleet-runs",
         description="Where runs, checkpoints and adapters go: a local path, s3://bucket/prefix or "
-        "gs://bucket/prefix. Adapters land in `<root>/adapters/<name>/`. Unset in the file: "
-        "$LORAFLEET_STORAGE_ROOT if set (cluster.yaml sets it on every node), else the default.",
+        "gs://bucket/prefix. Adapters land in `<root>/adapters/<name>/versions/<version>/`. "
+        "Unset in the file: $LORAFLEET_STORAGE_ROOT if set (cluster.yaml sets it on every node), "
+        "else the default.",
+    )
+    keep_versions: int = Field(
+        10,
+        ge=1,
+        description="Published versions kept per adapter; a publish deletes older ones (never "
+        "the current one).",
     )
 
 
@@ -235,7 +242,10 @@ class JobConfig(Section):
     """A whole fine-tuning job."""
 
     name: str = Field(
-        "adapter", description="Run and adapter name: `<storage.root>/adapters/<name>/`."
+        "adapter",
+        description="Run and adapter name: `<storage.root>/adapters/<name>/`. Not one of "
+        "lorafleet's own names (adapters, models, runs, experiments, releases, versions, current, "
+        "latest, lorafleet*).",
     )
     model: ModelConfig = Field(default_factory=ModelConfig, description="The base model.")
     quantization: QuantizationConfig = Field(
@@ -256,7 +266,11 @@ class JobConfig(Section):
     @field_validator("name")
     @classmethod
     def _name(cls, v):
-        return validate_name(v)
+        validate_name(v)
+        problem = name_problem(v)  # the adapter's name too: lorafleet's own names are refused
+        if problem:
+            raise ValueError(problem)
+        return v
 
     @model_validator(mode="after")
     def _cross(self):

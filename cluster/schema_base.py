@@ -26,3 +26,24 @@ def validate_name(value: str, what: str = "name") -> str:
             f"letter or digit and without '..' (it becomes a directory name). Got {value!r} instead"
         )
     return value
+
+
+# names lorafleet uses itself (store folders, pointer files): never adapter names
+RESERVED_NAMES = frozenset(
+    {"adapters", "models", "runs", "experiments", "releases", "versions", "current", "latest"}
+)
+
+
+def name_problem(name: str) -> str | None:
+    """Why `name` cannot be an adapter name, or None."""
+    if not is_valid_name(name):
+        return (
+            f"invalid adapter name {name!r}: letters, digits, '.', '_', '-' only, starting with a "
+            "letter or digit, no '..'"
+        )
+    if name.lower() in RESERVED_NAMES or name.lower().startswith("lorafleet"):
+        return (
+            f"adapter name {name!r} is reserved for lorafleet's own use "
+            f"({', '.join(sorted(RESERVED_NAMES))}, and names starting with 'lorafleet')"
+        )
+    return None

@@ -11,6 +11,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from cluster.job_config import RayConfig, StorageConfig
+from cluster.release_config import ReleaseConfig
 from cluster.schema_base import Section, validate_name
 
 MODEL_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$")
@@ -125,6 +126,15 @@ class ExperimentConfig(Section):
     variants: list[VariantConfig] = Field(
         ..., min_length=1, description="The arms: model, adapter, weight."
     )
+    control: str | None = Field(
+        None,
+        description="The variant the others are compared with on outcomes; null: the first.",
+    )
+    min_samples: int = Field(
+        100,
+        gt=0,
+        description="Outcomes (feedback) each variant needs before its comparison counts.",
+    )
 
     @field_validator("name")
     @classmethod
@@ -137,6 +147,8 @@ class ExperimentConfig(Section):
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"variant names must be unique. Got {dup} more than once")
+        if self.control is not None and self.control not in names:
+            raise ValueError(f"control: expected one of {names}. Got {self.control!r} instead")
         return self
 
 
@@ -151,6 +163,15 @@ class HttpConfig(Section):
     api_keys_file: str | None = Field(
         None, description="A file of accepted API keys, one per line (never put keys in YAML)."
     )
+    admin_keys_env: str = Field(
+        "LORAFLEET_ADMIN_KEYS",
+        description="Environment variable holding admin keys (comma-separated): they change "
+        "experiments (PUT /v1/experiments/...) and also pass as API keys. With API keys set but "
+        "no admin key, changes are refused; with no keys at all, the server is open.",
+    )
+    admin_keys_file: str | None = Field(
+        None, description="A file of admin keys, one per line (never put keys in YAML)."
+    )
     ingress_replicas: int = Field(1, gt=0, description="Replicas of the OpenAI/experiment ingress.")
     request_timeout_s: float = Field(
         120,
@@ -161,13 +182,21 @@ class HttpConfig(Section):
     def api_keys(self, environ=None, missing_file_ok: bool = False) -> list[str]:
         """The accepted keys, in order: the environment variable's, then the key file's. The
         server needs its key file (`missing_file_ok=False`); a client may run without it."""
-        import os
+        return _read_keys(self.api_keys_env, self.api_keys_file, environ, missing_file_ok)
 
-        env = os.environ if environ is None else environ
-        keys = env.get(self.api_keys_env, "").split(",")
-        if self.api_keys_file and not (missing_file_ok and not Path(self.api_keys_file).is_file()):
-            keys += Path(self.api_keys_file).read_text().splitlines()
-        return [k.strip() for k in keys if k.strip()]
+    def admin_keys(self, environ=None, missing_file_ok: bool = False) -> list[str]:
+        """The admin keys, read as `api_keys` reads the API keys."""
+        return _read_keys(self.admin_keys_env, self.admin_keys_file, environ, missing_file_ok)
+
+
+def _read_keys(env_name: str, file: str | None, environ, missing_file_ok: bool) -> list[str]:
+    import os
+
+    env = os.environ if environ is None else environ
+    keys = env.get(env_name, "").split(",")
+    if file and not (missing_file_ok and not Path(file).is_file()):
+        keys += Path(file).read_text().splitlines()
+    return [k.strip() for k in keys if k.strip()]
 
 
 class ServeAppConfig(Section):
@@ -183,9 +212,13 @@ class ServeAppConfig(Section):
     http: HttpConfig = Field(default_factory=HttpConfig, description="HTTP and auth.")
     storage: StorageConfig = Field(
         default_factory=StorageConfig,
-        description="Where adapters are read from: `<storage.root>/adapters/<name>/`.",
+        description="Where adapters are read from (`<storage.root>/adapters/<name>/`) and "
+        "experiments' weights, counts and outcomes kept (`<storage.root>/experiments/<app>/`).",
     )
     ray: RayConfig = Field(default_factory=RayConfig, description="Ray connection.")
+    release: ReleaseConfig | None = Field(
+        None, description="A canary release `lorafleet release` starts (adapter, steps, gates)."
+    )
 
     @field_validator("name")
     @classmethod

@@ -76,6 +76,15 @@ def files(uri: str) -> list[tuple[str, int, int]]:
 
 
 def write_text(uri: str, text: str) -> None:
+    """Write a whole small file, atomically: a reader sees the old text or the new, never half
+    (a local file is written under a temporary name and renamed; an object PUT is atomic)."""
+    if not is_remote(uri):
+        dst = Path(uri).expanduser()
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.with_name(f".{dst.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, dst)
+        return
     fs, path = _fs(uri)
     parent = path.rsplit("/", 1)[0]
     fs.create_dir(parent, recursive=True)
@@ -116,6 +125,16 @@ def download_dir(uri: str, local_dir: str | Path) -> Path:
     local.mkdir(parents=True, exist_ok=True)
     pafs.copy_files(path, str(local.resolve()), source_filesystem=fs)
     return local
+
+
+def delete_dir(uri: str) -> None:
+    """Remove `uri` and everything under it (nothing there: nothing to do)."""
+    if not is_remote(uri):
+        shutil.rmtree(Path(uri).expanduser(), ignore_errors=True)
+        return
+    fs, path = _fs(uri)
+    if fs.get_file_info(path).type != pafs.FileType.NotFound:
+        fs.delete_dir(path)
 
 
 def listdir(uri: str) -> list[str]:

@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from cluster.errors import LorafleetError
-from cluster.layout import ADAPTER_CONFIG, adapters_root
+from cluster.layout import adapters_root
 from cluster.serve_config import ServeAppConfig, ServeModelConfig
-from serve.store import resolve_base
+from serve.experiments import state_uri
+from serve.store import base_identity, resolve_base
 
 INGRESS_NAME = "LorafleetIngress"
 
@@ -36,6 +37,9 @@ class Resolved:
     model_sources: dict[str, str]  # model id -> the directory or hub id vLLM loads
     adapter_root: str  # absolute URI of `<storage.root>/adapters`
     key_hashes: list[str]  # SHA-256 of each accepted API key; empty: no auth
+    base_ids: dict[str, str] = None  # model id -> fingerprint of its base (cluster.fingerprint)
+    admin_key_hashes: tuple[str, ...] = ()  # SHA-256 of each admin key; they pass as API keys too
+    state_uri: str | None = None  # experiments' durable state; None: kept in memory only
 
 
 def resolve(cfg: ServeAppConfig, environ: Mapping[str, str]) -> Resolved:
@@ -46,6 +50,9 @@ def resolve(cfg: ServeAppConfig, environ: Mapping[str, str]) -> Resolved:
         model_sources={m.id: resolve_base(m.base, cfg.storage.root) for m in cfg.models},
         adapter_root=adapters_root(cfg.storage.root),
         key_hashes=api_key_hashes(cfg, environ),
+        base_ids={m.id: base_identity(m.base, cfg.storage.root, m.revision) for m in cfg.models},
+        admin_key_hashes=tuple(api_key_hashes(cfg, environ, admin=True)),
+        state_uri=state_uri(cfg.storage.root, cfg.name),
     )
 
 
@@ -109,18 +116,35 @@ def llm_config_for(m: ServeModelConfig, model_source: str):
     )
 
 
-def api_key_hashes(cfg: ServeAppConfig, environ: Mapping[str, str]) -> list[str]:
-    """SHA-256 of each accepted key, from the environment variable and/or the key file. Only the
-    hashes travel to the ingress replicas, so keys never sit in Ray's deployment config."""
+def api_key_hashes(cfg: ServeAppConfig, environ: Mapping[str, str], admin=False) -> list[str]:
+    """SHA-256 of each accepted key (or admin key), from the environment variable and/or the key
+    file. Only the hashes travel to the ingress replicas, so keys never sit in Ray's deployment
+    config."""
+    field = "admin_keys_file" if admin else "api_keys_file"
     try:
-        keys = cfg.http.api_keys(environ)
+        keys = cfg.http.admin_keys(environ) if admin else cfg.http.api_keys(environ)
     except OSError as e:
-        path = Path(cfg.http.api_keys_file or "").expanduser().absolute()
+        path = Path(getattr(cfg.http, field) or "").expanduser().absolute()
         raise KeyFileMissing(
-            f"http.api_keys_file: cannot read {path} ({e.strerror or e}); write the accepted "
-            "API keys there, one per line, or remove http.api_keys_file from the config"
+            f"http.{field}: cannot read {path} ({e.strerror or e}); write the accepted "
+            f"{'admin' if admin else 'API'} keys there, one per line, or remove http.{field} "
+            "from the config"
         ) from None
     return sorted({hashlib.sha256(k.encode()).hexdigest() for k in keys})
+
+
+def warm_adapters(cfg: ServeAppConfig, model_id: str) -> list[str]:
+    """The adapters of `model_id` that the experiments name, the most heavily weighted first:
+    what each new replica of it preloads before it takes traffic (serve/server.py)."""
+    weight: dict[str, float] = {}
+    for e in cfg.experiments:
+        total = sum(v.weight for v in e.variants)
+        for v in e.variants:
+            if v.model == model_id and v.adapter:
+                weight[v.adapter] = weight.get(v.adapter, 0) + v.weight / total
+    if cfg.release and cfg.release.adapter not in weight:
+        weight[cfg.release.adapter] = 0.0
+    return sorted(weight, key=lambda a: -weight[a])
 
 
 def build_app(cfg: ServeAppConfig, resolved: Resolved):
@@ -128,23 +152,27 @@ def build_app(cfg: ServeAppConfig, resolved: Resolved):
     Pure: everything it needs from outside the config comes in `resolved`."""
     from ray import serve
 
-    from serve.experiments import ExperimentState
     from serve.ingress import ENDPOINTS, FleetIngress, make_app
     from serve.ray_internal import build_llm_deployment, make_fastapi_ingress, to_model_metadata
+    from serve.release import releases_uri
     from serve.server import LoraStoreServer
 
     root = resolved.adapter_root
     llm_configs = {m.id: llm_config_for(m, resolved.model_sources[m.id]) for m in cfg.models}
     deployments = {
         mid: build_llm_deployment(
-            c, deployment_cls=LoraStoreServer, bind_kwargs={"adapter_root": root}
+            c,
+            deployment_cls=LoraStoreServer,
+            bind_kwargs={
+                "adapter_root": root,
+                "warm": warm_adapters(cfg, mid),
+                "releases_uri": releases_uri(cfg.storage.root, cfg.name),
+            },
         )
         for mid, c in llm_configs.items()
     }
     cards = {mid: to_model_metadata(mid, c) for mid, c in llm_configs.items()}
-    state = serve.deployment(
-        ExperimentState, name="ExperimentState", num_replicas=1, ray_actor_options={"num_cpus": 0}
-    ).bind([e.model_dump(mode="json") for e in cfg.experiments])
+    state, release = _state_deployments(cfg, resolved)
     ingress_cls = make_fastapi_ingress(FleetIngress, endpoint_map=ENDPOINTS, app=make_app())
     return serve.deployment(
         ingress_cls,
@@ -157,19 +185,41 @@ def build_app(cfg: ServeAppConfig, resolved: Resolved):
         model_cards=cards,
         app_config=cfg.model_dump(mode="json"),
         adapter_root=root,
+        base_ids=dict(resolved.base_ids or {}),
         key_hashes=list(resolved.key_hashes),
+        admin_key_hashes=list(resolved.admin_key_hashes),
         state=state,
+        release=release,
     )
+
+
+def _state_deployments(cfg: ServeAppConfig, resolved: Resolved):
+    """The app's two one-replica deployments every ingress replica syncs with: the experiments'
+    tables and counts, and the canary releases (serve/release.py)."""
+    from ray import serve
+
+    from serve.experiments import ExperimentState
+    from serve.release import ReleaseManager
+
+    # every ingress replica waits on these: a short health check replaces a dead one soon
+    options = {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0}, "health_check_period_s": 2}
+    state = serve.deployment(ExperimentState, name="ExperimentState", **options).bind(
+        [e.model_dump(mode="json") for e in cfg.experiments], state_uri=resolved.state_uri
+    )
+    release = serve.deployment(ReleaseManager, name="ReleaseManager", **options).bind(
+        cfg.name, cfg.storage.root, resolved.adapter_root
+    )
+    return state, release
 
 
 def check_store(cfg: ServeAppConfig, log=print) -> None:
     """Say which adapters the experiments need and whether the store has them (before start)."""
-    from cluster import storage
+    from cluster import versions
 
     root = adapters_root(cfg.storage.root)
     for e in cfg.experiments:
         for v in e.variants:
-            if v.adapter and not storage.exists(storage.join(root, v.adapter, ADAPTER_CONFIG)):
+            if v.adapter and versions.current(root, v.adapter) is None:
                 log(
                     f"[serve] warning: experiment {e.name!r} variant {v.name!r} names adapter "
                     f"{v.adapter!r}, which is not in {root} yet; its requests get 404 until it is "

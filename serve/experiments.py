@@ -6,20 +6,32 @@ the weights change, only as many buckets as the change needs move, from the vari
 weight to those that gained it: moving w% of the weight moves about w% of users, and no others.
 Requests without a user id are assigned at random by weight.
 
-`ExperimentState` is a small Serve deployment that holds the bucket tables and the request counts
-for every ingress replica, so a weight change reaches all of them without a redeploy.
+`ExperimentState` is a small Serve deployment that holds the bucket tables, the request counts and
+the outcomes (feedback) for every ingress replica, so a weight change reaches all of them without a
+redeploy, and keeps them in `<storage.root>/experiments/<app>/state.json` so that a restart keeps
+every user in their bucket.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import random
+import threading
+import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
+
+from serve.outcomes import DEFAULT_MIN_SAMPLES, add_reward, parse_reward, summarize
 
 BUCKETS = 10_000
 # response headers naming who answered a request for an experiment
 VARIANT_HEADER = "X-Lorafleet-Variant"
 EXPERIMENT_HEADER = "X-Lorafleet-Experiment"
+RESPONSE_ID_HEADER = "X-Lorafleet-Response-Id"
+SAVE_INTERVAL_S = 2.0  # counts and outcomes reach storage.root at most this often
+MAX_RESPONSES = 200_000  # response ids kept for feedback (about 100 bytes each)
+REMEMBER_TIMEOUT_S = 1.0  # longest an answer waits to record its id (state replica restarting)
 
 
 def merge_counts(into: dict, deltas: dict) -> None:
@@ -110,21 +122,144 @@ def tables_for(experiments: list[dict]) -> dict[str, Table]:
     }
 
 
-class ExperimentState:
-    """One per app (a Serve deployment): bucket tables, a version, and summed counts."""
+def state_uri(storage_root: str, app_name: str) -> str:
+    """Where an app's experiment state lives: `<storage.root>/experiments/<app>/state.json`."""
+    from cluster import storage
 
-    def __init__(self, experiments: list[dict]):
+    return storage.join(storage.absolute(storage_root), "experiments", app_name, "state.json")
+
+
+def encode_owners(owners: list[int]) -> list[list[int]]:
+    """A bucket table as runs, [[variant index, run length], ...] (a few runs, not 10,000)."""
+    runs: list[list[int]] = []
+    for o in owners:
+        if runs and runs[-1][0] == o:
+            runs[-1][1] += 1
+        else:
+            runs.append([o, 1])
+    return runs
+
+
+def decode_owners(runs: list[list[int]], n_variants: int) -> list[int]:
+    owners = [int(o) for o, k in runs for _ in range(int(k))]
+    if len(owners) != BUCKETS or any(not 0 <= o < n_variants for o in owners):
+        raise ValueError(f"a saved bucket table must cover {BUCKETS} buckets of known variants")
+    return owners
+
+
+class ExperimentState:
+    """One per app (a Serve deployment): bucket tables, a version, summed counts and outcomes,
+    and which variant answered each recent response (for feedback from any ingress replica).
+
+    With `state_uri` (`<storage.root>/experiments/<app>/state.json`) the tables, counts and
+    outcomes are saved there (at once after a weight change; counts at most every SAVE_INTERVAL_S)
+    and restored at start, so a restart keeps every user in their bucket. Serve calls the sync
+    methods from a thread pool: one lock guards everything.
+    """
+
+    def __init__(self, experiments: list[dict], state_uri: str | None = None):
+        self.config = {e["name"]: e for e in experiments}
         self.tables = tables_for(experiments)
-        self.version = 0
+        # a restarted state never repeats a version an ingress replica holds, so restored
+        # tables always reach it
+        self.version = random.getrandbits(62)
         self.counts: dict[str, dict[str, dict[str, float]]] = {
             e["name"]: {v["name"]: {} for v in e["variants"]} for e in experiments
         }
+        self.outcomes: dict[str, dict[str, dict[str, float]]] = {
+            e["name"]: {v["name"]: {} for v in e["variants"]} for e in experiments
+        }
+        self.responses: OrderedDict[str, tuple[str, str]] = OrderedDict()
+        self.rng = random.Random()
+        self.state_uri = state_uri
+        self._lock = threading.RLock()
+        self._dirty, self._saved_at = False, 0.0
+        if state_uri:
+            self._restore()
+
+    # --- durability -----------------------------------------------------------------------
+
+    def _restore(self) -> None:
+        from cluster import storage
+
+        try:
+            if not storage.exists(self.state_uri):
+                return
+            saved = json.loads(storage.read_text(self.state_uri))["experiments"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            print(
+                f"[experiments] warning: cannot read {self.state_uri} ({e!r}); starting from the config"
+            )
+            return
+        for name in self.tables:
+            if name in saved:
+                self._restore_one(name, saved[name])
+
+    def _restore_one(self, name: str, saved: dict) -> None:
+        names = self.tables[name].variants
+        if saved.get("variants") != names:
+            print(
+                f"[experiments] warning: experiment {name!r} changed its variants (saved "
+                f"{saved.get('variants')}, config {names}): starting it from the config's weights"
+            )
+            return
+        try:
+            owners = decode_owners(saved["owners"], len(names))
+            table = Table(list(names), [float(w) for w in saved["weights"]], owners)
+        except (KeyError, TypeError, ValueError) as e:
+            print(
+                f"[experiments] warning: experiment {name!r}: bad saved table ({e}); using config"
+            )
+            return
+        self.tables[name] = table
+        for into, key in ((self.counts, "counts"), (self.outcomes, "outcomes")):
+            merge_counts(into, {name: {v: s for v, s in saved.get(key, {}).items() if v in names}})
+        print(f"[experiments] restored experiment {name!r}: shares {table.shares()}")
+
+    def _state_json(self) -> str:
+        return json.dumps(
+            {
+                "format": 1,
+                "saved_at": time.time(),
+                "experiments": {
+                    n: {
+                        "variants": t.variants,
+                        "weights": t.weights,
+                        "owners": encode_owners(t.owners),
+                        "counts": self.counts.get(n, {}),
+                        "outcomes": self.outcomes.get(n, {}),
+                    }
+                    for n, t in self.tables.items()
+                },
+            }
+        )
+
+    def _maybe_save(self, force: bool = False) -> bool:
+        """Save if asked to, or if something changed SAVE_INTERVAL_S since the last save. A
+        failed save is logged and tried again next time."""
+        from cluster import storage
+
+        if not self.state_uri or not (
+            force or (self._dirty and time.monotonic() - self._saved_at >= SAVE_INTERVAL_S)
+        ):
+            return False
+        try:
+            storage.write_text(self.state_uri, self._state_json())
+        except Exception as e:  # storage down: serving goes on, the next call retries
+            print(f"[experiments] warning: cannot save {self.state_uri}: {e!r}")
+            return False
+        self._dirty, self._saved_at = False, time.monotonic()
+        return True
+
+    # --- the ingress replicas' calls ------------------------------------------------------
 
     def snapshot(self, have_version: int = -1):
         """(version, {name: (variants, weights, owners)}), or (version, None) if unchanged."""
-        if have_version == self.version:
-            return self.version, None
-        return self.version, {n: (t.variants, t.weights, t.owners) for n, t in self.tables.items()}
+        with self._lock:
+            if have_version == self.version:
+                return self.version, None
+            snap = {n: (t.variants, t.weights, t.owners) for n, t in self.tables.items()}
+            return self.version, snap
 
     def set_weights(self, name: str, weights: dict[str, float]) -> dict:
         if name not in self.tables:
@@ -132,9 +267,12 @@ class ExperimentState:
         problems = check_weights(self.tables[name].variants, weights)
         if problems:
             return {"error": "; ".join(problems)}
-        old = self.tables[name]
-        self.tables[name] = old.reweight(weights)
-        self.version += 1
+        with self._lock:
+            old = self.tables[name]
+            self.tables[name] = old.reweight(weights)
+            self.version += 1
+            self._dirty = True
+            self._maybe_save(force=True)
         moved = sum(a != b for a, b in zip(old.owners, self.tables[name].owners, strict=True))
         return {
             "experiment": name,
@@ -143,15 +281,82 @@ class ExperimentState:
         }
 
     def add_counts(self, deltas: dict) -> None:
-        merge_counts(self.counts, deltas)
+        """Counts from one ingress replica (called every second, so saves happen here too)."""
+        with self._lock:
+            merge_counts(self.counts, deltas)
+            self._dirty = self._dirty or bool(deltas)
+            self._maybe_save()
+
+    def remember(
+        self, response_id: str, experiment: str | None, variant: str | None, release=None
+    ) -> None:
+        """Which variant answered `response_id`, and which arm of a canary release (`[adapter,
+        arm]`, serve/release.py) if one ran (the newest MAX_RESPONSES are kept)."""
+        with self._lock:
+            self.responses[response_id] = (experiment, variant, release)
+            self.responses.move_to_end(response_id)
+            while len(self.responses) > MAX_RESPONSES:
+                self.responses.popitem(last=False)
+
+    def feedback(self, body: dict) -> dict:
+        """Record one reward: {"response_id", "reward"} or {"experiment", "user", "reward"}.
+        Returns {"experiment", "variant", "reward"}, or {"error", "status"}."""
+        try:
+            reward = parse_reward(body.get("reward"))
+        except ValueError as e:
+            return {"error": str(e), "status": 400}
+        with self._lock:
+            found = self._feedback_target(body)
+            if "error" in found:
+                return found
+            if found["experiment"] is not None:  # None: a release's answer outside experiments
+                add_reward(self.outcomes[found["experiment"]][found["variant"]], reward)
+                self._dirty = True
+                self._maybe_save()
+        return {**found, "reward": reward}
+
+    def _feedback_target(self, body: dict) -> dict:
+        rid, exp, user = body.get("response_id"), body.get("experiment"), body.get("user")
+        if isinstance(rid, str) and rid:
+            if rid not in self.responses:
+                return {"error": f"unknown response id {rid!r} (or too old)", "status": 404}
+            exp, var, release = self.responses[rid]
+            return {"experiment": exp, "variant": var} | ({"release": release} if release else {})
+        if not (isinstance(exp, str) and isinstance(user, str) and user):
+            return {
+                "error": 'expected {"response_id": ..., "reward": ...} or '
+                '{"experiment": ..., "user": ..., "reward": ...}',
+                "status": 400,
+            }
+        if exp not in self.tables:
+            return {
+                "error": f"unknown experiment {exp!r}; expected one of {sorted(self.tables)}",
+                "status": 404,
+            }
+        return {"experiment": exp, "variant": self.tables[exp].assign(exp, user, self.rng)}
 
     def summary(self) -> dict:
-        out = {}
-        for name, t in self.tables.items():
-            out[name] = {
-                "variants": {
-                    v: {"weight": w, "share": s, **self.counts.get(name, {}).get(v, {})}
-                    for (v, s), w in zip(t.shares().items(), t.weights, strict=True)
+        with self._lock:
+            self._maybe_save()
+            return {name: self._summary_one(name, t) for name, t in self.tables.items()}
+
+    def _summary_one(self, name: str, t: Table) -> dict:
+        e = self.config.get(name, {})
+        control = e.get("control") or t.variants[0]
+        outcome = summarize(
+            {v: self.outcomes[name][v] for v in t.variants},
+            control,
+            e.get("min_samples") or DEFAULT_MIN_SAMPLES,
+        )
+        return {
+            "control": control,
+            "variants": {
+                v: {
+                    "weight": w,
+                    "share": s,
+                    **self.counts.get(name, {}).get(v, {}),
+                    "outcome": outcome[v],
                 }
-            }
-        return out
+                for (v, s), w in zip(t.shares().items(), t.weights, strict=True)
+            },
+        }

@@ -5,6 +5,9 @@ API keys, per-variant metrics and 4xx answers for bad requests, all in the one H
     POST /v1/completions, /v1/chat/completions   (stream: true gives server-sent events)
     GET  /v1/experiments                 weights, shares and per-variant counts
     PUT  /v1/experiments/{name}          {"weights": {"a": 50, "b": 50}}: re-weight, no redeploy
+                                         (needs an admin key: http.admin_keys_env / _file)
+    POST /v1/feedback                    {"response_id": ..., "reward": 1 | 0.3 | "up" | "down"}
+                                         or {"experiment": ..., "user": ..., "reward": ...}
 
 A request whose `model` is an experiment is given a variant by its user id (the OpenAI `user`
 field, else the `X-User-Id` header); the response names it in `X-Lorafleet-Variant`.
@@ -20,16 +23,21 @@ import json
 import random
 import time
 import typing
+import uuid
 from typing import Any
 
 from fastapi import Request
 from ray.exceptions import RayActorError
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from cluster.schema_base import is_valid_name
+from cluster import versions
+from cluster.schema_base import name_problem
 from cluster.serve_config import ServeAppConfig
+from cluster.versions import is_version_id
 from serve.experiments import (
     EXPERIMENT_HEADER,
+    REMEMBER_TIMEOUT_S,
+    RESPONSE_ID_HEADER,
     VARIANT_HEADER,
     Table,
     merge_counts,
@@ -45,10 +53,14 @@ from serve.ray_internal import (
     open_ai_json_wrapper,
     peek_at_generator,
 )
-from serve.store import AdapterStore, base_key
+from serve.release import ARMS as RELEASE_ARMS
+from serve.release import RELEASE_PREFIX, latency_bucket
+from serve.store import AdapterStore, Served, split_adapter
 
 USER_HEADER = "x-user-id"
+RELEASE_ARM_HEADER = "X-Lorafleet-Release-Arm"  # control | candidate, while a release runs
 SYNC_INTERVAL_S = 1.0
+REWARD_BOUNDARIES = [0.25, 0.5, 0.75, 1.0]
 LATENCY_BOUNDARIES_S = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60]
 
 
@@ -110,6 +122,18 @@ class _Metrics:
             "Completion tokens per experiment variant.",
             tag_keys=tags,
         )
+        self.feedback = metrics.Counter(
+            "lorafleet_feedback",
+            "Outcomes (POST /v1/feedback) per experiment variant.",
+            tag_keys=tags,
+        )
+        # a histogram: its _sum is the reward sum (rewards may be negative; a counter cannot fall)
+        self.reward = metrics.Histogram(
+            "lorafleet_reward",
+            "Rewards per experiment variant (_sum: reward sum, _count: outcomes).",
+            boundaries=REWARD_BOUNDARIES,
+            tag_keys=tags,
+        )
         self.pending: dict[str, dict[str, dict[str, float]]] = {}
 
     def record(self, exp: str, var: str, *, ok: bool, latency_s: float, prompt=0, completion=0):
@@ -132,6 +156,11 @@ class _Metrics:
         ):
             c[k] = c.get(k, 0) + v
 
+    def record_feedback(self, exp: str, var: str, reward: float) -> None:
+        tags = {"experiment": exp, "variant": var}
+        self.feedback.inc(1, tags)
+        self.reward.observe(reward, tags)
+
     def take(self) -> dict:
         out, self.pending = self.pending, {}
         return out
@@ -140,6 +169,17 @@ class _Metrics:
         """Counts a failed sync took: added to what came in since, for the next sync (at least
         once: a sync whose reply was lost after the state applied it counts twice)."""
         merge_counts(self.pending, taken)
+
+
+def _lora_load_error(error: BaseException) -> str | None:
+    """vLLM's reason an adapter failed to load (e.g. a rank above max_lora_rank), or None."""
+    text = str(error)
+    marker = "Failed to load lora model: "
+    if marker not in text:
+        return None
+    reason = text.split(marker, 1)[1].splitlines()[0]
+    inner = reason.split("Worker failed with error '", 1)
+    return inner[1].split("', please check", 1)[0] if len(inner) == 2 else reason
 
 
 def _usage(obj) -> tuple[int, int]:
@@ -180,15 +220,19 @@ class FleetIngress(OpenAiIngress):
         app_config: dict,
         adapter_root: str,
         key_hashes: list[str],
+        admin_key_hashes: list[str] | None = None,
         state,
+        base_ids: dict[str, str] | None = None,
+        release=None,
     ):
         super().__init__(llm_deployments, model_cards)
         self.cfg = ServeAppConfig.model_validate(app_config)
         self.bases = {m.id: m.base for m in self.cfg.models}
         self.experiments = {e.name: e for e in self.cfg.experiments}
-        self.store = AdapterStore(adapter_root, self.cfg.storage.root)
-        self.base_keys = {m.id: base_key(m.base, self.cfg.storage.root) for m in self.cfg.models}
+        self.store = AdapterStore(adapter_root)
+        self.base_ids = base_ids or {}  # model id -> fingerprint of the base it serves
         self.key_hashes = [bytes.fromhex(h) for h in key_hashes]
+        self.admin_hashes = [bytes.fromhex(h) for h in admin_key_hashes or []]
         self.state = state
         self.tables = tables_for(app_config["experiments"])
         self.version = 0
@@ -196,23 +240,38 @@ class FleetIngress(OpenAiIngress):
         self.metrics = _Metrics()
         self._last_sync = 0.0
         self._sync_task: asyncio.Task | None = None
+        self.release = release  # the ReleaseManager's handle (serve/release.py)
+        self.releases: dict[str, tuple[str, str, Table]] = {}  # adapter -> control, candidate
+        self.release_version = -1
+        self.release_counts: dict[str, dict[str, dict[str, float]]] = {}
 
     # --- plumbing -------------------------------------------------------------------------
 
-    def _auth(self, request: Request) -> None:
-        if not self.key_hashes:
+    def _auth(self, request: Request, admin: bool = False) -> None:
+        """401 without a valid key (API or admin); with `admin`, 403 for an API key. No keys
+        configured at all: open, admin endpoints too (a local server)."""
+        if not self.key_hashes and not self.admin_hashes:
             return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() == "bearer" and token:
-            digest = hashlib.sha256(token.strip().encode()).digest()
-            if any(hmac.compare_digest(digest, h) for h in self.key_hashes):
-                return
-        raise ApiError(
-            401,
-            "missing or invalid API key: send `Authorization: Bearer <key>`",
-            "authentication_error",
-        )
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        digest = hashlib.sha256(token.strip().encode()).digest()
+        is_admin = any(hmac.compare_digest(digest, h) for h in self.admin_hashes)
+        is_key = is_admin or any(hmac.compare_digest(digest, h) for h in self.key_hashes)
+        if scheme.lower() != "bearer" or not token or not is_key:
+            raise ApiError(
+                401,
+                "missing or invalid API key: send `Authorization: Bearer <key>`",
+                "authentication_error",
+            )
+        if admin and not is_admin:
+            env = self.cfg.http.admin_keys_env
+            raise ApiError(
+                403,
+                "this endpoint changes the server and needs an admin key; this is an API key"
+                if self.admin_hashes
+                else f"this endpoint changes the server and no admin key is set: start the "
+                f"server with {env} (or http.admin_keys_file) and send one of those keys",
+                "permission_error",
+            )
 
     async def _sync(self) -> None:
         """Push this replica's counts to the shared state; pull re-weighted tables."""
@@ -230,6 +289,7 @@ class FleetIngress(OpenAiIngress):
                 self.version = version
         except Exception as e:  # the state replica restarting must not fail requests
             print(f"[ingress] experiment state sync failed: {e!r}")
+        await self._sync_releases()
 
     def _maybe_sync(self) -> None:
         now = time.monotonic()
@@ -244,9 +304,11 @@ class FleetIngress(OpenAiIngress):
 
     # --- names ----------------------------------------------------------------------------
 
-    def _fits(self, trained_on: str | None, model_id: str) -> bool:
-        """An adapter fits a model trained on the same base; one without lorafleet.json fits any."""
-        return trained_on is None or trained_on == self.base_keys[model_id]
+    def _fits(self, adapter: Served, model_id: str) -> bool:
+        """An adapter fits a model serving the same base (by fingerprint: any copy of it, wherever
+        it lies); one whose base is unknown (a plain PEFT adapter) fits any."""
+        serves = self.base_ids.get(model_id)
+        return adapter.fingerprint is None or serves is None or adapter.fingerprint == serves
 
     async def _not_found(self, model: str, what: str) -> ApiError:
         names = [c["id"] for c in await self._cards()]
@@ -260,32 +322,46 @@ class FleetIngress(OpenAiIngress):
             "model",
         )
 
-    async def _check_target(self, model: str) -> None:
-        """404 for unknown models and adapters (Ray's ingress answers 500), 400 for bad names."""
-        base_id, sep, adapter = model.partition(":")
+    async def _check_target(self, model: str, request: Request | None = None, user=None) -> str:
+        """The model id to send on: `<model>:<adapter>[@<version>]` becomes `<model>:<adapter>@
+        <version>` (current unless pinned). 404 for unknown models, adapters and versions (Ray's
+        ingress answers 500), 400 for bad names and for an adapter trained on another base."""
+        base_id, sep, spec = model.partition(":")
         if base_id not in self.bases:
             raise await self._not_found(model, f"model {model!r} does not exist")
         if not sep:
-            return
-        if not is_valid_name(adapter):
+            return model
+        name, version = split_adapter(spec)
+        problem = name_problem(name)
+        if problem or (version is not None and not is_version_id(version)):
             raise ApiError(
                 400,
-                f"invalid adapter name {adapter!r}: letters, digits, '.', '_', '-' only, no '..'",
+                problem
+                or f"invalid version {version!r}: expected an id like "
+                "20261202-003015-123-9f3a (lorafleet adapters show NAME)",
                 param="model",
             )
-        adapters = await self.store.adapters()
-        if adapter not in adapters:
-            adapters = await self.store.adapters(refresh=True)  # published since the last listing
-        if adapter not in adapters:
-            raise await self._not_found(model, f"adapter {adapter!r} is not in the adapter store")
-        trained_on = adapters[adapter]
-        if not self._fits(trained_on, base_id):
+        served = await self.store.get(name, version)
+        if served is None and version is not None:
+            raise ApiError(
+                404, f"adapter {name!r} has no version {version!r}", "model_not_found", "model"
+            )
+        if served is None:
+            raise await self._not_found(model, f"adapter {name!r} is not in the adapter store")
+        if not self._fits(served, base_id):
             raise ApiError(
                 400,
-                f"adapter {adapter!r} was trained on {trained_on!r}, but model {base_id!r} serves "
-                f"{self.bases[base_id]!r}",
+                f"adapter {name!r} version {served.version} was trained on base {served.base!r} "
+                f"(fingerprint {served.fingerprint}), but model {base_id!r} serves "
+                f"{self.bases[base_id]!r} (fingerprint {self.base_ids.get(base_id)}): a "
+                "different model",
                 param="model",
             )
+        arm = self._release_arm(name, user) if version is None else None
+        if arm is not None:  # a canary release of this adapter: the user's arm picks the version
+            request.state.release = (name, arm[0])
+            return f"{base_id}:{name}@{arm[1]}"
+        return f"{base_id}:{served.lora_id}"
 
     @staticmethod
     def _check_params(body) -> None:
@@ -313,26 +389,57 @@ class FleetIngress(OpenAiIngress):
         if not body.model:
             raise ApiError(400, "`model` is required", param="model")
         exp = self.experiments.get(body.model)
-        if exp is None:
-            await self._check_target(body.model)
-            return None, None
         user = body.user or request.headers.get(USER_HEADER)
+        if exp is None:
+            body.model = await self._check_target(body.model, request, user)
+            return None, None
         name = self.tables[exp.name].assign(exp.name, user, self.rng)
         v = next(x for x in exp.variants if x.name == name)
-        body.model = f"{v.model}:{v.adapter}" if v.adapter else v.model
-        await self._check_target(body.model)
+        target = f"{v.model}:{v.adapter}" if v.adapter else v.model
+        body.model = await self._check_target(target, request, user)
         return exp.name, name
+
+    async def _first_chunk(self, body, call_method: str, request: Request, done):
+        """(first chunk, the rest) of the engine's answer; the errors before it as ApiErrors."""
+        try:
+            gen = self._get_response(body=body, call_method=call_method, raw_request=request)
+            first, gen = await peek_at_generator(gen)
+        except RayActorError as e:  # the replica died mid-request; Serve replaces it
+            done(False)
+            raise ApiError(
+                503,
+                f"the replica serving {body.model!r} stopped; retry the request",
+                "server_error",
+            ) from e
+        except Exception as e:
+            done(False)
+            reason = _lora_load_error(e)
+            if reason:  # a version vLLM cannot load: the request's model, not the server, is bad
+                raise ApiError(
+                    400, f"{body.model!r} cannot be served: {reason}", param="model"
+                ) from None
+            raise
+        head = first[0] if isinstance(first, list) else first
+        if isinstance(head, ErrorResponse):
+            done(False)
+            code = head.error.code
+            raise ApiError(code if 400 <= code < 600 else 500, head.error.message, head.error.type)
+        return first, gen
 
     async def _serve(self, body, call_method: str, request: Request) -> Response:
         self._auth(request)
         self._maybe_sync()
         self._check_params(body)
         exp, var = await self._route(body, request)
+        release = getattr(request.state, "release", None)  # (adapter, arm) of a canary
         track = exp is not None
         t0 = time.perf_counter()
         headers = {VARIANT_HEADER: var, EXPERIMENT_HEADER: exp} if track else {}
+        if release:
+            headers[RELEASE_ARM_HEADER] = release[1]
 
         def done(ok: bool, prompt=0, completion=0):
+            self._record_release(release, ok, time.perf_counter() - t0)
             if track:
                 self.metrics.record(
                     exp,
@@ -350,24 +457,10 @@ class FleetIngress(OpenAiIngress):
         if getattr(body, "stream", False) and track and not wants_usage:
             options_cls = typing.get_args(type(body).model_fields["stream_options"].annotation)[0]
             body.stream_options = options_cls(include_usage=True)
-        try:
-            gen = self._get_response(body=body, call_method=call_method, raw_request=request)
-            first, gen = await peek_at_generator(gen)
-        except RayActorError as e:  # the replica died mid-request; Serve replaces it
-            done(False)
-            raise ApiError(
-                503,
-                f"the replica serving {body.model!r} stopped; retry the request",
-                "server_error",
-            ) from e
-        except Exception:
-            done(False)
-            raise
+        first, gen = await self._first_chunk(body, call_method, request, done)
         head = first[0] if isinstance(first, list) else first
-        if isinstance(head, ErrorResponse):
-            done(False)
-            code = head.error.code
-            raise ApiError(code if 400 <= code < 600 else 500, head.error.message, head.error.type)
+        if track or release:  # the id feedback names (the response's own, streamed or not)
+            headers[RESPONSE_ID_HEADER] = await self._remember(first, exp, var, release)
         if isinstance(head, NON_STREAMING_RESPONSE_TYPES):
             done(True, *_usage(head))
             return JSONResponse(content=head.model_dump(), headers=headers)
@@ -406,7 +499,7 @@ class FleetIngress(OpenAiIngress):
 
     async def _cards(self) -> list[dict]:
         """OpenAI model cards: each base, the adapters that fit it, each experiment."""
-        adapters = await self.store.adapters()
+        adapters = await self.store.current()
         now = int(time.time())
 
         def card(mid, root, parent=None, **extra):
@@ -424,9 +517,9 @@ class FleetIngress(OpenAiIngress):
         for mid, base in self.bases.items():
             cards.append(card(mid, base))
             cards += [
-                card(f"{mid}:{a}", a, mid)
-                for a, b in sorted(adapters.items())
-                if self._fits(b, mid)
+                card(f"{mid}:{a}", a, mid, version=served.version)
+                for a, served in sorted(adapters.items())
+                if self._fits(served, mid)
             ]
         for name, e in self.experiments.items():
             cards.append(card(name, name, experiment={"variants": [v.name for v in e.variants]}))
@@ -455,7 +548,7 @@ class FleetIngress(OpenAiIngress):
         return JSONResponse({"experiments": summary})
 
     async def set_weights(self, name: str, request: Request):
-        self._auth(request)
+        self._auth(request, admin=True)
         if name not in self.experiments:
             raise ApiError(
                 404,
@@ -475,6 +568,175 @@ class FleetIngress(OpenAiIngress):
         await self._sync()
         return JSONResponse(result)
 
+    # --- outcomes -------------------------------------------------------------------------
+
+    async def _remember(self, first, exp: str | None, var: str | None, release=None) -> str:
+        """The response's id (OpenAI's `id`, else a new one), told to the experiment state before
+        the client sees it, so feedback sent at once to any ingress replica finds its variant."""
+        ids = [it.get("id") for it in _sse_items(first)]
+        rid = next((i for i in ids if isinstance(i, str) and i), None) or f"lf-{uuid.uuid4().hex}"
+        try:  # bounded: while the state replica restarts, answers go on without it
+            call = self.state.remember.remote(rid, exp, var, release and list(release))
+            await asyncio.wait_for(call, REMEMBER_TIMEOUT_S)
+        except Exception as e:
+            print(f"[ingress] cannot record response {rid} for feedback: {e!r}")
+        return rid
+
+    async def feedback(self, request: Request):
+        """POST /v1/feedback {"response_id" | "experiment" + "user", "reward": number | "up" |
+        "down"}: one outcome for the variant that answered (or that the user is bucketed in)."""
+        self._auth(request)
+        try:
+            body: Any = json.loads(await request.body())
+        except ValueError as e:
+            raise ApiError(400, f"body is not valid JSON: {e}") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, 'expected a JSON object with "reward"')
+        try:
+            result = await self.state.feedback.remote(body)
+        except Exception as e:  # the state replica is restarting: the client retries
+            msg = f"experiment state unavailable; retry ({e!r})"
+            raise ApiError(503, msg, "server_error") from e
+        if "error" in result:
+            kind = "not_found" if result["status"] == 404 else "invalid_request_error"
+            raise ApiError(result["status"], result["error"], kind)
+        if result["experiment"] is not None:
+            self.metrics.record_feedback(result["experiment"], result["variant"], result["reward"])
+        if result.get("release") and self.release is not None:  # the canary's outcome gate
+            await self.release.add_outcome.remote(*result["release"], result["reward"])
+        return JSONResponse(result)
+
+    # --- releases -------------------------------------------------------------------------
+
+    def _release_arm(self, name: str, user: str | None) -> tuple[str, str] | None:
+        """(arm, version) for a request of adapter `name` while a release of it runs."""
+        rel = self.releases.get(name)
+        if rel is None:
+            return None
+        control, candidate, table = rel
+        arm = table.assign(f"{RELEASE_PREFIX}{name}", user, self.rng)
+        return arm, candidate if arm == "candidate" else control
+
+    async def _sync_releases(self) -> None:
+        """Push this replica's per-arm counts to the release manager; pull its tables."""
+        if self.release is None:
+            return
+        counts, self.release_counts = self.release_counts, {}
+        try:
+            if counts:
+                await self.release.add_counts.remote(counts)
+            version, snap = await self.release.snapshot.remote(self.release_version)
+        except Exception as e:  # the manager restarting must not fail requests
+            merge_counts(self.release_counts, counts)
+            print(f"[ingress] release sync failed: {e!r}")
+            return
+        if snap is not None:
+            if set(self.releases) - set(snap):  # ended: a promote moved `current`; read it
+                await self.store.current(refresh=True)  # before the release stops routing
+            self.releases = {
+                a: (ctl, cand, Table(list(RELEASE_ARMS), w, o))
+                for a, (ctl, cand, w, o) in snap.items()
+            }
+            self.release_version = version
+
+    def _record_release(self, tag: tuple[str, str] | None, ok: bool, latency_s: float) -> None:
+        """Count one answer of a release arm (pushed to the release manager with each sync)."""
+        if tag is None:
+            return
+        adapter, arm = tag
+        c = self.release_counts.setdefault(adapter, {}).setdefault(arm, {})
+        for k, v in (("requests", 1), ("errors", 0 if ok else 1), (latency_bucket(latency_s), 1)):
+            c[k] = c.get(k, 0) + v
+
+    async def _release_call(self, method: str, *args) -> JSONResponse:
+        if self.release is None:
+            raise ApiError(404, "this app runs no release manager", "not_found")
+        result = await getattr(self.release, method).remote(*args)
+        if "error" in result:
+            status = result.get("status", 400)
+            raise ApiError(
+                status, result["error"], "not_found" if status == 404 else "invalid_request_error"
+            )
+        return JSONResponse(result)
+
+    async def start_release(self, request: Request):
+        """POST /v1/releases {adapter, version, steps, gates}: start a canary (admin)."""
+        self._auth(request, admin=True)
+        try:
+            spec: Any = json.loads(await request.body())
+        except ValueError as e:
+            raise ApiError(400, f"body is not valid JSON: {e}") from None
+        if not isinstance(spec, dict):
+            raise ApiError(400, "expected a JSON object: {adapter, version, steps, gates}")
+        response = await self._release_call("start", spec)
+        await self._sync_releases()
+        return response
+
+    async def list_releases(self, request: Request):
+        self._auth(request)
+        return await self._release_call("status")
+
+    async def get_release(self, adapter: str, request: Request):
+        self._auth(request)
+        return await self._release_call("status", adapter)
+
+    async def abort_release(self, adapter: str, request: Request):
+        self._auth(request, admin=True)
+        response = await self._release_call("abort", adapter)
+        await self._sync_releases()
+        return response
+
+    async def adapter_versions(self, name: str, request: Request):
+        """GET /v1/adapters/{name}: its versions (metrics, source, publish time) and the current."""
+        self._auth(request)
+        pointer = await asyncio.to_thread(versions.pointer, self.store.root, name)
+        if name_problem(name) or pointer is None:
+            raise await self._not_found(name, f"adapter {name!r} is not in the adapter store")
+        found = await asyncio.to_thread(versions.versions, self.store.root, name)
+        keep = (
+            "version",
+            "published_at",
+            "source",
+            "step",
+            "eval_loss",
+            "metrics",
+            "base_fingerprint",
+        )
+        return JSONResponse(
+            {
+                "adapter": name,
+                "current": pointer["version"],
+                "history": pointer.get("history", []),
+                "versions": [{k: m.get(k) for k in keep} for m in found],
+            }
+        )
+
+    async def move_adapter(self, name: str, action: str, request: Request):
+        """POST /v1/adapters/{name}/promote {"version": ...} | /rollback (admin): move `current`."""
+        self._auth(request, admin=True)
+        if action not in ("promote", "rollback"):
+            raise ApiError(404, f"no action {action!r}: promote or rollback", "not_found")
+        if name_problem(name):
+            raise ApiError(400, name_problem(name), param="name")
+        version = None
+        if action == "promote":
+            try:
+                body: Any = json.loads(await request.body() or b"{}")
+            except ValueError as e:
+                raise ApiError(400, f"body is not valid JSON: {e}") from None
+            version = body.get("version") if isinstance(body, dict) else None
+            if not isinstance(version, str) or not is_version_id(version):
+                raise ApiError(400, 'expected {"version": "<version id>"}', param="version")
+        try:
+            if version:
+                pointer = await asyncio.to_thread(versions.promote, self.store.root, name, version)
+            else:
+                pointer = await asyncio.to_thread(versions.rollback, self.store.root, name)
+        except versions.VersionError as e:
+            raise ApiError(404, str(e), "not_found") from None
+        await self.store.current(refresh=True)
+        return JSONResponse({"adapter": name, **pointer})
+
 
 ENDPOINTS = {
     "models": lambda app: app.get("/v1/models"),
@@ -483,4 +745,11 @@ ENDPOINTS = {
     "chat": lambda app: app.post("/v1/chat/completions"),
     "list_experiments": lambda app: app.get("/v1/experiments"),
     "set_weights": lambda app: app.put("/v1/experiments/{name}"),
+    "feedback": lambda app: app.post("/v1/feedback"),
+    "start_release": lambda app: app.post("/v1/releases"),
+    "list_releases": lambda app: app.get("/v1/releases"),
+    "get_release": lambda app: app.get("/v1/releases/{adapter}"),
+    "abort_release": lambda app: app.post("/v1/releases/{adapter}/abort"),
+    "adapter_versions": lambda app: app.get("/v1/adapters/{name}"),
+    "move_adapter": lambda app: app.post("/v1/adapters/{name}/{action}"),
 }

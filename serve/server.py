@@ -45,12 +45,61 @@ class StoreLoraLoader(LoraModelLoader):
 
 
 class LoraStoreServer(LLMServer):
-    async def __init__(self, llm_config, *, adapter_root: str):
+    async def __init__(
+        self,
+        llm_config,
+        *,
+        adapter_root: str,
+        warm: list[str] | None = None,
+        releases_uri: str | None = None,
+    ):
         self._lora_locks: dict[str, asyncio.Lock] = {}
         await super().__init__(
             llm_config,
             model_downloader=functools.partial(StoreLoraLoader, adapter_root=adapter_root),
         )
+        self.adapter_root = adapter_root
+        self.warmed = await self.preload(warm or [], releases_uri)
+
+    async def _warm_ids(self, names: list[str], releases_uri: str | None) -> list[str]:
+        """`<name>@<version>` to preload: the candidate of each running release first (a ramp
+        step raises its share next), then each named adapter's current version."""
+        from cluster import versions
+        from serve.release import running_candidates
+
+        ids = []
+        if releases_uri:
+            found = await asyncio.to_thread(running_candidates, releases_uri)
+            ids += [f"{a}@{v}" for a, v in found.items()]
+        for name in names:
+            version = await asyncio.to_thread(versions.current, self.adapter_root, name)
+            if version is not None:  # not published yet: loaded on its first request
+                ids.append(f"{name}@{version}")
+        return ids
+
+    async def preload(self, names: list[str], releases_uri: str | None = None) -> list[str]:
+        """Load what the app's experiments and releases name (`_warm_ids`), up to the replica's
+        LoRA slots, before the replica takes traffic: an autoscaled replica then answers its
+        first requests without a cold load. Serve's multiplexing learns what is loaded here,
+        and routes those adapters' requests to it."""
+        model_id = self._llm_config.model_id
+        slots = self._llm_config.lora_config.max_num_adapters_per_replica
+        loaded = []
+        for lora_id in (await self._warm_ids(names, releases_uri))[:slots]:
+            mid = f"{model_id}:{lora_id}"
+            try:
+                disk = await self._load_model(mid)
+                await self.engine.resolve_lora(disk)
+                loaded.append(mid)
+            except Exception as e:  # a bad adapter fails its own requests, not the replica
+                print(f"[serve] could not preload {mid}: {e!r}")
+        if loaded:
+            print(f"[serve] preloaded {len(loaded)} adapter(s): {', '.join(loaded)}")
+        return loaded
+
+    async def loaded_adapters(self) -> list[str]:
+        """What this replica preloaded at start (for tests and the bench)."""
+        return self.warmed
 
     async def _maybe_resolve_lora_from_multiplex(self) -> None:
         # Ray's VLLMEngine.resolve_lora checks "already loaded?" and then awaits the load, so two

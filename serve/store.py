@@ -1,34 +1,47 @@
-"""The adapter store as the server sees it: `<storage.root>/adapters/<name>/`, written by training.
+"""The adapter store as the server sees it: `<storage.root>/adapters/<name>/` with its immutable
+versions and the `current` pointer (`cluster.versions`), written by training.
 
 The root is a local directory on one node, or `s3://` / `gs://` on a cluster. Ray Serve LLM's own
 `dynamic_lora_loading_path` takes only cloud URIs, so lorafleet plugs its own loader into
 `LLMServer(model_downloader=...)`: one code path for every root, through `cluster.storage` (the
-seam training publishes through). Local adapters are read in place; remote ones are copied into
-a per-node cache first, as Ray's loader does.
+seam training publishes through). Local versions are read in place; remote ones are copied into
+a per-node cache first, as Ray's loader does. A version never changes once complete, so the cache
+keys on it and never looks again.
+
+A served adapter is addressed `<adapter>@<version>` inside the app (vLLM's LoRA name, Serve's
+multiplexed model id, the node cache): a promote changes the id, so every replica loads the new
+version on its next request for it, and vLLM's prefix cache, which keys on the LoRA name, never
+hands one version's KV blocks to another.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import os
 import tempfile
 import time
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
-from cluster import storage
+from cluster import storage, versions
 from cluster.errors import LorafleetError
-from cluster.layout import ADAPTER_CONFIG, ADAPTER_META, TINY_MARKER, tiny_dir, tiny_name, tiny_uri
-from cluster.schema_base import is_valid_name
+from cluster.layout import ADAPTER_CONFIG, TINY_MARKER, tiny_dir, tiny_name
+from cluster.schema_base import name_problem
 
-# a publish in progress (`cluster.storage` writes `<name>.incoming`, then renames it)
-INCOMING_SUFFIX = ".incoming"
+VERSION_SEP = "@"
+
+
+def split_adapter(spec: str) -> tuple[str, str | None]:
+    """'support@20261202-003015-123-9f3a' -> ('support', '20261202-...'); 'support' -> (.., None)."""
+    name, sep, version = spec.partition(VERSION_SEP)
+    return name, (version if sep else None)
 
 
 def is_adapter_name(name: str) -> bool:
-    """A name the store serves: a valid name, and not a publish still in progress."""
-    return is_valid_name(name) and not name.endswith(INCOMING_SUFFIX)
+    """A name the store may serve: a valid name, not one of lorafleet's own."""
+    return name_problem(name) is None
 
 
 class BaseNotBuilt(LorafleetError):
@@ -51,98 +64,105 @@ def resolve_base(base: str, storage_root: str) -> str:
     return base
 
 
-def base_key(base: str, storage_root: str) -> str:
-    """One spelling per base (`tiny://demo` and its directory are the same model), so the
-    adapter-fits-model check is a string comparison. On a remote root, training records a tiny
-    base by its URI (`<root>/models/<name>`), not by any node's local copy."""
+def base_identity(base: str, storage_root: str, revision: str | None = None) -> str:
+    """The fingerprint of the base a model serves (`cluster.fingerprint`): what adapters are
+    checked against, so any copy of the same base fits and a different base does not."""
+    from cluster.fingerprint import base_fingerprint
+    from cluster.layout import tiny_uri
+
     name = tiny_name(base)
     if name is not None and storage.is_remote(storage_root):
-        return tiny_uri(name, storage_root)
-    try:
-        return resolve_base(base, storage_root)
-    except BaseNotBuilt:
-        return base
+        return base_fingerprint(tiny_uri(name, storage_root))  # what training uploaded there
+    return base_fingerprint(resolve_base(base, storage_root), revision)
+
+
+@dataclass(frozen=True)
+class Served:
+    """The version of an adapter a request gets, and the base it was trained on."""
+
+    name: str
+    version: str
+    base: str | None  # base_model as training recorded it (None: a plain PEFT adapter)
+    fingerprint: str | None  # None: unknown, fits any base of the right shape
+
+    @property
+    def lora_id(self) -> str:
+        return f"{self.name}{VERSION_SEP}{self.version}"
 
 
 class AdapterStore:
-    """Names of the adapters in the store and the base each was trained on (as `base_key`),
-    re-listed every `ttl_s` so adapters published after start are served without a redeploy."""
+    """Each adapter's current version (re-read every `ttl_s`, so a publish or promote is served
+    within seconds, with no redeploy) and each version's metadata (read once: versions never
+    change)."""
 
-    def __init__(self, root: str, storage_root: str, ttl_s: float = 5.0):
+    def __init__(self, root: str, ttl_s: float = 2.0):
         self.root = root
-        self.storage_root = storage_root
         self.ttl_s = ttl_s
         self._listed_at = -1e9
-        self._bases: dict[str, str | None] = {}
+        self._current: dict[str, str] = {}
+        self._meta: dict[tuple[str, str], Served] = {}
 
-    def _list(self) -> dict[str, str | None]:
-        bases: dict[str, str | None] = {}
-        for name in storage.listdir(self.root):
-            if not is_adapter_name(name):
-                continue  # half-published `<name>.incoming` folders, stray files
-            uri = storage.join(self.root, name)
-            if not storage.exists(storage.join(uri, ADAPTER_CONFIG)):
-                continue
-            try:
-                meta = json.loads(storage.read_text(storage.join(uri, ADAPTER_META)))
-                bases[name] = base_key(meta["base_model"], self.storage_root)
-            except Exception:
-                bases[name] = None  # a plain PEFT adapter: fits any base of the right shape
-        return bases
+    def _describe(self, name: str, version: str) -> Served | None:
+        key = (name, version)
+        if key not in self._meta:
+            meta = versions.read_meta(self.root, name, version)
+            if meta is None:
+                return None
+            self._meta[key] = Served(
+                name, version, meta.get("base_model"), meta.get("base_fingerprint")
+            )
+        return self._meta[key]
 
-    async def adapters(self, refresh: bool = False) -> dict[str, str | None]:
-        """{adapter name: base model it was trained on (None: unknown)}."""
+    def _list(self) -> dict[str, str]:
+        out = {}
+        for name in versions.names(self.root):
+            version = versions.current(self.root, name)
+            if version and self._describe(name, version) is not None:
+                out[name] = version
+        return out
+
+    async def current(self, refresh: bool = False) -> dict[str, Served]:
+        """{adapter name: its current version}."""
         if refresh or time.monotonic() - self._listed_at > self.ttl_s:
-            self._bases = await asyncio.to_thread(self._list)
+            self._current = await asyncio.to_thread(self._list)
             self._listed_at = time.monotonic()
-        return self._bases
+        return {n: self._meta[(n, v)] for n, v in self._current.items()}
+
+    async def get(self, name: str, version: str | None = None) -> Served | None:
+        """The version a request for `name` (pinned to `version`, or current) gets; None if the
+        store has no such adapter or version."""
+        if version is not None:
+            return await asyncio.to_thread(self._describe, name, version)
+        found = (await self.current()).get(name)
+        return found or (await self.current(refresh=True)).get(name)
 
 
-def _version(uri: str) -> str:
-    """The published version of the adapter at `uri`: its files (sizes, times) and its
-    lorafleet.json, which names the publish uniquely, so a same-size republish differs too."""
-    listing = storage.files(uri)
-    names = {f for f, _, _ in listing}
-    if ADAPTER_CONFIG not in names:
-        raise FileNotFoundError(uri)
-    meta = storage.read_text(storage.join(uri, ADAPTER_META)) if ADAPTER_META in names else ""
-    return hashlib.sha256(json.dumps([listing, meta]).encode()).hexdigest()[:16]
-
-
-def local_copy(root: str, name: str, cache_dir: str | None = None, attempts: int = 3) -> str:
-    """A local directory holding adapter `name`: the store itself when local, else a copy in the
-    node's cache, kept per store and per published version, so two stores with one adapter name
-    never share a copy and a republished adapter is fetched again. A publish that lands while a
-    copy downloads makes it download again."""
+def local_copy(root: str, lora_id: str, cache_dir: str | None = None) -> str:
+    """A local directory holding `<name>@<version>`: the version itself when the store is local,
+    else a copy in the node's cache, per store and per version, fetched once (a version never
+    changes) under a temporary name and renamed into place."""
     import shutil
 
-    if not is_adapter_name(name):
-        raise ValueError(f"invalid adapter name {name!r}")
-    uri = storage.join(root, name)
+    name, version = split_adapter(lora_id)
+    if not is_adapter_name(name) or version is None or not versions.is_version_id(version):
+        raise ValueError(f"invalid adapter id {lora_id!r}: expected <name>@<version>")
+    if versions.read_meta(root, name, version) is None:
+        raise FileNotFoundError(f"adapter {name!r} has no complete version {version!r} in {root}")
+    uri = versions.version_uri(root, name, version)
     if not storage.is_remote(root):
-        if not Path(uri, ADAPTER_CONFIG).is_file():
-            raise FileNotFoundError(f"adapter {name!r} not found in {root}")
         return uri
     cache = Path(cache_dir or Path(tempfile.gettempdir(), f"lorafleet-lora-cache-{os.getuid()}"))
     store_key = hashlib.sha256(root.rstrip("/").encode()).hexdigest()[:12]
-    for _ in range(attempts):
+    dest = cache / store_key / name / version
+    if (dest / ADAPTER_CONFIG).is_file():
+        return str(dest)
+    tmp = dest.with_name(f".{version}.{os.getpid()}.{uuid.uuid4().hex[:8]}.incoming")
+    try:
+        storage.download_dir(uri, tmp)
         try:
-            version = _version(uri)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"adapter {name!r} not found in {root}") from None
-        dest = cache / store_key / name / version
-        if (dest / ADAPTER_CONFIG).is_file():
-            return str(dest)
-        tmp = dest.with_name(f".{version}.{os.getpid()}.incoming")
-        try:
-            storage.download_dir(uri, tmp)
-            if _version(uri) != version:  # republished meanwhile: what came may be mixed
-                continue
-            try:
-                tmp.rename(dest)
-            except OSError:  # another replica on this node got there first
-                pass
-            return str(dest)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    raise RuntimeError(f"adapter {name!r} in {root} changed during {attempts} downloads")
+            tmp.rename(dest)
+        except OSError:  # another replica on this node got there first: theirs is the same
+            pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(dest)

@@ -143,6 +143,16 @@ def vllm_greedy(base, adapter: str, prompts: list[str], tmp_path: Path, env=None
     return json.loads(next(x for x in proc.stdout.splitlines() if x.startswith('{"base"')))
 
 
+def current_adapter(storage_root, name: str) -> str:
+    """The folder (or URI) of adapter `name`'s current version under `storage_root`."""
+    from cluster import layout, versions
+
+    root = layout.adapters_root(str(storage_root))
+    version = versions.current(root, name)
+    assert version, f"adapter {name!r} has no current version in {root}"
+    return versions.version_uri(root, name, version)
+
+
 def job_config(tmp_path: Path, base: Path, data: Path, **overrides):
     """A small, fast job on the tiny base; overrides are dotted keys."""
     raw = {

@@ -38,21 +38,60 @@ CASES = {
         ["--resume"],
         Invocation(
             "train",
-            {"config": "c.yaml", "overrides": ["training.max_steps=5", "name=x"], "resume": True},
+            {
+                "config": "c.yaml",
+                "overrides": ["training.max_steps=5", "name=x"],
+                "resume": True,
+                "release": None,
+            },
         ),
     ),
     "tune": (
         ["tune", "c.yaml", "tune.num_samples=2", "name=x"],
-        ["--resume"],
+        ["--release", "s.yaml"],
         Invocation(
             "tune",
-            {"config": "c.yaml", "overrides": ["tune.num_samples=2", "name=x"], "resume": True},
+            {
+                "config": "c.yaml",
+                "overrides": ["tune.num_samples=2", "name=x"],
+                "resume": False,
+                "release": "s.yaml",
+            },
         ),
     ),
     "merge": (
         ["merge", "store/adapters/a"],
         ["--out", "merged/"],
         Invocation("merge", {"adapter": "store/adapters/a", "out": "merged/", "dtype": "float32"}),
+    ),
+    "release": (
+        ["release", "status", "s.yaml", "bot"],
+        ["--follow"],
+        Invocation(
+            "release",
+            {
+                "action": "status",
+                "config": "s.yaml",
+                "overrides": [],
+                "adapter": "bot",
+                "url": None,
+                "follow": True,
+            },
+        ),
+    ),
+    "adapters": (
+        ["adapters", "promote", "a", "20261202-003015-123-9f3a"],
+        ["--root", "s3://b/r"],
+        Invocation(
+            "adapters",
+            {
+                "action": "promote",
+                "name": "a",
+                "version": "20261202-003015-123-9f3a",
+                "root": "s3://b/r",
+                "config": None,
+            },
+        ),
     ),
     "serve": (
         ["serve", "s.yaml", "http.port=9000", "name=y"],

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, job_config
+from conftest import ROOT, current_adapter, job_config
 
 from cluster.config import dump_config
 from cluster.errors import ConfigError
@@ -106,7 +106,7 @@ def _adapter(cfg) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return load_file(
-        str(Path(cfg.storage.root) / "adapters" / cfg.name / "adapter_model.safetensors")
+        str(Path(current_adapter(cfg.storage.root, cfg.name), "adapter_model.safetensors"))
     )
 
 
@@ -153,9 +153,7 @@ def test_zero3_adapter_reloads_in_plain_peft_and_changes_the_model(zero_runs, ti
     base = AutoModelForCausalLM.from_pretrained(tiny_base).eval()
     with torch.no_grad():
         before = base(**ids).logits
-        model = PeftModel.from_pretrained(
-            base, str(Path(cfg.storage.root) / "adapters" / cfg.name)
-        ).eval()
+        model = PeftModel.from_pretrained(base, current_adapter(cfg.storage.root, cfg.name)).eval()
         after = model(**ids).logits
     assert (after - before).abs().max() > 1e-3
 

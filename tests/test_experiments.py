@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import time
 
 import pytest
 
@@ -67,9 +68,10 @@ def test_weight_problems_are_named():
         "weight of 'b' must be a positive number. Got 'x' instead",
     ]
     state = ExperimentState([{"name": "e", "variants": [{"name": "a", "weight": 1}]}])
+    version = state.version
     assert "error" in state.set_weights("e", {"a": -1})
     assert "unknown experiment" in state.set_weights("nope", {"a": 1})["error"]
-    assert state.version == 0
+    assert state.version == version
 
 
 def test_state_counts_add_up_across_ingress_replicas():
@@ -79,11 +81,17 @@ def test_state_counts_add_up_across_ingress_replicas():
     state.add_counts({"e": {"a": {"requests": 2, "errors": 1}}})
     state.add_counts({"e": {"a": {"requests": 3}, "b": {"requests": 1}}})
     s = state.summary()["e"]["variants"]
-    assert s["a"] == {"weight": 3, "share": 0.75, "requests": 5, "errors": 1}
+    assert {k: v for k, v in s["a"].items() if k != "outcome"} == {
+        "weight": 3,
+        "share": 0.75,
+        "requests": 5,
+        "errors": 1,
+    }
     assert s["b"]["requests"] == 1
+    before = state.version
     out = state.set_weights("e", {"a": 1, "b": 1})
     assert out["shares"] == {"a": 0.5, "b": 0.5} and out["moved_users"] == pytest.approx(0.25)
-    assert state.snapshot(1)[1] is None and state.snapshot(0)[1] is not None
+    assert state.snapshot(before + 1)[1] is None and state.snapshot(before)[1] is not None
 
 
 def test_counts_a_failed_sync_took_are_sent_with_the_next_one():
@@ -114,3 +122,210 @@ def test_counts_a_failed_sync_took_are_sent_with_the_next_one():
         }
     }
     assert m.take() == {}
+
+
+# --- outcomes: the statistics against scipy and textbook numbers ------------------------------
+
+
+def _stats(rewards):
+    from serve.outcomes import add_reward, parse_reward
+
+    s: dict = {}
+    for r in rewards:
+        add_reward(s, parse_reward(r))
+    return s
+
+
+def test_two_proportion_z_test_matches_the_textbook_and_chi_square():
+    """45 of 100 against 60 of 100: pooled 0.525, se 0.07062, z 2.124, p 0.0337 (two-sided); the
+    z-test's p is the 2x2 chi-square's without continuity correction."""
+    from scipy.stats import chi2_contingency
+
+    from serve.outcomes import compare, two_proportion_z
+
+    z, p = two_proportion_z(45, 100, 60, 100)
+    assert z == pytest.approx(2.1240, abs=1e-4) and p == pytest.approx(0.03367, abs=1e-5)
+    chi = chi2_contingency([[45, 55], [60, 40]], correction=False)
+    assert p == pytest.approx(chi.pvalue, rel=1e-9) and z * z == pytest.approx(chi.statistic)
+    out = compare(_stats([1] * 45 + [0] * 55), _stats(["up"] * 60 + ["down"] * 40))
+    assert out["test"] == "two-proportion z" and out["p_value"] == pytest.approx(p)
+    assert out["difference"] == pytest.approx(0.15)
+    assert two_proportion_z(0, 10, 0, 12) == (0.0, 1.0)  # both all-zero: no difference
+
+
+def test_welch_t_test_matches_scipy():
+    from scipy.stats import ttest_ind
+
+    from serve.outcomes import compare
+
+    rng = random.Random(1)
+    a = [rng.gauss(0.5, 0.2) for _ in range(40)]
+    b = [rng.gauss(0.6, 0.4) for _ in range(25)]
+    out = compare(_stats(a), _stats(b))
+    want = ttest_ind(b, a, equal_var=False)
+    assert out["test"] == "welch t"
+    assert out["statistic"] == pytest.approx(want.statistic, rel=1e-9)
+    assert out["p_value"] == pytest.approx(want.pvalue, rel=1e-7)
+    assert out["df"] == pytest.approx(want.df, rel=1e-9)
+    # one outcome on a side: no test yet, but the difference of means
+    few = compare(_stats([0.3]), _stats([0.5, 0.7]))
+    assert few["p_value"] is None and few["difference"] == pytest.approx(0.3)
+
+
+def test_rewards_are_numbers_or_thumbs():
+    from serve.outcomes import parse_reward
+
+    assert [parse_reward(x) for x in (1, 0.25, -2, "up", "Down")] == [1.0, 0.25, -2.0, 1.0, 0.0]
+    for bad in (None, True, "great", float("nan"), [1]):
+        with pytest.raises(ValueError, match="reward must be a number"):
+            parse_reward(bad)
+
+
+AB = [{"name": "e", "variants": [{"name": "a", "weight": 1}, {"name": "b", "weight": 1}]}]
+
+
+def test_feedback_by_response_id_or_user_reaches_the_variant_that_answered():
+    state = ExperimentState([{**AB[0], "control": "b", "min_samples": 3}])
+    state.remember("cmpl-1", "e", "a")
+    assert state.feedback({"response_id": "cmpl-1", "reward": "up"}) == {
+        "experiment": "e",
+        "variant": "a",
+        "reward": 1.0,
+    }
+    user_variant = state.tables["e"].assign("e", "ada", random.Random())
+    assert state.feedback({"experiment": "e", "user": "ada", "reward": 0})["variant"] == (
+        user_variant
+    )
+    assert state.feedback({"response_id": "cmpl-2", "reward": 1})["status"] == 404
+    assert state.feedback({"experiment": "nope", "user": "x", "reward": 1})["status"] == 404
+    assert state.feedback({"response_id": "cmpl-1", "reward": "meh"})["status"] == 400
+    assert state.feedback({"reward": 1})["status"] == 400
+    for _ in range(3):
+        state.feedback({"response_id": "cmpl-1", "reward": 1})
+    out = state.summary()["e"]
+    a, b = out["variants"]["a"]["outcome"], out["variants"]["b"]["outcome"]
+    assert out["control"] == "b" and b["control"] and "vs_control" not in b
+    n_a = 4 + (user_variant == "a")
+    assert a["count"] == n_a and a["enough_samples"] and a["vs_control"]["control"] == "b"
+    assert a["vs_control"]["enough_samples"] is False  # b has at most one outcome
+
+
+def test_response_ids_kept_for_feedback_are_bounded(monkeypatch):
+    import serve.experiments as ex
+
+    monkeypatch.setattr(ex, "MAX_RESPONSES", 3)
+    state = ExperimentState(AB)
+    for i in range(5):
+        state.remember(f"r{i}", "e", "a")
+    assert list(state.responses) == ["r2", "r3", "r4"]
+
+
+# --- durable state: a fresh ExperimentState on the same storage restores it ------------------
+
+
+def _durable_roundtrip(uri: str, monkeypatch):
+    import serve.experiments as ex
+
+    monkeypatch.setattr(ex, "SAVE_INTERVAL_S", 0.2)
+    first = ExperimentState(AB, state_uri=uri)
+    first.set_weights("e", {"a": 30, "b": 70})  # saved at once
+    first.add_counts({"e": {"a": {"requests": 3}}})
+    first.remember("r1", "e", "b")
+    first.feedback({"response_id": "r1", "reward": 0.5})
+    assert ExperimentState(AB, state_uri=uri).counts["e"]["a"] == {}  # counts wait up to 0.2 s
+    time.sleep(0.25)
+    first.add_counts({"e": {"b": {"requests": 2}}})  # the ingress's next sync saves them
+    fresh = ExperimentState(AB, state_uri=uri)
+    assert fresh.tables["e"].owners == first.tables["e"].owners
+    assert fresh.tables["e"].weights == [30.0, 70.0]
+    assert fresh.counts["e"] == {"a": {"requests": 3}, "b": {"requests": 2}}
+    assert fresh.summary()["e"]["variants"]["b"]["outcome"]["mean"] == 0.5
+    assert fresh.version != first.version  # an ingress holding the old version re-reads
+
+
+def test_weights_counts_and_outcomes_survive_a_restart_on_a_local_root(tmp_path, monkeypatch):
+    from serve.experiments import state_uri
+
+    uri = state_uri(str(tmp_path / "store"), "app")
+    assert uri == str(tmp_path / "store" / "experiments" / "app" / "state.json")
+    _durable_roundtrip(uri, monkeypatch)
+
+
+def test_weights_counts_and_outcomes_survive_a_restart_on_s3(s3_bucket, monkeypatch):
+    from serve.experiments import state_uri
+
+    uri = state_uri(f"{s3_bucket}/exp-state", "app")
+    assert uri == f"{s3_bucket}/exp-state/experiments/app/state.json"
+    _durable_roundtrip(uri, monkeypatch)
+
+
+def test_an_experiment_whose_variants_changed_starts_from_the_config(tmp_path, capsys):
+    uri = str(tmp_path / "state.json")
+    other = {"name": "o", "variants": [{"name": "x", "weight": 1}, {"name": "y", "weight": 3}]}
+    old = ExperimentState([*AB, other], state_uri=uri)
+    old.set_weights("e", {"a": 90, "b": 10})
+    old.set_weights("o", {"x": 3, "y": 1})
+    changed = {"name": "e", "variants": [*AB[0]["variants"], {"name": "c", "weight": 2}]}
+    fresh = ExperimentState([changed, other], state_uri=uri)
+    assert fresh.tables["e"].weights == [1, 1, 2]  # the config's
+    assert fresh.tables["o"].weights == [3.0, 1.0]  # unchanged variants: restored
+    err = capsys.readouterr().out
+    assert "experiment 'e' changed its variants" in err and "'o' changed" not in err
+
+
+# --- admin scope: which key may change experiments --------------------------------------------
+
+
+def _auth_status(api: list[str], admin: list[str], key: str | None, *, admin_endpoint: bool):
+    """The status FleetIngress._auth answers for `key` on a server with these keys (0: allowed)."""
+    import hashlib
+
+    from starlette.requests import Request
+
+    from cluster.serve_config import ServeAppConfig
+    from serve.ingress import ApiError, FleetIngress
+
+    ingress = FleetIngress.__new__(FleetIngress)  # only what _auth reads, not a Serve replica
+    ingress.cfg = ServeAppConfig.model_validate({"models": [{"id": "m", "base": "org/m"}]})
+    ingress.key_hashes = [hashlib.sha256(k.encode()).digest() for k in api]
+    ingress.admin_hashes = [hashlib.sha256(k.encode()).digest() for k in admin]
+    headers = [(b"authorization", f"Bearer {key}".encode())] if key else []
+    try:
+        ingress._auth(Request({"type": "http", "headers": headers}), admin=admin_endpoint)
+    except ApiError as e:
+        return e.status, e.message
+    return 0, ""
+
+
+def test_admin_endpoints_need_an_admin_key_and_are_closed_by_default_when_keys_are_set():
+    both = (["api"], ["root"])
+    assert _auth_status(*both, "root", admin_endpoint=True)[0] == 0
+    assert _auth_status(*both, "root", admin_endpoint=False)[0] == 0  # admin keys pass as API keys
+    assert _auth_status(*both, "api", admin_endpoint=False)[0] == 0
+    status, says = _auth_status(*both, "api", admin_endpoint=True)
+    assert status == 403 and "needs an admin key" in says
+    assert _auth_status(*both, None, admin_endpoint=True)[0] == 401
+    assert _auth_status(*both, "nope", admin_endpoint=True)[0] == 401
+    # API keys but no admin key: changes are refused, saying how to allow them
+    status, says = _auth_status(["api"], [], "api", admin_endpoint=True)
+    assert status == 403 and "LORAFLEET_ADMIN_KEYS" in says
+    # no keys at all (a local server): open, admin endpoints too
+    assert _auth_status([], [], None, admin_endpoint=True)[0] == 0
+
+
+def test_admin_keys_come_from_the_environment_and_their_file_as_hashes(tmp_path):
+    import hashlib
+
+    from cluster.serve_config import ServeAppConfig
+    from serve.app import KeyFileMissing, api_key_hashes
+
+    keys = tmp_path / "admin-keys.txt"
+    keys.write_text("root-2\n\n")
+    raw = {"models": [{"id": "m", "base": "org/m"}], "http": {"admin_keys_file": str(keys)}}
+    cfg = ServeAppConfig.model_validate(raw)
+    got = api_key_hashes(cfg, {"LORAFLEET_ADMIN_KEYS": "root-1, "}, admin=True)
+    assert got == sorted(hashlib.sha256(k.encode()).hexdigest() for k in ("root-1", "root-2"))
+    assert api_key_hashes(cfg, {"LORAFLEET_ADMIN_KEYS": "root-1"}) == []  # not API keys
+    keys.unlink()
+    with pytest.raises(KeyFileMissing, match="http.admin_keys_file: cannot read"):
+        api_key_hashes(cfg, {}, admin=True)

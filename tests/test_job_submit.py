@@ -14,7 +14,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import ROOT
+from conftest import ROOT, current_adapter
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
@@ -134,5 +134,5 @@ def test_ray_job_submit_trains_and_publishes(ray_head, tmp_path, tiny_base, task
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
     assert "succeeded" in out and "[done] submitted" in out
-    assert (store / "adapters" / "submitted" / "adapter_model.safetensors").is_file()
+    assert Path(current_adapter(store, "submitted"), "adapter_model.safetensors").is_file()
     print(f"job submit round trip: {time.time() - start:.1f}s")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import ROOT
+from conftest import ROOT, current_adapter
 
 from cluster import storage
 
@@ -198,7 +198,7 @@ def test_strict_spread_trains_on_two_nodes_from_and_to_s3(
     (run,) = storage.listdir(run_dir)
     assert [c for c in storage.listdir(storage.join(run_dir, run)) if c.startswith("checkpoint_")]
 
-    adapter = storage.download_dir(storage.join(root, "adapters", "mn"), tmp_path / "adapter")
+    adapter = storage.download_dir(current_adapter(root, "mn"), tmp_path / "adapter")
     assert json.loads((adapter / "lorafleet.json").read_text())["base_model"] == base_uri
     base_dir = storage.download_dir(base_uri, tmp_path / "base")
     tok = AutoTokenizer.from_pretrained(base_dir)

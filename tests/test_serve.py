@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import shutil
 import signal
 import string
 import subprocess
@@ -22,15 +23,16 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import ROOT, job_config
+from conftest import ROOT, current_adapter, job_config
 
-from cluster import storage
+from cluster import layout, storage, versions
 
 # a real Ray Serve app with vLLM replicas: minutes, not the quick tier
 pytestmark = pytest.mark.slow
 
 KEY = "sk-test-" + "0123456789abcdef"  # in the app's key file (http.api_keys_file)
 ENV_KEY = "sk-env-" + "fedcba9876543210"  # in the app's environment (http.api_keys_env)
+ADMIN_KEY = "sk-admin-" + "00112233445566aa"  # in the app's environment (http.admin_keys_env)
 APP = "t-serve"
 LLM_DEPLOYMENT = "LoraStoreServer:tiny"
 # the 'reply' adapter's exact match through HTTP must beat the base's by this much (measured
@@ -86,7 +88,9 @@ def _serve_config(port: int, base: str, storage_root: str, keys_file: str | None
                 "max_model_len": 128,
                 "max_lora_rank": 8,
                 "max_loras_per_replica": 2,
-                "engine_kwargs": {"enforce_eager": True, "seed": 0},
+                # blocks of 32 tokens (CPU default: 128, more than a test prompt): vLLM's prefix
+                # cache then holds whole blocks of the version tests' prompt
+                "engine_kwargs": {"enforce_eager": True, "seed": 0, "block_size": 32},
                 "health_check_period_s": 1,
                 "autoscaling": {
                     "min_replicas": 1,
@@ -145,12 +149,17 @@ def served(ray_local, s3_bucket, tmp_path_factory, tiny_base, task_data, two_wor
     bucket_root = f"{s3_bucket}/serve-store"
     for name in ("t-last", "t-reply"):
         storage.upload_dir(store / "adapters" / name, storage.join(bucket_root, "adapters", name))
+    # served from copies: the bucket root is the local store copied to a new place, and the base
+    # is the tiny base copied elsewhere; adapters fit by what their base is, not where it lies
+    moved_base = tmp / "moved-base"
+    shutil.copytree(tiny_base, moved_base)
     keys_file = tmp / "api-keys.txt"
     keys_file.write_text(f"{KEY}\n")
-    cfg = _serve_config(_free_port(), str(tiny_base), bucket_root, str(keys_file))
+    cfg = _serve_config(_free_port(), str(moved_base), bucket_root, str(keys_file))
     cfg_path = tmp / "serve.yaml"
     cfg_path.write_text(dump_config(cfg))
-    run(cfg, blocking=False, log=lambda *_: None, environ={cfg.http.api_keys_env: ENV_KEY})
+    environ = {cfg.http.api_keys_env: ENV_KEY, cfg.http.admin_keys_env: ADMIN_KEY}
+    run(cfg, blocking=False, log=lambda *_: None, environ=environ)
     yield {
         "url": f"http://127.0.0.1:{cfg.http.port}",
         "cfg": cfg,
@@ -240,6 +249,8 @@ def test_build_app_is_pure_and_builds_what_it_is_given(ray_local):
     assert [e["name"] for e in kw["app_config"]["experiments"]] == ["bot", "ab", "metered"]
     llm = kw["llm_deployments"]["tiny"]._bound_deployment
     assert llm.init_kwargs["adapter_root"] == "s3://fleet/nowhere/adapters"
+    # each new vLLM replica preloads what the experiments name, the most weighted first
+    assert llm.init_kwargs["warm"] == ["t-last", "t-reply"]
     loading = llm.init_kwargs["llm_config"].model_loading_config
     assert (loading.model_id, loading.model_source) == ("tiny", "/no/such/base")
     scaling = llm.init_kwargs["llm_config"].deployment_config["autoscaling_config"]
@@ -272,7 +283,7 @@ def peft_answers(served, tiny_base, tokenizer):
 
     out = {}
     for name, task in (("t-last", "last"), ("t-reply", "reply")):
-        peft = load_adapter_model(str(served["store"] / "adapters" / name), base=str(tiny_base))
+        peft = load_adapter_model(current_adapter(served["store"], name), base=str(tiny_base))
         rows = _rows(served["tests"][task], 24)
         out[name] = [normalize_answer(_greedy(peft, tokenizer, r["prompt"])) for r in rows]
     return out
@@ -311,7 +322,7 @@ def _client(served):
 
 def test_models_list_bases_adapters_and_experiments_with_the_openai_client(served):
     ids = {m.id for m in _client(served).models.list().data}
-    ids = {i for i in ids if not i.startswith("tiny:t-late")}  # the late-publish test's
+    ids = {i for i in ids if not i.startswith(("tiny:t-late", "tiny:t-swap"))}  # later tests
     assert ids == {"tiny", "tiny:t-last", "tiny:t-reply", "bot", "ab", "metered"}
 
 
@@ -432,7 +443,7 @@ def _bucket_by_the_rule(experiment: str, user: str) -> int:
     return int.from_bytes(digest[:8], "big") % 10_000
 
 
-def test_weights_change_at_runtime_and_move_only_the_users_they_must(served):
+def test_weights_change_at_runtime_and_move_only_the_users_they_must(served, monkeypatch):
     """Experiment `ab` starts at 80/20: a owns buckets 0-7999, b 8000-9999. Re-weighted to 50/50,
     a gives its highest 3,000 buckets (5000-7999) to b and nobody else moves: a owns 0-4999."""
     from cluster.cli import main
@@ -443,6 +454,7 @@ def test_weights_change_at_runtime_and_move_only_the_users_they_must(served):
         before = list(pool.map(lambda u: _variant(served, user=u, experiment="ab"), users))
     assert before == ["a" if b < 8000 else "b" for b in buckets]
     url = ["--url", served["url"]]
+    monkeypatch.setenv(served["cfg"].http.admin_keys_env, ADMIN_KEY)  # the CLI sends it
     assert main(["serve", "set-weights", served["cfg_path"], "ab", "a=50", "b=50", *url]) == 0
     time.sleep(1.5)  # every ingress replica re-reads the tables within a second
     with ThreadPoolExecutor(4) as pool:
@@ -457,7 +469,7 @@ def test_weights_change_at_runtime_and_move_only_the_users_they_must(served):
     bad = requests.put(
         served["url"] + "/v1/experiments/ab",
         json={"weights": {"a": -1, "c": 2}},
-        headers=auth,
+        headers={"Authorization": f"Bearer {ADMIN_KEY}"},
         timeout=30,
     )
     assert bad.status_code == 400 and "unknown variant 'c'" in bad.json()["error"]["message"]
@@ -500,7 +512,8 @@ def test_per_variant_counts_in_json_and_prometheus(served):
     assert min(seen.values()) > 0, seen
     end = summary()
     for v in ("a", "b"):
-        grew = {k: x - start[v].get(k, 0) for k, x in end[v].items() if not isinstance(x, str)}
+        counts = {k: x for k, x in end[v].items() if type(x) in (int, float)}  # not the outcome
+        grew = {k: x - start[v].get(k, 0) for k, x in counts.items()}
         assert grew["requests"] == seen[v]
         assert grew["completion_tokens"] == seen[v]  # max_tokens=1 each
         assert grew["prompt_tokens"] >= 6 * seen[v]
@@ -515,12 +528,85 @@ def test_per_variant_counts_in_json_and_prometheus(served):
     assert prom == want, (prom, want)
 
 
+def _publish(served, name: str, like: str, **meta) -> str:
+    """Publish the current version of adapter `like` (files and metadata) as a new version of
+    `name` in the served bucket, the way training publishes; returns the version id."""
+    src = Path(current_adapter(served["store"], like))
+    info = json.loads((src / "lorafleet.json").read_text()) | meta
+    return versions.publish(src, layout.adapters_root(served["bucket_root"]), name, info)
+
+
+def _served_within(served, model, prompt, want: str, timeout_s=30.0) -> float:
+    """Seconds until `model` answers `prompt` with `want` (asked every 0.2 s)."""
+    t0 = time.monotonic()
+    got = None
+    while time.monotonic() - t0 < timeout_s:
+        got = _complete(served, model, prompt).json()["choices"][0]["text"]
+        if got == want:
+            return time.monotonic() - t0
+        time.sleep(0.2)
+    raise AssertionError(f"{model} still answers {got!r}, not {want!r}, after {timeout_s} s")
+
+
 def test_an_adapter_published_after_start_is_served_without_a_redeploy(served):
-    late = storage.join(served["bucket_root"], "adapters", "t-late")
-    storage.upload_dir(served["store"] / "adapters" / "t-last", late)
     prompt = _rows(served["tests"]["last"], 1)[0]["prompt"]
-    late = _complete(served, "tiny:t-late", prompt).json()["choices"][0]["text"]
-    assert late == _complete(served, "tiny:t-last", prompt).json()["choices"][0]["text"]
+    want = _complete(served, "tiny:t-last", prompt).json()["choices"][0]["text"]
+    t0 = time.monotonic()
+    _publish(served, "t-late", "t-last")
+    took = _served_within(served, "tiny:t-late", prompt, want)
+    print(f"publish to served: {time.monotonic() - t0:.2f} s (first answer after {took:.2f} s)")
+
+
+# long enough to fill two 32-token KV blocks: vLLM's prefix cache reuses whole blocks
+LONG_PROMPT = "last: " + " ".join(["alpha", "beta", "gamma", "delta", "omega"] * 3) + "\n"
+
+
+def test_a_promoted_version_is_served_within_seconds_and_not_from_the_old_versions_cache(served):
+    """t-swap v1 is t-last's weights, v2 t-reply's. Once v2 is current its answers are t-reply's
+    own, never v1's KV blocks reused under the adapter's name; rollback and promote move it back
+    and forth within seconds; a pinned version answers as itself throughout."""
+    from cluster import cli
+
+    root = served["bucket_root"]
+    v1 = _publish(served, "t-swap", "t-last")
+    r = _complete(served, "tiny:t-swap", LONG_PROMPT)
+    assert r.json()["model"] == f"tiny:t-swap@{v1}"  # the version that answered
+    a1 = r.json()["choices"][0]["text"]
+    a2 = _complete(served, "tiny:t-reply", LONG_PROMPT).json()["choices"][0]["text"]
+    assert a1 != a2  # the two versions answer this prompt differently
+    assert _complete(served, "tiny:t-swap", LONG_PROMPT).json()["choices"][0]["text"] == a1
+    v2 = _publish(served, "t-swap", "t-reply")
+    took = _served_within(served, "tiny:t-swap", LONG_PROMPT, a2)
+    print(f"publish of a new version to served: {took:.2f} s")
+    assert _complete(served, f"tiny:t-swap@{v1}", LONG_PROMPT).json()["choices"][0]["text"] == a1
+    assert cli.main(["adapters", "rollback", "t-swap", "--root", root]) == 0
+    print(f"rollback to served: {_served_within(served, 'tiny:t-swap', LONG_PROMPT, a1):.2f} s")
+    assert cli.main(["adapters", "promote", "t-swap", v2, "--root", root]) == 0
+    print(f"promote to served: {_served_within(served, 'tiny:t-swap', LONG_PROMPT, a2):.2f} s")
+    r = _complete(served, f"tiny:t-swap@{v2}", LONG_PROMPT)
+    assert (r.json()["model"], r.json()["choices"][0]["text"]) == (f"tiny:t-swap@{v2}", a2)
+
+
+def test_an_adapter_trained_on_another_base_is_refused_naming_both(served):
+    _publish(
+        served,
+        "t-alien",
+        "t-last",
+        base_model="/elsewhere/llama-8b",
+        base_fingerprint="sha256:ffffffffffffffff",
+    )
+    r = _post(served, "/v1/completions", {"model": "tiny:t-alien", "prompt": "x", "max_tokens": 2})
+    assert r.status_code == 400, r.text
+    msg = r.json()["error"]["message"]
+    assert "/elsewhere/llama-8b" in msg and "sha256:ffffffffffffffff" in msg, msg
+    assert "moved-base" in msg and "different model" in msg, msg
+    ids = {
+        m["id"]
+        for m in requests.get(
+            served["url"] + "/v1/models", headers={"Authorization": f"Bearer {KEY}"}, timeout=30
+        ).json()["data"]
+    }
+    assert "tiny:t-alien" not in ids and "tiny:t-last" in ids
 
 
 @pytest.mark.parametrize(
@@ -529,6 +615,9 @@ def test_an_adapter_published_after_start_is_served_without_a_redeploy(served):
         ({"model": "tiny:t-lats", "prompt": "x"}, None, 404, "not in the adapter store"),
         ({"model": "bott", "prompt": "x"}, None, 404, "Did you mean 'bot'"),
         ({"model": "tiny:../../etc", "prompt": "x"}, None, 400, "invalid adapter name"),
+        ({"model": "tiny:versions", "prompt": "x"}, None, 400, "reserved"),
+        ({"model": "tiny:t-last@20200101-000000-000-0000", "prompt": "x"}, None, 404, "no version"),
+        ({"model": "tiny:t-last@../x", "prompt": "x"}, None, 400, "invalid version"),
         (None, '{"model": "tiny", "prompt": ', 400, "JSON"),
         ({"model": "tiny", "prompt": "x", "max_tokens": 0}, None, 400, "max_tokens"),
         ({"model": "tiny", "prompt": "x", "temperature": -1}, None, 400, "temperature"),
@@ -539,6 +628,9 @@ def test_an_adapter_published_after_start_is_served_without_a_redeploy(served):
         "unknown-adapter",
         "unknown-model",
         "traversal",
+        "reserved-name",
+        "unknown-version",
+        "bad-version",
         "bad-json",
         "max-tokens",
         "temperature",
@@ -569,6 +661,291 @@ def test_api_keys_come_from_the_key_file_and_the_environment(served):
     assert requests.get(served["url"] + "/v1/models", timeout=30).status_code == 401
     assert _post(served, "/v1/completions", body).status_code == 200  # from the key file
     assert _post(served, "/v1/completions", body, key=ENV_KEY).status_code == 200
+
+
+# --- outcomes, durable experiment state, admin scope (#10)
+
+
+def _experiments(served, key=KEY) -> dict:
+    r = requests.get(
+        served["url"] + "/v1/experiments", headers={"Authorization": f"Bearer {key}"}, timeout=30
+    )
+    assert r.status_code == 200, r.text
+    return r.json()["experiments"]
+
+
+def _put_weights(served, weights: dict, key=None, raw=None):
+    return requests.put(
+        served["url"] + "/v1/experiments/ab",
+        data=raw if raw is not None else json.dumps({"weights": weights}),
+        headers={"Authorization": f"Bearer {key}"} if key else {},
+        timeout=30,
+    )
+
+
+def test_changing_weights_needs_an_admin_key(served):
+    """No key (even with a body that is not JSON) 401; an API key 403 with the reason; the admin
+    key 200, and it passes as an API key too."""
+    assert _put_weights(served, {}, raw="{not json").status_code == 401
+    for key in (KEY, ENV_KEY):
+        r = _put_weights(served, {"a": 50, "b": 50}, key=key)
+        assert r.status_code == 403, r.text
+        assert "needs an admin key" in r.json()["error"]["message"], r.text
+    r = _put_weights(served, {"a": 50, "b": 50}, key=ADMIN_KEY)
+    assert r.status_code == 200 and r.json()["shares"] == {"a": 0.5, "b": 0.5}, r.text
+    body = {"model": "tiny", "prompt": "x", "max_tokens": 1}
+    assert _post(served, "/v1/completions", body, key=ADMIN_KEY).status_code == 200
+
+
+def _prometheus_feedback(experiment: str) -> dict[str, float]:
+    import ray
+
+    port = ray._private.worker.global_worker.node.metrics_export_port
+    text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        name, _, rest = line.partition("{")
+        if name in ("ray_lorafleet_feedback", "ray_lorafleet_feedback_total"):
+            if f'experiment="{experiment}"' in rest:
+                variant = rest.split('variant="', 1)[1].split('"', 1)[0]
+                out[variant] = out.get(variant, 0) + float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def _feedback(served, body, key=KEY, raw=None):
+    return _post(served, "/v1/feedback", body, key=key, raw=raw)
+
+
+def test_feedback_joins_responses_to_variants_and_compares_them_with_the_control(served):
+    """Answers from experiment `bot` carry their id (the OpenAI id, streamed too) and variant;
+    feedback by id and by user lands on that variant, in /v1/experiments and in Prometheus; bad
+    feedback gets 400/404 with the reason and the server stays up."""
+    start = {v: s["outcome"] for v, s in _experiments(served)["bot"]["variants"].items()}
+    prom_start = _prometheus_feedback("bot")
+    want = {"a": [], "b": []}
+    for i in range(8):
+        r = _complete(served, "bot", "last: a b\n", max_tokens=1, user=f"fb-{i}")
+        rid, var = r.headers["X-Lorafleet-Response-Id"], r.headers["X-Lorafleet-Variant"]
+        assert rid == r.json()["id"]
+        reward = ["up", "down", 1, 0.5][i % 4]
+        f = _feedback(served, {"response_id": rid, "reward": reward})  # at once, no wait
+        assert f.status_code == 200 and f.json()["variant"] == var, f.text
+        want[var].append({"up": 1.0, "down": 0.0}.get(reward, reward))
+    stream = _post(
+        served, "/v1/completions", {"model": "bot", "prompt": "x", "max_tokens": 2, "stream": True}
+    )
+    chunks = [json.loads(x[5:]) for x in stream.text.splitlines() if x.startswith("data: {")]
+    assert stream.headers["X-Lorafleet-Response-Id"] == chunks[0]["id"]
+    by_user = _feedback(served, {"experiment": "bot", "user": "fb-0", "reward": "down"}).json()
+    assert by_user["variant"] == _variant(served, user="fb-0")
+    want[by_user["variant"]].append(0.0)
+    for body, raw, status, says in [
+        ({"response_id": "cmpl-nope", "reward": 1}, None, 404, "unknown response id"),
+        ({"experiment": "bot", "user": "x", "reward": "great"}, None, 400, "reward must be"),
+        ({"reward": 1}, None, 400, "expected"),
+        (None, "{oops", 400, "not valid JSON"),
+    ]:
+        r = _feedback(served, body, raw=raw)
+        assert r.status_code == status and says in r.json()["error"]["message"], r.text
+    assert _feedback(served, {"response_id": "x", "reward": 1}, key=None).status_code == 401
+    end = _experiments(served)["bot"]["variants"]
+    for v, rewards in want.items():
+        got, before = end[v]["outcome"], start[v]
+        assert got["count"] == before["count"] + len(rewards), (v, got, before)
+        total = (before["mean"] or 0) * before["count"] + sum(rewards)
+        assert got["mean"] == pytest.approx(total / got["count"]), (v, got)
+        assert got["enough_samples"] is False and got["min_samples"] == 100
+    assert end["a"]["outcome"]["control"] and "p_value" in end["b"]["outcome"]["vs_control"]
+    want_prom = {v: prom_start.get(v, 0) + len(r) for v, r in want.items()}
+
+    def prom_caught_up():
+        prom = _prometheus_feedback("bot")
+        return all(prom.get(v, 0) == n for v, n in want_prom.items())
+
+    _wait(prom_caught_up, 60, f"Prometheus feedback counts {want_prom}")
+
+
+def test_weights_counts_and_buckets_survive_a_restart_of_the_experiment_state(served):
+    """Re-weight `ab` to 35/65 (a keeps buckets 0-3499), send traffic, kill the ExperimentState
+    replica: Serve starts a new one, which restores weights, counts and every user's bucket from
+    `<storage.root>/experiments/t-serve/state.json` (from the config it would give a 0-7999)."""
+    import ray
+    from ray.util.state import list_actors
+
+    from cluster.ray_connect import state_api_address
+
+    assert _put_weights(served, {"a": 35, "b": 65}, key=ADMIN_KEY).status_code == 200
+    moved_back = [f"keep-{i}" for i in range(200) if 3500 <= _bucket_by_the_rule("ab", f"keep-{i}")]
+    users = [u for u in moved_back if _bucket_by_the_rule("ab", u) < 8000][:6]
+    seen = [_variant(served, user=u, experiment="ab") for u in users]
+    assert seen == ["b"] * len(users)
+    time.sleep(2.5)  # counts reach storage at most every 2 s
+    before = _experiments(served)["ab"]["variants"]
+    assert storage.exists(storage.join(served["bucket_root"], "experiments", APP, "state.json"))
+
+    def state_actors():
+        alive = list_actors(address=state_api_address(), filters=[("state", "=", "ALIVE")])
+        return [a for a in alive if a.class_name.startswith(f"ServeReplica:{APP}:ExperimentState")]
+
+    (victim,) = state_actors()
+    ray.kill(ray.get_actor(victim.name, namespace="serve"))
+    sent = time.time()  # answers go on while the state is down: routing needs no state call
+    assert _variant(served, user=users[0], experiment="ab") == "b"
+    assert time.time() - sent < 5
+    _wait(lambda: [a for a in state_actors() if a.actor_id != victim.actor_id], 60, "a new state")
+
+    def restored():
+        try:
+            return _experiments(served)["ab"]["variants"]
+        except (AssertionError, requests.RequestException):
+            return None
+
+    _wait(lambda: restored() is not None, 60, "the new state to answer")
+    after = restored()
+    assert {v: s["share"] for v, s in after.items()} == {"a": 0.35, "b": 0.65}
+    # the counts saved before the kill, plus the one request answered while the state was down
+    want = [before["a"].get("requests", 0), before["b"]["requests"] + 1]
+    assert [after[v].get("requests", 0) for v in "ab"] == want
+    assert [_variant(served, user=u, experiment="ab") for u in users] == seen
+
+
+# --- canary releases (#10) -------------------------------------------------------------------
+
+RELEASE_STEPS = [{"percent": p, "hold_s": 2} for p in (20, 60, 100)]
+
+
+def _release_config(served, tmp_path, adapter: str, version: str, **gates) -> str:
+    """The served app's own config file, with a `release:` section (what `lorafleet release`
+    reads: the server's address, the keys' sources and the release)."""
+    from cluster.config import dump_config
+    from cluster.release_config import ReleaseConfig
+
+    release = ReleaseConfig.model_validate(
+        {
+            "adapter": adapter,
+            "version": version,
+            "steps": RELEASE_STEPS,
+            "gates": {"min_requests": 4, "max_p99_ratio": 50, **gates},
+        }
+    )
+    path = tmp_path / "release.yaml"
+    path.write_text(dump_config(served["cfg"].model_copy(update={"release": release})))
+    return str(path)
+
+
+def _one_round(served, adapter: str) -> dict:
+    """40 users ask for `model:adapter` once each: {user: (status, version that answered)}."""
+
+    def ask(user):
+        body = {"model": f"tiny:{adapter}", "prompt": "last: a b\n", "max_tokens": 1, "user": user}
+        r = _post(served, "/v1/completions", body)
+        version = r.json()["model"].rsplit("@", 1)[-1] if r.status_code == 200 else None
+        return user, (r.status_code, version)
+
+    with ThreadPoolExecutor(4) as pool:
+        return dict(pool.map(ask, [f"rel-{i}" for i in range(40)]))
+
+
+def _release_traffic(served, adapter: str, stop: threading.Event, rounds: list) -> None:
+    while not stop.is_set():
+        rounds.append(_one_round(served, adapter))
+
+
+def _run_release(served, monkeypatch, capsys, argv, adapter):
+    from cluster import cli
+
+    monkeypatch.setenv(served["cfg"].http.admin_keys_env, ADMIN_KEY)
+    stop, rounds = threading.Event(), []
+    traffic = threading.Thread(target=_release_traffic, args=(served, adapter, stop, rounds))
+    traffic.start()
+    try:
+        code = cli.main(argv)
+    finally:
+        stop.set()
+        traffic.join()
+    return code, capsys.readouterr().out, rounds
+
+
+def test_a_good_candidate_is_ramped_with_sticky_users_and_promoted(
+    served, tmp_path, monkeypatch, capsys
+):
+    root = layout.adapters_root(served["bucket_root"])
+    v1 = _publish(served, "t-rel", "t-last")
+    v2 = _publish(served, "t-rel", "t-reply")
+    versions.promote(root, "t-rel", v1)  # v1 serves; v2 is the candidate
+    # an API key cannot start a release: it changes the server
+    r = _post(served, "/v1/releases", {"adapter": "t-rel"})
+    assert r.status_code == 403, r.text
+    cfg = _release_config(served, tmp_path, "t-rel", v2)
+    t0 = time.monotonic()
+    code, out, rounds = _run_release(served, monkeypatch, capsys, ["release", cfg], "t-rel")
+    print(out, f"release of 3 steps x 2 s took {time.monotonic() - t0:.1f} s")
+    assert code == 0, out
+    said = [x.split(": ", 1)[1] for x in out.splitlines() if x.startswith("[release] t-rel ")]
+    decisions = [x.split(") ", 1)[1].split(" (")[0] for x in said]
+    assert decisions == ["started", "advanced", "advanced", "promoted"], out
+    assert (
+        said[1].startswith("step 1/3 (20%) advanced (candidate ") and " req, 0.0% errors" in said[1]
+    )
+    assert versions.current(root, "t-rel") == v2
+    # sticky: a user moves from v1 to v2 once, never back; every answer came from v1 or v2
+    assert all(status == 200 for rnd in rounds for status, _ in rnd.values())
+    for user in rounds[0]:
+        seq = [rnd[user][1] for rnd in rounds]
+        assert set(seq) <= {v1, v2}
+        first = seq.index(v2) if v2 in seq else len(seq)
+        assert all(v == v2 for v in seq[first:]), (user, seq)
+    assert {v for v in rounds[0].values()} != {(200, v2)}  # the ramp started below 100%
+
+
+def test_a_candidate_that_fails_is_rolled_back_and_the_release_runs_without_the_cli(
+    served, tmp_path, monkeypatch, capsys
+):
+    """A candidate vLLM cannot load (its config claims rank 16, its tensors are rank 8) errors
+    on every request: the release rolls back at the first step; `current` never moved. The CLI
+    only started it (--no-follow); `release status --follow` finds it from anywhere."""
+    from cluster import cli
+
+    root = layout.adapters_root(served["bucket_root"])
+    v1 = _publish(served, "t-bad", "t-last")
+    broken = tmp_path / "broken"
+    shutil.copytree(current_adapter(served["store"], "t-last"), broken)
+    conf = json.loads((broken / "adapter_config.json").read_text())
+    (broken / "adapter_config.json").write_text(json.dumps(conf | {"r": 16, "lora_alpha": 32}))
+    v2 = versions.publish(
+        broken, root, "t-bad", json.loads((broken / "lorafleet.json").read_text())
+    )
+    versions.promote(root, "t-bad", v1)
+    cfg = _release_config(served, tmp_path, "t-bad", v2, max_error_rate=0.2)
+    code, out, rounds = _run_release(
+        served, monkeypatch, capsys, ["release", cfg, "--no-follow"], "t-bad"
+    )
+    assert code == 0 and "runs inside the app" in out, out
+    monkeypatch.setenv(served["cfg"].http.admin_keys_env, ADMIN_KEY)
+    stop, rounds = threading.Event(), []
+    traffic = threading.Thread(target=_release_traffic, args=(served, "t-bad", stop, rounds))
+    traffic.start()
+    try:
+        code = cli.main(["release", "status", cfg, "t-bad", "--follow"])
+    finally:
+        stop.set()
+        traffic.join()
+    out = capsys.readouterr().out
+    assert code == 1 and "rolled back" in out and "failed gate: error rate" in out, out
+    # the candidate's requests got a 400 naming why, never a 500
+    assert {status for rnd in rounds for status, _ in rnd.values()} <= {200, 400}
+    r = _post(
+        served, "/v1/completions", {"model": f"tiny:t-bad@{v2}", "prompt": "x", "max_tokens": 1}
+    )
+    assert r.status_code == 400 and "greater than max_lora_rank" in r.text, r.text
+    assert versions.current(root, "t-bad") == v1
+    # once the ingress has synced (every second), every request is served by v1, without errors
+    time.sleep(2.5)
+    last = _one_round(served, "t-bad")
+    assert all(x == (200, v1) for x in last.values()), last
+
+
+# --- autoscaling and replica faults: last, they change the replicas
 
 
 def _replicas(state="RUNNING") -> int:

@@ -1,135 +1,289 @@
-"""The adapter store the server reads, on an S3-compatible server on loopback (moto, started by
-the session's `s3_bucket` fixture): listing with each adapter's base, download into the node
-cache, names checked; and a local store, read in place."""
+"""The adapter store: immutable versions and the `current` pointer (cluster/versions.py), and the
+server's reader of it (serve/store.py), on a local disk and on an S3-compatible server on
+loopback (moto, started by the session's `s3_bucket` fixture). Publishes here are real, in
+threads and in killed processes; nothing of the store is stubbed."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import threading
 from asyncio import run
 from pathlib import Path
 
 import pytest
 
-from cluster import storage
-from serve.store import AdapterStore, base_key, local_copy
+from cluster import storage, versions
+from cluster.errors import LorafleetError
+from serve.store import AdapterStore, local_copy
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture()
-def s3_root(s3_bucket, request):
-    return f"{s3_bucket}/{request.node.name}"
+@pytest.fixture(params=["local", "s3"])
+def root(request, tmp_path):
+    """`<storage.root>/adapters` on a local disk, and in the loopback bucket."""
+    if request.param == "local":
+        return str(tmp_path / "store" / "adapters")
+    bucket = request.getfixturevalue("s3_bucket")
+    return f"{bucket}/{request.node.name}/adapters"
 
 
-def _adapter(dir_, base, weights=bytes(range(256)) * 40, publish_id="p1"):
+def _adapter(dir_: Path, n: int, size: int = 4096) -> Path:
+    """An adapter folder whose weights encode `n` (every byte n % 256): a reader can tell which
+    publish it got, and whether the files are all from one."""
     dir_.mkdir(parents=True, exist_ok=True)
-    (dir_ / "adapter_config.json").write_text(json.dumps({"r": 8}))
-    (dir_ / "adapter_model.safetensors").write_bytes(weights)
-    if base:  # as training publishes it
-        meta = {"base_model": base, "publish_id": publish_id}
-        (dir_ / "lorafleet.json").write_text(json.dumps(meta))
+    (dir_ / "adapter_config.json").write_text(json.dumps({"r": 8, "publish": n}))
+    (dir_ / "adapter_model.safetensors").write_bytes(bytes([n % 256]) * size)
+    return dir_
 
 
-def test_s3_store_lists_adapters_with_their_base_and_copies_them_to_the_cache(
-    s3_root, tmp_path, monkeypatch
-):
-    adapters = storage.join(s3_root, "adapters")
-    _adapter(tmp_path / "src" / "support", "org/base-7b")
-    _adapter(tmp_path / "src" / "plain", None)
-    for name in ("support", "plain"):
-        storage.upload_dir(tmp_path / "src" / name, storage.join(adapters, name))
-    store = AdapterStore(adapters, s3_root, ttl_s=3600)
-    assert run(store.adapters()) == {"support": base_key("org/base-7b", s3_root), "plain": None}
-    # published after the first listing: seen on a refresh (the ingress refreshes on a miss)
-    _adapter(tmp_path / "src" / "late", "org/base-7b")
-    storage.upload_dir(tmp_path / "src" / "late", storage.join(adapters, "late"))
-    assert "late" not in run(store.adapters())
-    assert "late" in run(store.adapters(refresh=True))
+def _meta(n: int, fingerprint="sha256:0123456789abcdef") -> dict:
+    return {"base_model": "org/base", "base_fingerprint": fingerprint, "publish": n}
 
+
+def _publish(root, tmp_path, n: int, name="support", **kw) -> str:
+    return versions.publish(_adapter(tmp_path / f"src{n}", n), root, name, _meta(n), **kw)
+
+
+def test_a_publish_writes_a_whole_version_then_moves_current_and_rollback_undoes_it(root, tmp_path):
+    v1 = _publish(root, tmp_path, 1)
+    v2 = _publish(root, tmp_path, 2)
+    assert v1 < v2 and versions.current(root, "support") == v2
+    metas = versions.versions(root, "support")
+    assert [m["version"] for m in metas] == [v1, v2]
+    assert metas[1]["publish"] == 2 and metas[1]["name"] == "support"
+    assert metas[1]["published_at"] and metas[1]["base_fingerprint"].startswith("sha256:")
+    # the store serves the current version; a pinned one too; the node cache keys on the version
+    store = AdapterStore(root, ttl_s=3600)
+    assert run(store.get("support")).version == v2
+    assert run(store.get("support", v1)).version == v1
+    assert run(store.get("support", "20200101-000000-000-0000")) is None
     cache = tmp_path / "cache"
-    path = local_copy(adapters, "support", cache_dir=str(cache))
-    assert Path(path).is_relative_to(cache) and Path(path).parent.name == "support"
-    for f in ("adapter_config.json", "adapter_model.safetensors", "lorafleet.json"):
-        assert Path(path, f).read_bytes() == (tmp_path / "src" / "support" / f).read_bytes()
-    downloads = []
-    real_download = storage.download_dir
-    monkeypatch.setattr(
-        storage, "download_dir", lambda *a: downloads.append(a) or real_download(*a)
+    p1, p2 = (local_copy(root, f"support@{v}", str(cache)) for v in (v1, v2))
+    assert Path(p1, "adapter_model.safetensors").read_bytes()[:1] == b"\x01"
+    assert Path(p2, "adapter_model.safetensors").read_bytes()[:1] == b"\x02"
+
+    assert versions.rollback(root, "support")["version"] == v1
+    assert run(store.get("support", None)).version == v2  # listed a moment ago: ttl
+    assert run(AdapterStore(root).get("support")).version == v1
+    assert versions.promote(root, "support", v2)["version"] == v2
+    with pytest.raises(LorafleetError, match="no version '20200101-000000-000-0000'"):
+        versions.promote(root, "support", "20200101-000000-000-0000")
+
+    # retention: the oldest go, never the current one (here promoted back to the oldest)
+    v3, v4 = _publish(root, tmp_path, 3), _publish(root, tmp_path, 4)
+    versions.promote(root, "support", v1)
+    assert sorted(versions.prune(root, "support", keep=2)) == [v2]
+    assert [m["version"] for m in versions.versions(root, "support")] == [v1, v3, v4]
+    _publish(root, tmp_path, 5, keep=2)  # a publish prunes by storage.keep_versions
+    assert len(versions.versions(root, "support")) == 2
+
+
+def test_readers_during_republishes_see_the_old_or_the_new_version_never_a_mix(root, tmp_path):
+    _publish(root, tmp_path, 0)
+    stop, seen, errors = threading.Event(), [], []
+
+    def reader():
+        store = AdapterStore(root, ttl_s=0)
+        while not stop.is_set():
+            try:
+                served = run(store.get("support"))
+                path = Path(local_copy(root, served.lora_id, str(tmp_path / "cache")))
+                n = json.loads((path / "adapter_config.json").read_text())["publish"]
+                weights = (path / "adapter_model.safetensors").read_bytes()
+                meta = json.loads((path / "lorafleet.json").read_text())
+                if weights != bytes([n % 256]) * 4096 or meta["publish"] != n:
+                    errors.append(f"{served.lora_id}: a mix of publishes")
+                seen.append(n)
+            except Exception as e:  # a missing file, a half-written pointer: all failures
+                errors.append(repr(e))
+
+    threads = [threading.Thread(target=reader) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for n in range(1, 13):
+        _publish(root, tmp_path, n)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert len(set(seen)) >= 3, sorted(set(seen))  # the readers did watch the publishes land
+
+
+STALLED_PUBLISH = """
+import sys, time, shutil
+import pyarrow.fs as pafs
+from pathlib import Path
+from cluster import versions
+
+def stall(*a, **k):  # the first file is copied, then the copy hangs until the process is killed
+    real(*a, **k)
+    print("copying", flush=True)
+    time.sleep(600)
+
+if sys.argv[1].startswith("s3://"):
+    real = pafs.copy_files
+    pafs.copy_files = stall
+else:
+    real = shutil.copy2
+    shutil.copy2 = stall
+versions.publish(Path(sys.argv[2]), sys.argv[1], "support", {"publish": 9})
+"""
+
+
+def test_a_publish_killed_mid_copy_leaves_the_previous_version_served(root, tmp_path):
+    v1 = _publish(root, tmp_path, 1)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", STALLED_PUBLISH, root, str(_adapter(tmp_path / "src9", 9))],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=os.environ | {"PYTHONPATH": str(ROOT)},
     )
-    assert local_copy(adapters, "support", cache_dir=str(cache)) == path
-    assert local_copy(adapters + "/", "support", cache_dir=str(cache)) == path
-    assert downloads == []  # cached: not downloaded again
-
-    # republished under the same name at once, same sizes, other weights: fetched again
-    v2 = bytes(reversed(range(256))) * 40
-    _adapter(tmp_path / "src" / "support", "org/base-7b", weights=v2, publish_id="p2")
-    storage.upload_dir(tmp_path / "src" / "support", storage.join(adapters, "support"))
-    path2 = local_copy(adapters, "support", cache_dir=str(cache))
-    assert path2 != path and len(downloads) == 1
-    assert Path(path2, "adapter_model.safetensors").read_bytes() == v2
-
-    # a publish landing while a copy downloads: that copy is dropped and the new one fetched
-    _adapter(tmp_path / "src" / "support", "org/base-7b", weights=v2, publish_id="p2b")
-    storage.upload_dir(tmp_path / "src" / "support", storage.join(adapters, "support"))
-    v3 = b"v3" * 5120
-
-    def download_then_republish(*a):
-        downloads.append(a)
-        real_download(*a)
-        if len(downloads) == 1:
-            _adapter(tmp_path / "src" / "support", "org/base-7b", weights=v3, publish_id="p3")
-            storage.upload_dir(tmp_path / "src" / "support", storage.join(adapters, "support"))
-
-    downloads.clear()
-    monkeypatch.setattr(storage, "download_dir", download_then_republish)
-    path4 = local_copy(adapters, "support", cache_dir=str(cache))
-    assert len(downloads) == 2
-    assert Path(path4, "adapter_model.safetensors").read_bytes() == v3
-    assert not list(Path(path4).parent.glob(".*incoming"))  # the dropped copy is gone
-    # another store's adapter of the same name is another copy
-    other = storage.join(s3_root, "other", "adapters")
-    storage.upload_dir(tmp_path / "src" / "plain", storage.join(other, "support"))
-    path3 = local_copy(other, "support", cache_dir=str(cache))
-    assert path3 not in (path, path2)
-    assert not Path(path3, "lorafleet.json").exists()
-
-    with pytest.raises(FileNotFoundError, match="'nope' not found"):
-        local_copy(adapters, "nope", cache_dir=str(cache))
-    with pytest.raises(ValueError, match="invalid adapter name"):
-        local_copy(adapters, "../support", cache_dir=str(cache))
+    try:
+        assert proc.stdout.readline().strip() == "copying"
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    assert versions.current(root, "support") == v1
+    assert [m["version"] for m in versions.versions(root, "support")] == [v1]
+    assert run(AdapterStore(root).get("support")).version == v1
+    # what the killed publish left is found, and pruned once past its grace period
+    leftovers = set(versions.version_ids(root, "support")) - {v1}
+    if storage.is_remote(root):
+        assert len(leftovers) == 1  # files of an incomplete version: no lorafleet.json
+    else:
+        assert [p.name for p in Path(root, "support", "versions").glob(".*.incoming")]
+    assert versions.prune(root, "support", keep=10, grace_s=0)
+    assert versions.version_ids(root, "support") == [v1]
+    assert (
+        not list(Path(root, "support", "versions").glob(".*"))
+        if not storage.is_remote(root)
+        else True
+    )
 
 
-def test_local_store_is_read_in_place(tmp_path):
-    root = str(tmp_path / "runs")
-    adapters = storage.join(root, "adapters")
-    _adapter(tmp_path / "runs" / "adapters" / "support", "org/base-7b")
-    store = AdapterStore(adapters, root, ttl_s=3600)
-    assert run(store.adapters()) == {"support": base_key("org/base-7b", root)}
-    assert local_copy(adapters, "support") == str(tmp_path / "runs" / "adapters" / "support")
-    with pytest.raises(FileNotFoundError, match="'nope' not found"):
-        local_copy(adapters, "nope")
-    with pytest.raises(ValueError, match="invalid adapter name"):
-        local_copy(adapters, "../runs")
+CONCURRENT_PUBLISHES = """
+import json, sys, time
+from pathlib import Path
+from cluster import versions
+
+src, root, start_at = Path(sys.argv[1]), sys.argv[2], float(sys.argv[3])
+time.sleep(max(0.0, start_at - time.time()))
+print(json.dumps([versions.publish(src, root, "support", {"by": src.name}) for _ in range(4)]))
+"""
 
 
-def test_a_half_published_incoming_folder_is_neither_listed_nor_served(s3_root, tmp_path):
-    """`<name>.incoming` is a publish still being written: the store lists and serves only whole
-    adapters, on local and remote roots alike."""
-    local = str(tmp_path / "runs" / "adapters")
-    _adapter(Path(local) / "support", "org/base-7b")
-    _adapter(Path(local) / "support.incoming", "org/base-7b", publish_id="p2")
-    remote = storage.join(s3_root, "adapters")
-    for name in ("support", "support.incoming"):
-        storage.upload_dir(Path(local) / name, storage.join(remote, name))
-    for root, storage_root in ((local, str(tmp_path / "runs")), (remote, s3_root)):
-        assert list(run(AdapterStore(root, storage_root).adapters())) == ["support"]
-        with pytest.raises(ValueError, match="invalid adapter name 'support.incoming'"):
-            local_copy(root, "support.incoming", cache_dir=str(tmp_path / "cache"))
+def test_concurrent_publishes_of_one_name_all_land_and_current_names_the_latest(root, tmp_path):
+    import time
+
+    start_at = time.time() + 3  # both processes are up by then: their publishes overlap
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                CONCURRENT_PUBLISHES,
+                str(_adapter(tmp_path / f"w{i}", i)),
+                root,
+                str(start_at),
+            ],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=os.environ | {"PYTHONPATH": str(ROOT)},
+        )
+        for i in range(2)
+    ]
+    published = []
+    for p in procs:
+        out, _ = p.communicate(timeout=120)
+        assert p.returncode == 0
+        published += json.loads(out.strip().splitlines()[-1])
+    assert len(set(published)) == 8
+    assert [m["version"] for m in versions.versions(root, "support")] == sorted(published)
+    assert versions.current(root, "support") == max(published)
+
+
+def test_lorafleet_names_are_not_adapter_names(tmp_path, capsys):
+    """A job named like one of lorafleet's own folders is a config error naming the rule; the
+    store neither publishes nor serves such a name, nor a path."""
+    from cluster import cli
+    from cluster.schema_base import RESERVED_NAMES
+
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text("name: current\ndata: {path: x.jsonl}\n")
+    assert cli.main(["validate", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "name" in err and "'current' is reserved" in err, err
+    root = str(tmp_path / "adapters")
+    for bad in ("versions", "lorafleet-ui", "../x"):
+        with pytest.raises(LorafleetError):
+            versions.publish(_adapter(tmp_path / "src", 1), root, bad, {})
+    assert "versions" in RESERVED_NAMES and versions.names(root) == []
+    with pytest.raises(ValueError, match="invalid adapter id"):
+        local_copy(root, "../x@20261202-003015-123-9f3a")
+
+
+def test_a_base_is_known_by_what_it_is_not_where_it_lies(tmp_path, s3_bucket):
+    """Fingerprints: any copy of a base (another folder, a bucket) is the same base; one changed
+    weight makes another base; a hub id names itself with its revision."""
+    import shutil
+
+    from cluster.fingerprint import base_fingerprint
+
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text('{"hidden_size": 64}')
+    (base / "model.safetensors").write_bytes(bytes(range(256)) * 64)
+    (base / "tokenizer.json").write_text("{}")
+    fp = base_fingerprint(str(base))
+    assert fp.startswith("sha256:")
+    shutil.copytree(base, tmp_path / "moved")
+    assert base_fingerprint(str(tmp_path / "moved")) == fp
+    storage.upload_dir(base, f"{s3_bucket}/fp/base")
+    assert base_fingerprint(f"{s3_bucket}/fp/base") == fp
+    (tmp_path / "moved" / "model.safetensors").write_bytes(bytes(reversed(range(256))) * 64)
+    assert base_fingerprint(str(tmp_path / "moved")) != fp
+    assert base_fingerprint("org/model-7b") == "hub:org/model-7b@main"
+    assert base_fingerprint("org/model-7b", "abc123") == "hub:org/model-7b@abc123"
+
+
+def test_adapters_list_show_promote_rollback_from_the_command_line(tmp_path, capsys):
+    from cluster import cli
+
+    store = tmp_path / "runs"
+    root = str(store / "adapters")
+    v1, v2 = _publish(root, tmp_path, 1), _publish(root, tmp_path, 2)
+    _publish(root, tmp_path, 3, name="other")
+    assert cli.main(["adapters", "list", "--root", str(store)]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].split()[:3] == ["NAME", "CURRENT", "VERSIONS"]
+    assert f"support  {v2}  2" in out and "other" in out, out
+    assert cli.main(["adapters", "promote", "support", v1, "--root", str(store)]) == 0
+    assert f"current {v1} (was {v2})" in capsys.readouterr().out
+    assert cli.main(["adapters", "show", "support", "--root", str(store)]) == 0
+    out = capsys.readouterr().out
+    assert f"current {v1} (set by promote" in out, out
+    assert any(x.split()[:2] == ["*", v1] for x in out.splitlines()), out
+    assert cli.main(["adapters", "rollback", "support", "--root", str(store)]) == 0
+    assert f"current {v2} (was {v1})" in capsys.readouterr().out
+    assert cli.main(["adapters", "promote", "support", "nope", "--root", str(store)]) == 2
+    assert "has no version 'nope'" in capsys.readouterr().err
+    assert cli.main(["adapters", "show", "ghost", "--root", str(store)]) == 2
+    assert "'ghost' is not in" in capsys.readouterr().err
+    assert cli.main(["adapters", "promote", "support"]) == 2  # usage: a version is needed
 
 
 def test_a_tiny_base_resolves_where_training_builds_it(tmp_path, monkeypatch):
     """`tiny://NAME` is one directory for training and serving (cluster.layout.tiny_dir): under a
     local root, `<root>/models/NAME`; under a remote root, this machine's cache. A base never built
     is a one-line error naming the base and the command that builds it."""
-    from cluster.errors import LorafleetError
     from cluster.layout import TINY_MARKER, tiny_dir
     from serve.store import resolve_base
 
@@ -150,4 +304,3 @@ def test_a_tiny_base_resolves_where_training_builds_it(tmp_path, monkeypatch):
         assert resolve_base("tiny://toy", root) == str(built)
     assert tiny_dir("toy", local_root) == tmp_path / "store" / "models" / "toy"
     assert tiny_dir("toy", "s3://fleet/somewhere").is_relative_to(tmp_path / "home")
-    assert base_key("tiny://never", local_root) == "tiny://never"

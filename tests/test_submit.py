@@ -9,9 +9,10 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
-from conftest import ROOT, our_lines
+from conftest import ROOT, current_adapter, our_lines
 from test_job_submit import ray_head  # noqa: F401 (the fixture)
 
 pytestmark = pytest.mark.slow
@@ -86,7 +87,7 @@ def test_submit_passes_secrets_by_env_and_ctrl_c_stops_following_not_the_job(
     assert info["status"].endswith("SUCCEEDED"), info["logs"]
     assert info["env"]["HF_TOKEN"] == "hf-test-secret" and info["env"]["MY_SETTING"] == "on"
     assert "[done] submitted2" in info["logs"]
-    assert (store / "adapters" / "submitted2" / "adapter_model.safetensors").is_file()
+    assert Path(current_adapter(store, "submitted2"), "adapter_model.safetensors").is_file()
     assert "hf-test-secret" not in (ROOT / "configs" / "demo.yaml").read_text()
 
 

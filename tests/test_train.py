@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, job_config, vllm_greedy
+from conftest import ROOT, current_adapter, job_config, vllm_greedy
 
 from cluster import cli
 from cluster.config import dump_config
@@ -65,7 +65,12 @@ def test_two_worker_qlora_eval_loss_falls(two_worker_run):
     steps = [h for h in summary["history"] if "loss" in h]
     assert all(h["tokens_per_s"] > 0 and h["grad_norm"] > 0 and "learning_rate" in h for h in steps)
     adapter = Path(summary["adapter"])
-    assert adapter == Path(cfg.storage.root).resolve() / "adapters" / "t-last"
+    # a new immutable version, made current (cluster/versions.py)
+    assert (
+        adapter
+        == Path(cfg.storage.root).resolve() / "adapters/t-last/versions" / summary["version"]
+    )
+    assert adapter == Path(current_adapter(cfg.storage.root, "t-last"))
     assert {p.name for p in adapter.iterdir()} >= {
         "adapter_config.json",
         "adapter_model.safetensors",

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import job_config
+from conftest import current_adapter, job_config
 
 from cluster.config import load_config
 from cluster.errors import ConfigError
@@ -161,8 +161,9 @@ def test_tune_resume_continues_the_search_instead_of_starting_over(search, tmp_p
     for row in out["rows"]:  # the results table lists the same six trials
         assert f"| {row['trial']} |" in said, said
     assert {p: p.stat().st_mtime_ns for p in runs} == runs  # no trial trained again
-    after = json.loads(meta.read_text())
-    assert after["publish_id"] != before["publish_id"]
+    after = json.loads(Path(current_adapter(cfg.storage.root, cfg.name), ADAPTER_META).read_text())
+    assert after["version"] > before["version"]  # published anew: a later version, now current
+    assert after["source"] == {**before["source"], "kind": "tune"}
     assert (after["step"], after["eval_loss"]) == (before["step"], before["eval_loss"])
 
 
@@ -252,7 +253,10 @@ def test_a_search_on_a_bucket_publishes_the_best_checkpoint_by_tune_metric(
         },
     )
     out = tune_job(cfg, log=lambda *_: None)
-    assert out["adapter"].startswith(f"{s3_bucket}/tune-test/adapters/bucket-search")
+    assert (
+        out["adapter"] == f"{s3_bucket}/tune-test/adapters/bucket-search/versions/{out['version']}"
+    )
+    assert out["adapter"] == current_adapter(f"{s3_bucket}/tune-test", "bucket-search")
     meta = json.loads(storage.read_text(storage.join(out["adapter"], "lorafleet.json")))
     best = out["best"]
     # the published checkpoint is the best trial's lowest-loss one, read back from the bucket

@@ -1,5 +1,5 @@
 """Ray Train: `build_trainer(cfg) -> TorchTrainer`, and `train(cfg)` that runs it and publishes
-the adapter to `<storage.root>/adapters/<name>/`.
+the adapter as a new version of `<storage.root>/adapters/<name>/`.
 
     lorafleet train configs/demo.yaml training.max_steps=50
 """
@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 import tempfile
 import time
-import uuid
-from datetime import UTC, datetime
 from pathlib import Path
 
 from cluster import layout, storage
@@ -26,10 +24,6 @@ class TrainingError(LorafleetError):
 
 def runs_root(cfg) -> str:
     return storage.join(layout.runs_root(cfg.storage.root), cfg.name)
-
-
-def adapter_uri(cfg) -> str:
-    return storage.join(layout.adapters_root(cfg.storage.root), cfg.name)
 
 
 def new_run_id(now: float) -> str:
@@ -94,9 +88,42 @@ def pick_checkpoint(result, export: str):
     return min(result.best_checkpoints, key=lambda cm: cm[1].get("eval_loss", float("inf")))[0]
 
 
-def publish_adapter(checkpoint, cfg, log=print) -> str:
-    """Copy the chosen checkpoint's adapter to the adapter store, after checking it."""
-    dest = adapter_uri(cfg)
+def prompt_format(cfg) -> dict:
+    """How training turned rows into tokens: what serving must reproduce for this adapter."""
+    from train.model import load_tokenizer
+
+    return {
+        "data_format": cfg.data.format,
+        "train_on_prompt": cfg.data.train_on_prompt,
+        "chat_template": getattr(load_tokenizer(cfg), "chat_template", None),
+    }
+
+
+def version_meta(cfg, step: int, metrics: dict, source: dict) -> dict:
+    """What a published version records beside its weights: the base (where it was read from,
+    and its fingerprint: what it is), metrics, the config, its source and the prompt format."""
+    from cluster.fingerprint import base_fingerprint
+    from train.model import base_path
+
+    return {
+        "base_model": cfg.model.base,
+        "base_fingerprint": base_fingerprint(base_path(cfg), cfg.model.revision),
+        "step": step,
+        "eval_loss": metrics.get("eval_loss"),
+        "metrics": metrics,
+        "source": source,
+        "prompt_format": prompt_format(cfg),
+        "config": cfg.model_dump(mode="json"),
+    }
+
+
+def publish_adapter(checkpoint, cfg, source: dict | None = None, log=print) -> str:
+    """Publish the chosen checkpoint's adapter, after checking it, as a new version of
+    `<storage.root>/adapters/<name>` (`cluster.versions`: written whole, then made current).
+    Returns the version's URI."""
+    from cluster import versions
+
+    root = layout.adapters_root(cfg.storage.root)
     with tempfile.TemporaryDirectory(prefix="lorafleet-publish-") as tmp:
         ckpt_dir = Path(checkpoint.to_directory(str(Path(tmp) / "ckpt")))
         meta = json.loads((ckpt_dir / CHECKPOINT_META).read_text())
@@ -106,23 +133,14 @@ def publish_adapter(checkpoint, cfg, log=print) -> str:
         out.mkdir()
         for f in layout.ADAPTER_FILES:
             (out / f).write_bytes((adapter / f).read_bytes())
-        (out / layout.ADAPTER_META).write_text(
-            json.dumps(
-                {
-                    "name": cfg.name,
-                    # names this publish: servers cache by it, so a republish is fetched again
-                    "publish_id": uuid.uuid4().hex,
-                    "published_at": datetime.now(UTC).isoformat(timespec="seconds"),
-                    "base_model": cfg.model.base,
-                    "step": meta["step"],
-                    "eval_loss": meta.get("eval_loss"),
-                    "config": cfg.model_dump(mode="json"),
-                },
-                indent=2,
-            )
-        )
-        storage.upload_dir(out, dest)
-    log(f"[publish] adapter (step {meta['step']}, eval_loss {meta.get('eval_loss')}) -> {dest}")
+        metrics = {k: v for k, v in meta.items() if k.startswith("eval_") or k == "loss"}
+        info = version_meta(cfg, meta["step"], metrics, source or {"kind": "train"})
+        version = versions.publish(out, root, cfg.name, info, keep=cfg.storage.keep_versions)
+    dest = versions.version_uri(root, cfg.name, version)
+    log(
+        f"[publish] adapter {cfg.name} version {version} (step {meta['step']}, eval_loss "
+        f"{meta.get('eval_loss')}) -> {dest}; now current"
+    )
     return dest
 
 
@@ -195,11 +213,12 @@ def train(cfg, resume: bool = False, log=print) -> dict:
     checkpoint = pick_checkpoint(result, cfg.training.export)
     if checkpoint is None:
         raise TrainingError("training finished without a checkpoint; nothing to publish")
-    dest = publish_adapter(checkpoint, cfg, log=log)
+    dest = publish_adapter(checkpoint, cfg, {"kind": "train", "run": run_id}, log=log)
     history_uri = storage.join(runs_root(cfg), run_id, "metrics.jsonl")
     history = [json.loads(x) for x in storage.read_text(history_uri).splitlines() if x.strip()]
     return {
         "adapter": dest,
+        "version": dest.rstrip("/").rsplit("/", 1)[-1],
         "run_dir": storage.join(runs_root(cfg), run_id),
         "history": history,
         "metrics": result.metrics,

@@ -432,7 +432,9 @@ def tune_job(cfg, resume: bool = False, log=print) -> dict:
             out["plot"] = tune_root(cfg) + "/plot/curves.png"
         else:
             Path(out["plot"]).write_bytes(png.read_bytes())
-    out["adapter"] = publish_adapter(best_checkpoint(cfg, best), best_cfg, log=log)
+    source = {"kind": "tune", "trial": best["trial"], "search": search_path(cfg)}
+    out["adapter"] = publish_adapter(best_checkpoint(cfg, best), best_cfg, source, log=log)
+    out["version"] = out["adapter"].rstrip("/").rsplit("/", 1)[-1]
     out["best"] = best
     log(
         f"[tune] best trial {best['trial']} {best['overrides']}: {cfg.tune.metric} {best['best']:.4f}; "

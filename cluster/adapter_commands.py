@@ -1,0 +1,115 @@
+"""`lorafleet adapters list | show NAME | promote NAME VERSION | rollback NAME`: the adapter store's
+versions, read and moved in storage itself (`cluster.versions`). A running `lorafleet serve` reads
+the `current` pointers every few seconds, so a promote or rollback is served without a restart.
+
+    lorafleet adapters list
+    lorafleet adapters show demo-last --root s3://bucket/fleet
+    lorafleet adapters promote demo-last 20261202-003015-123-9f3a
+    lorafleet adapters rollback demo-last
+"""
+
+from __future__ import annotations
+
+import os
+
+from cluster import layout, versions
+
+DEFAULT_ROOT = "lorafleet-runs"
+
+
+def storage_root(root: str | None, config: str | None) -> str:
+    """--root, else the config's storage.root, else $LORAFLEET_STORAGE_ROOT, else the default."""
+    if root:
+        return root
+    if config:
+        from cluster.config import load_config, schema_for
+
+        return load_config(config, [], schema_for(config)).storage.root
+    return os.environ.get("LORAFLEET_STORAGE_ROOT") or DEFAULT_ROOT
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def _source(meta: dict) -> str:
+    src = meta.get("source") or {}
+    kind = src.get("kind", "-")
+    return f"{kind} {src.get('run') or src.get('trial') or ''}".strip()
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows
+    )
+
+
+def list_adapters(root: str, out=print) -> int:
+    adapters = layout.adapters_root(root)
+    names = versions.names(adapters)
+    if not names:
+        out(f"no adapters in {adapters}")
+        return 0
+    rows = [["NAME", "CURRENT", "VERSIONS", "PUBLISHED", "EVAL_LOSS", "SOURCE"]]
+    for name in names:
+        cur = versions.current(adapters, name)
+        meta = versions.read_meta(adapters, name, cur) or {}
+        count = len(versions.versions(adapters, name))
+        rows.append(
+            [
+                name,
+                cur,
+                str(count),
+                _fmt(meta.get("published_at")),
+                _fmt(meta.get("eval_loss")),
+                _source(meta),
+            ]
+        )
+    out(_table(rows))
+    return 0
+
+
+def show_adapter(root: str, name: str, out=print) -> int:
+    adapters = layout.adapters_root(root)
+    pointer = versions.pointer(adapters, name)
+    if pointer is None:
+        raise versions.VersionError(
+            f"adapter {name!r} is not in {adapters} (lorafleet adapters list)"
+        )
+    out(
+        f"adapter {name} in {adapters}: current {pointer['version']} (set by {pointer['by']} at {pointer['at']})"
+    )
+    rows = [["", "VERSION", "PUBLISHED", "SOURCE", "STEP", "EVAL_LOSS", "BASE"]]
+    for meta in versions.versions(adapters, name):
+        rows.append(
+            [
+                "*" if meta["version"] == pointer["version"] else "",
+                meta["version"],
+                _fmt(meta.get("published_at")),
+                _source(meta),
+                _fmt(meta.get("step")),
+                _fmt(meta.get("eval_loss")),
+                _fmt(meta.get("base_fingerprint")),
+            ]
+        )
+    out(_table(rows))
+    return 0
+
+
+def move(root: str, name: str, version: str | None, out=print) -> int:
+    """Promote `version`, or roll back (version None); say what is current now and what was."""
+    adapters = layout.adapters_root(root)
+    before = versions.current(adapters, name)
+    if version is None:
+        p = versions.rollback(adapters, name)
+    else:
+        p = versions.promote(adapters, name, version)
+    verb = "rolled back" if version is None else "promoted"
+    out(
+        f"[adapters] {name}: {verb}; current {p['version']} (was {before}). A running "
+        "`lorafleet serve` serves it within seconds."
+    )
+    return 0

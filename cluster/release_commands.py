@@ -1,0 +1,116 @@
+"""`lorafleet release`: start a canary release on a running `lorafleet serve` and follow it.
+
+    lorafleet release configs/serve-demo.yaml                   # the file's `release:` section
+    lorafleet release configs/serve-demo.yaml release.version=20261202-003015-123-9f3a
+    lorafleet release status configs/serve-demo.yaml [ADAPTER]
+    lorafleet release abort configs/serve-demo.yaml ADAPTER
+
+The release runs inside the Serve app (serve/release.py), not here: Ctrl-C, or this machine going
+away, stops only the following; `lorafleet release status` picks it up again. Every call needs the
+admin key ($LORAFLEET_ADMIN_KEYS, or http.admin_keys_file).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from cluster.http_client import Client
+
+DONE = ("promoted", "rolled_back")
+
+
+def admin_client(cfg, url: str | None) -> Client:
+    keys = cfg.http.admin_keys(missing_file_ok=True) or cfg.http.api_keys(missing_file_ok=True)
+    return Client(url or f"http://{cfg.http.host}:{cfg.http.port}", key=next(iter(keys), None))
+
+
+def _numbers(n: dict) -> str:
+    parts = []
+    if "candidate_requests" in n:
+        parts.append(
+            f"candidate {n['candidate_requests']} req, {n['candidate_error_rate']:.1%} errors; "
+            f"control {n['control_requests']} req, {n['control_error_rate']:.1%} errors"
+        )
+    if n.get("candidate_p99_s") is not None:
+        ctl = n.get("control_p99_s")
+        parts.append(
+            f"p99 {n['candidate_p99_s']:.3f} s vs {ctl:.3f} s"
+            if ctl is not None
+            else f"p99 {n['candidate_p99_s']:.3f} s"
+        )
+    if n.get("p_value") is not None:
+        parts.append(
+            f"reward {n.get('candidate_mean')} vs {n.get('control_mean')}, p={n['p_value']:.3g}"
+        )
+    if n.get("gate"):
+        parts.append(f"failed gate: {n['gate']}")
+    return "; ".join(parts)
+
+
+def log_line(release: dict, entry: dict) -> str:
+    steps = release["steps"]
+    head = (
+        f"[release] {release['adapter']} {release['candidate']}: step {entry['step'] + 1}/{steps} "
+        f"({entry['percent']:g}%) {entry['decision']}"
+    )
+    detail = _numbers(entry.get("numbers") or {})
+    return f"{head} ({detail})" if detail else head
+
+
+def follow(client: Client, adapter: str, out=print, poll_s: float = 1.0, shown: int = 0) -> int:
+    """Print the release's decisions as they come; 0 when promoted, 1 when rolled back."""
+    while True:
+        release = client.request("GET", f"/v1/releases/{adapter}").json()
+        for entry in release["log"][shown:]:
+            out(log_line(release, entry))
+        shown = len(release["log"])
+        if release["state"] in DONE:
+            return 0 if release["state"] == "promoted" else 1
+        time.sleep(poll_s)
+
+
+def start(cfg, spec: dict, url: str | None, wait: bool, out=print) -> int:
+    client = admin_client(cfg, url)
+    release = client.post("/v1/releases", spec).json()
+    out(
+        f"[release] {release['adapter']}: candidate {release['candidate']} against control "
+        f"{release['control']}, {release['steps']} steps; it runs inside the app: "
+        "`lorafleet release status` follows it from anywhere"
+    )
+    if not wait:
+        return 0
+    return follow(client, release["adapter"], out)
+
+
+def status(cfg, adapter: str | None, url: str | None, wait: bool, out=print) -> int:
+    client = admin_client(cfg, url)
+    if adapter is None:
+        releases = client.request("GET", "/v1/releases").json()["releases"]
+        if not releases:
+            out("no releases")
+        for r in releases:
+            pct = f", {r['percent']:g}% of users" if r["percent"] is not None else ""
+            out(
+                f"{r['adapter']}: {r['state']}{pct}; candidate {r['candidate']}, control {r['control']}"
+            )
+        return 0
+    if wait:
+        return follow(client, adapter, out)
+    release = client.request("GET", f"/v1/releases/{adapter}").json()
+    for entry in release["log"]:
+        out(log_line(release, entry))
+    out(f"{adapter}: {release['state']}")
+    return 0
+
+
+def abort(cfg, adapter: str, url: str | None, out=print) -> int:
+    release = admin_client(cfg, url).post(f"/v1/releases/{adapter}/abort", {}).json()
+    out(
+        f"[release] {adapter}: {release['state']}; candidate {release['candidate']} gets no traffic"
+    )
+    return 0
+
+
+def print_err(message: str) -> None:
+    print(message, file=sys.stderr)

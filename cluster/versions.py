@@ -1,0 +1,285 @@
+"""Immutable adapter versions, and the pointer that names the one served.
+
+    <storage.root>/adapters/<name>/versions/<version>/   adapter files, then lorafleet.json (last)
+    <storage.root>/adapters/<name>/current               {"version": ..., "history": [...], ...}
+
+A publish writes a whole version first and moves the pointer last, so a reader that follows the
+pointer finds the old version or the new one, never a half. A version is complete when its
+lorafleet.json exists: on a local disk the version is built under a hidden temporary name and
+renamed into place; on s3:// or gs:// its metadata is written after every other file. A publish
+killed mid-copy leaves an incomplete version that nothing lists or serves; pruning removes it.
+
+Version ids sort by publish time (`20261202-003015-123-9f3a`: UTC to the millisecond, plus 4
+random hex digits), and a publish moves the pointer only forward: of two concurrent publishes of
+one name both land as versions, and `current` names the later one. `promote` and `rollback` move
+the pointer to any complete version; `current` keeps the history that `rollback` walks back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import secrets
+import shutil
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+from cluster import storage
+from cluster.errors import LorafleetError
+from cluster.layout import ADAPTER_CONFIG, ADAPTER_META
+from cluster.schema_base import RESERVED_NAMES, name_problem
+
+__all__ = ["RESERVED_NAMES", "name_problem"]  # the name rule, kept beside the schema
+
+VERSIONS = "versions"
+CURRENT = "current"
+VERSION_RE = re.compile(r"^\d{8}-\d{6}-\d{3}-[0-9a-f]{4}$")
+HISTORY_KEPT = 20
+# an incomplete version younger than this may be a publish still copying: pruning leaves it
+INCOMPLETE_GRACE_S = 3600
+
+
+class VersionError(LorafleetError):
+    """An adapter or version that is not in the store, or a move the store cannot make."""
+
+
+def is_version_id(version: str) -> bool:
+    return bool(VERSION_RE.match(version))
+
+
+def new_version_id(now: float | None = None) -> str:
+    now = time.time() if now is None else now
+    stamp = datetime.fromtimestamp(now, UTC)
+    return f"{stamp:%Y%m%d-%H%M%S}-{stamp.microsecond // 1000:03d}-{secrets.token_hex(2)}"
+
+
+def adapter_uri(root: str, name: str) -> str:
+    return storage.join(root, name)
+
+
+def version_uri(root: str, name: str, version: str) -> str:
+    return storage.join(root, name, VERSIONS, version)
+
+
+# --- reading --------------------------------------------------------------------------------
+
+
+def pointer(root: str, name: str) -> dict | None:
+    """The `current` pointer of adapter `name` ({"version", "history", "at", "by"}), or None."""
+    uri = storage.join(root, name, CURRENT)
+    try:
+        data = json.loads(storage.read_text(uri))
+    except (FileNotFoundError, OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and is_version_id(str(data.get("version"))) else None
+
+
+def current(root: str, name: str) -> str | None:
+    p = pointer(root, name)
+    return p["version"] if p else None
+
+
+def read_meta(root: str, name: str, version: str) -> dict | None:
+    """A complete version's lorafleet.json, or None (missing, or a publish not finished)."""
+    if not is_version_id(version):
+        return None
+    try:
+        return json.loads(
+            storage.read_text(storage.join(version_uri(root, name, version), ADAPTER_META))
+        )
+    except (FileNotFoundError, OSError, ValueError):
+        return None
+
+
+def version_ids(root: str, name: str) -> list[str]:
+    """Every version folder of `name`, complete or not, oldest first."""
+    return sorted(
+        v for v in storage.listdir(storage.join(root, name, VERSIONS)) if is_version_id(v)
+    )
+
+
+def versions(root: str, name: str) -> list[dict]:
+    """The complete versions of `name`, oldest first: each its lorafleet.json."""
+    out = []
+    for v in version_ids(root, name):
+        meta = read_meta(root, name, v)
+        if meta is not None:
+            out.append({**meta, "version": v})
+    return out
+
+
+def names(root: str) -> list[str]:
+    """Adapters with a served version (a `current` pointer), sorted."""
+    return [
+        n
+        for n in storage.listdir(root)
+        if name_problem(n) is None and storage.exists(storage.join(root, n, CURRENT))
+    ]
+
+
+# --- writing --------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _pointer_lock(root: str, name: str):
+    """Serializes pointer moves on a local disk (an flock beside the pointer). An object store
+    has no lock; a PUT is atomic, so racing movers leave one whole pointer, the last one's."""
+    if storage.is_remote(root):
+        yield
+        return
+    import fcntl
+
+    path = Path(root, name, ".lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def set_current(root: str, name: str, version: str, by: str, forward_only: bool = False) -> dict:
+    """Point `name` at `version` (a complete one). With `forward_only` (a publish), a pointer
+    already at a later version stays. Returns the pointer as written (or as left)."""
+    if read_meta(root, name, version) is None:
+        raise VersionError(f"adapter {name!r} has no complete version {version!r} in {root}")
+    with _pointer_lock(root, name):
+        old = pointer(root, name)
+        if old and forward_only and old["version"] >= version:
+            return old
+        history = ([old["version"]] + old.get("history", [])) if old else []
+        history = [v for v in history if v != version][:HISTORY_KEPT]
+        new = {
+            "version": version,
+            "history": history,
+            "at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "by": by,
+        }
+        storage.write_text(storage.join(root, name, CURRENT), json.dumps(new, indent=2))
+        return new
+
+
+def _settle(root: str, name: str, version: str) -> None:
+    """An object store has no lock: a publish that read the pointer before a later publish wrote
+    it may write over it. Each publish looks again shortly after and puts the later version back,
+    so racing publishes end with the later one current (read-after-write is consistent on S3)."""
+    for delay in (0.1, 0.2, 0.4):
+        time.sleep(delay)
+        now = current(root, name)
+        if now is not None and now >= version:
+            return
+        set_current(root, name, version, by="publish", forward_only=True)
+
+
+def _write_version(local_dir: Path, uri: str, meta: dict) -> None:
+    """Copy the adapter files, then lorafleet.json: its presence marks the version complete."""
+    files = sorted(p for p in local_dir.iterdir() if p.is_file() and p.name != ADAPTER_META)
+    if not storage.is_remote(uri):
+        dest = Path(uri)
+        tmp = dest.with_name(f".{dest.name}.incoming")
+        tmp.mkdir(parents=True)
+        for f in files:
+            shutil.copy2(f, tmp / f.name)
+        (tmp / ADAPTER_META).write_text(json.dumps(meta, indent=2))
+        os.rename(tmp, dest)  # a version id is new: nothing is there to replace
+        return
+    import pyarrow.fs as pafs
+
+    fs, path = storage.filesystem(uri)
+    fs.create_dir(path, recursive=True)
+    for f in files:
+        pafs.copy_files(str(f.resolve()), f"{path}/{f.name}", destination_filesystem=fs)
+    storage.write_text(storage.join(uri, ADAPTER_META), json.dumps(meta, indent=2))
+
+
+def publish(
+    local_dir: str | Path, root: str, name: str, meta: dict, keep: int | None = None
+) -> str:
+    """Write the adapter in `local_dir` as a new version of `name`, then move `current` to it
+    (forward only). `meta` goes into the version's lorafleet.json with its name, version and
+    publish time. Prunes to `keep` complete versions when given. Returns the version id."""
+    problem = name_problem(name)
+    if problem:
+        raise VersionError(problem)
+    local_dir = Path(local_dir)
+    if not (local_dir / ADAPTER_CONFIG).is_file():
+        raise VersionError(f"{local_dir} holds no {ADAPTER_CONFIG}: not an adapter")
+    version = new_version_id()
+    meta = {
+        **meta,
+        "name": name,
+        "version": version,
+        "published_at": datetime.now(UTC).isoformat(timespec="milliseconds"),
+    }
+    _write_version(local_dir, version_uri(root, name, version), meta)
+    set_current(root, name, version, by="publish", forward_only=True)
+    if storage.is_remote(root):
+        _settle(root, name, version)
+    if keep:
+        prune(root, name, keep)
+    return version
+
+
+def promote(root: str, name: str, version: str) -> dict:
+    if read_meta(root, name, version) is None:
+        have = [v["version"] for v in versions(root, name)]
+        raise VersionError(
+            f"adapter {name!r} has no version {version!r}; it has {have or 'none'} "
+            "(lorafleet adapters show NAME)"
+        )
+    return set_current(root, name, version, by="promote")
+
+
+def rollback(root: str, name: str) -> dict:
+    """Back to the version that was current before this one (the newest in the pointer's
+    history that still exists)."""
+    p = pointer(root, name)
+    if p is None:
+        raise VersionError(f"adapter {name!r} is not in {root}")
+    for v in p.get("history", []):
+        if read_meta(root, name, v) is not None:
+            return set_current(root, name, v, by=f"rollback from {p['version']}")
+    raise VersionError(f"adapter {name!r} has no earlier version to roll back to")
+
+
+def prune(root: str, name: str, keep: int, grace_s: float = INCOMPLETE_GRACE_S) -> list[str]:
+    """Delete the oldest complete versions beyond `keep`, and incomplete ones older than
+    `grace_s` (publishes that died); never the current version. Returns the ids deleted."""
+    cur = current(root, name)
+    complete = [v["version"] for v in versions(root, name)]
+    old = [v for v in complete[: max(len(complete) - keep, 0)] if v != cur]
+    cutoff = time.time() - grace_s
+    dead = [
+        v
+        for v in version_ids(root, name)
+        if v not in complete and v != cur and _version_time(v) <= cutoff
+    ]
+    for v in old + dead:
+        storage.delete_dir(version_uri(root, name, v))
+    if not storage.is_remote(root):  # local publishes killed before their rename
+        for tmp in Path(root, name, VERSIONS).glob(".*.incoming"):
+            if tmp.stat().st_mtime <= cutoff:
+                shutil.rmtree(tmp, ignore_errors=True)
+                dead.append(tmp.name)
+    return old + dead
+
+
+def _version_time(version: str) -> float:
+    return datetime.strptime(version[:15], "%Y%m%d-%H%M%S").replace(tzinfo=UTC).timestamp()
+
+
+def local_version_dir(path: str) -> str:
+    """A local adapter folder from what a user types: `<adapters>/<name>` (its current version),
+    `<adapters>/<name>@<version>`, or a version's (or any PEFT adapter's) own folder."""
+    folder, sep, version = str(path).rstrip("/").partition("@")
+    root, name = os.path.split(folder)
+    if sep:
+        if read_meta(root, name, version) is None:
+            raise VersionError(f"{folder} has no complete version {version!r}")
+        return version_uri(root, name, version)
+    cur = current(root, name) if Path(folder, CURRENT).is_file() else None
+    return version_uri(root, name, cur) if cur else folder

@@ -1,0 +1,108 @@
+"""Outcomes of experiment variants: the rewards clients post to `POST /v1/feedback`, kept per
+variant as sums (count, sum, sum of squares, how many were not 0/1), and each variant compared
+with the experiment's control.
+
+The comparison is a two-proportion z-test (pooled, two-sided) when every reward of both variants
+is 0 or 1 (thumbs up/down), else Welch's t-test (unequal variances, two-sided). Both are read
+from the sums alone, so counts from many ingress replicas add up and survive a restart.
+"""
+
+from __future__ import annotations
+
+import math
+
+THUMBS = {"up": 1.0, "down": 0.0}
+DEFAULT_MIN_SAMPLES = 100
+
+
+def parse_reward(value) -> float:
+    """A reward as a float: a finite number, or "up" (1) / "down" (0). ValueError says why not."""
+    if isinstance(value, str) and value.strip().lower() in THUMBS:
+        return THUMBS[value.strip().lower()]
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f'reward must be a number or "up"/"down". Got {value!r} instead')
+    return float(value)
+
+
+def add_reward(stats: dict, reward: float) -> None:
+    """Add one reward to a variant's sums (in place)."""
+    for key, v in (
+        ("n", 1),
+        ("sum", reward),
+        ("sumsq", reward * reward),
+        ("nonbinary", 0 if reward in (0.0, 1.0) else 1),
+    ):
+        stats[key] = stats.get(key, 0) + v
+
+
+def mean_and_variance(stats: dict) -> tuple[int, float | None, float | None]:
+    """(count, mean, sample variance); None where the count is too small to say."""
+    n = int(stats.get("n", 0))
+    if n == 0:
+        return 0, None, None
+    mean = stats["sum"] / n
+    if n < 2:
+        return n, mean, None
+    return n, mean, max(stats["sumsq"] - n * mean * mean, 0.0) / (n - 1)
+
+
+def two_proportion_z(x1: float, n1: int, x2: float, n2: int) -> tuple[float, float]:
+    """(z, two-sided p) for successes x1 of n1 against x2 of n2, with the pooled proportion."""
+    pooled = (x1 + x2) / (n1 + n2)
+    se = math.sqrt(pooled * (1 - pooled) * (1 / n1 + 1 / n2))
+    diff = x2 / n2 - x1 / n1
+    if se == 0:  # all 0s or all 1s on both sides: the rates are the same
+        return 0.0, 1.0
+    z = diff / se
+    return z, math.erfc(abs(z) / math.sqrt(2))
+
+
+def welch_t(
+    m1: float, v1: float, n1: int, m2: float, v2: float, n2: int
+) -> tuple[float, float, float]:
+    """(t, Welch-Satterthwaite degrees of freedom, two-sided p) for sample 2 against sample 1."""
+    from scipy.special import stdtr  # Student's t CDF; scipy is imported only when needed
+
+    a, b = v1 / n1, v2 / n2
+    se = math.sqrt(a + b)
+    if se == 0:  # both constant: equal means are the same, different ones surely differ
+        return 0.0, float(n1 + n2 - 2), 1.0 if m1 == m2 else 0.0
+    t = (m2 - m1) / se
+    df = (a + b) ** 2 / (a * a / (n1 - 1) + b * b / (n2 - 1))
+    return t, df, float(2 * stdtr(df, -abs(t)))
+
+
+def compare(control: dict, variant: dict) -> dict:
+    """The variant against the control: test used, difference of means, statistic and p-value
+    (None while either side has too few outcomes to test)."""
+    n1, m1, v1 = mean_and_variance(control)
+    n2, m2, v2 = mean_and_variance(variant)
+    binary = not control.get("nonbinary") and not variant.get("nonbinary")
+    out = {"test": "two-proportion z" if binary else "welch t", "difference": None}
+    out.update(statistic=None, p_value=None)
+    if m1 is None or m2 is None:
+        return out
+    out["difference"] = m2 - m1
+    if binary:
+        out["statistic"], out["p_value"] = two_proportion_z(control["sum"], n1, variant["sum"], n2)
+    elif v1 is not None and v2 is not None:
+        out["statistic"], out["df"], out["p_value"] = welch_t(m1, v1, n1, m2, v2, n2)
+    return out
+
+
+def summarize(stats: dict[str, dict], control: str, min_samples: int) -> dict[str, dict]:
+    """Per variant: count, mean, whether it has `min_samples` outcomes, and (all but the control)
+    the comparison with the control."""
+    out = {}
+    for name in stats:
+        n, mean, _ = mean_and_variance(stats[name])
+        row = {"count": n, "mean": mean, "min_samples": min_samples}
+        row["enough_samples"] = n >= min_samples
+        row["control"] = name == control
+        if name != control:
+            row["vs_control"] = {"control": control, **compare(stats[control], stats[name])}
+            row["vs_control"]["enough_samples"] = row["enough_samples"] and (
+                stats[control].get("n", 0) >= min_samples
+            )
+        out[name] = row
+    return out

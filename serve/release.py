@@ -1,0 +1,349 @@
+"""Canary releases, run inside the Serve app: one adapter's candidate version takes a growing,
+sticky share of its users while the gates hold; at 100% it is promoted (`current` moves to it),
+at the first failed gate it is rolled back (its share goes to 0; `current` never moved).
+
+`ReleaseManager` is a one-replica Serve deployment. The ingress replicas route each request for
+an adapter under release by the user's bucket in the release's table (serve/experiments.Table: a
+ramp step moves only the users the new share needs), push per-arm counts to it every second and
+pull its tables. Its state (tables, step, counts, the decision log) lives in
+`<storage.root>/releases/<app>.json`, written at every decision, so a restarted replica, or a
+restarted `lorafleet serve`, carries on where the release stood.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import time
+from datetime import UTC, datetime
+
+from cluster import storage, versions
+from cluster.release_commands import log_line
+from cluster.release_config import ReleaseConfig
+from serve.experiments import Table
+
+ARMS = ("control", "candidate")
+RELEASE_PREFIX = "release:"  # how a release's arms appear among the experiments' metrics
+# latency histogram bounds (s) for the p99 gate: 5 ms up, 25% apart, to 2 minutes
+LATENCY_BOUNDS = [0.005 * 1.25**i for i in range(46)]
+SAVE_EVERY_S = 2.0
+
+
+def releases_uri(storage_root: str, app_name: str) -> str:
+    """Where an app's releases are kept: `<storage.root>/releases/<app>.json`."""
+    return storage.join(storage.absolute(storage_root), "releases", f"{app_name}.json")
+
+
+def running_candidates(uri: str) -> dict[str, str]:
+    """{adapter: candidate version} of the releases running in the state file at `uri`."""
+    try:
+        releases = json.loads(storage.read_text(uri))
+    except (FileNotFoundError, OSError, ValueError):
+        return {}
+    return {a: r["candidate"] for a, r in releases.items() if r.get("state") == "running"}
+
+
+def latency_bucket(seconds: float) -> str:
+    """The counter key of a latency: `lat_<i>`, i the first bound at or above it."""
+    for i, bound in enumerate(LATENCY_BOUNDS):
+        if seconds <= bound:
+            return f"lat_{i:02d}"
+    return f"lat_{len(LATENCY_BOUNDS):02d}"
+
+
+def p99(counts: dict) -> float | None:
+    """The 99th percentile latency (an upper bound, to 25%) from `lat_<i>` counters."""
+    n = sum(v for k, v in counts.items() if k.startswith("lat_"))
+    if not n:
+        return None
+    seen = 0
+    for i in range(len(LATENCY_BOUNDS) + 1):
+        seen += counts.get(f"lat_{i:02d}", 0)
+        if seen >= 0.99 * n:
+            return LATENCY_BOUNDS[i] if i < len(LATENCY_BOUNDS) else math.inf
+    return math.inf
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def new_release(spec: ReleaseConfig, control: str, candidate: str) -> dict:
+    table = Table(list(ARMS), [100 - spec.steps[0].percent or 1e-9, spec.steps[0].percent])
+    return {
+        "adapter": spec.adapter,
+        "control": control,
+        "candidate": candidate,
+        "spec": spec.model_dump(mode="json"),
+        "state": "running",
+        "step": 0,
+        "step_started": time.time(),
+        "held": 0,
+        "weights": table.weights,
+        "owners": table.owners,
+        "window": {a: {} for a in ARMS},
+        "total": {a: {} for a in ARMS},
+        "outcomes": {a: {} for a in ARMS},
+        "started_at": _now(),
+        "ended_at": None,
+        "log": [{"at": _now(), "step": 0, "percent": spec.steps[0].percent, "decision": "started"}],
+    }
+
+
+def _rate(c: dict, key: str) -> float:
+    return c.get(key, 0) / c["requests"] if c.get("requests") else 0.0
+
+
+def outcome_gate(release: dict, g) -> tuple[bool, dict]:
+    """(candidate worse?, numbers): its mean reward against the control's, once each arm has
+    `min_feedback` rewards; worse means lower with p < alpha."""
+    from serve.outcomes import compare, mean_and_variance
+
+    ctl, cand = (release["outcomes"][a] for a in ARMS)
+    if min(ctl.get("n", 0), cand.get("n", 0)) < g.min_feedback:
+        return False, {}
+    c = compare(ctl, cand)
+    numbers = {
+        "control_mean": round(mean_and_variance(ctl)[1], 4),
+        "candidate_mean": round(mean_and_variance(cand)[1], 4),
+        "p_value": c["p_value"],
+        "test": c["test"],
+    }
+    worse = c["p_value"] is not None and c["difference"] < 0 and c["p_value"] < g.alpha
+    return worse, numbers
+
+
+def judge(release: dict) -> tuple[str | None, dict]:
+    """('fail' | 'pass' | 'hold' | None: not yet, numbers): the gates on this step's counts."""
+    spec = ReleaseConfig.model_validate(release["spec"])
+    g, step = spec.gates, spec.steps[release["step"]]
+    ctl, cand = release["window"]["control"], release["window"]["candidate"]
+    numbers = {
+        "candidate_requests": cand.get("requests", 0),
+        "control_requests": ctl.get("requests", 0),
+        "candidate_error_rate": round(_rate(cand, "errors"), 4),
+        "control_error_rate": round(_rate(ctl, "errors"), 4),
+        "candidate_p99_s": p99(cand),
+        "control_p99_s": p99(ctl),
+    }
+    enough = cand.get("requests", 0) >= g.min_requests
+    if enough and numbers["candidate_error_rate"] > g.max_error_rate:
+        return "fail", numbers | {"gate": f"error rate > {g.max_error_rate}"}
+    if g.outcome:
+        worse, more = outcome_gate(release, g)
+        numbers |= more
+        if worse:
+            return "fail", numbers | {"gate": f"reward below the control's (p < {g.alpha})"}
+    if time.time() - release["step_started"] < step.hold_s:
+        return None, numbers
+    if not enough:
+        return "hold", numbers
+    ratio_ok = (
+        numbers["control_p99_s"] is None
+        or ctl.get("requests", 0) < g.min_requests
+        or numbers["candidate_p99_s"] <= g.max_p99_ratio * numbers["control_p99_s"]
+    )
+    if not ratio_ok:
+        return "fail", numbers | {"gate": f"p99 > {g.max_p99_ratio} x control's"}
+    return "pass", numbers
+
+
+class Releases:
+    """Every release of one app: started, ramped, promoted or rolled back, and kept in storage.
+    `tick()` reads the gates and moves the releases on; `ReleaseManager` calls it every second."""
+
+    def __init__(self, app_name: str, storage_root: str, adapter_root: str):
+        self.uri = releases_uri(storage_root, app_name)
+        self.adapter_root = adapter_root
+        self.releases: dict[str, dict] = self._load()
+        self.version = 1
+        self._saved_at = 0.0
+
+    def _load(self) -> dict:
+        try:
+            return json.loads(storage.read_text(self.uri))
+        except (FileNotFoundError, OSError, ValueError):
+            return {}
+
+    def _save(self) -> None:
+        storage.write_text(self.uri, json.dumps(self.releases))
+        self._saved_at = time.monotonic()
+
+    # --- what the ingress and the CLI call ---------------------------------------------------
+
+    def start(self, spec: dict) -> dict:
+        try:
+            cfg = ReleaseConfig.model_validate(spec)
+        except ValueError as e:
+            return {"error": str(e), "status": 400}
+        r = self.releases.get(cfg.adapter)
+        if r and r["state"] == "running":
+            return {"error": f"adapter {cfg.adapter!r} is already being released", "status": 409}
+        control = versions.current(self.adapter_root, cfg.adapter)
+        if control is None:
+            return {"error": f"adapter {cfg.adapter!r} is not in the store", "status": 404}
+        published = [m["version"] for m in versions.versions(self.adapter_root, cfg.adapter)]
+        candidate = cfg.version or published[-1]
+        if candidate not in published:
+            return {"error": f"adapter {cfg.adapter!r} has no version {candidate!r}", "status": 404}
+        if candidate == control:
+            return {
+                "error": f"version {candidate} is already current: nothing to release",
+                "status": 409,
+            }
+        self.releases[cfg.adapter] = new_release(cfg, control, candidate)
+        self._changed()
+        return self.status(cfg.adapter)
+
+    def abort(self, adapter: str) -> dict:
+        r = self.releases.get(adapter)
+        if not r or r["state"] != "running":
+            return {"error": f"no running release of {adapter!r}", "status": 404}
+        self._end(r, "rolled_back", "aborted", {"by": "admin"})
+        return self.status(adapter)
+
+    def status(self, adapter: str | None = None) -> dict:
+        def view(r):
+            keep = (
+                "adapter",
+                "control",
+                "candidate",
+                "state",
+                "step",
+                "spec",
+                "started_at",
+                "ended_at",
+                "log",
+            )
+            spec = r["spec"]
+            return {k: r[k] for k in keep} | {
+                "percent": r["weights"][1] * 100 / sum(r["weights"])
+                if r["state"] == "running"
+                else None,
+                "steps": len(spec["steps"]),
+                "total": r["total"],
+            }
+
+        if adapter is not None:
+            r = self.releases.get(adapter)
+            return view(r) if r else {"error": f"no release of {adapter!r}", "status": 404}
+        return {"releases": [view(r) for r in self.releases.values()]}
+
+    def snapshot(self, have_version: int = -1):
+        """(version, {adapter: (control, candidate, weights, owners)} of running releases)."""
+        if have_version == self.version:
+            return self.version, None
+        running = {
+            a: (r["control"], r["candidate"], r["weights"], r["owners"])
+            for a, r in self.releases.items()
+            if r["state"] == "running"
+        }
+        return self.version, running
+
+    def add_counts(self, deltas: dict) -> None:
+        """{adapter: {arm: {stat: n}}} from an ingress replica, into the step's window and total."""
+        for adapter, arms in deltas.items():
+            r = self.releases.get(adapter)
+            if r and r["state"] == "running":
+                for arm, stats in arms.items():
+                    if arm in ARMS:
+                        for into in (r["window"], r["total"]):
+                            c = into.setdefault(arm, {})
+                            for k, v in stats.items():
+                                c[k] = c.get(k, 0) + v
+
+    # --- the loop ------------------------------------------------------------------------------
+
+    def _changed(self) -> None:
+        self.version += 1
+        self._save()
+
+    def _log(self, r: dict, decision: str, numbers: dict) -> None:
+        step = r["spec"]["steps"][r["step"]]
+        r["log"].append(
+            {
+                "at": _now(),
+                "step": r["step"],
+                "percent": step["percent"],
+                "decision": decision,
+                "numbers": numbers,
+            }
+        )
+        print(log_line(self.status(r["adapter"]), r["log"][-1]))
+
+    def _end(self, r: dict, state: str, decision: str, numbers: dict) -> None:
+        self._log(r, decision, numbers)
+        r["state"], r["ended_at"] = state, _now()
+        if state == "promoted":
+            versions.set_current(self.adapter_root, r["adapter"], r["candidate"], by="release")
+        self._changed()
+
+    def _advance(self, r: dict, numbers: dict) -> None:
+        steps = r["spec"]["steps"]
+        if r["step"] == len(steps) - 1:
+            self._end(r, "promoted", "promoted", numbers)
+            return
+        self._log(r, "advanced", numbers)
+        r["step"] += 1
+        pct = steps[r["step"]]["percent"]
+        table = Table(list(ARMS), r["weights"], r["owners"]).reweight(
+            {"control": max(100 - pct, 1e-9), "candidate": pct}
+        )
+        r["weights"], r["owners"] = table.weights, table.owners
+        r["step_started"], r["held"] = time.time(), 0
+        r["window"] = {a: {} for a in ARMS}
+        self._changed()
+
+    def add_outcome(self, adapter: str, arm: str, reward: float) -> bool:
+        """A reward for a response a release arm gave (POST /v1/feedback); False if none runs."""
+        from serve.outcomes import add_reward
+
+        r = self.releases.get(adapter)
+        if not r or r["state"] != "running" or arm not in ARMS:
+            return False
+        add_reward(r["outcomes"][arm], reward)
+        return True
+
+    def tick(self) -> None:
+        for r in list(self.releases.values()):
+            if r["state"] != "running":
+                continue
+            decision, numbers = judge(r)
+            if decision == "fail":
+                self._end(r, "rolled_back", "rolled back", numbers)
+            elif decision == "pass":
+                self._advance(r, numbers)
+            elif decision == "hold":
+                spec = ReleaseConfig.model_validate(r["spec"])
+                step = spec.steps[r["step"]]
+                if (r["held"] + 1) * step.hold_s >= spec.gates.max_wait_s:
+                    self._end(
+                        r, "rolled_back", "rolled back", numbers | {"gate": "too few requests"}
+                    )
+                    continue
+                r["held"] += 1
+                r["step_started"] = time.time()
+                self._log(r, "held", numbers)
+                self._changed()
+        if time.monotonic() - self._saved_at > SAVE_EVERY_S:
+            self._save()
+
+
+class ReleaseManager(Releases):
+    """The Serve deployment: `Releases` plus the loop that ticks it every `tick_s`."""
+
+    async def __init__(
+        self, app_name: str, storage_root: str, adapter_root: str, tick_s: float = 1.0
+    ):
+        super().__init__(app_name, storage_root, adapter_root)
+        self.tick_s = tick_s
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.tick_s)
+            try:
+                self.tick()
+            except Exception as e:  # a storage hiccup must not end the loop
+                print(f"[release] tick failed: {e!r}")

@@ -1,0 +1,214 @@
+"""Canary releases (serve/release.py) without a server: real adapter versions in a real store,
+the release's own bucket table, gates read from the counts an ingress would push. The release
+through a live `lorafleet serve` is in test_serve.py."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+
+import pytest
+
+from cluster import versions
+from serve.experiments import Table
+from serve.release import ARMS, Releases, latency_bucket, p99
+
+USERS = [f"user-{i}" for i in range(400)]
+
+
+def _store(tmp_path, n=2) -> tuple[str, list[str]]:
+    root = str(tmp_path / "store" / "adapters")
+    made = []
+    for i in range(n):
+        src = tmp_path / f"src{i}"
+        src.mkdir()
+        (src / "adapter_config.json").write_text(json.dumps({"r": 8, "i": i}))
+        (src / "adapter_model.safetensors").write_bytes(bytes([i]) * 64)
+        made.append(versions.publish(src, root, "bot", {"base_fingerprint": "sha256:00"}))
+    versions.promote(root, "bot", made[0])  # the control: v1 current, v2 published, not current
+    return root, made
+
+
+def _releases(tmp_path, root) -> Releases:
+    return Releases("app", str(tmp_path / "store"), root)
+
+
+def _spec(**gates) -> dict:
+    return {
+        "adapter": "bot",
+        "steps": [
+            {"percent": 10, "hold_s": 0.3},
+            {"percent": 50, "hold_s": 0.3},
+            {"percent": 100, "hold_s": 0.3},
+        ],
+        "gates": {"min_requests": 5, **gates},
+    }
+
+
+def _arms(rel: Releases) -> dict[str, str]:
+    """Each user's arm, as an ingress replica routes them from the release's snapshot."""
+    _, snap = rel.snapshot()
+    if "bot" not in snap:
+        return {}
+    _, _, weights, owners = snap["bot"]
+    table = Table(list(ARMS), weights, owners)
+    return {u: table.assign("release:bot", u, random.Random(0)) for u in USERS}
+
+
+def _traffic(rel: Releases, arms: dict, error_arm=None, slow_arm=None) -> None:
+    counts = {a: {} for a in ARMS}
+    for arm in arms.values():
+        c = counts[arm]
+        failed = arm == error_arm
+        latency = 0.5 if arm == slow_arm else 0.05
+        for k, v in (("requests", 1), ("errors", int(failed)), (latency_bucket(latency), 1)):
+            c[k] = c.get(k, 0) + v
+    rel.add_counts({"bot": counts})
+
+
+def _run(rel: Releases, timeout_s=10.0, **traffic) -> list[dict[str, str]]:
+    """Ticks with traffic until the release ends; each step's user -> arm."""
+    seen = []
+    deadline = time.time() + timeout_s
+    while rel.releases["bot"]["state"] == "running" and time.time() < deadline:
+        arms = _arms(rel)
+        if not seen or arms != seen[-1]:
+            seen.append(arms)
+        _traffic(rel, arms, **traffic)
+        time.sleep(0.05)
+        rel.tick()
+    return seen
+
+
+def test_a_good_candidate_ramps_with_sticky_users_and_is_promoted(tmp_path):
+    root, (v1, v2) = _store(tmp_path)
+    rel = _releases(tmp_path, root)
+    status = rel.start(_spec())
+    assert (status["control"], status["candidate"], status["state"]) == (v1, v2, "running")
+    steps = _run(rel)
+    assert rel.releases["bot"]["state"] == "promoted"
+    assert versions.current(root, "bot") == v2
+    decisions = [e["decision"] for e in rel.releases["bot"]["log"]]
+    assert decisions == ["started", "advanced", "advanced", "promoted"]
+    assert rel.releases["bot"]["log"][1]["numbers"]["candidate_requests"] >= 5
+    assert len(steps) == 3  # 10%, 50%, 100% of users
+    for arms, share in zip(steps, (0.10, 0.50, 1.0), strict=True):
+        got = sum(a == "candidate" for a in arms.values()) / len(arms)
+        assert abs(got - share) < 0.06, (got, share)
+    # a ramp step moves users onto the candidate only, never off it
+    for before, after in zip(steps, steps[1:], strict=False):
+        assert all(after[u] == "candidate" for u, a in before.items() if a == "candidate")
+    assert rel.snapshot()[1] == {}  # done: every request goes to `current` again
+
+
+def test_a_candidate_that_errors_is_rolled_back_at_the_first_failed_gate(tmp_path):
+    root, (v1, v2) = _store(tmp_path)
+    rel = _releases(tmp_path, root)
+    rel.start(_spec(max_error_rate=0.05))
+    _run(rel, error_arm="candidate")
+    r = rel.releases["bot"]
+    assert r["state"] == "rolled_back" and versions.current(root, "bot") == v1
+    last = r["log"][-1]
+    assert last["decision"] == "rolled back" and last["step"] == 0
+    assert (
+        last["numbers"]["candidate_error_rate"] == 1.0 and "error rate" in last["numbers"]["gate"]
+    )
+
+
+def test_a_slow_candidate_fails_the_p99_gate(tmp_path):
+    root, (v1, _) = _store(tmp_path)
+    rel = _releases(tmp_path, root)
+    rel.start(_spec(max_p99_ratio=1.5))
+    _run(rel, slow_arm="candidate")
+    last = rel.releases["bot"]["log"][-1]
+    assert rel.releases["bot"]["state"] == "rolled_back" and versions.current(root, "bot") == v1
+    assert last["numbers"]["candidate_p99_s"] > 1.5 * last["numbers"]["control_p99_s"]
+
+
+def test_bad_feedback_rolls_back_and_good_feedback_does_not(tmp_path):
+    root, (v1, v2) = _store(tmp_path)
+    rel = _releases(tmp_path, root)
+    rel.start(_spec(min_feedback=30))
+    rng = random.Random(1)
+    for _ in range(60):  # thumbs: control liked 80% of the time, candidate 40%
+        assert rel.add_outcome("bot", "control", float(rng.random() < 0.8))
+        assert rel.add_outcome("bot", "candidate", float(rng.random() < 0.4))
+    _run(rel)
+    last = rel.releases["bot"]["log"][-1]
+    assert rel.releases["bot"]["state"] == "rolled_back", last
+    assert last["numbers"]["p_value"] < 0.05 and "reward" in last["numbers"]["gate"]
+    assert last["numbers"]["test"] == "two-proportion z"
+
+    rel.start(_spec(min_feedback=30))  # the same candidate again, now as liked as the control
+    for _ in range(40):
+        rel.add_outcome("bot", "control", 1.0)
+        rel.add_outcome("bot", "candidate", 1.0)
+    _run(rel)
+    assert rel.releases["bot"]["state"] == "promoted" and versions.current(root, "bot") == v2
+
+
+def test_a_step_without_traffic_is_held_then_rolled_back(tmp_path):
+    root, (v1, _) = _store(tmp_path)
+    rel = _releases(tmp_path, root)
+    rel.start(_spec(max_wait_s=0.75))
+    deadline = time.time() + 10
+    while rel.releases["bot"]["state"] == "running" and time.time() < deadline:
+        time.sleep(0.05)
+        rel.tick()
+    decisions = [e["decision"] for e in rel.releases["bot"]["log"]]
+    assert decisions[1:] == ["held", "held", "rolled back"], decisions
+    assert rel.releases["bot"]["log"][-1]["numbers"]["gate"] == "too few requests"
+    assert versions.current(root, "bot") == v1
+
+
+def test_a_release_survives_a_restart_of_its_replica(tmp_path):
+    root, (v1, v2) = _store(tmp_path)
+    rel = _releases(tmp_path, root)
+    rel.start(_spec())
+    _traffic(rel, _arms(rel))
+    time.sleep(0.35)
+    rel.tick()  # advanced to 50%
+    before = _arms(rel)
+    again = _releases(tmp_path, root)  # a new replica reads the release back from storage
+    r = again.releases["bot"]
+    assert (r["state"], r["step"], r["candidate"]) == ("running", 1, v2)
+    assert _arms(again) == before  # every user keeps their arm
+    _run(again)
+    assert again.releases["bot"]["state"] == "promoted"
+
+
+@pytest.mark.parametrize(
+    ("change", "status", "says"),
+    [
+        ({"adapter": "ghost"}, 404, "not in the store"),
+        ({"version": "20200101-000000-000-0000"}, 404, "no version"),
+        ("current", 409, "already current"),
+        ("twice", 409, "already being released"),
+        ({"steps": [{"percent": 50, "hold_s": 1}]}, 400, "last step must be 100"),
+        ({"adapter": "../x", "gates": {"max_error_rate": 2}}, 400, "max_error_rate"),
+    ],
+)
+def test_a_release_that_cannot_start_says_why(tmp_path, change, status, says):
+    root, (v1, v2) = _store(tmp_path)
+    rel = _releases(tmp_path, root)
+    spec = _spec()
+    if change == "current":
+        spec["version"] = v1
+    elif change == "twice":
+        rel.start(_spec())
+    else:
+        spec |= change
+    out = rel.start(spec)
+    assert out.get("status") == status and says in out["error"], out
+    if change == ({"adapter": "../x", "gates": {"max_error_rate": 2}}):
+        assert "adapter" in out["error"]  # every problem at once
+
+
+def test_p99_reads_the_latency_histogram():
+    counts = {}
+    for ms in range(1, 101):  # 1..100 ms, one each
+        k = latency_bucket(ms / 1000)
+        counts[k] = counts.get(k, 0) + 1
+    assert 0.099 <= p99(counts) <= 0.125
+    assert p99({}) is None
