@@ -77,7 +77,7 @@ def run_train(config: str, overrides: list[str], resume: bool, release: str | No
     from train.trainer import train
 
     summary = _interruptible(
-        lambda: train(cfg, resume=resume),
+        lambda: train(cfg, resume=resume, make_current=not release),
         f"lorafleet train {config} stopped; rerun it with --resume to continue from its last "
         "checkpoint",
     )
@@ -95,7 +95,7 @@ def run_tune(config: str, overrides: list[str], resume: bool, release: str | Non
     from tune.tuner import tune_job
 
     out = _interruptible(
-        lambda: tune_job(cfg, resume=resume),
+        lambda: tune_job(cfg, resume=resume, make_current=not release),
         f"lorafleet tune {config} stopped; rerun it with --resume to continue the search",
     )
     return start_release_after(release, cfg.name, out["version"])
@@ -155,11 +155,15 @@ def start_release_after(serve_config: str | None, adapter: str, version: str) ->
     serve file's ramp and gates (its `release:` section, or the defaults)."""
     if not serve_config:
         return 0
+    from cluster import layout, versions
     from cluster import release_commands as rc
     from cluster.release_config import ReleaseConfig
     from cluster.serve_config import ServeAppConfig
 
     cfg = load_config(serve_config, [], ServeAppConfig)
+    if versions.current(layout.adapters_root(cfg.storage.root), adapter) == version:
+        print(f"[release] {adapter}: {version} is its first version and already current")
+        return 0
     spec = (cfg.release or ReleaseConfig(adapter=adapter)).model_dump(mode="json")
     return rc.start(cfg, spec | {"adapter": adapter, "version": version}, None, wait=True)
 

@@ -197,11 +197,18 @@ def _write_version(local_dir: Path, uri: str, meta: dict) -> None:
 
 
 def publish(
-    local_dir: str | Path, root: str, name: str, meta: dict, keep: int | None = None
+    local_dir: str | Path,
+    root: str,
+    name: str,
+    meta: dict,
+    keep: int | None = None,
+    make_current: bool = True,
 ) -> str:
     """Write the adapter in `local_dir` as a new version of `name`, then move `current` to it
     (forward only). `meta` goes into the version's lorafleet.json with its name, version and
-    publish time. Prunes to `keep` complete versions when given. Returns the version id."""
+    publish time. Prunes to `keep` complete versions when given. With `make_current=False` (a
+    canary release will promote it) the pointer stays, unless the adapter has no version yet.
+    Returns the version id."""
     problem = name_problem(name)
     if problem:
         raise VersionError(problem)
@@ -216,9 +223,10 @@ def publish(
         "published_at": datetime.now(UTC).isoformat(timespec="milliseconds"),
     }
     _write_version(local_dir, version_uri(root, name, version), meta)
-    set_current(root, name, version, by="publish", forward_only=True)
-    if storage.is_remote(root):
-        _settle(root, name, version)
+    if make_current or current(root, name) is None:
+        set_current(root, name, version, by="publish", forward_only=True)
+        if storage.is_remote(root):
+            _settle(root, name, version)
     if keep:
         prune(root, name, keep)
     return version

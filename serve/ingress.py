@@ -177,7 +177,7 @@ def _lora_load_error(error: BaseException) -> str | None:
     marker = "Failed to load lora model: "
     if marker not in text:
         return None
-    reason = text.split(marker, 1)[1].splitlines()[0]
+    reason = text.rsplit(marker, 1)[1].splitlines()[0]  # the last: a traceback quotes the code
     inner = reason.split("Worker failed with error '", 1)
     return inner[1].split("', please check", 1)[0] if len(inner) == 2 else reason
 

@@ -931,6 +931,7 @@ def test_a_candidate_that_fails_is_rolled_back_and_the_release_runs_without_the_
         stop.set()
         traffic.join()
     out = capsys.readouterr().out
+    print(out)
     assert code == 1 and "rolled back" in out and "failed gate: error rate" in out, out
     # the candidate's requests got a 400 naming why, never a 500
     assert {status for rnd in rounds for status, _ in rnd.values()} <= {200, 400}
@@ -943,6 +944,37 @@ def test_a_candidate_that_fails_is_rolled_back_and_the_release_runs_without_the_
     time.sleep(2.5)
     last = _one_round(served, "t-bad")
     assert all(x == (200, v1) for x in last.values()), last
+
+
+def test_train_with_release_runs_the_loop_from_one_yaml(
+    served, tiny_base, task_data, tmp_path, monkeypatch, capsys
+):
+    """`lorafleet train JOB --release SERVE`: the run publishes a version that does not become
+    current, the release ramps it on the live server while users ask, and promotes it."""
+    from cluster.config import dump_config
+
+    root = layout.adapters_root(served["bucket_root"])
+    v1 = _publish(served, "t-loop", "t-last")
+    job = job_config(
+        tmp_path,
+        tiny_base,
+        task_data["train"],
+        name="t-loop",
+        **{"storage.root": served["bucket_root"], "training.max_steps": 4},
+    )
+    job_path = tmp_path / "job.yaml"
+    job_path.write_text(dump_config(job))
+    release = _release_config(served, tmp_path, "t-loop", None)
+    code, out, rounds = _run_release(
+        served, monkeypatch, capsys, ["train", str(job_path), "--release", release], "t-loop"
+    )
+    assert code == 0, out
+    trained = versions.current(root, "t-loop")
+    assert (
+        trained != v1 and versions.read_meta(root, "t-loop", trained)["source"]["kind"] == "train"
+    )
+    assert "current stays" in out and "promoted" in out, out
+    assert {v for rnd in rounds for _, v in rnd.values()} == {v1, trained}  # both arms served
 
 
 # --- autoscaling and replica faults: last, they change the replicas

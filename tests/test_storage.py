@@ -91,9 +91,10 @@ def test_a_tiny_base_on_a_remote_root_is_built_once_and_named_by_its_uri(
 ):
     """The driver builds `tiny://test`, uploads it to `<root>/models/test` (marker last) and hands
     the workers that URI, never a path of its own; a second run reuses the upload; serving
-    compares an adapter's recorded base with the same URI."""
-    from cluster.layout import TINY_MARKER
-    from serve.store import base_key
+    knows it by the same fingerprint."""
+    from cluster.fingerprint import base_fingerprint
+    from cluster.layout import TINY_MARKER, tiny_dir
+    from serve.store import base_identity
     from train.model import resolve_base
 
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
@@ -104,4 +105,7 @@ def test_a_tiny_base_on_a_remote_root_is_built_once_and_named_by_its_uri(
     listing = storage.files(uri)
     assert {TINY_MARKER, "config.json", "model.safetensors"} <= {f for f, _, _ in listing}
     assert resolve_base(cfg).model.base == uri and storage.files(uri) == listing  # not re-uploaded
-    assert base_key("tiny://test", prefix) == base_key(uri, prefix) == uri
+    # serving knows the base by what it is: the bucket's copy and the driver's build are one base
+    fingerprint = base_fingerprint(uri)
+    assert base_identity("tiny://test", prefix) == fingerprint
+    assert base_fingerprint(str(tiny_dir("test", prefix))) == fingerprint

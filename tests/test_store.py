@@ -278,6 +278,15 @@ def test_adapters_list_show_promote_rollback_from_the_command_line(tmp_path, cap
     assert cli.main(["adapters", "show", "ghost", "--root", str(store)]) == 2
     assert "'ghost' is not in" in capsys.readouterr().err
     assert cli.main(["adapters", "promote", "support"]) == 2  # usage: a version is needed
+    # what `lorafleet merge` takes: an adapter's folder (its current version) or name@version
+    assert versions.local_version_dir(f"{root}/support") == versions.version_uri(
+        root, "support", v2
+    )
+    assert versions.local_version_dir(f"{root}/support@{v1}") == versions.version_uri(
+        root, "support", v1
+    )
+    with pytest.raises(LorafleetError, match="no complete version"):
+        versions.local_version_dir(f"{root}/support@20200101-000000-000-0000")
 
 
 def test_a_tiny_base_resolves_where_training_builds_it(tmp_path, monkeypatch):

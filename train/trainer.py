@@ -117,7 +117,9 @@ def version_meta(cfg, step: int, metrics: dict, source: dict) -> dict:
     }
 
 
-def publish_adapter(checkpoint, cfg, source: dict | None = None, log=print) -> str:
+def publish_adapter(
+    checkpoint, cfg, source: dict | None = None, log=print, make_current: bool = True
+) -> str:
     """Publish the chosen checkpoint's adapter, after checking it, as a new version of
     `<storage.root>/adapters/<name>` (`cluster.versions`: written whole, then made current).
     Returns the version's URI."""
@@ -135,11 +137,14 @@ def publish_adapter(checkpoint, cfg, source: dict | None = None, log=print) -> s
             (out / f).write_bytes((adapter / f).read_bytes())
         metrics = {k: v for k, v in meta.items() if k.startswith("eval_") or k == "loss"}
         info = version_meta(cfg, meta["step"], metrics, source or {"kind": "train"})
-        version = versions.publish(out, root, cfg.name, info, keep=cfg.storage.keep_versions)
+        keep = cfg.storage.keep_versions
+        version = versions.publish(out, root, cfg.name, info, keep, make_current)
     dest = versions.version_uri(root, cfg.name, version)
+    now = versions.current(root, cfg.name)
     log(
         f"[publish] adapter {cfg.name} version {version} (step {meta['step']}, eval_loss "
-        f"{meta.get('eval_loss')}) -> {dest}; now current"
+        f"{meta.get('eval_loss')}) -> {dest}; "
+        + ("now current" if now == version else f"current stays {now} (a release decides)")
     )
     return dest
 
@@ -203,7 +208,7 @@ def summarize_failure(error: Exception) -> str:
     return "training failed: " + " ".join(lines[:2])
 
 
-def train(cfg, resume: bool = False, log=print) -> dict:
+def train(cfg, resume: bool = False, log=print, make_current: bool = True) -> dict:
     """Run a whole job: resolve the base, fit on Ray, publish the adapter. Returns a summary."""
     cfg = prepare_run(cfg, log=log)
     t0 = time.time()
@@ -213,7 +218,8 @@ def train(cfg, resume: bool = False, log=print) -> dict:
     checkpoint = pick_checkpoint(result, cfg.training.export)
     if checkpoint is None:
         raise TrainingError("training finished without a checkpoint; nothing to publish")
-    dest = publish_adapter(checkpoint, cfg, {"kind": "train", "run": run_id}, log=log)
+    source = {"kind": "train", "run": run_id}
+    dest = publish_adapter(checkpoint, cfg, source, log=log, make_current=make_current)
     history_uri = storage.join(runs_root(cfg), run_id, "metrics.jsonl")
     history = [json.loads(x) for x in storage.read_text(history_uri).splitlines() if x.strip()]
     return {

@@ -385,7 +385,7 @@ def best_checkpoint(cfg, best: dict):
     return Checkpoint(path, filesystem=fs)
 
 
-def tune_job(cfg, resume: bool = False, log=print) -> dict:
+def tune_job(cfg, resume: bool = False, log=print, make_current: bool = True) -> dict:
     """Run the search, write its outputs, publish the best adapter. Returns a summary."""
     import tempfile
 
@@ -433,7 +433,8 @@ def tune_job(cfg, resume: bool = False, log=print) -> dict:
         else:
             Path(out["plot"]).write_bytes(png.read_bytes())
     source = {"kind": "tune", "trial": best["trial"], "search": search_path(cfg)}
-    out["adapter"] = publish_adapter(best_checkpoint(cfg, best), best_cfg, source, log=log)
+    best_ckpt = best_checkpoint(cfg, best)
+    out["adapter"] = publish_adapter(best_ckpt, best_cfg, source, log, make_current)
     out["version"] = out["adapter"].rstrip("/").rsplit("/", 1)[-1]
     out["best"] = best
     log(
