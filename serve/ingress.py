@@ -171,6 +171,17 @@ class _Metrics:
         merge_counts(self.pending, taken)
 
 
+async def _json_object(request: Request, expected: str) -> dict:
+    """The request's body as a JSON object; 400 saying `expected` for anything else."""
+    try:
+        body: Any = json.loads(await request.body())
+    except ValueError as e:
+        raise ApiError(400, f"body is not valid JSON: {e}; {expected}") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, expected)
+    return body
+
+
 def _lora_load_error(error: BaseException) -> str | None:
     """vLLM's reason an adapter failed to load (e.g. a rank above max_lora_rank), or None."""
     text = str(error)
@@ -555,11 +566,8 @@ class FleetIngress(OpenAiIngress):
                 f"unknown experiment {name!r}; expected one of {sorted(self.experiments)}",
                 "not_found",
             )
-        try:
-            payload: Any = json.loads(await request.body())
-        except ValueError as e:
-            raise ApiError(400, f"body is not valid JSON: {e}") from None
-        weights = payload.get("weights") if isinstance(payload, dict) else None
+        expected = 'expected {"weights": {"<variant>": <positive number>, ...}}'
+        weights = (await _json_object(request, expected)).get("weights")
         if not isinstance(weights, dict):
             raise ApiError(400, 'expected {"weights": {"<variant>": <positive number>, ...}}')
         result = await self.state.set_weights.remote(name, weights)
@@ -586,12 +594,7 @@ class FleetIngress(OpenAiIngress):
         """POST /v1/feedback {"response_id" | "experiment" + "user", "reward": number | "up" |
         "down"}: one outcome for the variant that answered (or that the user is bucketed in)."""
         self._auth(request)
-        try:
-            body: Any = json.loads(await request.body())
-        except ValueError as e:
-            raise ApiError(400, f"body is not valid JSON: {e}") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, 'expected a JSON object with "reward"')
+        body = await _json_object(request, 'expected a JSON object with "reward"')
         try:
             result = await self.state.feedback.remote(body)
         except Exception as e:  # the state replica is restarting: the client retries
@@ -662,12 +665,9 @@ class FleetIngress(OpenAiIngress):
     async def start_release(self, request: Request):
         """POST /v1/releases {adapter, version, steps, gates}: start a canary (admin)."""
         self._auth(request, admin=True)
-        try:
-            spec: Any = json.loads(await request.body())
-        except ValueError as e:
-            raise ApiError(400, f"body is not valid JSON: {e}") from None
-        if not isinstance(spec, dict):
-            raise ApiError(400, "expected a JSON object: {adapter, version, steps, gates}")
+        spec = await _json_object(
+            request, "expected a JSON object: {adapter, version, steps, gates}"
+        )
         response = await self._release_call("start", spec)
         await self._sync_releases()
         return response
@@ -689,8 +689,10 @@ class FleetIngress(OpenAiIngress):
     async def adapter_versions(self, name: str, request: Request):
         """GET /v1/adapters/{name}: its versions (metrics, source, publish time) and the current."""
         self._auth(request)
+        if name_problem(name):  # checked before the name touches a path
+            raise ApiError(400, name_problem(name), param="name")
         pointer = await asyncio.to_thread(versions.pointer, self.store.root, name)
-        if name_problem(name) or pointer is None:
+        if pointer is None:
             raise await self._not_found(name, f"adapter {name!r} is not in the adapter store")
         found = await asyncio.to_thread(versions.versions, self.store.root, name)
         keep = (
@@ -720,11 +722,8 @@ class FleetIngress(OpenAiIngress):
             raise ApiError(400, name_problem(name), param="name")
         version = None
         if action == "promote":
-            try:
-                body: Any = json.loads(await request.body() or b"{}")
-            except ValueError as e:
-                raise ApiError(400, f"body is not valid JSON: {e}") from None
-            version = body.get("version") if isinstance(body, dict) else None
+            expected = 'expected {"version": "<version id>"}'
+            version = (await _json_object(request, expected)).get("version")
             if not isinstance(version, str) or not is_version_id(version):
                 raise ApiError(400, 'expected {"version": "<version id>"}', param="version")
         try:

@@ -13,8 +13,10 @@ restarted `lorafleet serve`, carries on where the release stood.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import math
+import threading
 import time
 from datetime import UTC, datetime
 
@@ -149,6 +151,17 @@ def judge(release: dict) -> tuple[str | None, dict]:
     return "pass", numbers
 
 
+def _locked(method):
+    """Serve runs a deployment's sync methods in a thread pool, beside the tick loop: one lock."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return wrapper
+
+
 class Releases:
     """Every release of one app: started, ramped, promoted or rolled back, and kept in storage.
     `tick()` reads the gates and moves the releases on; `ReleaseManager` calls it every second."""
@@ -156,6 +169,7 @@ class Releases:
     def __init__(self, app_name: str, storage_root: str, adapter_root: str):
         self.uri = releases_uri(storage_root, app_name)
         self.adapter_root = adapter_root
+        self._lock = threading.RLock()
         self.releases: dict[str, dict] = self._load()
         self.version = 1
         self._saved_at = 0.0
@@ -172,6 +186,7 @@ class Releases:
 
     # --- what the ingress and the CLI call ---------------------------------------------------
 
+    @_locked
     def start(self, spec: dict) -> dict:
         try:
             cfg = ReleaseConfig.model_validate(spec)
@@ -196,6 +211,7 @@ class Releases:
         self._changed()
         return self.status(cfg.adapter)
 
+    @_locked
     def abort(self, adapter: str) -> dict:
         r = self.releases.get(adapter)
         if not r or r["state"] != "running":
@@ -203,6 +219,7 @@ class Releases:
         self._end(r, "rolled_back", "aborted", {"by": "admin"})
         return self.status(adapter)
 
+    @_locked
     def status(self, adapter: str | None = None) -> dict:
         def view(r):
             keep = (
@@ -230,6 +247,7 @@ class Releases:
             return view(r) if r else {"error": f"no release of {adapter!r}", "status": 404}
         return {"releases": [view(r) for r in self.releases.values()]}
 
+    @_locked
     def snapshot(self, have_version: int = -1):
         """(version, {adapter: (control, candidate, weights, owners)} of running releases)."""
         if have_version == self.version:
@@ -241,6 +259,7 @@ class Releases:
         }
         return self.version, running
 
+    @_locked
     def add_counts(self, deltas: dict) -> None:
         """{adapter: {arm: {stat: n}}} from an ingress replica, into the step's window and total."""
         for adapter, arms in deltas.items():
@@ -295,6 +314,7 @@ class Releases:
         r["window"] = {a: {} for a in ARMS}
         self._changed()
 
+    @_locked
     def add_outcome(self, adapter: str, arm: str, reward: float) -> bool:
         """A reward for a response a release arm gave (POST /v1/feedback); False if none runs."""
         from serve.outcomes import add_reward
@@ -305,6 +325,7 @@ class Releases:
         add_reward(r["outcomes"][arm], reward)
         return True
 
+    @_locked
     def tick(self) -> None:
         for r in list(self.releases.values()):
             if r["state"] != "running":

@@ -846,17 +846,21 @@ def _one_round(served, adapter: str) -> dict:
         return dict(pool.map(ask, [f"rel-{i}" for i in range(40)]))
 
 
-def _release_traffic(served, adapter: str, stop: threading.Event, rounds: list) -> None:
+def _release_traffic(served, adapter: str, stop: threading.Event, rounds: list, when=None):
+    """Rounds until `stop`, from the moment `when()` holds (default: at once)."""
+    while when is not None and not when() and not stop.is_set():
+        time.sleep(0.5)
     while not stop.is_set():
         rounds.append(_one_round(served, adapter))
 
 
-def _run_release(served, monkeypatch, capsys, argv, adapter):
+def _run_release(served, monkeypatch, capsys, argv, adapter, when=None):
     from cluster import cli
 
     monkeypatch.setenv(served["cfg"].http.admin_keys_env, ADMIN_KEY)
     stop, rounds = threading.Event(), []
-    traffic = threading.Thread(target=_release_traffic, args=(served, adapter, stop, rounds))
+    args = (served, adapter, stop, rounds, when)
+    traffic = threading.Thread(target=_release_traffic, args=args)
     traffic.start()
     try:
         code = cli.main(argv)
@@ -965,9 +969,10 @@ def test_train_with_release_runs_the_loop_from_one_yaml(
     job_path = tmp_path / "job.yaml"
     job_path.write_text(dump_config(job))
     release = _release_config(served, tmp_path, "t-loop", None)
-    code, out, rounds = _run_release(
-        served, monkeypatch, capsys, ["train", str(job_path), "--release", release], "t-loop"
-    )
+    # users ask once the run has published (traffic during training would scale vLLM up)
+    published = lambda: len(versions.version_ids(root, "t-loop")) > 1  # noqa: E731
+    argv = ["train", str(job_path), "--release", release]
+    code, out, rounds = _run_release(served, monkeypatch, capsys, argv, "t-loop", published)
     assert code == 0, out
     trained = versions.current(root, "t-loop")
     assert (
@@ -1024,7 +1029,8 @@ def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(served):
     for t in threads:
         t.start()
     try:
-        _wait(lambda: _replicas() >= 2, 240, "a second replica")
+        # a vLLM replica starting beside a busy suite on 2 cores took over 3 minutes once
+        _wait(lambda: _replicas() >= 2, 420, "a second replica")
     finally:
         stop.set()
         for t in threads:
