@@ -887,10 +887,10 @@ def test_a_good_candidate_is_ramped_with_sticky_users_and_promoted(
     assert code == 0, out
     said = [x.split(": ", 1)[1] for x in out.splitlines() if x.startswith("[release] t-rel ")]
     decisions = [x.split(") ", 1)[1].split(" (")[0] for x in said]
-    assert decisions == ["started", "advanced", "advanced", "promoted"], out
-    assert (
-        said[1].startswith("step 1/3 (20%) advanced (candidate ") and " req, 0.0% errors" in said[1]
-    )
+    # a step that got fewer than min_requests in its hold is held, not judged (a loaded machine)
+    assert [d for d in decisions if d != "held"] == ["started", "advanced", "advanced", "promoted"]
+    first = next(x for x in said if " advanced " in x)
+    assert first.startswith("step 1/3 (20%) advanced (candidate ") and " req, 0.0% errors" in first
     assert versions.current(root, "t-rel") == v2
     # sticky: a user moves from v1 to v2 once, never back; every answer came from v1 or v2
     assert all(status == 200 for rnd in rounds for status, _ in rnd.values())
