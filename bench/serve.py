@@ -44,6 +44,18 @@ def _prompts() -> list[str]:
     ]
 
 
+def model_entry(base: Path) -> dict:
+    """The served model of every serve bench: the demo shape in float32, 4 LoRA slots."""
+    return {
+        "id": "tiny",
+        "base": str(base),
+        "dtype": "float32",
+        "max_model_len": 512,
+        "max_loras_per_replica": 4,
+        "engine_kwargs": {"enforce_eager": True, "seed": 0},
+    }
+
+
 def _build(root: Path) -> Path:
     import torch
     from peft import LoraConfig, get_peft_model
@@ -180,16 +192,7 @@ def main() -> None:
             None,
             {
                 "name": "bench",
-                "models": [
-                    {
-                        "id": "tiny",
-                        "base": str(base),
-                        "dtype": "float32",
-                        "max_model_len": 512,
-                        "max_loras_per_replica": 4,
-                        "engine_kwargs": {"enforce_eager": True, "seed": 0},
-                    }
-                ],
+                "models": [model_entry(base)],
                 "http": {"port": PORT},
                 "storage": {"root": str(root)},
                 "ray": {"num_cpus": 4},

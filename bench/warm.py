@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.serve import _build, _prompts
+from bench.serve import _build, _prompts, model_entry
 
 PORT = 18433
 ROUNDS = 3
@@ -26,17 +26,9 @@ def _app(base: Path, root: Path, experiments: list[dict]):
     from cluster.config import load_config
     from cluster.serve_config import ServeAppConfig
 
-    model = {
-        "id": "tiny",
-        "base": str(base),
-        "dtype": "float32",
-        "max_model_len": 512,
-        "max_loras_per_replica": 4,
-        "engine_kwargs": {"enforce_eager": True, "seed": 0},
-    }
     raw = {
         "name": "warm",
-        "models": [model],
+        "models": [model_entry(base)],
         "experiments": experiments,
         "http": {"port": PORT},
         "storage": {"root": str(root)},

@@ -193,21 +193,13 @@ def _base_url(cfg, url: str | None) -> str:
     return url or f"http://{cfg.http.host}:{cfg.http.port}"
 
 
-def _client_key(cfg, admin: bool = False) -> str | None:
-    """The key a client command sends: the first of the server's keys, from the environment
-    variable or else the key file (never from YAML). Commands that change the server send the
-    first admin key when there is one (`http.admin_keys_env` / `_file`)."""
-    keys = cfg.http.admin_keys(missing_file_ok=True) if admin else []
-    return next(iter(keys + cfg.http.api_keys(missing_file_ok=True)), None)
-
-
 def run_set_weights(config: str, experiment: str, weights: dict, url: str | None) -> int:
     """PUT /v1/experiments/<name> on the running app."""
     from cluster.http_client import Client, HttpError, ServerUnreachable
     from cluster.serve_config import ServeAppConfig
 
     cfg = load_config(config, schema=ServeAppConfig)
-    client = Client(_base_url(cfg, url), key=_client_key(cfg, admin=True))
+    client = Client(_base_url(cfg, url), key=cfg.http.client_key(admin=True))
     try:
         r = client.put(f"/v1/experiments/{experiment}", {"weights": weights})
     except (ServerUnreachable, HttpError) as e:
@@ -233,7 +225,7 @@ def run_serve_eval(config: str, model: str, data: str, url: str | None, limit: i
             _base_url(cfg, url),
             model,
             rows,
-            key=_client_key(cfg),
+            key=cfg.http.client_key(),
             log=lambda m: print(m, file=sys.stderr),
         )
     except LorafleetError as e:  # no server there, or it failed a row

@@ -21,8 +21,8 @@ DONE = ("promoted", "rolled_back")
 
 
 def admin_client(cfg, url: str | None) -> Client:
-    keys = cfg.http.admin_keys(missing_file_ok=True) or cfg.http.api_keys(missing_file_ok=True)
-    return Client(url or f"http://{cfg.http.host}:{cfg.http.port}", key=next(iter(keys), None))
+    url = url or f"http://{cfg.http.host}:{cfg.http.port}"
+    return Client(url, key=cfg.http.client_key(admin=True))
 
 
 def _numbers(n: dict) -> str:

@@ -188,6 +188,13 @@ class HttpConfig(Section):
         """The admin keys, read as `api_keys` reads the API keys."""
         return _read_keys(self.admin_keys_env, self.admin_keys_file, environ, missing_file_ok)
 
+    def client_key(self, admin: bool = False) -> str | None:
+        """The key a client command sends: the first of the server's keys, from the environment
+        variable or else the key file (never from YAML). Commands that change the server send
+        the first admin key when there is one."""
+        keys = self.admin_keys(missing_file_ok=True) if admin else []
+        return next(iter(keys + self.api_keys(missing_file_ok=True)), None)
+
 
 def _read_keys(env_name: str, file: str | None, environ, missing_file_ok: bool) -> list[str]:
     import os

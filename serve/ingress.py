@@ -411,7 +411,8 @@ class FleetIngress(OpenAiIngress):
         return exp.name, name
 
     async def _first_chunk(self, body, call_method: str, request: Request, done):
-        """(first chunk, the rest) of the engine's answer; the errors before it as ApiErrors."""
+        """(first chunk, its head item, the rest) of the engine's answer; the errors before it
+        as ApiErrors."""
         try:
             gen = self._get_response(body=body, call_method=call_method, raw_request=request)
             first, gen = await peek_at_generator(gen)
@@ -435,7 +436,7 @@ class FleetIngress(OpenAiIngress):
             done(False)
             code = head.error.code
             raise ApiError(code if 400 <= code < 600 else 500, head.error.message, head.error.type)
-        return first, gen
+        return first, head, gen
 
     async def _serve(self, body, call_method: str, request: Request) -> Response:
         self._auth(request)
@@ -468,8 +469,7 @@ class FleetIngress(OpenAiIngress):
         if getattr(body, "stream", False) and track and not wants_usage:
             options_cls = typing.get_args(type(body).model_fields["stream_options"].annotation)[0]
             body.stream_options = options_cls(include_usage=True)
-        first, gen = await self._first_chunk(body, call_method, request, done)
-        head = first[0] if isinstance(first, list) else first
+        first, head, gen = await self._first_chunk(body, call_method, request, done)
         if track or release:  # the id feedback names (the response's own, streamed or not)
             headers[RESPONSE_ID_HEADER] = await self._remember(first, exp, var, release)
         if isinstance(head, NON_STREAMING_RESPONSE_TYPES):

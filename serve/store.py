@@ -115,8 +115,8 @@ class AdapterStore:
 
     def _list(self) -> dict[str, str]:
         out = {}
-        for name in versions.names(self.root):
-            version = versions.current(self.root, name)
+        for name in storage.listdir(self.root):  # one read of each pointer (no exists() first)
+            version = versions.current(self.root, name) if is_adapter_name(name) else None
             if version and self._describe(name, version) is not None:
                 out[name] = version
         return out

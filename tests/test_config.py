@@ -198,7 +198,7 @@ def test_cli_takes_flags_among_the_overrides(capsys):
 def test_serve_client_commands_take_the_key_from_env_or_key_file_and_report_no_server(
     tmp_path, monkeypatch, capsys
 ):
-    from cluster.cli import _client_key, main
+    from cluster.cli import main
     from cluster.config import load_config
     from cluster.serve_config import ServeAppConfig
 
@@ -207,9 +207,9 @@ def test_serve_client_commands_take_the_key_from_env_or_key_file_and_report_no_s
     raw = {"name": "x", "models": [{"id": "m", "base": "tiny://demo"}]}
     cfg = load_config(None, {**raw, "http": {"api_keys_file": str(keys)}}, ServeAppConfig)
     monkeypatch.delenv("LORAFLEET_API_KEYS", raising=False)
-    assert _client_key(cfg) == "sk-from-file"
+    assert cfg.http.client_key() == "sk-from-file"
     monkeypatch.setenv("LORAFLEET_API_KEYS", "sk-env,sk-other")
-    assert _client_key(cfg) == "sk-env"
+    assert cfg.http.client_key() == "sk-env"
 
     cfg_path = tmp_path / "serve.yaml"
     cfg_path.write_text("name: x\nmodels: [{id: m, base: 'tiny://demo'}]\n")
