@@ -16,6 +16,8 @@ WORKER_ENV_VARS = {
 IN_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 # the State API (dashboard) of the local Ray this process started; None until it starts one
 _local_state_api: str | None = None
+# the Serve HTTP mode (cluster/serve_config.SERVE_MODES) the local Ray of this process started in
+_local_serve_mode: str | None = None
 
 
 def state_api_address() -> str | None:
@@ -25,11 +27,20 @@ def state_api_address() -> str | None:
     return _local_state_api
 
 
-def ensure_ray(ray_cfg=None, log=print):
-    """ray.init() once; returns the ray module. Never stops a cluster it did not start."""
+def ensure_ray(ray_cfg=None, log=print, serve_mode: str | None = None):
+    """ray.init() once; returns the ray module. Never stops a cluster it did not start.
+
+    A local Ray starts in `serve_mode` (default: `http.mode`'s default), whoever starts it: Ray
+    Serve reads its mode from the environment at import in every Serve process, so the mode is
+    fixed when Ray's processes start (a demo trains first, then serves on the same Ray)."""
     import ray
 
     if ray.is_initialized():
+        if serve_mode and _local_serve_mode and serve_mode != _local_serve_mode:
+            log(
+                f"[ray] http.mode {serve_mode!r} does not apply: this process started Ray in "
+                f"{_local_serve_mode!r} mode earlier, and Serve's mode is fixed when Ray starts"
+            )
         return ray
     address = getattr(ray_cfg, "address", None) or os.environ.get("RAY_ADDRESS")
     # workers import our packages from the working directory; jobs already ship it
@@ -40,6 +51,11 @@ def ensure_ray(ray_cfg=None, log=print):
         # looks it up; with several Rays on one machine it cannot guess)
         if os.environ.get("RAY_API_SERVER_ADDRESS"):
             env["env_vars"]["RAY_API_SERVER_ADDRESS"] = os.environ["RAY_API_SERVER_ADDRESS"]
+        if serve_mode:
+            log(
+                f"[ray] http.mode {serve_mode!r} applies to a Ray lorafleet starts; a running "
+                "cluster serves in the mode its `ray start` environment set (see cluster.yaml)"
+            )
         ray.init(
             address=address,
             runtime_env=env if IN_JOB_ENV not in os.environ else None,
@@ -53,6 +69,7 @@ def ensure_ray(ray_cfg=None, log=print):
         # address="local": a new Ray of our own, even when another local one is running (a plain
         # ray.init() would join it, and our Serve app or shutdown would land in someone else's)
         _stay_on_loopback()
+        env["env_vars"].update(_set_serve_mode(serve_mode))
         # Train's placement-group cleaner finds the State API by looking for "the" local Ray; with
         # several on the machine it fails, dies, and the groups of stopped Tune trials stay
         # reserved until the search hangs for resources. Tell its processes which dashboard is ours.
@@ -69,6 +86,20 @@ def ensure_ray(ray_cfg=None, log=print):
             runtime_env=env,
         )
     return ray
+
+
+def _set_serve_mode(mode: str | None) -> dict[str, str]:
+    """Put Serve's mode into this process's environment (the raylet and every worker inherit it)
+    and return its variables; variables of the other modes are set off, not left to chance."""
+    from cluster.serve_config import SERVE_MODES, HttpConfig
+
+    global _local_serve_mode
+    _local_serve_mode = mode or HttpConfig.model_fields["mode"].default
+    wanted = SERVE_MODES[_local_serve_mode]
+    names = {k for env in SERVE_MODES.values() for k in env}
+    values = {k: wanted.get(k, "0") for k in sorted(names)}
+    os.environ.update(values)
+    return values
 
 
 def _stay_on_loopback() -> None:

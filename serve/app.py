@@ -237,11 +237,14 @@ def run(cfg: ServeAppConfig, blocking: bool = True, log=print, environ=None):
 
     resolved = resolve(cfg, os.environ if environ is None else environ)  # fails before Ray starts
     check_store(cfg, log)
-    ensure_ray(cfg.ray, log=log)
+    ensure_ray(cfg.ray, log=log, serve_mode=cfg.http.mode)
     serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port})
     app = build_app(cfg, resolved)
     url = f"http://{cfg.http.host}:{cfg.http.port}"
-    log(f"[serve] deploying {cfg.name!r}: {len(cfg.models)} model(s); vLLM start takes a minute")
+    log(
+        f"[serve] deploying {cfg.name!r}: {len(cfg.models)} model(s), http.mode "
+        f"{cfg.http.mode}; vLLM start takes a minute"
+    )
     handle = serve.run(app, name=cfg.name, route_prefix="/", blocking=False)
     names = [m.id for m in cfg.models] + [e.name for e in cfg.experiments]
     log(f"[serve] ready at {url}/v1  models: {', '.join(names)}")

@@ -54,6 +54,7 @@ class LoraStoreServer(LLMServer):
         releases_uri: str | None = None,
     ):
         self._lora_locks: dict[str, asyncio.Lock] = {}
+        self._requests_by_lora: dict[str, int] = {}  # what Serve's multiplexing routed here
         await super().__init__(
             llm_config,
             model_downloader=functools.partial(StoreLoraLoader, adapter_root=adapter_root),
@@ -101,12 +102,31 @@ class LoraStoreServer(LLMServer):
         """What this replica preloaded at start (for tests and the bench)."""
         return self.warmed
 
+    async def record_routing_stats(self) -> dict:
+        """Serve's routing-stats hook (the controller polls it; a test or an operator can ask a
+        replica actor for it directly): Ray's own stats plus, under "lorafleet", this
+        replica's id, what it preloaded, and how many requests Serve routed to it per adapter.
+        A replica answers an adapter's request only with the adapter loaded, so these show
+        where each adapter is loaded and that the router keeps its requests there."""
+        from ray import serve
+
+        stats = dict(await super().record_routing_stats() or {})
+        stats["lorafleet"] = {
+            "replica": serve.get_replica_context().replica_id.unique_id,
+            "preloaded": list(self.warmed),
+            "requests": dict(self._requests_by_lora),
+        }
+        return stats
+
     async def _maybe_resolve_lora_from_multiplex(self) -> None:
         # Ray's VLLMEngine.resolve_lora checks "already loaded?" and then awaits the load, so two
         # first requests for one adapter both load it and the second fails ("has already been
         # loaded"). One lock per adapter makes the second wait for the first.
         from ray import serve
 
-        lock = self._lora_locks.setdefault(serve.get_multiplexed_model_id(), asyncio.Lock())
+        lora = serve.get_multiplexed_model_id()
+        if lora:
+            self._requests_by_lora[lora] = self._requests_by_lora.get(lora, 0) + 1
+        lock = self._lora_locks.setdefault(lora, asyncio.Lock())
         async with lock:
             await super()._maybe_resolve_lora_from_multiplex()
