@@ -95,7 +95,10 @@ def test_state_counts_add_up_across_ingress_replicas():
 
 
 def test_counts_a_failed_sync_took_are_sent_with_the_next_one():
+    from collections import Counter
+
     from serve.ingress import _Metrics
+    from serve.release import latency_bucket
 
     m = _Metrics()
     m.record("bot", "a", ok=True, latency_s=0.5, prompt=3, completion=4)
@@ -103,6 +106,8 @@ def test_counts_a_failed_sync_took_are_sent_with_the_next_one():
     m.record("bot", "a", ok=False, latency_s=1.0)
     m.record("bot", "b", ok=True, latency_s=0.25, prompt=1, completion=2)
     m.put_back(taken)
+    # each request is also counted in its latency bucket (the /ui page's p50/p99)
+    lat = {s: latency_bucket(s) for s in (0.5, 1.0, 0.25)}
     assert m.take() == {
         "bot": {
             "a": {
@@ -111,6 +116,7 @@ def test_counts_a_failed_sync_took_are_sent_with_the_next_one():
                 "latency_s_sum": 1.5,
                 "prompt_tokens": 3,
                 "completion_tokens": 4,
+                **Counter([lat[0.5], lat[1.0]]),
             },
             "b": {
                 "requests": 1,
@@ -118,6 +124,7 @@ def test_counts_a_failed_sync_took_are_sent_with_the_next_one():
                 "latency_s_sum": 0.25,
                 "prompt_tokens": 1,
                 "completion_tokens": 2,
+                lat[0.25]: 1,
             },
         }
     }

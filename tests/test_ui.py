@@ -1,0 +1,585 @@
+"""The /ui page in a real browser: Debian's Chromium, driven by Selenium through Debian's
+chromium-driver (`make browser` installs both), against a real `lorafleet serve` app (Ray Serve,
+vLLM on CPU, the tiny base) deployed the way the CLI deploys it (`serve.app.run`). The page gets
+the key the way a browser does after its Basic prompt (credentials on the first navigation);
+everything it shows comes from polling the app's JSON.
+
+    .venv/bin/pytest -q tests/test_ui.py
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import socket
+import tempfile
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import requests
+
+from cluster import layout, versions
+
+# the tests on the app (a real Ray Serve app with a vLLM replica, and a browser) are `slow`:
+# minutes, not the quick tier; the first three here need neither
+
+KEY = "sk-ui-" + "0123456789abcdef"  # an inference key (http.api_keys_env)
+ADMIN_KEY = "sk-ui-admin-" + "fedcba9876543210"  # an admin key (http.admin_keys_env)
+APP = "t-ui"
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+# the share a variant got must be within this of its weight's share: with 160 users at 80/20 one
+# standard deviation is 3.2 points, so 0.12 is over 3.5 of them
+SHARE_TOLERANCE = 0.12
+USERS = 160
+ROOT = Path(__file__).resolve().parents[1]
+# LORAFLEET_UI_SHOTS=docs also copies the release test's screenshot to docs/ui.png (the README's,
+# from a real run of this file); by default screenshots stay in the test's tmp dir
+SHOTS_ENV = "LORAFLEET_UI_SHOTS"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _publish(base: Path, root: str, name: str, seed: int, current: bool = True) -> str:
+    """A LoRA adapter for the tiny base (PEFT, random weights: the page shows versions, not
+    answers), published as a new version of `name` the way training publishes."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from cluster.fingerprint import base_fingerprint
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
+    peft_model = get_peft_model(model, lora)
+    with tempfile.TemporaryDirectory() as tmp:
+        peft_model.save_pretrained(tmp)
+        meta = {
+            "base_model": str(base),
+            "base_fingerprint": base_fingerprint(str(base)),
+            "step": 10 * (seed + 1),
+            "eval_loss": round(2.0 - 0.1 * seed, 3),
+            "metrics": {"eval_loss": round(2.0 - 0.1 * seed, 3)},
+            "source": {"kind": "test"},
+        }
+        return versions.publish(tmp, root, name, meta, make_current=current)
+
+
+def _serve_config(port: int, base: str, storage_root: str):
+    from cluster.config import load_config
+    from cluster.serve_config import ServeAppConfig
+
+    raw = {
+        "name": APP,
+        "models": [
+            {
+                "id": "tiny",
+                "base": base,
+                "dtype": "float32",
+                "max_model_len": 128,
+                "max_lora_rank": 8,
+                "max_loras_per_replica": 3,
+                "engine_kwargs": {"enforce_eager": True, "seed": 0},
+                "autoscaling": {"min_replicas": 1, "max_replicas": 1},
+            }
+        ],
+        "experiments": [
+            {
+                "name": "bot",
+                "variants": [
+                    {"name": "a", "model": "tiny", "adapter": "ui-a", "weight": 80},
+                    {"name": "b", "model": "tiny", "adapter": "ui-b", "weight": 20},
+                ],
+            }
+        ],
+        "http": {"host": "127.0.0.1", "port": port},
+        "storage": {"root": storage_root},
+    }
+    return load_config(None, raw, ServeAppConfig)
+
+
+@pytest.fixture(scope="module")
+def app(ray_local, tmp_path_factory, tiny_base):
+    """`lorafleet serve`'s app on the tiny base, an inference key and an admin key, experiment
+    `bot` (80/20 between adapters ui-a and ui-b) and adapter ui-rel with a candidate version."""
+    from ray import serve
+
+    from cluster.config import dump_config
+    from serve.app import run
+
+    tmp = tmp_path_factory.mktemp("ui")
+    store = tmp / "store"
+    root = layout.adapters_root(str(store))
+    for i, name in enumerate(("ui-a", "ui-b", "ui-rel")):
+        _publish(tiny_base, root, name, seed=i)
+    cfg = _serve_config(_free_port(), str(tiny_base), str(store))
+    cfg_path = tmp / "serve.yaml"
+    cfg_path.write_text(dump_config(cfg))
+    environ = {cfg.http.api_keys_env: KEY, cfg.http.admin_keys_env: ADMIN_KEY}
+    t0 = time.monotonic()
+    run(cfg, blocking=False, log=lambda *_: None, environ=environ)
+    print(f"app up in {time.monotonic() - t0:.1f} s")
+    yield {
+        "url": f"http://127.0.0.1:{cfg.http.port}",
+        "cfg": cfg,
+        "cfg_path": cfg_path,
+        "root": root,
+        "base": tiny_base,
+        "shots": tmp / "screenshots",
+    }
+    serve.delete(APP)
+    serve.shutdown()
+
+
+# --- the browser ---------------------------------------------------------------------------------
+
+
+def _browser(url: str, key: str | None, width=1280, height=800):
+    """Headless Debian Chromium at `url`/ui, given `key` the way a browser is after its Basic
+    prompt: as credentials on the first navigation, which it then keeps for the origin."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
+        pytest.fail(f"{CHROMIUM} and {CHROMEDRIVER} are missing: run `make browser` (as root)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in (
+        "--headless=new --no-sandbox --disable-gpu --disable-quic --no-first-run "
+        "--disable-background-networking --disable-component-update --disable-sync "
+        "--disable-dev-shm-usage"
+    ).split():
+        options.add_argument(flag)
+    profile = tempfile.mkdtemp(prefix="lorafleet-ui-chromium-")
+    options.add_argument(f"--user-data-dir={profile}")
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.profile_dir = profile
+    _viewport(driver, width, height)
+    host = url.split("://", 1)[1]
+    driver.get(f"http://ui:{key}@{host}/ui" if key else f"{url}/ui")
+    return driver
+
+
+def _close(driver) -> None:
+    driver.quit()
+    shutil.rmtree(driver.profile_dir, ignore_errors=True)
+
+
+def _viewport(driver, width: int, height: int) -> None:
+    driver.execute_cdp_cmd(
+        "Emulation.setDeviceMetricsOverride",
+        {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": width < 600},
+    )
+
+
+def _wait(driver_or_fn, what: str, timeout_s=60.0, poll_s=0.3):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        got = driver_or_fn()
+        if got:
+            return got
+        time.sleep(poll_s)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def _polls(driver) -> int:
+    return int(driver.execute_script("return document.body.dataset.polls || 0"))
+
+
+def _next_poll(driver, timeout_s=30.0) -> None:
+    """Wait for two more polls: the one in flight may have started before what the test did."""
+    start = _polls(driver)
+    _wait(lambda: _polls(driver) >= start + 2, "two more polls of the page", timeout_s)
+
+
+def _table(driver, selector: str, cell: str, attr: str = "textContent") -> dict[str, str]:
+    """{variant: value of `cell` in that variant's row} of the first table matching `selector`."""
+    return driver.execute_script(
+        """const [sel, cell, attr] = arguments; const out = {};
+        for (const tr of document.querySelectorAll(sel + ' tbody tr')) {
+          const td = tr.querySelector(cell);
+          if (td) out[tr.dataset.variant] = attr === 'textContent' ? td.textContent : td.dataset[attr];
+        }
+        return out;""",
+        selector,
+        cell,
+        attr,
+    )
+
+
+def _click_and_confirm(driver, selector: str) -> str:
+    """Click the button and accept the confirmation it asks; the question it asked."""
+    from selenium.webdriver.common.by import By
+
+    driver.find_element(By.CSS_SELECTOR, selector).click()
+    alert = _wait(lambda: _alert(driver), f"the confirmation of {selector}", 10)
+    text = alert.text
+    alert.accept()
+    return text
+
+
+def _alert(driver):
+    from selenium.common.exceptions import NoAlertPresentException
+
+    try:
+        return driver.switch_to.alert
+    except NoAlertPresentException:
+        return None
+
+
+def _shoot(driver, path: Path, width: int, height: int, full: bool = False) -> Path:
+    """A screenshot at `width` x `height` (`full`: the whole page's height)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if full:
+        height = int(driver.execute_script("return document.documentElement.scrollHeight"))
+    _viewport(driver, width, height)
+    time.sleep(0.5)  # Chart.js redraws on resize
+    driver.save_screenshot(str(path))
+    return path
+
+
+# --- traffic ----------------------------------------------------------------------------------
+
+
+def _ask(app, model: str, user: str, key=KEY) -> requests.Response:
+    body = {"model": model, "prompt": "hi", "max_tokens": 1, "user": user}
+    return requests.post(
+        f"{app['url']}/v1/completions",
+        json=body,
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=120,
+    )
+
+
+def _traffic(app, users: list[str], reward=None) -> Counter:
+    """Each user asks experiment `bot` once (and, with `reward(variant)`, posts feedback for the
+    answer): how many answers each variant gave."""
+
+    def one(user):
+        r = _ask(app, "bot", user)
+        assert r.status_code == 200, r.text
+        variant = r.headers["X-Lorafleet-Variant"]
+        if reward is not None:
+            fb = requests.post(
+                f"{app['url']}/v1/feedback",
+                json={
+                    "response_id": r.headers["X-Lorafleet-Response-Id"],
+                    "reward": reward(variant),
+                },
+                headers={"Authorization": f"Bearer {KEY}"},
+                timeout=60,
+            )
+            assert fb.status_code == 200, fb.text
+        return variant
+
+    with ThreadPoolExecutor(4) as pool:
+        return Counter(pool.map(one, users))
+
+
+def _basic(key: str) -> str:
+    return "Basic " + base64.b64encode(f"anyone:{key}".encode()).decode()
+
+
+# --- without a server ----------------------------------------------------------------------------
+
+
+def _request(method: str, authorization: str | None, ui_header: bool = False):
+    from starlette.requests import Request
+
+    headers = [(b"authorization", authorization.encode())] if authorization else []
+    if ui_header:
+        headers.append((b"x-lorafleet-ui", b"1"))
+    return Request({"type": "http", "method": method, "path": "/v1/x", "headers": headers})
+
+
+def test_the_key_comes_as_bearer_or_as_the_basic_password():
+    from serve.ui import credentials
+
+    assert credentials(_request("GET", f"Bearer {KEY}")) == ("Bearer", KEY)
+    assert credentials(_request("GET", _basic(KEY))) == ("bearer", KEY)
+    assert credentials(_request("GET", "Basic !!not-base64")) == ("", "")
+    assert credentials(_request("GET", None)) == ("", "")
+    # a changing request on a browser's Basic credentials needs the page's own header (another
+    # site's form cannot set it); with a Bearer key it does not
+    assert credentials(_request("PUT", _basic(ADMIN_KEY))) == ("", "")
+    assert credentials(_request("PUT", _basic(ADMIN_KEY), ui_header=True)) == ("bearer", ADMIN_KEY)
+    assert credentials(_request("PUT", f"Bearer {ADMIN_KEY}")) == ("Bearer", ADMIN_KEY)
+
+
+def test_latency_counters_fold_into_a_histogram_with_p50_and_p99():
+    from serve.release import latency_bucket
+    from serve.ui import LATENCY_BOUNDS_S, fold_latency
+
+    variant = {"requests": 100, "latency_s_sum": 9.0}
+    for latency_s in [0.05] * 98 + [2.0] * 2:
+        key = latency_bucket(latency_s)
+        variant[key] = variant.get(key, 0) + 1
+    fold_latency(variant)
+    assert not [k for k in variant if k.startswith("lat_")] and variant["requests"] == 100
+    assert sum(variant["latency_buckets"].values()) == 100
+    # each quantile is its bucket's upper bound: within 25% above the true value
+    assert 0.05 <= variant["p50_s"] < 0.05 * 1.25 and 2.0 <= variant["p99_s"] < 2.0 * 1.25
+    assert LATENCY_BOUNDS_S == sorted(LATENCY_BOUNDS_S)
+
+
+def test_the_page_and_its_files_are_where_the_installed_package_serves_them():
+    """`make setup` copied Chart.js from npm (serve/ui/package-lock.json) beside the page's own
+    files, and pyproject.toml ships all of them with the package."""
+    import tomllib
+
+    from serve.ui import STATIC, UI_DIR, static_file
+
+    assert (UI_DIR / "index.html").is_file()
+    for name in STATIC:
+        r = static_file(name)
+        assert r.status_code == 200, f"{name}: {r.body[:200]!r} (run `make setup`)"
+    assert b"Chart.js v4" in static_file("chart.umd.min.js").body[:300]
+    assert static_file("../ui.py").status_code == 404
+    lock = json.loads((UI_DIR / "package-lock.json").read_text())
+    assert lock["packages"]["node_modules/chart.js"]["version"].startswith("4.")
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    shipped = pyproject["tool"]["setuptools"]["package-data"]["serve"]
+    assert {"ui/index.html", "ui/static/*"} <= set(shipped)
+
+
+# --- on a live app ---------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_without_a_key_the_page_is_refused(app):
+    url = app["url"]
+    for path in ("/ui", "/ui/static/app.js", "/ui/static/chart.umd.min.js"):
+        r = requests.get(url + path, timeout=30)
+        assert r.status_code == 401, (path, r.status_code)
+        assert r.headers["WWW-Authenticate"].startswith('Basic realm="lorafleet"'), r.headers
+    assert requests.get(url + "/ui", headers={"Authorization": _basic("wrong")}).status_code == 401
+    # with a key, the page and Chart.js (from npm, copied by `make setup`) come from the app itself
+    r = requests.get(url + "/ui/static/chart.umd.min.js", headers={"Authorization": _basic(KEY)})
+    assert r.status_code == 200 and "Chart.js v4" in r.text[:300], r.text[:300]
+    # what a browser shows if its user cancels the key prompt: the refusal, none of the data
+    r = requests.get(url + "/ui", timeout=30)
+    assert "401: key needed" in r.text and "as the password" in r.text and "bot" not in r.text
+
+
+@pytest.mark.slow
+def test_shown_shares_and_outcomes_match_the_traffic(app):
+    """The page is open while users ask: the share each variant got in the window, as the page
+    shows it, is its weight's share within SHARE_TOLERANCE, and the feedback counts are exact."""
+    driver = _browser(app["url"], ADMIN_KEY)
+    try:
+        _wait(lambda: _polls(driver) >= 1, "the page's first poll")
+        weights = {
+            v: float(s) for v, s in _table(driver, "table.shares", ".weight-share", "share").items()
+        }
+        before = {
+            v: int(n) for v, n in _table(driver, "table.outcome-table", ".feedback-count").items()
+        }
+        t0 = time.monotonic()
+        sent = _traffic(app, [f"share-{i}" for i in range(USERS)], reward=lambda v: "up")
+        print(f"{USERS} requests and feedback in {time.monotonic() - t0:.1f} s: {dict(sent)}")
+        _next_poll(driver)
+        requests_seen = {
+            v: int(n or 0)
+            for v, n in _table(driver, "table.shares", ".observed-share", "requests").items()
+        }
+        shown = _table(driver, "table.shares", ".observed-share", "share")
+        assert requests_seen == {v: sent.get(v, 0) for v in weights}, (requests_seen, sent)
+        for v, share in weights.items():
+            assert abs(float(shown[v]) - share) < SHARE_TOLERANCE, (v, shown, weights)
+        after = {
+            v: int(n) for v, n in _table(driver, "table.outcome-table", ".feedback-count").items()
+        }
+        assert {v: after[v] - before[v] for v in weights} == {v: sent.get(v, 0) for v in weights}
+        _shoot(driver, app["shots"] / "ui-1280x800.png", 1280, 800)
+        _shoot(driver, app["shots"] / "ui-phone-390x844.png", 390, 844)
+    finally:
+        _close(driver)
+
+
+@pytest.mark.slow
+def test_a_reweight_from_the_page_changes_the_split_new_users_get(app):
+    driver = _browser(app["url"], ADMIN_KEY)
+    try:
+        _wait(lambda: _polls(driver) >= 1, "the page's first poll")
+        now = {
+            v: float(s) for v, s in _table(driver, "table.shares", ".weight-share", "share").items()
+        }
+        want = {"a": 20, "b": 80} if now["a"] > 0.5 else {"a": 80, "b": 20}
+        for v, w in want.items():
+            box = driver.find_element(
+                "css selector", f'#exp-bot .actions input[data-variant="{v}"]'
+            )
+            box.clear()
+            box.send_keys(str(w))
+        question = _click_and_confirm(driver, '#exp-bot button.reweight[data-experiment="bot"]')
+        assert f"a={want['a']}, b={want['b']}" in question, question
+        said = _wait(
+            lambda: driver.find_element("id", "message").text, "the page to say the outcome", 30
+        )
+        assert said.startswith("re-weighted bot"), said
+        _next_poll(driver)
+        shown = _table(driver, "table.shares", ".weight-share", "share")
+        assert {v: round(float(s), 2) for v, s in shown.items()} == {
+            v: w / 100 for v, w in want.items()
+        }
+    finally:
+        _close(driver)
+    sent = _traffic(app, [f"new-user-{i}" for i in range(USERS)])
+    for v, w in want.items():
+        assert abs(sent[v] / USERS - w / 100) < SHARE_TOLERANCE, (sent, want)
+
+
+def _release_traffic(app, stop: threading.Event) -> None:
+    """Rounds of 8 users asking the adapter under release, and the experiment (the page's charts
+    in the README's screenshot), until `stop`."""
+    i = 0
+    while not stop.is_set():
+        asks = [(m, f"rel-{i}-{j}") for j in range(8) for m in ("tiny:ui-rel", "bot")]
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(lambda a: _ask(app, *a), asks))
+        i += 1
+
+
+@pytest.mark.slow
+def test_a_release_started_from_the_cli_appears_and_advances(app, monkeypatch, capsys):
+    from cluster import cli
+    from cluster.config import dump_config
+    from cluster.release_config import ReleaseConfig
+
+    candidate = _publish(app["base"], app["root"], "ui-rel", seed=7, current=False)
+    release = ReleaseConfig.model_validate(
+        {
+            "adapter": "ui-rel",
+            "version": candidate,
+            "steps": [{"percent": p, "hold_s": 3} for p in (25, 50, 100)],
+            "gates": {"min_requests": 3, "max_p99_ratio": 50},
+        }
+    )
+    cfg_path = app["cfg_path"].with_name("release.yaml")
+    cfg_path.write_text(dump_config(app["cfg"].model_copy(update={"release": release})))
+    driver = _browser(app["url"], ADMIN_KEY)
+    stop = threading.Event()
+    traffic = threading.Thread(target=_release_traffic, args=(app, stop))
+    try:
+        _wait(lambda: _polls(driver) >= 1, "the page's first poll")
+        monkeypatch.setenv(app["cfg"].http.admin_keys_env, ADMIN_KEY)
+        assert cli.main(["release", str(cfg_path), "--no-follow"]) == 0, capsys.readouterr()
+        traffic.start()
+        card = f'.release[data-adapter="ui-rel"][data-candidate="{candidate}"]'
+        state = lambda: driver.execute_script(  # noqa: E731
+            "const c = document.querySelector(arguments[0]); "
+            "return c && [c.dataset.state, +c.dataset.step]",
+            card,
+        )
+        first = _wait(state, "the release on the page", 30)
+        assert first[0] == "running", first
+        assert driver.find_element("css selector", f"{card} button.abort").is_displayed()
+        # it advances: a later step, or promoted, with the decision in the log on the page
+        _wait(lambda: state()[1] > first[1] or state()[0] == "promoted", "a step", 60)
+        decisions = driver.execute_script(
+            "return [...document.querySelectorAll(arguments[0] + ' .decision-name')]"
+            ".map(x => x.textContent)",
+            card,
+        )
+        assert "advanced" in decisions and "started" in decisions, decisions
+        _shoot(driver, app["shots"] / "ui-release-1280.png", 1280, 800, full=True)
+        if os.environ.get(SHOTS_ENV):
+            to = ROOT / os.environ[SHOTS_ENV]
+            to.mkdir(parents=True, exist_ok=True)
+            shutil.copy(app["shots"] / "ui-release-1280.png", to / "ui.png")
+        _wait(lambda: state()[0] == "promoted", "the release to be promoted", 60)
+        assert versions.current(app["root"], "ui-rel") == candidate
+    finally:
+        stop.set()
+        if traffic.is_alive():
+            traffic.join()
+        _close(driver)
+        # a failed run leaves no release behind (404: none runs, as when it was promoted)
+        requests.post(
+            f"{app['url']}/v1/releases/ui-rel/abort",
+            headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+            timeout=30,
+        )
+
+
+@pytest.mark.slow
+def test_promote_and_roll_back_from_the_page(app):
+    root = app["root"]
+    old = versions.current(root, "ui-a")
+    new = _publish(app["base"], root, "ui-a", seed=11, current=False)
+    driver = _browser(app["url"], ADMIN_KEY)
+    try:
+        card = '.adapter[data-adapter="ui-a"]'
+        _wait(
+            lambda: driver.find_elements(
+                "css selector", f'{card} button.promote[data-version="{new}"]'
+            ),
+            "the new version's promote button",
+            30,
+        )
+        question = _click_and_confirm(driver, f'{card} button.promote[data-version="{new}"]')
+        assert new in question, question
+        _wait(lambda: versions.current(root, "ui-a") == new, "the promote", 30)
+        _wait(
+            lambda: driver.find_elements("css selector", f"{card} button.rollback"), "roll back", 30
+        )
+        question = _click_and_confirm(driver, f"{card} button.rollback")
+        assert old in question, question
+        _wait(lambda: versions.current(root, "ui-a") == old, "the roll back", 30)
+    finally:
+        _close(driver)
+
+
+@pytest.mark.slow
+def test_an_inference_key_sees_the_page_read_only(app):
+    driver = _browser(app["url"], KEY)
+    try:
+        _wait(lambda: _polls(driver) >= 1, "the page's first poll")
+        assert driver.find_element("id", "role").text == "read-only"
+        assert driver.find_elements("css selector", "#exp-bot table.shares")  # it sees the data
+        buttons = "button.reweight, button.abort, button.promote, button.rollback, .actions input"
+        assert driver.find_elements("css selector", buttons) == []
+        # and the server refuses what the buttons would send, from the page itself
+        status = driver.execute_async_script(
+            """const done = arguments[arguments.length - 1];
+            fetch(new URL('/v1/experiments/bot', location.origin), {method: 'PUT',
+              credentials: 'same-origin',
+              headers: {'Content-Type': 'application/json', 'X-Lorafleet-UI': '1'},
+              body: JSON.stringify({weights: {a: 1, b: 99}})})
+              .then(r => done(r.status), e => done(String(e)));"""
+        )
+        assert status == 403, status
+    finally:
+        _close(driver)
+    url = app["url"]
+    for method, path, body in (
+        ("PUT", "/v1/experiments/bot", {"weights": {"a": 1, "b": 99}}),
+        ("POST", "/v1/adapters/ui-a/rollback", None),
+        ("POST", "/v1/releases/ui-rel/abort", None),
+    ):
+        r = requests.request(
+            method,
+            url + path,
+            data=json.dumps(body) if body else None,
+            headers={"Authorization": _basic(KEY), "X-Lorafleet-UI": "1"},
+            timeout=30,
+        )
+        assert r.status_code == 403, (path, r.status_code, r.text)
+    # an admin key's Basic credentials without the page's header (another site's form): refused
+    r = requests.put(
+        url + "/v1/experiments/bot",
+        data=json.dumps({"weights": {"a": 1, "b": 99}}),
+        headers={"Authorization": _basic(ADMIN_KEY)},
+        timeout=30,
+    )
+    assert r.status_code == 401, r.text
