@@ -152,9 +152,30 @@ class ExperimentConfig(Section):
         return self
 
 
+# Ray Serve's HTTP modes, as the environment variables Ray reads at import in every Serve process
+# (ray/serve/_private/constants.py). They must be set before Ray's processes start.
+SERVE_MODES: dict[str, dict[str, str]] = {
+    # Ray's default: a Python HTTP proxy actor per node, then a handle call to the ingress.
+    "proxy": {},
+    # gRPC between deployments, the ingress replica serves HTTP itself (direct ingress) on
+    # `host`, user code on the replica's own event loop, GC frozen after start.
+    "throughput": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
+    # HAProxy (C) in front of direct ingress; Ray binds replica ports on ALL interfaces.
+    "haproxy": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"},
+}
+
+
 class HttpConfig(Section):
     host: str = Field("127.0.0.1", description="Address Serve's HTTP proxy binds to.")
     port: int = Field(8000, gt=0, lt=65536, description="HTTP port.")
+    mode: Literal["proxy", "throughput", "haproxy"] = Field(
+        "throughput",
+        description="How HTTP reaches the ingress. `throughput`: Ray Serve's throughput-optimized "
+        "mode (the ingress replica serves HTTP itself, gRPC between deployments). `proxy`: Ray's "
+        "Python HTTP proxy. `haproxy`: HAProxy in front; binds replica ports on all interfaces "
+        "(for multi-node clusters on a private network). Applies when lorafleet starts Ray; a "
+        "running cluster keeps the mode it was started with.",
+    )
     api_keys_env: str = Field(
         "LORAFLEET_API_KEYS",
         description="Environment variable holding accepted API keys (comma-separated). Set, or "
@@ -176,7 +197,29 @@ class HttpConfig(Section):
     request_timeout_s: float = Field(
         120,
         gt=0,
-        description="Longest a request may take. Not enforced yet: nothing reads it so far.",
+        description="Longest the ingress waits for an answer before it answers 504 (and cancels "
+        "the request in vLLM): the whole answer for a non-streaming request, the first token for a "
+        "streaming one (a stream that has started runs to its end). A client may ask for less "
+        "with the `X-Lorafleet-Timeout-S` header, never more.",
+    )
+    max_body_bytes: int = Field(
+        2 * 1024 * 1024,
+        gt=0,
+        description="Largest request body (413 above it, refused before it is read whole). 2 MiB "
+        "holds a 128k-token context as text (~0.5 MiB) or as token ids (~0.9 MiB) with room "
+        "for JSON escaping; raise it for longer contexts.",
+    )
+    max_n: int = Field(
+        16,
+        gt=0,
+        description="Most choices one request may ask for (`n`, `best_of`); each is a whole "
+        "sequence in the KV cache, so `n` multiplies a request's cost.",
+    )
+    max_prompts: int = Field(
+        32,
+        gt=0,
+        description="Most prompts one completion request may carry (`prompt` as a list); each is "
+        "a sequence of its own, like `n`.",
     )
 
     def api_keys(self, environ=None, missing_file_ok: bool = False) -> list[str]:

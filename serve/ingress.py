@@ -8,6 +8,8 @@ API keys, per-variant metrics and 4xx answers for bad requests, all in the one H
                                          (needs an admin key: http.admin_keys_env / _file)
     POST /v1/feedback                    {"response_id": ..., "reward": 1 | 0.3 | "up" | "down"}
                                          or {"experiment": ..., "user": ..., "reward": ...}
+    GET  /ui                             the experiments and releases page (serve/ui.py; the key
+                                         as the password of HTTP Basic, any user name)
 
 A request whose `model` is an experiment is given a variant by its user id (the OpenAI `user`
 field, else the `X-User-Id` header); the response names it in `X-Lorafleet-Variant`.
@@ -16,6 +18,7 @@ field, else the `X-User-Id` header); the response names it in `X-Lorafleet-Varia
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import difflib
 import hashlib
 import hmac
@@ -24,7 +27,6 @@ import random
 import time
 import typing
 import uuid
-from typing import Any
 
 from fastapi import Request
 from ray.exceptions import RayActorError
@@ -34,6 +36,16 @@ from cluster import versions
 from cluster.schema_base import name_problem
 from cluster.serve_config import ServeAppConfig
 from cluster.versions import is_version_id
+from serve import ui
+from serve.api_checks import (
+    REFUSED_FIELDS,
+    Limits,
+    Rejected,
+    RequestGate,
+    check_context,
+    deadline_s,
+    parse_json,
+)
 from serve.experiments import (
     EXPERIMENT_HEADER,
     REMEMBER_TIMEOUT_S,
@@ -58,21 +70,24 @@ from serve.release import RELEASE_PREFIX, latency_bucket
 from serve.store import AdapterStore, Served, split_adapter
 
 USER_HEADER = "x-user-id"
+TIMEOUT_HEADER = "x-lorafleet-timeout-s"  # a client's own, shorter deadline (api_checks)
+# an unknown adapter re-lists the store at most this often (a publish is seen within it)
+MISS_TTL_S = 2.0
+MAX_MISSES = 4096
 RELEASE_ARM_HEADER = "X-Lorafleet-Release-Arm"  # control | candidate, while a release runs
 SYNC_INTERVAL_S = 1.0
 REWARD_BOUNDARIES = [0.25, 0.5, 0.75, 1.0]
 LATENCY_BOUNDARIES_S = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60]
 
 
-class ApiError(Exception):
+class ApiError(Rejected):
     """An error answered with its status and an OpenAI-style error body."""
 
     def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param=None):
-        super().__init__(message)
-        self.status, self.message, self.kind, self.param = status, message, kind, param
+        super().__init__(status, message, param, kind)
 
 
-def _error_response(e: ApiError) -> JSONResponse:
+def _error_response(e: Rejected) -> JSONResponse:
     return JSONResponse(
         status_code=e.status,
         content={
@@ -82,16 +97,33 @@ def _error_response(e: ApiError) -> JSONResponse:
     )
 
 
+def _replica_ingress():
+    from ray import serve
+
+    return serve.get_replica_context().servable_object  # the FleetIngress of this replica
+
+
 def make_app():
     """Ray Serve LLM's FastAPI app (its error middleware turns body validation errors into 400)
-    plus our ApiError handler."""
+    plus our ApiError handler, behind `RequestGate` (added last, so it runs first: the key, the
+    body's size and the checks of serve/api_checks.py come before FastAPI reads a body)."""
     app = init()
 
-    async def _api_error(request, exc: ApiError):
+    async def _api_error(request, exc: Rejected):
         return _error_response(exc)
 
-    app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(Rejected, _api_error)
+    app.add_middleware(RequestGate, gate=_replica_ingress)
     return app
+
+
+def _allowed_fields() -> dict[str, frozenset]:
+    """The body fields each generation endpoint takes: vLLM's request models', less the ones a
+    public endpoint refuses (api_checks.REFUSED_FIELDS, answered with their own reason)."""
+    return {
+        "completions": frozenset(CompletionRequest.model_fields) - REFUSED_FIELDS,
+        "chat": frozenset(ChatCompletionRequest.model_fields) - REFUSED_FIELDS,
+    }
 
 
 class _Metrics:
@@ -153,6 +185,7 @@ class _Metrics:
             ("latency_s_sum", latency_s),
             ("prompt_tokens", prompt),
             ("completion_tokens", completion),
+            (latency_bucket(latency_s), 1),  # the /ui page's p50/p99 (serve/ui.py)
         ):
             c[k] = c.get(k, 0) + v
 
@@ -174,12 +207,9 @@ class _Metrics:
 async def _json_object(request: Request, expected: str) -> dict:
     """The request's body as a JSON object; 400 saying `expected` for anything else."""
     try:
-        body: Any = json.loads(await request.body())
-    except ValueError as e:
-        raise ApiError(400, f"body is not valid JSON: {e}; {expected}") from None
-    if not isinstance(body, dict):
-        raise ApiError(400, expected)
-    return body
+        return parse_json(await request.body())
+    except Rejected as e:
+        raise ApiError(400, f"{e.message}; {expected}") from None
 
 
 def _lora_load_error(error: BaseException) -> str | None:
@@ -222,6 +252,72 @@ def _sse_items(chunk) -> list:
     return out
 
 
+# the engine calls (DeploymentResponseGenerators) the request being served has made: a 504
+# cancels them. Serve cancels a child call by itself only when its parent request is cancelled
+# (a client hanging up), and a 504 is an answer, not a cancel.
+_ENGINE_CALLS: contextvars.ContextVar[list | None] = contextvars.ContextVar(
+    "lorafleet_engine_calls", default=None
+)
+
+
+class _RecordedHandle:
+    """A vLLM deployment's handle that notes each completions/chat call in `_ENGINE_CALLS`,
+    so that a timed-out request can cancel it (`DeploymentResponseGenerator.cancel()`, Serve's
+    public way, in every HTTP mode)."""
+
+    def __init__(self, handle):
+        self._handle = handle
+
+    def options(self, **kwargs) -> _RecordedHandle:
+        return _RecordedHandle(self._handle.options(**kwargs))
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._handle, name)
+        return _RecordedHandle(attr) if name in ("completions", "chat") else attr
+
+    def remote(self, *args, **kwargs):
+        response = self._handle.remote(*args, **kwargs)
+        calls = _ENGINE_CALLS.get()
+        if calls is not None:
+            calls.append(response)
+        return response
+
+
+def _cancel_engine_calls() -> int:
+    """Cancel this request's calls to vLLM (a 504 must not leave it generating for nobody)."""
+    calls = _ENGINE_CALLS.get() or []
+    for call in calls:
+        try:
+            call.cancel()
+        except Exception as e:  # finished or failed meanwhile: nothing left to cancel
+            print(f"[ingress] cancelling a timed-out engine call: {e!r}")
+    return len(calls)
+
+
+async def _counted(gen, track: bool, wants_usage: bool, done):
+    """The rest of a stream, its tokens counted from the usage block (`done` at its end); the
+    usage-only chunk the ingress asked for itself is not the client's."""
+    prompt = completion = 0
+    ok = False
+    try:
+        async for chunk in gen:
+            if track:
+                items = _sse_items(chunk)
+                for it in items:
+                    p, c = _usage(it)
+                    prompt, completion = max(prompt, p), max(completion, c)
+                if (
+                    not wants_usage
+                    and items
+                    and all(not it.get("choices") and it.get("usage") for it in items)
+                ):
+                    continue
+            yield chunk
+        ok = True
+    finally:
+        done(ok, prompt, completion)
+
+
 class FleetIngress(OpenAiIngress):
     def __init__(
         self,
@@ -255,6 +351,15 @@ class FleetIngress(OpenAiIngress):
         self.releases: dict[str, tuple[str, str, Table]] = {}  # adapter -> control, candidate
         self.release_version = -1
         self.release_counts: dict[str, dict[str, dict[str, float]]] = {}
+        h = self.cfg.http
+        self.limits = Limits(
+            max_body_bytes=h.max_body_bytes, max_n=h.max_n, max_prompts=h.max_prompts
+        )
+        self.allowed = _allowed_fields()
+        self.max_model_len = {
+            m.id: m.max_model_len or m.engine_kwargs.get("max_model_len") for m in self.cfg.models
+        }
+        self._misses: dict[tuple[str, str | None], float] = {}  # adapter not found -> when
 
     # --- plumbing -------------------------------------------------------------------------
 
@@ -263,7 +368,7 @@ class FleetIngress(OpenAiIngress):
         configured at all: open, admin endpoints too (a local server)."""
         if not self.key_hashes and not self.admin_hashes:
             return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        scheme, token = ui.credentials(request)  # Bearer, or Basic from the /ui page
         digest = hashlib.sha256(token.strip().encode()).digest()
         is_admin = any(hmac.compare_digest(digest, h) for h in self.admin_hashes)
         is_key = is_admin or any(hmac.compare_digest(digest, h) for h in self.key_hashes)
@@ -283,6 +388,14 @@ class FleetIngress(OpenAiIngress):
                 f"server with {env} (or http.admin_keys_file) and send one of those keys",
                 "permission_error",
             )
+
+    def _get_configured_serve_handle(self, model_id: str):
+        # Ray's _get_response calls vLLM through this handle; recorded, a 504 can cancel it
+        return _RecordedHandle(super()._get_configured_serve_handle(model_id))
+
+    def check_key(self, scope) -> None:
+        """RequestGate's key check (api_checks.Gate): `_auth` on the headers alone."""
+        self._auth(Request(scope))
 
     async def _sync(self) -> None:
         """Push this replica's counts to the shared state; pull re-weighted tables."""
@@ -314,6 +427,28 @@ class FleetIngress(OpenAiIngress):
         self._maybe_sync()
 
     # --- names ----------------------------------------------------------------------------
+
+    async def _lookup(self, name: str, version: str | None) -> Served | None:
+        """The store's `name` (at `version`, else current), or None. A name not in the last
+        listing reads its own pointer (one read, not a listing of the store), so an adapter
+        published a moment ago is served on its first request; a miss is remembered for
+        MISS_TTL_S, so repeated requests for an unknown adapter read nothing."""
+        now = time.monotonic()
+        key = (name, version)
+        missed = self._misses.get(key)
+        if missed is not None and now - missed < MISS_TTL_S:
+            return None
+        if version is not None:
+            served = await self.store.get(name, version)
+        else:
+            served = await self.store.get(name)
+        if served is None:
+            if len(self._misses) >= MAX_MISSES:
+                self._misses.clear()
+            self._misses[key] = now
+        else:
+            self._misses.pop(key, None)
+        return served
 
     def _fits(self, adapter: Served, model_id: str) -> bool:
         """An adapter fits a model serving the same base (by fingerprint: any copy of it, wherever
@@ -352,7 +487,7 @@ class FleetIngress(OpenAiIngress):
                 "20261202-003015-123-9f3a (lorafleet adapters show NAME)",
                 param="model",
             )
-        served = await self.store.get(name, version)
+        served = await self._lookup(name, version)
         if served is None and version is not None:
             raise ApiError(
                 404, f"adapter {name!r} has no version {version!r}", "model_not_found", "model"
@@ -373,25 +508,6 @@ class FleetIngress(OpenAiIngress):
             request.state.release = (name, arm[0])
             return f"{base_id}:{name}@{arm[1]}"
         return f"{base_id}:{served.lora_id}"
-
-    @staticmethod
-    def _check_params(body) -> None:
-        problems = []
-        for key in ("max_tokens", "max_completion_tokens"):
-            v = getattr(body, key, None)
-            if v is not None and v <= 0:
-                problems.append(f"{key} must be a positive integer. Got {v}")
-        t = getattr(body, "temperature", None)
-        if t is not None and t < 0:
-            problems.append(f"temperature must be >= 0. Got {t}")
-        p = getattr(body, "top_p", None)
-        if p is not None and not 0 < p <= 1:
-            problems.append(f"top_p must be in (0, 1]. Got {p}")
-        n = getattr(body, "n", None)
-        if n is not None and n < 1:
-            problems.append(f"n must be >= 1. Got {n}")
-        if problems:
-            raise ApiError(400, "; ".join(problems))
 
     # --- requests -------------------------------------------------------------------------
 
@@ -439,10 +555,36 @@ class FleetIngress(OpenAiIngress):
         return first, head, gen
 
     async def _serve(self, body, call_method: str, request: Request) -> Response:
+        """The answer, or 504 when it (for a stream: its first token) is not there within the
+        deadline (`http.request_timeout_s`, or the client's shorter one); the engine's request
+        is cancelled with it. The body's fields were checked by RequestGate (api_checks)."""
         self._auth(request)
         self._maybe_sync()
-        self._check_params(body)
+        asked = request.headers.get(TIMEOUT_HEADER)
+        deadline = deadline_s(self.cfg.http.request_timeout_s, asked)
+        _ENGINE_CALLS.set([])  # this request's task's own context
+        timer = asyncio.timeout(deadline)
+        try:
+            async with timer:
+                return await self._answer(body, call_method, request)
+        except TimeoutError:
+            if not timer.expired():  # a TimeoutError of something inside, not the deadline
+                raise
+            failed = getattr(request.state, "done", None)
+            if failed is not None:
+                failed(False)
+            cancelled = _cancel_engine_calls()
+            source = "X-Lorafleet-Timeout-S" if asked else "http.request_timeout_s"
+            raise ApiError(
+                504,
+                f"no answer within {deadline:g} s ({source}); cancelled {cancelled} engine call(s)",
+                "timeout_error",
+            ) from None
+
+    async def _answer(self, body, call_method: str, request: Request) -> Response:
         exp, var = await self._route(body, request)
+        base_id = body.model.partition(":")[0]
+        check_context(body, base_id, self.max_model_len.get(base_id))
         release = getattr(request.state, "release", None)  # (adapter, arm) of a canary
         track = exp is not None
         t0 = time.perf_counter()
@@ -462,6 +604,7 @@ class FleetIngress(OpenAiIngress):
                     completion=completion,
                 )
 
+        request.state.done = done  # what a timeout records
         # the usage block is how tokens are counted; a stream carries it only when asked
         wants_usage = bool(getattr(body, "stream_options", None)) and bool(
             getattr(body.stream_options, "include_usage", False)
@@ -475,31 +618,10 @@ class FleetIngress(OpenAiIngress):
         if isinstance(head, NON_STREAMING_RESPONSE_TYPES):
             done(True, *_usage(head))
             return JSONResponse(content=head.model_dump(), headers=headers)
-
-        async def counted():
-            prompt = completion = 0
-            ok = False
-            try:
-                async for chunk in gen:
-                    if track:
-                        items = _sse_items(chunk)
-                        for it in items:
-                            p, c = _usage(it)
-                            prompt, completion = max(prompt, p), max(completion, c)
-                        # the usage-only chunk we asked for is not the client's
-                        if (
-                            not wants_usage
-                            and items
-                            and all(not it.get("choices") and it.get("usage") for it in items)
-                        ):
-                            continue
-                    yield chunk
-                ok = True
-            finally:
-                done(ok, prompt, completion)
-
         return StreamingResponse(
-            open_ai_json_wrapper(counted()), media_type="text/event-stream", headers=headers
+            open_ai_json_wrapper(_counted(gen, track, wants_usage, done)),
+            media_type="text/event-stream",
+            headers=headers,
         )
 
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
@@ -556,7 +678,8 @@ class FleetIngress(OpenAiIngress):
                 summary[name]["variants"][v.name]["target"] = (
                     f"{v.model}:{v.adapter}" if v.adapter else v.model
                 )
-        return JSONResponse({"experiments": summary})
+                ui.fold_latency(summary[name]["variants"][v.name])
+        return JSONResponse({"experiments": summary, "latency_bounds_s": ui.LATENCY_BOUNDS_S})
 
     async def set_weights(self, name: str, request: Request):
         self._auth(request, admin=True)
@@ -736,6 +859,29 @@ class FleetIngress(OpenAiIngress):
         await self.store.current(refresh=True)
         return JSONResponse({"adapter": name, **pointer})
 
+    # --- the /ui page (serve/ui.py): HTML and its files, behind the same keys -----------------
+
+    async def ui_page(self, request: Request):
+        """GET /ui: the experiments and releases page; 401 (a Basic challenge) without a key."""
+        try:
+            self._auth(request)
+        except ApiError as e:
+            return ui.refused(e.message)
+        try:
+            self._auth(request, admin=True)
+            admin = True
+        except ApiError:
+            admin = False
+        return ui.page(self.cfg, admin)
+
+    async def ui_file(self, name: str, request: Request):
+        """GET /ui/static/{name}: the page's script, style sheet and Chart.js (served offline)."""
+        try:
+            self._auth(request)
+        except ApiError as e:
+            return ui.refused(e.message)
+        return ui.static_file(name)
+
 
 ENDPOINTS = {
     "models": lambda app: app.get("/v1/models"),
@@ -751,4 +897,6 @@ ENDPOINTS = {
     "abort_release": lambda app: app.post("/v1/releases/{adapter}/abort"),
     "adapter_versions": lambda app: app.get("/v1/adapters/{name}"),
     "move_adapter": lambda app: app.post("/v1/adapters/{name}/{action}"),
+    "ui_page": lambda app: app.get("/ui"),
+    "ui_file": lambda app: app.get("/ui/static/{name}"),
 }

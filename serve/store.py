@@ -128,13 +128,25 @@ class AdapterStore:
             self._listed_at = time.monotonic()
         return {n: self._meta[(n, v)] for n, v in self._current.items()}
 
+    def _lookup(self, name: str) -> Served | None:
+        version = versions.current(self.root, name) if is_adapter_name(name) else None
+        served = self._describe(name, version) if version else None
+        if served is not None:
+            self._current[name] = version
+        return served
+
+    async def lookup(self, name: str) -> Served | None:
+        """`name`'s current version read from the store now (its pointer alone, not a listing of
+        every adapter): what a name missing from the last listing gets, so an adapter published
+        a moment ago is served on its first request."""
+        return await asyncio.to_thread(self._lookup, name)
+
     async def get(self, name: str, version: str | None = None) -> Served | None:
         """The version a request for `name` (pinned to `version`, or current) gets; None if the
         store has no such adapter or version."""
         if version is not None:
             return await asyncio.to_thread(self._describe, name, version)
-        found = (await self.current()).get(name)
-        return found or (await self.current(refresh=True)).get(name)
+        return (await self.current()).get(name) or await self.lookup(name)
 
 
 def local_copy(root: str, lora_id: str, cache_dir: str | None = None) -> str:

@@ -8,6 +8,7 @@ check, user-facing start errors, `build_app`) run without it.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import random
@@ -512,8 +513,8 @@ def test_per_variant_counts_in_json_and_prometheus(served):
     assert min(seen.values()) > 0, seen
     end = summary()
     for v in ("a", "b"):
-        counts = {k: x for k, x in end[v].items() if type(x) in (int, float)}  # not the outcome
-        grew = {k: x - start[v].get(k, 0) for k, x in counts.items()}
+        counted = ("requests", "prompt_tokens", "completion_tokens")
+        grew = {k: end[v][k] - start[v].get(k, 0) for k in counted}
         assert grew["requests"] == seen[v]
         assert grew["completion_tokens"] == seen[v]  # max_tokens=1 each
         assert grew["prompt_tokens"] >= 6 * seen[v]
@@ -982,6 +983,354 @@ def test_train_with_release_runs_the_loop_from_one_yaml(
     assert {v for rnd in rounds for _, v in rnd.values()} == {v1, trained}  # both arms served
 
 
+# --- robustness of the hot path (#11): hostile bodies, bounds, deadlines, unknown adapters
+
+_HOSTILE_CHAT = [{"role": "user", "content": "hi"}]
+_HOSTILE = [
+    # (id, path, body (a dict, or raw bytes), extra headers, key, status)
+    ("no-key-bad-json", "/v1/completions", b"{not json", {}, None, 401),
+    ("no-key-bad-chat", "/v1/chat/completions", {"messages": [{"content": {}}]}, {}, None, 401),
+    ("not-json", "/v1/completions", b"hello", {}, KEY, 400),
+    ("empty-body", "/v1/completions", b"", {}, KEY, 400),
+    ("json-array", "/v1/completions", b'[{"model": "tiny"}]', {}, KEY, 400),
+    ("json-string", "/v1/chat/completions", b'"hi"', {}, KEY, 400),
+    (
+        "text-plain",
+        "/v1/completions",
+        {"model": "tiny", "prompt": "x"},
+        {"Content-Type": "text/plain"},
+        KEY,
+        415,
+    ),
+    (
+        "form",
+        "/v1/completions",
+        b"model=tiny&prompt=x",
+        {"Content-Type": "application/x-www-form-urlencoded"},
+        KEY,
+        415,
+    ),
+    (
+        "nan",
+        "/v1/completions",
+        b'{"model": "tiny", "prompt": "x", "temperature": NaN}',
+        {},
+        KEY,
+        400,
+    ),
+    (
+        "infinity",
+        "/v1/completions",
+        b'{"model": "tiny", "prompt": "x", "top_p": Infinity}',
+        {},
+        KEY,
+        400,
+    ),
+    (
+        "1e400",
+        "/v1/completions",
+        b'{"model": "tiny", "prompt": "x", "temperature": 1e400}',
+        {},
+        KEY,
+        400,
+    ),
+    (
+        "deep",
+        "/v1/completions",
+        b'{"model": "tiny", "prompt": ' + b"[" * 50_000 + b"]" * 50_000 + b"}",
+        {},
+        KEY,
+        400,
+    ),
+    (
+        "huge-int",
+        "/v1/completions",
+        b'{"model": "tiny", "prompt": "x", "seed": ' + b"9" * 5000 + b"}",
+        {},
+        KEY,
+        400,
+    ),
+    ("not-utf8", "/v1/completions", b'{"model": "tiny", "prompt": "\xff\xfe"}', {}, KEY, 400),
+    ("surrogate", "/v1/completions", b'{"model": "tiny", "prompt": "a \\ud800 b"}', {}, KEY, 400),
+    (
+        "too-big",
+        "/v1/completions",
+        {"model": "tiny", "prompt": "x" * (3 * 1024 * 1024)},
+        {},
+        KEY,
+        413,
+    ),
+    ("temperature-hot", "/v1/completions", {"temperature": "hot"}, {}, KEY, 400),
+    ("max-tokens-negative", "/v1/completions", {"max_tokens": -1}, {}, KEY, 400),
+    ("max-tokens-float", "/v1/completions", {"max_tokens": 1e12}, {}, KEY, 400),
+    ("max-tokens-string", "/v1/completions", {"max_tokens": "5"}, {}, KEY, 400),
+    ("max-tokens-context", "/v1/completions", {"max_tokens": 500}, {}, KEY, 400),
+    ("max-tokens-huge", "/v1/chat/completions", {"max_tokens": 10**12}, {}, KEY, 400),
+    (
+        "ids-plus-max-tokens",
+        "/v1/completions",
+        {"prompt": [5] * 100, "max_tokens": 50},
+        {},
+        KEY,
+        400,
+    ),
+    ("top-p", "/v1/completions", {"top_p": 7}, {}, KEY, 400),
+    ("stop-1000", "/v1/completions", {"stop": ["x"] * 1000}, {}, KEY, 400),
+    ("logprobs-huge", "/v1/completions", {"logprobs": 10**6}, {}, KEY, 400),
+    (
+        "top-logprobs-huge",
+        "/v1/chat/completions",
+        {"logprobs": True, "top_logprobs": 10**6},
+        {},
+        KEY,
+        400,
+    ),
+    ("seed-huge", "/v1/completions", {"seed": 2**80}, {}, KEY, 400),
+    ("n-huge", "/v1/completions", {"n": 1000}, {}, KEY, 400),
+    ("best-of-huge", "/v1/completions", {"best_of": 1000}, {}, KEY, 400),
+    ("prompts-many", "/v1/completions", {"prompt": ["x"] * 1000}, {}, KEY, 400),
+    ("model-list", "/v1/completions", {"model": ["tiny"]}, {}, KEY, 400),
+    ("model-missing", "/v1/completions", {"model": None}, {}, KEY, 400),
+    ("model-unknown-adapter", "/v1/completions", {"model": "tiny:nosuch"}, {}, KEY, 404),
+    ("user-object", "/v1/completions", {"user": {"id": 1}}, {}, KEY, 400),
+    ("prompt-nested", "/v1/completions", {"prompt": [[[1, 2]]]}, {}, KEY, 400),
+    ("prompt-negative-id", "/v1/completions", {"prompt": [1, -5]}, {}, KEY, 400),
+    ("prompt-out-of-vocab", "/v1/completions", {"prompt": [10**6, 10**7]}, {}, KEY, 400),
+    ("prompt-object", "/v1/completions", {"prompt": {"text": "x"}}, {}, KEY, 400),
+    ("logit-bias-out-of-vocab", "/v1/completions", {"logit_bias": {"999999": 5}}, {}, KEY, 400),
+    ("stream-yes", "/v1/completions", {"stream": "yes"}, {}, KEY, 400),
+    (
+        "stream-options-junk",
+        "/v1/completions",
+        {"stream": True, "stream_options": "junk"},
+        {},
+        KEY,
+        400,
+    ),
+    ("unknown-field", "/v1/completions", {"max_token": 5}, {}, KEY, 400),
+    ("prompt-embeds", "/v1/completions", {"prompt_embeds": "AAAA"}, {}, KEY, 400),
+    ("chat-template", "/v1/chat/completions", {"chat_template": "{{ 7 * 7 }}"}, {}, KEY, 400),
+    ("messages-missing", "/v1/chat/completions", {"messages": None}, {}, KEY, 400),
+    ("messages-empty", "/v1/chat/completions", {"messages": []}, {}, KEY, 400),
+    (
+        "content-object",
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": {"text": "hi"}}]},
+        {},
+        KEY,
+        400,
+    ),
+    (
+        "content-null",
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": None}]},
+        {},
+        KEY,
+        400,
+    ),
+    (
+        "role-wrong",
+        "/v1/chat/completions",
+        {"messages": [{"role": "root", "content": "hi"}]},
+        {},
+        KEY,
+        400,
+    ),
+    (
+        "image-part",
+        "/v1/chat/completions",
+        {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": "http://10.0.0.1/x.png"}}
+                    ],
+                }
+            ]
+        },
+        {},
+        KEY,
+        400,
+    ),
+    (
+        "tool-calls-junk",
+        "/v1/chat/completions",
+        {"messages": [{"role": "assistant", "tool_calls": "rm -rf"}]},
+        {},
+        KEY,
+        400,
+    ),
+    (
+        "name-int",
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "hi", "name": 5}]},
+        {},
+        KEY,
+        400,
+    ),
+    ("tools-junk", "/v1/chat/completions", {"tools": [{"type": "function"}]}, {}, KEY, 400),
+]
+
+
+def _hostile_body(path: str, body) -> bytes:
+    if isinstance(body, bytes):
+        return body
+    base = {"model": "tiny", "max_tokens": 2}
+    base.update({"messages": _HOSTILE_CHAT} if "chat" in path else {"prompt": "last: a b\n"})
+    return json.dumps({k: v for k, v in {**base, **body}.items() if v is not None}).encode()
+
+
+def test_hostile_requests_get_4xx_with_a_reason_and_the_server_stays_up(served):
+    """Bodies a hostile or careless client sends: each gets its 4xx with an OpenAI error object
+    and a reason (no 500, no traceback), a missing key 401 before the body is looked at; then a
+    NUL byte and a header of 64 KiB; then a plain request still answers."""
+    seen = []
+    for name, path, body, headers, key, status in _HOSTILE:
+        r = _post(served, path, None, key=key, headers=headers, raw=_hostile_body(path, body))
+        err = (
+            r.json().get("error")
+            if r.headers.get("content-type", "").startswith("application/json")
+            else None
+        )
+        seen.append(f"{name}: {r.status_code} {err and err['message'][:150]!r}")
+        assert r.status_code == status and err and err["message"], (
+            f"{name}: {r.status_code} {r.text[:500]}"
+        )
+        assert "Traceback" not in err["message"] and 'File "' not in err["message"], (name, err)
+    print("\n".join(seen))
+    r = _post(served, "/v1/completions", {"model": "tiny", "prompt": "a\x00b\n", "max_tokens": 2})
+    assert r.status_code == 200, r.text  # a NUL byte is text
+    r = _post(
+        served, "/v1/completions", {"model": "tiny", "prompt": "x"}, headers={"X-Junk": "j" * 65536}
+    )
+    print(f"64 KiB header: {r.status_code} {r.text[:200]!r}")
+    assert r.status_code == 431 and "headers too large" in r.json()["error"]["message"], r.text
+    _complete(served, "tiny", "last: a b\n", max_tokens=2)
+    chat = {"model": "tiny", "messages": _HOSTILE_CHAT, "max_tokens": 2}
+    assert _post(served, "/v1/chat/completions", chat).status_code == 200
+
+
+def test_request_timeout_answers_504_for_answers_and_first_tokens_and_cancels(served):
+    """No answer within the deadline (http.request_timeout_s, or the client's shorter
+    X-Lorafleet-Timeout-S): 504 with the reason, streamed or not; the server stays up."""
+    body = {"model": "tiny:t-last", "prompt": "last: a b c\n", "max_tokens": 64, "temperature": 0}
+    for stream in (False, True):
+        t0 = time.monotonic()
+        r = _post(
+            served,
+            "/v1/completions",
+            {**body, "stream": stream},
+            headers={"X-Lorafleet-Timeout-S": "0.001"},
+        )
+        took = time.monotonic() - t0
+        assert r.status_code == 504, r.text
+        msg = r.json()["error"]["message"]
+        assert "no answer within 0.001 s (X-Lorafleet-Timeout-S); cancelled" in msg, msg
+        print(f"stream={stream}: 504 after {took * 1000:.0f} ms: {msg}")
+    # a deadline that passes while vLLM generates (100 tokens take far longer than 50 ms here):
+    # the engine's call is cancelled with the 504, not left generating for nobody
+    long = {**body, "max_tokens": 100, "ignore_eos": True}
+    r = _post(served, "/v1/completions", long, headers={"X-Lorafleet-Timeout-S": "0.05"})
+    assert r.status_code == 504, r.text
+    assert "cancelled 1 engine call(s)" in r.json()["error"]["message"], r.text
+    t0 = time.monotonic()
+    r = _post(served, "/v1/completions", long)  # the same, in full: it does take that long
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] > 50, r.text
+    print(f"504 at 0.05 s of a completion that takes {time.monotonic() - t0:.2f} s in full")
+    r = _post(served, "/v1/completions", body, headers={"X-Lorafleet-Timeout-S": "soon"})
+    assert r.status_code == 400 and "X-Lorafleet-Timeout-S" in r.json()["error"]["message"]
+    # a generous deadline, or a client asking for more than the server's: answered
+    r = _post(served, "/v1/completions", body, headers={"X-Lorafleet-Timeout-S": "9999"})
+    assert r.status_code == 200, r.text
+
+
+def test_an_adapter_published_after_a_404_is_served_within_seconds(served):
+    """The negative cache holds a miss for MISS_TTL_S: a publish right after a 404 is served
+    within it (plus the store's listing), without a redeploy."""
+    from serve.ingress import MISS_TTL_S
+
+    prompt = _rows(served["tests"]["last"], 1)[0]["prompt"]
+    body = {"model": "tiny:t-neg", "prompt": prompt, "max_tokens": 4}
+    for _ in range(20):  # repeated misses: answered from the cache
+        assert _post(served, "/v1/completions", body).status_code == 404
+    _publish(served, "t-neg", "t-last")
+    t0 = time.monotonic()
+    while (r := _post(served, "/v1/completions", body)).status_code == 404:
+        assert time.monotonic() - t0 < 2 * MISS_TTL_S + 10, r.text
+        time.sleep(0.1)
+    assert r.status_code == 200, r.text
+    print(f"publish after a 404 to served: {time.monotonic() - t0:.2f} s")
+
+
+def test_an_unknown_adapter_does_not_list_the_store_on_every_request(tmp_path, monkeypatch):
+    """FleetIngress's adapter lookup, in process on a local store: a name missing from the last
+    listing reads its own pointer, never a listing of the store; 50 requests for one unknown
+    adapter read its pointer once (a miss is remembered for MISS_TTL_S); an adapter published
+    a moment ago is served on its first request, one that 404'd once MISS_TTL_S has passed."""
+    from cluster import storage
+    from serve.ingress import MISS_TTL_S, ApiError, FleetIngress
+
+    root = str(tmp_path / "adapters")
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "adapter_config.json").write_text("{}")
+    listed, pointers = [], []
+    real_listdir, real_current = storage.listdir, versions.current
+
+    def counting_listdir(uri):
+        if uri == root:
+            listed.append(time.monotonic())
+        return real_listdir(uri)
+
+    def counting_current(root_, name):
+        pointers.append(name)
+        return real_current(root_, name)
+
+    monkeypatch.setattr(storage, "listdir", counting_listdir)
+    monkeypatch.setattr(versions, "current", counting_current)
+    cfg = {"models": [{"id": "tiny", "base": "/nowhere"}], "experiments": []}
+
+    async def scenario():
+        ing = FleetIngress(
+            {"tiny": None},
+            {"tiny": None},
+            app_config=cfg,
+            adapter_root=root,
+            key_hashes=[],
+            state=None,
+        )
+        v = versions.publish(src, root, "known", {})
+        assert await ing._check_target("tiny:known") == f"tiny:known@{v}"
+        before, pointers[:] = len(listed), []
+        for i in range(100):
+            with pytest.raises(ApiError) as e:
+                await ing._check_target("tiny:nosuch" if i < 50 else f"tiny:other{i}")
+            assert e.value.status == 404 and "not in the adapter store" in e.value.message
+        forced = len(listed) - before
+        assert forced <= 1, forced  # the store's own refresh, if 2 s passed; no listing per miss
+        assert pointers.count("nosuch") == 1, pointers
+        # published a moment ago, never asked for: served on its first request
+        fresh = versions.publish(src, root, "fresh", {})
+        assert await ing._check_target("tiny:fresh") == f"tiny:fresh@{fresh}"
+        versions.publish(src, root, "nosuch", {})
+        t0 = time.monotonic()
+        while True:
+            try:
+                target = await ing._check_target("tiny:nosuch")
+                break
+            except ApiError:
+                assert time.monotonic() - t0 < MISS_TTL_S + 1
+                await asyncio.sleep(0.05)
+        assert target.startswith("tiny:nosuch@")
+        return forced, time.monotonic() - t0
+
+    forced, took = asyncio.run(scenario())
+    print(
+        f"100 unknown-adapter lookups: {forced} listing(s); a 404'd publish seen after {took:.2f} s"
+    )
+
+
 # --- autoscaling and replica faults: last, they change the replicas
 
 
@@ -1022,8 +1371,38 @@ def _wait(cond, timeout_s, what):
     raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
 
 
+def _llm_replica_actors() -> list:
+    from ray.util.state import list_actors
+
+    from cluster.ray_connect import state_api_address
+
+    return [
+        a
+        for a in list_actors(
+            address=state_api_address(), filters=[("state", "=", "ALIVE")], detail=True
+        )
+        if a.class_name.startswith(f"ServeReplica:{APP}:{LLM_DEPLOYMENT}")
+    ]
+
+
+def _routing() -> dict[str, dict]:
+    """Each running vLLM replica's routing stats (serve/server.py), by replica id, asked of each
+    replica actor directly (a handle would pick the least busy replica every time)."""
+    import ray
+
+    found = {}
+    for a in _llm_replica_actors():
+        stats = ray.get(ray.get_actor(a.name, namespace="serve").record_routing_stats.remote())
+        found[stats["lorafleet"]["replica"]] = stats["lorafleet"]
+    return found
+
+
 def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(served):
+    """Also, with two replicas up: an adapter's requests go to the replica that loaded it, and
+    the adapter is not loaded on the other (Serve's multiplexed routing, in the default mode)."""
     assert _replicas() == 1
+    prompt = _rows(served["tests"]["last"], 1)[0]["prompt"]
+    _publish(served, "t-route", "t-reply")
     stop, results = threading.Event(), []
     threads = [threading.Thread(target=_load, args=(served, stop, results)) for _ in range(16)]
     for t in threads:
@@ -1031,28 +1410,31 @@ def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(served):
     try:
         # a vLLM replica starting beside a busy suite on 2 cores took over 3 minutes once
         _wait(lambda: _replicas() >= 2, 420, "a second replica")
+        for _ in range(10):  # one client, beside the load that holds two replicas up
+            _complete(served, "tiny:t-route", prompt, max_tokens=4)
+        routing = _routing()
     finally:
         stop.set()
         for t in threads:
             t.join()
     assert results and all(code == 200 for _, _, code in results)
+    assert len(routing) == 2, routing
+    route = {
+        rid: sum(n for lora, n in info["requests"].items() if ":t-route@" in lora)
+        for rid, info in routing.items()
+    }
+    spread = {
+        r: sum(n for k, n in i["requests"].items() if ":t-last@" in k) for r, i in routing.items()
+    }
+    print(f"requests per replica: t-route {route}, t-last (the load) {spread}")
+    assert sorted(route.values()) == [0, 10], route
     _wait(lambda: _replicas() == 1, 120, "scale back down to 1 replica")
 
 
 def test_killing_a_replica_under_load_fails_only_its_in_flight_requests(served):
     import psutil
-    from ray.util.state import list_actors
 
-    from cluster.ray_connect import state_api_address
-
-    def replica_actors():
-        return [
-            a
-            for a in list_actors(
-                address=state_api_address(), filters=[("state", "=", "ALIVE")], detail=True
-            )
-            if a.class_name.startswith(f"ServeReplica:{APP}:{LLM_DEPLOYMENT}")
-        ]
+    replica_actors = _llm_replica_actors
 
     # the replica the downscale removed may still be shutting down
     _wait(lambda: len(replica_actors()) == 1, 60, "one replica actor")
