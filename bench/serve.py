@@ -20,12 +20,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 N_PROMPTS = 192
@@ -110,35 +108,68 @@ def batch(base, root, prompts):
     return {"seconds": dt, "tokens": sum(len(o.outputs[0].token_ids) for o in out)}
 
 
+def cpu():
+    import psutil
+    me = psutil.Process()
+    out = {}
+    for p in [me, *me.children(recursive=True)]:
+        try:
+            t = p.cpu_times()
+            cmd = " ".join(p.cmdline())  # VLLM::EngineCore and its VLLM::Worker (the model)
+            role = "vllm engine core" if "VLLM::" in cmd else "client+frontend"
+            out[p.pid] = (role, t.user + t.system)
+        except psutil.Error:
+            pass
+    return out
+
+
 async def concurrent(base, root, prompts, clients=16):
-    # the same engine in-process, fed by 16 concurrent requests like the HTTP clients
+    # the same engine in-process (AsyncLLM), fed by 16 concurrent requests like the HTTP clients;
+    # then one request at a time for latency and time to first token
     from vllm import SamplingParams
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.lora.request import LoRARequest
     from vllm.v1.engine.async_llm import AsyncLLM
     engine = AsyncLLM.from_engine_args(AsyncEngineArgs(model=base, **ENGINE))
-    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
     reqs = [LoRARequest(n, i + 1, f"{root}/flat/{n}") for i, n in enumerate(["a0", "a1", "a2", "a3"])]
+    n = [0]
 
-    async def one(i, prompt):
-        async for out in engine.generate(prompt, params, f"r{i}", lora_request=reqs[i % 4]):
-            pass
-        return len(out.outputs[0].token_ids)
+    async def one(prompt, lora, max_tokens=16):
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+        n[0] += 1
+        t, first = time.perf_counter(), None
+        async for out in engine.generate(prompt, params, f"r{n[0]}", lora_request=lora):
+            if first is None:
+                first = time.perf_counter() - t
+        return time.perf_counter() - t, first, len(out.outputs[0].token_ids)
 
-    await asyncio.gather(*(one(-1 - i, prompts[i]) for i in range(8)))  # warm: load all 4
+    await asyncio.gather(*(one(prompts[i], reqs[i % 4]) for i in range(8)))  # warm: load all 4
     queue = list(enumerate(prompts))
     tokens = []
 
     async def client():
         while queue:
             i, p = queue.pop(0)
-            tokens.append(await one(i, p))
+            tokens.append((await one(p, reqs[i % 4]))[2])
 
+    before = cpu()
     t = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(clients)))
     dt = time.perf_counter() - t
+    after = cpu()
+    roles = {}
+    for pid, (role, sec) in after.items():
+        roles[role] = roles.get(role, 0) + sec - before.get(pid, (role, 0.0))[1]
+    short = [(await one(prompts[1], reqs[0], 4))[0] for _ in range(100)]
+    ttft = [(await one(prompts[2], reqs[0]))[1] for _ in range(30)]
     engine.shutdown()
-    return {"seconds": dt, "tokens": sum(tokens)}
+    pct = lambda xs, q: sorted(xs)[min(len(xs) - 1, round(q / 100 * (len(xs) - 1)))]
+    return {
+        "seconds": dt, "tokens": sum(tokens),
+        "cpu_s_per_request": {r: round(s / len(prompts), 5) for r, s in roles.items()},
+        "latency": {"p50_ms": 1000 * pct(short, 50), "p99_ms": 1000 * pct(short, 99),
+                    "ttft_p50_ms": 1000 * pct(ttft, 50), "ttft_p99_ms": 1000 * pct(ttft, 99)},
+    }
 
 
 if __name__ == "__main__":  # vLLM starts its engine in a spawned process
@@ -170,171 +201,146 @@ def _direct(mode: str, base: Path, root: Path, prompts: list[str]) -> dict:
     return json.loads(line[7:])
 
 
-def main() -> None:
-    import requests
-    from ray import serve
+# Ray Serve LLM's direct streaming (alpha): the LLMServer replica is the HTTP ingress behind
+# HAProxy; with LoRA, HAProxy must forward the body to Ray's LLMRouter, which picks the replica
+DIRECT_STREAM_ENV = {
+    "RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING": "1",
+    "RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY": "1",
+}
+# (kind, mode, label, extra env): each runs in a process and a Ray of its own (bench/serve_modes.py)
+TARGETS = [
+    ("stock", "proxy", "ray-llm proxy", {}),
+    ("stock", "haproxy", "ray-llm haproxy", {}),
+    ("stock", "haproxy", "ray-llm direct-stream", DIRECT_STREAM_ENV),
+    ("lorafleet", "proxy", "lorafleet proxy", {}),
+    ("lorafleet", "throughput", "lorafleet throughput", {}),
+    ("lorafleet", "haproxy", "lorafleet haproxy", {}),
+]
+TAIL_S = 25
+NETNS_ENV = "LORAFLEET_BENCH_NETNS"
 
-    from cluster.config import load_config
-    from cluster.ray_connect import ensure_ray
-    from cluster.serve_config import ServeAppConfig
-    from serve.app import build_app, resolve
 
+def in_private_netns() -> bool:
+    """Loopback is the only interface: HAProxy and direct ingress bind all interfaces."""
+    import socket
+
+    return [name for _, name in socket.if_nameindex()] == ["lo"]
+
+
+def reexec_in_netns(argv: list[str]) -> None:
+    """Run this bench again inside `unshare -rn` (a private user + network namespace), with
+    loopback up, unless already in one. Never returns when it re-executes."""
+    if in_private_netns():
+        return
+    if os.environ.get(NETNS_ENV):
+        raise SystemExit("unshare -rn gave a namespace with more than loopback; refusing to run")
+    os.environ[NETNS_ENV] = "1"
+    script = 'ip link set lo up && exec "$0" "$@"'
+    os.execvp("unshare", ["unshare", "-rn", "sh", "-c", script, sys.executable, *argv])
+
+
+def run_target(kind, mode, label, env, root: Path, opts: dict, timeout_s=420) -> dict:
+    """One target in a fresh process with its Serve mode's environment set before Ray imports."""
+    from cluster.serve_config import SERVE_MODES
+
+    out = root / f"result-{label.replace(' ', '_')}.json"
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_SERVE_")}
+    full_env |= SERVE_MODES[mode] | env
+    cmd = [sys.executable, "-m", "bench.serve_modes", kind, mode, str(root), str(out)]
+    t = time.time()
+    try:
+        proc = subprocess.run(
+            [*cmd, json.dumps(opts)],
+            env=full_env,
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+        )
+        err = None if out.exists() else (proc.stderr or proc.stdout)[-2500:]
+    except subprocess.TimeoutExpired as e:
+        err = f"timed out after {timeout_s}s: {str(e.stderr or '')[-2000:]}"
+    res = json.loads(out.read_text()) if out.exists() else {"error": err}
+    res |= {"label": label, "env": SERVE_MODES[mode] | env, "wall_s": round(time.time() - t)}
+    print(f"[bench.serve] {label}: {'error' if 'error' in res else 'ok'} in {res['wall_s']}s")
+    return res
+
+
+def anchor(base: Path, root: Path, prompts: list[str]) -> dict:
+    """vLLM in process: the batch run (the throughput limit) and AsyncLLM fed like the clients."""
+    direct = _direct("batch", base, root, prompts)
+    conc = _direct("concurrent", base, root, prompts)
+    return {
+        "label": "vllm in-process",
+        "throughput": {
+            "tokens_per_s": conc["tokens"] / conc["seconds"],
+            "batch_tokens_per_s": direct["tokens"] / direct["seconds"],
+            "cpu_s_per_request": conc["cpu_s_per_request"],
+        },
+        "latency": conc["latency"],
+    }
+
+
+# the demo's serve config (configs/serve-demo.yaml) autoscaling, for the tail investigation
+DEMO_AUTOSCALING = {
+    "min_replicas": 1,
+    "max_replicas": 2,
+    "target_ongoing_requests": 8,
+    "upscale_delay_s": 10,
+    "downscale_delay_s": 60,
+}
+
+
+def tail_demo(argv: list[str]) -> None:
+    """`--tail-demo [label] [options json]`: the tail load for 75 s on the demo's autoscaling
+    (or the options' `model` / `llm_deployment` overrides), sampled; prints the per-window
+    latencies and the samples, and writes the JSON beside the bench's."""
+    label = argv[0] if argv else "demo-autoscaling"
+    opts = {"tail_only": True, "duration_s": 75, "model": {"autoscaling": DEMO_AUTOSCALING}}
+    opts |= json.loads(argv[1]) if len(argv) > 1 else {}
+    root = Path(tempfile.mkdtemp(prefix="lorafleet-bench-tail-"))
+    try:
+        _build(root)
+        env = {"RAY_metrics_report_interval_ms": "1000"}
+        res = run_target("lorafleet", "throughput", label, env, root, opts, timeout_s=600)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    print(json.dumps({k: res.get(k) for k in ("tail", "windows", "slowest", "error")}, indent=1))
+    for smp in res.get("samples", []):
+        print(smp)
+    _write(res, f"tail-{label}")
+
+
+def _write(report, name: str) -> None:
+    out = Path(__file__).resolve().parents[1] / "lorafleet-runs" / "bench"
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"serve-{name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(report, indent=1))
+    print(f"[bench.serve] wrote {path}")
+
+
+def main(argv: list[str]) -> None:
+    reexec_in_netns(["-m", "bench.serve", *argv])
+    if argv and argv[0] == "--tail-demo":
+        return tail_demo(argv[1:])
+    load = os.getloadavg()
     root = Path(tempfile.mkdtemp(prefix="lorafleet-bench-serve-"))
     try:
         base = _build(root)
         prompts = _prompts()
-        direct = _direct("batch", base, root, prompts)
-        direct_tps = direct["tokens"] / direct["seconds"]
-        conc = _direct("concurrent", base, root, prompts)
-        conc_tps = conc["tokens"] / conc["seconds"]
-
-        cfg = load_config(
-            None,
-            {
-                "name": "bench",
-                "models": [model_entry(base)],
-                "http": {"port": PORT},
-                "storage": {"root": str(root)},
-                "ray": {"num_cpus": 4},
-            },
-            ServeAppConfig,
-        )
-        ensure_ray(cfg.ray, log=lambda *_: None)
-        serve.start(http_options={"host": "127.0.0.1", "port": PORT})
-        serve.run(
-            build_app(cfg, resolve(cfg, environ={})), name="bench", route_prefix="/", blocking=False
-        )
-        url = f"http://127.0.0.1:{PORT}/v1/completions"
-        session = requests.Session()
-        # one pooled connection per client thread (the default pool of 10 reconnects under 16)
-        session.mount("http://", requests.adapters.HTTPAdapter(pool_maxsize=32))
-
-        def post(model, prompt, max_tokens=MAX_TOKENS, url=url):
-            t = time.perf_counter()
-            r = session.post(
-                url,
-                json={
-                    "model": model,
-                    "prompt": prompt,
-                    "max_tokens": max_tokens,
-                    "temperature": 0,
-                    "ignore_eos": True,
-                },
-                timeout=300,
-            )
-            r.raise_for_status()
-            return time.perf_counter() - t, r.json()["usage"]["completion_tokens"]
-
-        # adapter load: cold (first request naming it) vs warm (the same again)
-        cold, warm = [], []
-        for i in range(3):
-            name = f"cold{i}"
-            publish(root / "flat" / "a0", root, name, base)
-            cold.append(post(f"tiny:{name}", prompts[0], 1)[0])
-            warm.append(statistics.median(post(f"tiny:{name}", prompts[0], 1)[0] for _ in range(5)))
-        for name in ADAPTERS:
-            post(f"tiny:{name}", prompts[0], 1)  # warm all 4 like the direct run did
-
-        # throughput: 16 clients, 4 adapters
-        with ThreadPoolExecutor(16) as pool:
-            t = time.perf_counter()
-            res = list(
-                pool.map(lambda ip: post(f"tiny:{ADAPTERS[ip[0] % 4]}", ip[1]), enumerate(prompts))
-            )
-            dt = time.perf_counter() - t
-        serve_tps = sum(tok for _, tok in res) / dt
-
-        # ingress overhead: HTTP + ingress vs the LLM deployment's handle, interleaved
-        from serve.ray_internal import CompletionRequest
-
-        handle = serve.get_deployment_handle("LoraStoreServer:tiny", app_name="bench").options(
-            stream=True, multiplexed_model_id="tiny:a0"
-        )
-
-        def via_handle():
-            body = CompletionRequest(
-                model="tiny:a0", prompt=prompts[1], max_tokens=4, temperature=0, ignore_eos=True
-            )
-            t = time.perf_counter()
-            for _ in handle.completions.remote(body, None):
-                pass
-            return time.perf_counter() - t
-
-        http_lat, handle_lat = [], []
-        for _ in range(100):
-            http_lat.append(post("tiny:a0", prompts[1], 4)[0])
-            handle_lat.append(via_handle())
-
-        # the same HTTP hop through Ray Serve LLM's stock OpenAI ingress (base model: its
-        # ingress cannot load adapters from a local store), beside ours on the same request
-        from ray.serve.llm import build_openai_app
-
-        from serve.app import llm_config_for
-
-        stock_cfg = llm_config_for(
-            cfg.models[0], resolve(cfg, environ={}).model_sources[cfg.models[0].id]
-        )
-        serve.run(
-            build_openai_app({"llm_configs": [stock_cfg]}),
-            name="stock",
-            route_prefix="/stock",
-            blocking=False,
-        )
-        stock_url = f"http://127.0.0.1:{PORT}/stock/v1/completions"
-        post("tiny", prompts[1], 4, url=stock_url)
-        ours_base, stock_base = [], []
-        for _ in range(100):
-            ours_base.append(post("tiny", prompts[1], 4)[0])
-            stock_base.append(post("tiny", prompts[1], 4, url=stock_url)[0])
-        serve.delete("stock")
-
-        def pct(xs, q):
-            return statistics.quantiles(xs, n=100)[q - 1]
-
-        report = {
-            "throughput": {
-                "ratio": serve_tps / direct_tps,
-                "serve_tokens_per_s": serve_tps,
-                "direct_tokens_per_s": direct_tps,
-                # not the target's anchor: how much of the gap is 16 clients vs one big batch
-                "direct_16_concurrent_tokens_per_s": conc_tps,
-                "ratio_vs_direct_16_concurrent": serve_tps / conc_tps,
-            },
-            "ingress_overhead": {
-                "p50_ratio": pct(http_lat, 50) / pct(handle_lat, 50),
-                "p99_ratio": pct(http_lat, 99) / pct(handle_lat, 99),
-                "http_p50_ms": 1000 * pct(http_lat, 50),
-                "handle_p50_ms": 1000 * pct(handle_lat, 50),
-                "http_p99_ms": 1000 * pct(http_lat, 99),
-                "handle_p99_ms": 1000 * pct(handle_lat, 99),
-                # not the target's anchor: lorafleet's ingress vs Ray's stock one, both over HTTP
-                "p50_ratio_vs_ray_stock_ingress": pct(ours_base, 50) / pct(stock_base, 50),
-                "ours_base_model_p50_ms": 1000 * pct(ours_base, 50),
-                "ray_stock_ingress_p50_ms": 1000 * pct(stock_base, 50),
-            },
-            "adapter_load": {
-                "ratio": statistics.median(cold) / statistics.median(warm),
-                "cold_ms": [round(1000 * c) for c in cold],
-                "warm_ms": [round(1000 * w) for w in warm],
-            },
-        }
-        print(json.dumps(report, indent=2))
-        print(
-            f"serve throughput ratio {report['throughput']['ratio']:.3f} (target >= 0.9; "
-            f"{report['throughput']['ratio_vs_direct_16_concurrent']:.3f} against in-process vLLM "
-            f"fed by 16 concurrent requests); "
-            f"ingress p50 ratio {report['ingress_overhead']['p50_ratio']:.3f} (target <= 1.10), "
-            f"p99 {report['ingress_overhead']['p99_ratio']:.3f}, "
-            f"p50 vs Ray's stock ingress "
-            f"{report['ingress_overhead']['p50_ratio_vs_ray_stock_ingress']:.3f}; "
-            f"cold/warm adapter {report['adapter_load']['ratio']:.2f}"
-        )
-        serve.delete("bench")
-        serve.shutdown()
+        results = [anchor(base, root, prompts)]
+        for kind, mode, label, env in TARGETS:
+            opts = {"tail_s": TAIL_S} if kind == "lorafleet" else {}
+            results.append(run_target(kind, mode, label, env, root, opts))
     finally:
         shutil.rmtree(root, ignore_errors=True)
+    report = {"loadavg_before": load, "loadavg_after": os.getloadavg(), "results": results}
+    from bench.serve_table import table
+
+    print(table(results))
+    print(f"load average before {load}, after {report['loadavg_after']}")
+    _write(report, "modes")
 
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    main()
+    main(sys.argv[1:])
