@@ -20,6 +20,7 @@ $(BIN)/.installed: pyproject.toml
 # where the (editable) package serves it from; rebuilt only when the lock file changes
 UI_CHART := serve/ui/static/chart.umd.min.js
 $(UI_CHART): serve/ui/package-lock.json
+	@command -v npm >/dev/null || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q npm; }
 	cd serve/ui && npm ci --no-audit --no-fund --loglevel=error && npm run -s build
 
 setup: $(BIN)/.installed $(UI_CHART)

@@ -89,6 +89,13 @@ class ServeModelConfig(Section):
     max_ongoing_requests: int = Field(
         32, gt=0, description="Requests one replica takes at once; more wait in the ingress."
     )
+    max_queued_requests: int = Field(
+        64,
+        ge=-1,
+        description="Requests each ingress replica holds waiting for this model's replicas once "
+        "they all have `max_ongoing_requests`; more get 503 with Retry-After: 1 at once (the "
+        "openai client retries) instead of a wait that grows without bound. -1: no bound.",
+    )
     health_check_period_s: float = Field(
         10, gt=0, description="How often Serve checks a replica (and replaces a dead one)."
     )

@@ -138,7 +138,8 @@ def _number_in(problems: list, body: dict, key: str, lo: float, hi: float, open_
     v = body.get(key)
     if v is None:
         return
-    if type(v) not in (int, float) or not math.isfinite(v):
+    # (math.isfinite on an int of hundreds of digits raises OverflowError: ints are finite)
+    if type(v) not in (int, float) or (type(v) is float and not math.isfinite(v)):
         problems.append((key, f"{key} must be a finite number, got {_kind(v)}"))
     elif v < lo or v > hi or (open_lo and v == lo):
         span = f"({lo}, {hi}]" if open_lo else f"[{lo}, {hi}]"
@@ -197,7 +198,11 @@ def _check_common(problems: list, body: dict, limits: Limits, allowed: Iterable[
                 )
     if _typed(problems, body, "logit_bias", (dict,), "an object of token id -> bias"):
         for k, v in body["logit_bias"].items():
-            if not k.isdigit() or type(v) not in (int, float) or not -100 <= v <= 100:
+            if (
+                not (k.isascii() and k.isdigit())
+                or type(v) not in (int, float)
+                or not -100 <= v <= 100
+            ):
                 problems.append(
                     ("logit_bias", "logit_bias maps token ids to numbers in [-100, 100]")
                 )
@@ -323,7 +328,8 @@ def message_problem(m: Any, where: str) -> str | None:
     if role not in ROLES:
         got = f"{role!r}" if type(role) is str and len(role) < 40 else _kind(role)
         return f"{where}.role must be one of {', '.join(ROLES)}, got {got}"
-    extra = m.keys() - MESSAGE_KEYS
+    # the openai SDK sends an earlier answer back whole: its null fields (annotations, audio) pass
+    extra = {k for k in m.keys() - MESSAGE_KEYS if m[k] is not None}
     if extra:
         return f"{where} has unknown field {sorted(extra)[0][:64]!r}"
     if "name" in m and (type(m["name"]) is not str or not 0 < len(m["name"]) <= MAX_NAME_CHARS):
@@ -510,11 +516,13 @@ class RequestGate:
         size, length, ctype = _headers(scope.get("headers", ()))
         if size > MAX_HEADER_BYTES:
             raise Rejected(431, f"request headers too large: {size} bytes > {MAX_HEADER_BYTES}")
+        if scope.get("method") == "OPTIONS":
+            return receive  # a CORS preflight carries no key by design; CORS answers it
         gate.check_key(scope)
         if scope.get("method") not in ("POST", "PUT", "PATCH"):
             return receive
         limit = gate.limits.max_body_bytes
-        if length is not None and not length.isdigit():
+        if length is not None and not (length.isascii() and length.isdigit()):
             raise Rejected(400, f"invalid Content-Length {length[:20]!r}")
         if length is not None and int(length) > limit:
             raise Rejected(

@@ -91,6 +91,7 @@ def llm_config_for(m: ServeModelConfig, model_source: str):
             "look_back_period_s": a.look_back_period_s,
         },
         "max_ongoing_requests": m.max_ongoing_requests,
+        "max_queued_requests": m.max_queued_requests,
         "health_check_period_s": m.health_check_period_s,
         # the placement group below reserves the replica's CPUs; Ray adds this on top of it
         "ray_actor_options": {"num_cpus": 0},

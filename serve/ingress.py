@@ -30,6 +30,7 @@ import uuid
 
 from fastapi import Request
 from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from cluster import versions
@@ -532,6 +533,14 @@ class FleetIngress(OpenAiIngress):
         try:
             gen = self._get_response(body=body, call_method=call_method, raw_request=request)
             first, gen = await peek_at_generator(gen)
+        except BackPressureError as e:  # models[].max_queued_requests waiting already
+            done(False)
+            raise ApiError(
+                503,
+                f"{body.model!r} is at capacity (its replicas' queue is full); retry the request "
+                "after Retry-After",
+                "server_busy",
+            ) from e
         except RayActorError as e:  # the replica died mid-request; Serve replaces it
             done(False)
             raise ApiError(

@@ -128,18 +128,18 @@ class AdapterStore:
             self._listed_at = time.monotonic()
         return {n: self._meta[(n, v)] for n, v in self._current.items()}
 
-    def _lookup(self, name: str) -> Served | None:
+    def _read(self, name: str) -> tuple[str | None, Served | None]:
         version = versions.current(self.root, name) if is_adapter_name(name) else None
-        served = self._describe(name, version) if version else None
-        if served is not None:
-            self._current[name] = version
-        return served
+        return version, (self._describe(name, version) if version else None)
 
     async def lookup(self, name: str) -> Served | None:
         """`name`'s current version read from the store now (its pointer alone, not a listing of
         every adapter): what a name missing from the last listing gets, so an adapter published
         a moment ago is served on its first request."""
-        return await asyncio.to_thread(self._lookup, name)
+        version, served = await asyncio.to_thread(self._read, name)
+        if served is not None:  # on the event loop, where current() iterates the same dict
+            self._current[name] = version
+        return served
 
     async def get(self, name: str, version: str | None = None) -> Served | None:
         """The version a request for `name` (pinned to `version`, or current) gets; None if the

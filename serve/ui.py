@@ -55,7 +55,19 @@ def credentials(request) -> tuple[str, str]:
         return "", ""
     if request.method not in SAFE_METHODS and request.headers.get(UI_HEADER) != "1":
         return "", ""  # a cross-site form riding the browser's credentials: no key
+    if not _same_origin(request):
+        return "", ""  # another site's script reading with the browser's saved login: no key
     return "bearer", password
+
+
+def _same_origin(request) -> bool:
+    """False for a browser request another site started (Sec-Fetch-Site, else Origin): Basic
+    credentials are the browser's, sent on its own; a key in a Bearer header is the caller's."""
+    site = request.headers.get("sec-fetch-site")
+    if site is not None:
+        return site in ("same-origin", "none")
+    origin = request.headers.get("origin")
+    return origin is None or origin == f"{request.url.scheme}://{request.headers.get('host', '')}"
 
 
 def quantile_s(buckets: dict[str, float], q: float) -> float | None:
@@ -96,6 +108,16 @@ def refused(message: str) -> HTMLResponse:
     return HTMLResponse(body, status_code=401, headers={"WWW-Authenticate": REALM})
 
 
+# no framing (an admin's Promote/Abort clicked through another site's frame), scripts and data
+# from this origin only (style attributes: the share bars), no sniffing a file as another type
+PAGE_HEADERS = {
+    "X-Frame-Options": "DENY",
+    "Content-Security-Policy": "default-src 'self'; frame-ancestors 'none'; "
+    "style-src 'self' 'unsafe-inline'",
+    "X-Content-Type-Options": "nosniff",
+}
+
+
 def page(cfg, admin: bool) -> HTMLResponse:
     """The page's HTML: the app's name and the viewer's role server-rendered; the data comes from
     the JSON endpoints, polled by static/app.js."""
@@ -107,7 +129,7 @@ def page(cfg, admin: bool) -> HTMLResponse:
         admin="true" if admin else "false",
         settings=html.escape(json.dumps(settings)),
     )
-    return HTMLResponse(body, headers={"Cache-Control": "no-store"})
+    return HTMLResponse(body, headers={"Cache-Control": "no-store", **PAGE_HEADERS})
 
 
 def static_file(name: str) -> Response:
@@ -122,4 +144,6 @@ def static_file(name: str) -> Response:
             status_code=503,
             media_type="text/plain",
         )
-    return Response(path.read_bytes(), media_type=STATIC[name])
+    return Response(
+        path.read_bytes(), media_type=STATIC[name], headers={"X-Content-Type-Options": "nosniff"}
+    )

@@ -88,7 +88,12 @@ def ray_local(s3_bucket):
     from cluster.ray_connect import ensure_ray
 
     started = not ray.is_initialized()
-    ensure_ray(type("R", (), {"address": None, "num_cpus": 4})(), log=lambda *_: None)
+    # Serve's mode is fixed when Ray starts: http.mode's default, or the one
+    # LORAFLEET_TEST_SERVE_MODE names (to run the serve tests in another mode)
+    mode = os.environ.get("LORAFLEET_TEST_SERVE_MODE") or None
+    ensure_ray(
+        type("R", (), {"address": None, "num_cpus": 4})(), log=lambda *_: None, serve_mode=mode
+    )
     yield ray
     if started:
         ray.shutdown()

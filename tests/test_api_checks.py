@@ -79,6 +79,9 @@ def test_a_body_that_is_not_a_json_object_is_refused_with_the_reason(body, says)
         ({"temperature": "hot"}, "temperature must be a finite number, got a string"),
         ({"temperature": 1e400}, "temperature must be a finite number"),  # json: inf
         ({"temperature": 7}, "temperature must be in [0, 2], got 7"),
+        # an integer too big for a float (math.isfinite raised OverflowError: a 500)
+        ({"temperature": int("1" + "0" * 400)}, "temperature must be in [0, 2], got 1000"),
+        ({"logit_bias": {"\u00b2": 1}}, "logit_bias"),  # '²'.isdigit(), but not a token id
         ({"max_tokens": -1}, "max_tokens must be a positive integer, got -1"),
         ({"max_tokens": 0}, "max_tokens must be a positive integer, got 0"),
         ({"max_tokens": 1e12}, "max_tokens must be an integer, got the number 1000000000000.0"),
@@ -208,6 +211,8 @@ def test_well_formed_chats_pass():
             {"role": "assistant", "content": None, "tool_calls": [call]},
             {"role": "tool", "content": "42", "tool_call_id": "c1"},
             {"role": "assistant", "content": [{"type": "refusal", "refusal": "no"}]},
+            # an earlier answer sent back whole by the openai SDK: its null fields pass
+            {"role": "assistant", "content": "ok", "annotations": None, "audio": None},
             {
                 "role": "user",
                 "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}],
@@ -320,6 +325,8 @@ def test_no_key_is_401_before_any_body_is_read_or_validated():
     assert _call("GET", "/v1/models", key="sk-wrong").status_code == 401
     assert seen == []  # the app never ran
     assert _call("GET", "/ui", key=None).text == "ok"  # not an API path: untouched
+    # a CORS preflight carries no key by design: it passes to the app's CORS handling
+    assert _call("OPTIONS", "/v1/completions", key=None, seen=seen).status_code != 401
     r = _call("GET", "/v1/models", headers={"x-junk": "j" * 40_000})
     assert r.status_code == 431 and "request headers too large" in r.json()["error"]["message"]
 

@@ -293,13 +293,16 @@ def _basic(key: str) -> str:
 # --- without a server ----------------------------------------------------------------------------
 
 
-def _request(method: str, authorization: str | None, ui_header: bool = False):
+def _request(method: str, authorization: str | None, ui_header: bool = False, **more):
     from starlette.requests import Request
 
     headers = [(b"authorization", authorization.encode())] if authorization else []
     if ui_header:
         headers.append((b"x-lorafleet-ui", b"1"))
-    return Request({"type": "http", "method": method, "path": "/v1/x", "headers": headers})
+    headers += [(k.replace("_", "-").encode(), v.encode()) for k, v in more.items()]
+    headers.append((b"host", b"127.0.0.1:8000"))
+    scope = {"type": "http", "method": method, "path": "/v1/x", "headers": headers}
+    return Request({**scope, "scheme": "http", "server": ("127.0.0.1", 8000)})
 
 
 def test_the_key_comes_as_bearer_or_as_the_basic_password():
@@ -314,6 +317,20 @@ def test_the_key_comes_as_bearer_or_as_the_basic_password():
     assert credentials(_request("PUT", _basic(ADMIN_KEY))) == ("", "")
     assert credentials(_request("PUT", _basic(ADMIN_KEY), ui_header=True)) == ("bearer", ADMIN_KEY)
     assert credentials(_request("PUT", f"Bearer {ADMIN_KEY}")) == ("Bearer", ADMIN_KEY)
+    # another site's script reading with the browser's saved login gets no key (Ray's CORS
+    # middleware would let it read the answer); the page itself and a Bearer caller do
+    evil = {"origin": "https://evil.example"}
+    assert credentials(_request("GET", _basic(KEY), sec_fetch_site="cross-site")) == ("", "")
+    assert credentials(_request("GET", _basic(KEY), **evil)) == ("", "")
+    assert credentials(_request("GET", _basic(KEY), sec_fetch_site="same-origin")) == (
+        "bearer",
+        KEY,
+    )
+    assert credentials(_request("GET", _basic(KEY), origin="http://127.0.0.1:8000")) == (
+        "bearer",
+        KEY,
+    )
+    assert credentials(_request("GET", f"Bearer {KEY}", **evil)) == ("Bearer", KEY)
 
 
 def test_latency_counters_fold_into_a_histogram_with_p50_and_p99():

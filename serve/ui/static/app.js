@@ -4,7 +4,7 @@
 
 const ADMIN = document.body.dataset.admin === "true";
 const PARAMS = new URLSearchParams(location.search);
-const EVERY_MS = Math.max(0.5, Number(PARAMS.get("every_s") || 2)) * 1000;
+const EVERY_MS = Math.max(0.5, Number(PARAMS.get("every_s")) || 2) * 1000;
 const MAX_POINTS = 90; // points per time-series chart
 const COLORS = ["#2f5bea", "#e8590c", "#0ca678", "#ae3ec9", "#f59f00", "#1098ad", "#e03131"];
 const state = {
