@@ -32,10 +32,16 @@ EXPERIMENT = "bot"
 # --- HTTP client ------------------------------------------------------------------------------
 
 
+# lorafleet's apps run with an API key, as a deployment would (http.mode haproxy refuses to start
+# open); stock Ray Serve LLM has no keys and ignores the header
+BENCH_KEY = "sk-bench-0123456789"
+
+
 def _session():
     import requests
 
     s = requests.Session()
+    s.headers["Authorization"] = f"Bearer {BENCH_KEY}"
     # one pooled connection per client thread (the default pool of 10 reconnects under load)
     s.mount("http://", requests.adapters.HTTPAdapter(pool_maxsize=TAIL_CLIENTS + 8))
     return s
@@ -294,7 +300,7 @@ def deploy(kind: str, mode: str, root: Path, opts: dict):
     if kind == "lorafleet":
         if opts.get("llm_deployment"):  # the tail investigation's bounds, on the LLM deployment
             _override_llm_deployment(opts["llm_deployment"])
-        app = build_app(cfg, resolve(cfg, environ={}))
+        app = build_app(cfg, resolve(cfg, environ={cfg.http.api_keys_env: BENCH_KEY}))
     else:
         from ray.serve.llm import LLMConfig, build_openai_app
 

@@ -98,6 +98,11 @@ def _set_serve_mode(mode: str | None) -> dict[str, str]:
     wanted = SERVE_MODES[_local_serve_mode]
     names = {k for env in SERVE_MODES.values() for k in env}
     values = {k: wanted.get(k, "0") for k in sorted(names)}
+    if _local_serve_mode == "haproxy":
+        # HAProxy's stats and metrics ports are fixed (8404, 9101) unless set: a second local
+        # Ray in this mode (another app, a test worker) would fail to start its HAProxy
+        for var in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT"):
+            values[var] = os.environ.get(var) or str(_free_port())
     os.environ.update(values)
     return values
 

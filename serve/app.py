@@ -46,10 +46,17 @@ def resolve(cfg: ServeAppConfig, environ: Mapping[str, str]) -> Resolved:
     """Read the bases' locations, the adapter store's absolute root and the API keys (from
     `environ` and the key file). Raises a LorafleetError for a base never built or a missing
     key file, before anything starts."""
+    key_hashes = api_key_hashes(cfg, environ)
+    if cfg.http.mode == "haproxy" and not key_hashes:
+        raise LorafleetError(
+            "http.mode: 'haproxy' binds the ingress replicas' HTTP ports on all interfaces, and "
+            f"no API key is set, so the server would be open to the network: set "
+            f"${cfg.http.api_keys_env} or http.api_keys_file, or use http.mode: throughput"
+        )
     return Resolved(
         model_sources={m.id: resolve_base(m.base, cfg.storage.root) for m in cfg.models},
         adapter_root=adapters_root(cfg.storage.root),
-        key_hashes=api_key_hashes(cfg, environ),
+        key_hashes=key_hashes,
         base_ids={m.id: base_identity(m.base, cfg.storage.root, m.revision) for m in cfg.models},
         admin_key_hashes=tuple(api_key_hashes(cfg, environ, admin=True)),
         state_uri=state_uri(cfg.storage.root, cfg.name),
