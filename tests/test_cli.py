@@ -235,6 +235,10 @@ def _gone(procs: list[psutil.Process], timeout_s: float) -> list[str]:
 
 
 @pytest.mark.slow
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_during_train_says_how_to_resume_and_exits_130(tmp_path, tiny_base, task_data):
     cfg = tmp_path / "train.yaml"
     cfg.write_text(
@@ -268,6 +272,9 @@ def test_ctrl_c_during_train_says_how_to_resume_and_exits_130(tmp_path, tiny_bas
         text=True,
         cwd=ROOT,
         env=os.environ | {"RAY_ADDRESS": ""},
+        # a shell's background job ignores SIGINT, and Python keeps an ignored SIGINT ignored:
+        # give the command the default, as a terminal's Ctrl-C finds it
+        preexec_fn=_default_sigint,
     )
     seen = []
     try:
@@ -279,8 +286,8 @@ def test_ctrl_c_during_train_says_how_to_resume_and_exits_130(tmp_path, tiny_bas
         assert "[train] step 2/5000" in seen[-1], "".join(seen[-30:])
         ray_procs = _ray_processes_of(proc.pid)
         proc.send_signal(signal.SIGINT)
-        after = proc.stdout.read()
-        rc = proc.wait(timeout=120)
+        after, _ = proc.communicate(timeout=180)
+        rc = proc.returncode
     finally:
         if proc.poll() is None:
             proc.kill()
