@@ -164,8 +164,8 @@ class ExperimentConfig(Section):
 SERVE_MODES: dict[str, dict[str, str]] = {
     # Ray's default: a Python HTTP proxy actor per node, then a handle call to the ingress.
     "proxy": {},
-    # gRPC between deployments, the ingress replica serves HTTP itself (direct ingress) on
-    # `host`, user code on the replica's own event loop, GC frozen after start.
+    # gRPC between deployments, user code on the replica's own event loop, GC frozen after
+    # start; clients still enter through the Python proxy on `host` (measured with `ss`).
     "throughput": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
     # HAProxy (C) in front of direct ingress; Ray binds replica ports on ALL interfaces.
     "haproxy": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"},
@@ -178,10 +178,10 @@ class HttpConfig(Section):
     mode: Literal["proxy", "throughput", "haproxy"] = Field(
         "throughput",
         description="How HTTP reaches the ingress. `throughput`: Ray Serve's throughput-optimized "
-        "mode (the ingress replica serves HTTP itself, gRPC between deployments). `proxy`: Ray's "
-        "Python HTTP proxy. `haproxy`: HAProxy in front; binds replica ports on all interfaces "
-        "(for multi-node clusters on a private network). Applies when lorafleet starts Ray; a "
-        "running cluster keeps the mode it was started with.",
+        "mode (gRPC between deployments, GC frozen; HTTP still through Ray's proxy on `host`). "
+        "`proxy`: Ray's default Python HTTP proxy. `haproxy`: HAProxy in front, the fastest; "
+        "binds replica ports on all interfaces and needs API keys (what `cluster.yaml` starts). "
+        "Applies when lorafleet starts Ray; a running cluster keeps the mode it was started with.",
     )
     api_keys_env: str = Field(
         "LORAFLEET_API_KEYS",
