@@ -121,12 +121,16 @@ class AdapterStore:
                 out[name] = version
         return out
 
-    async def current(self, refresh: bool = False) -> dict[str, Served]:
-        """{adapter name: its current version}."""
+    async def _fresh(self, refresh: bool = False) -> dict[str, str]:
+        """{name: current version}, listed again when `refresh` or older than `ttl_s`."""
         if refresh or time.monotonic() - self._listed_at > self.ttl_s:
             self._current = await asyncio.to_thread(self._list)
             self._listed_at = time.monotonic()
-        return {n: self._meta[(n, v)] for n, v in self._current.items()}
+        return self._current
+
+    async def current(self, refresh: bool = False) -> dict[str, Served]:
+        """{adapter name: its current version}."""
+        return {n: self._meta[(n, v)] for n, v in (await self._fresh(refresh)).items()}
 
     def _read(self, name: str) -> tuple[str | None, Served | None]:
         version = versions.current(self.root, name) if is_adapter_name(name) else None
@@ -146,7 +150,8 @@ class AdapterStore:
         store has no such adapter or version."""
         if version is not None:
             return await asyncio.to_thread(self._describe, name, version)
-        return (await self.current()).get(name) or await self.lookup(name)
+        version = (await self._fresh()).get(name)  # one name: no map of every adapter built
+        return self._meta[(name, version)] if version else await self.lookup(name)
 
 
 def local_copy(root: str, lora_id: str, cache_dir: str | None = None) -> str:
