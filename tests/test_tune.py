@@ -353,7 +353,10 @@ def test_a_search_interrupted_mid_way_continues_with_resume(
     try:
         deadline = time.time() + 300
         while not ready():
-            assert first.poll() is None and time.time() < deadline, "search ended before Ctrl-C"
+            assert first.poll() is None and time.time() < deadline, (
+                f"search ended (rc {first.poll()}) before Ctrl-C:\n"
+                + (tmp_path / "first.log").read_text()[-4000:]
+            )
             time.sleep(0.2)
         at_interrupt = _trial_steps(runs)
         first.send_signal(signal.SIGINT)
