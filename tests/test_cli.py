@@ -119,6 +119,11 @@ CASES = {
             {"config": "s.yaml", "model": "tiny:a", "data": "rows.jsonl", "url": None, "limit": 7},
         ),
     ),
+    "eval": (
+        ["eval", "c.yaml", "eval.limit=5"],
+        [],  # no flags: every setting is an `eval.*` override
+        Invocation("eval", {"config": "c.yaml", "overrides": ["eval.limit=5"]}),
+    ),
     "demo": (
         ["demo", "d.yaml", "training.max_steps=5"],
         ["--json"],
@@ -234,11 +239,11 @@ def _gone(procs: list[psutil.Process], timeout_s: float) -> list[str]:
     return left
 
 
-@pytest.mark.slow
 def _default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_train_says_how_to_resume_and_exits_130(tmp_path, tiny_base, task_data):
     cfg = tmp_path / "train.yaml"
     cfg.write_text(
