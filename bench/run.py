@@ -11,6 +11,8 @@ side in this one run (the machine is shared and noisy: absolute numbers mean lit
   4.127. Target within 3%.
 - tune_asha: total training steps of a search run to completion / the same search (space, seed)
   under ASHA, and the best eval loss of each. Target >= 3x less compute, best within 2%.
+  `python -m bench.tune_asha` runs the same search under several scheduler settings against one
+  FIFO anchor and prints the table (bench/results/tune_asha.txt).
 """
 
 from __future__ import annotations
