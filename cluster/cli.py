@@ -3,6 +3,7 @@
     lorafleet demo                                   # the embedded default, end to end
     lorafleet train configs/demo.yaml training.max_steps=50
     lorafleet tune configs/tune-demo.yaml
+    lorafleet eval configs/demo.yaml                 # base vs adapters: held-out + forgetting
     lorafleet validate configs/*.yaml
     lorafleet merge lorafleet-runs/adapters/demo-last --out merged/
     lorafleet adapters list | show NAME | promote NAME VERSION | rollback NAME  [--root ROOT]
@@ -74,6 +75,7 @@ def run_validate(configs: list[str], overrides: list[str], print_config: bool) -
 
 def run_train(config: str, overrides: list[str], resume: bool, release: str | None = None) -> int:
     cfg = load_config(config, overrides)  # a config error needs no torch
+    check_release_target(cfg, release)
     from train.trainer import train
 
     summary = _interruptible(
@@ -87,11 +89,19 @@ def run_train(config: str, overrides: list[str], resume: bool, release: str | No
         + (f", eval_loss {last['eval_loss']:.4f}" if "eval_loss" in last else "")
         + f", {summary['seconds']:.0f}s; adapter at {summary['adapter']}"
     )
+    if summary.get("overfitting"):
+        h = summary["overfitting"]
+        print(
+            f"[done] {cfg.name} was overfitting from step {h['step']} (eval_loss "
+            f"{h.get('eval_loss', float('nan')):.4f} rising while the training loss fell); "
+            f"training.export={cfg.training.export} chose the published checkpoint"
+        )
     return start_release_after(release, cfg.name, summary["version"])
 
 
 def run_tune(config: str, overrides: list[str], resume: bool, release: str | None = None) -> int:
     cfg = load_config(config, overrides)
+    check_release_target(cfg, release)
     from tune.tuner import tune_job
 
     out = _interruptible(
@@ -99,6 +109,19 @@ def run_tune(config: str, overrides: list[str], resume: bool, release: str | Non
         f"lorafleet tune {config} stopped; rerun it with --resume to continue the search",
     )
     return start_release_after(release, cfg.name, out["version"])
+
+
+def run_eval(config: str, overrides: list[str]) -> int:
+    """Base vs each adapter on held-out rows and general text (train/evaluate.py). No Ray:
+    vLLM and HF generate run in this process, and vLLM wants this (the main) thread."""
+    cfg = load_config(config, overrides)
+    from train.evaluate import evaluate
+
+    try:
+        evaluate(cfg)
+    except KeyboardInterrupt:
+        raise Interrupted(f"lorafleet eval {config} stopped; nothing was written") from None
+    return 0
 
 
 def run_merge(adapter: str, out: str, dtype: str) -> int:
@@ -148,6 +171,23 @@ def run_release(
     except (ServerUnreachable, HttpError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+
+
+def check_release_target(cfg, release: str | None) -> None:
+    """--release canaries an adapter on vLLM: refused, before training, for a config whose
+    output vLLM cannot serve as an adapter (a whole model, DoRA, bias, a non-LoRA method)."""
+    from cluster.servability import config_problems
+
+    if not release:
+        return
+    if cfg.adapter.method in ("full", "partial"):
+        problems = [f"adapter.method is {cfg.adapter.method!r}: it publishes a whole model"]
+    else:
+        problems = config_problems(cfg)
+    if problems:
+        raise ConfigError(
+            [f"--release: a canary release serves an adapter through vLLM; {p}" for p in problems]
+        )
 
 
 def start_release_after(serve_config: str | None, adapter: str, version: str) -> int:
@@ -234,7 +274,10 @@ def run_serve_eval(config: str, model: str, data: str, url: str | None, limit: i
     split = "".join(
         f"; variant {v}: {r['exact_match']:.1%} on {r['rows']}" for v, r in res["variants"].items()
     )
-    print(f"{model}: exact match {res['exact_match']:.1%} on {res['rows']} rows of {data}{split}")
+    print(
+        f"{model}: exact match {res['exact_match']:.1%} on {res['rows']} rows of {data}{split}; "
+        f"token F1 {res['f1']:.3f}, ROUGE-L {res['rouge_l']:.3f}, BLEU {res['bleu']:.1f}"
+    )
     return 0
 
 
@@ -264,6 +307,7 @@ COMMANDS = {
     "validate": run_validate,
     "train": run_train,
     "tune": run_tune,
+    "eval": run_eval,
     "merge": run_merge,
     "serve": run_serve,
     "serve set-weights": run_set_weights,
@@ -412,7 +456,19 @@ def build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
         "serve": s,
         "demo": d,
     }
-    return p, parsers | _cluster_parsers(sub) | _store_parsers(sub)
+    return p, parsers | _eval_parsers(sub) | _cluster_parsers(sub) | _store_parsers(sub)
+
+
+def _eval_parsers(sub) -> dict[str, argparse.ArgumentParser]:
+    """`eval`: base vs adapters on held-out rows; every setting is an `eval.*` override."""
+    ev = sub.add_parser(
+        "eval",
+        help="base vs each adapter on held-out rows (loss, perplexity, exact match, F1, "
+        "ROUGE-L, BLEU) and a forgetting check; table, JSON and chart",
+    )
+    ev.add_argument("config", nargs="?")
+    ev.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. eval.limit=50")
+    return {"eval": ev}
 
 
 def _store_parsers(sub) -> dict[str, argparse.ArgumentParser]:
@@ -583,6 +639,8 @@ def parse(argv: list[str] | None = None) -> Invocation:
     params = {"config": config, "overrides": overrides}
     if command == "demo":
         return Invocation("demo", params | {"json_report": a.json})
+    if command == "eval":
+        return Invocation("eval", params)
     return Invocation(command, params | {"resume": a.resume, "release": a.release})
 
 

@@ -206,6 +206,8 @@ def run_doctor(cfg, ray, log=print) -> int:
     data = getattr(cfg, "data", None)
     if data is not None:
         checks.append(_readable("data.path", data.path))
+        for i, src in enumerate(getattr(data, "sources", None) or []):
+            checks.append(_readable(f"data.sources[{i}].path", src.path))
         checks.append(_readable("data.eval_path", data.eval_path))
     if getattr(cfg, "model", None) is not None and hasattr(cfg.model, "base"):
         checks.append(_readable("model.base", cfg.model.base))

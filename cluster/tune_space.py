@@ -45,6 +45,12 @@ class TuneSection(Section):
     reduction_factor: float = Field(
         3, gt=1, description="ASHA/HyperBand: keep the top 1/factor at each rung."
     )
+    brackets: int = Field(
+        3,
+        gt=0,
+        description="HyperBand: ASHA brackets; bracket s first stops trials at "
+        "grace_period_steps x reduction_factor^s (ASHA is one bracket).",
+    )
     seed: int = Field(0, description="Seed of the search algorithm.")
 
 
@@ -71,13 +77,26 @@ REPORTED_METRICS = {
     "loss": "min",
     "tokens_per_s": "max",
 }
+# reported only with training.generation_eval_rows > 0 (generation eval at every eval step)
+GENERATION_METRICS = {"eval_exact_match": "max", "eval_f1": "max"}
 
 
 def check_space(cfg) -> list[str]:
     """Every problem in `tune.space`, `tune.metric` and `tune.mode`, each naming its key."""
     problems = []
     t = cfg.tune
-    if t.metric not in REPORTED_METRICS:
+    if t.metric in GENERATION_METRICS:
+        if not cfg.training.generation_eval_rows:
+            problems.append(
+                f"tune.metric: {t.metric} is reported only when generation eval is on; expected "
+                "training.generation_eval_rows > 0 (e.g. 50). Got "
+                f"tune.metric={t.metric!r} with training.generation_eval_rows=0 instead"
+            )
+        elif t.mode != "max":
+            problems.append(
+                f"tune.mode: {t.metric} is better when larger; expected 'max'. Got {t.mode!r} instead"
+            )
+    elif t.metric not in REPORTED_METRICS:
         problems.append(
             f"tune.metric: training reports {sorted(REPORTED_METRICS)}. Got {t.metric!r} instead"
         )

@@ -304,6 +304,7 @@ def check_chat(body: dict, limits: Limits, allowed: Iterable[str]) -> None:
     _typed(problems, body, "logprobs", (bool,), "true or false")
     _int_in(problems, body, "top_logprobs", 0, MAX_LOGPROBS)
     _check_tools(problems, body)
+    _check_template_kwargs(problems, body.get("chat_template_kwargs"))
     messages = body.get("messages")
     if messages is None:
         problems.append(("messages", "`messages` is required: an array of {role, content}"))
@@ -318,6 +319,20 @@ def check_chat(body: dict, limits: Limits, allowed: Iterable[str]) -> None:
                 problems.append((f"messages[{i}]", bad))
                 break  # one bad message says enough; the rest may all be bad the same way
     _raise(problems)
+
+
+def _check_template_kwargs(problems: list, kwargs: Any) -> None:
+    """chat_template_kwargs is an object of variables for the template, never a template (the
+    engine trusts the templates the ingress sends: an adapter's recorded prompt format)."""
+    if kwargs is None:
+        return
+    if type(kwargs) is not dict:
+        problems.append(
+            ("chat_template_kwargs", f"chat_template_kwargs must be an object, got {_kind(kwargs)}")
+        )
+    elif "chat_template" in kwargs:
+        msg = "chat_template_kwargs.chat_template is not accepted by this server"
+        problems.append(("chat_template_kwargs", msg))
 
 
 def message_problem(m: Any, where: str) -> str | None:

@@ -77,6 +77,9 @@ def llm_config_for(m: ServeModelConfig, model_source: str):
         "max_cpu_loras": m.max_loras_per_replica,
         "dtype": m.dtype,
         "trust_remote_code": m.trust_remote_code,
+        # the ingress sends an adapter's recorded chat template with its requests (its prompt
+        # format, cluster/prompt_format.py); clients cannot send one (serve/api_checks.py)
+        "trust_request_chat_template": True,
     }
     if m.max_model_len:
         engine["max_model_len"] = m.max_model_len
@@ -235,6 +238,34 @@ def check_store(cfg: ServeAppConfig, log=print) -> None:
                 )
 
 
+class Unservable(LorafleetError):
+    """Adapters the app names (experiments, release) that vLLM cannot serve."""
+
+
+def check_servable(cfg: ServeAppConfig, log=print) -> None:
+    """Refuse, before Ray starts, the adapters the experiments and the release name whose
+    current version vLLM cannot serve (DoRA, adapter bias, modules_to_save, non-LoRA methods:
+    cluster/servability.py), each with the reason and `lorafleet merge` as the way out. Other
+    such adapters in the store get a warning here, and a 400 from the ingress if requested."""
+    from cluster import versions
+    from serve.store import is_adapter_name, version_refusal
+
+    root = adapters_root(cfg.storage.root)
+    named = {v.adapter for e in cfg.experiments for v in e.variants if v.adapter}
+    if cfg.release:
+        named.add(cfg.release.adapter)
+    refused, others = [], []
+    for name in sorted(set(versions.names(root)) | named):
+        version = versions.current(root, name) if is_adapter_name(name) else None
+        why = version_refusal(root, name, version) if version else None
+        if why:
+            (refused if name in named else others).append(why)
+    for why in others:
+        log(f"[serve] warning: {why}; requests for it get 400")
+    if refused:
+        raise Unservable("lorafleet serve: " + "\n".join(refused))
+
+
 def run(cfg: ServeAppConfig, blocking: bool = True, log=print, environ=None):
     """Deploy on Ray Serve (local Ray, or the cluster in `ray.address` / $RAY_ADDRESS). The API
     keys come from `environ` (default: os.environ) and the key file."""
@@ -245,6 +276,7 @@ def run(cfg: ServeAppConfig, blocking: bool = True, log=print, environ=None):
 
     resolved = resolve(cfg, os.environ if environ is None else environ)  # fails before Ray starts
     check_store(cfg, log)
+    check_servable(cfg, log)  # an adapter vLLM cannot load is refused before anything starts
     ensure_ray(cfg.ray, log=log, serve_mode=cfg.http.mode)
     serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port})
     app = build_app(cfg, resolved)

@@ -1,4 +1,5 @@
-"""Exact match of a served model, adapter or experiment on held-out rows, through the HTTP API.
+"""Exact match (and token F1, ROUGE-L, BLEU) of a served model, adapter or experiment on held-out
+rows, through the HTTP API.
 
     lorafleet serve eval configs/serve-demo.yaml tiny-demo:demo-last \\
         lorafleet-runs/demo/data/last/test.jsonl
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from cluster.errors import LorafleetError
 from cluster.http_client import Client, HttpError
-from cluster.scoring import is_exact_match, normalize_answer
+from cluster.scoring import is_exact_match, normalize_answer, score_answers
 from serve.experiments import VARIANT_HEADER
 
 
@@ -100,10 +101,15 @@ def exact_match(
     finally:  # the first failed row stops the rest
         pool.shutdown(wait=True, cancel_futures=True)
     hits = sum(is_exact_match(a, r["completion"]) for a, r in zip(answers, rows, strict=True))
+    # the other answer metrics of `lorafleet eval`, scored by the same functions
+    scores = score_answers(answers, [r["completion"] for r in rows])
     return {
         "model": model,
         "rows": len(rows),
         "exact_match": hits / len(rows),
+        "f1": scores["f1"],
+        "rouge_l": scores["rouge_l"],
+        "bleu": scores["bleu"],
         "answers": answers,
         "variants": {v: {"rows": n, "exact_match": hit[v] / n} for v, n in sorted(seen.items())},
     }

@@ -34,6 +34,7 @@ from ray.serve.exceptions import BackPressureError
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from cluster import versions
+from cluster.prompt_format import PromptFormatError
 from cluster.schema_base import name_problem
 from cluster.serve_config import ServeAppConfig
 from cluster.versions import is_version_id
@@ -504,6 +505,9 @@ class FleetIngress(OpenAiIngress):
                 "different model",
                 param="model",
             )
+        refused = await self.store.refusal(served)  # DoRA, bias, not LoRA: vLLM would fail (500)
+        if refused:
+            raise ApiError(400, refused, param="model")
         arm = self._release_arm(name, user) if version is None else None
         if arm is not None:  # a canary release of this adapter: the user's arm picks the version
             request.state.release = (name, arm[0])
@@ -590,9 +594,35 @@ class FleetIngress(OpenAiIngress):
                 "timeout_error",
             ) from None
 
+    async def _render_prompt(self, body, call_method: str) -> None:
+        """A request to an adapter that recorded its prompt format (cluster/prompt_format.py)
+        is rendered the way training rendered its rows: a completion's text prompt becomes what
+        training saw (the alpaca prompt, BOS as training put it); a chat request goes with the
+        recorded chat template, or, for a single-turn adapter, as the one prompt rendered from
+        its messages. The base model, and versions that recorded no format, are left as sent.
+        Clients cannot send a chat template (api_checks refuses one); this is the only source."""
+        _, sep, spec = body.model.partition(":")
+        if not sep:
+            return
+        name, version = split_adapter(spec)
+        served = self.store.described(name, version) or await self.store.get(name, version)
+        fmt = served.prompt if served is not None else None
+        if fmt is None:
+            return
+        if call_method == "chat":
+            try:
+                body.messages = fmt.chat_messages(body.messages)
+            except PromptFormatError as e:
+                raise ApiError(400, f"{spec!r}: {e}", param="messages") from None
+            body.chat_template = fmt.serving_chat_template()
+        else:
+            body.prompt = fmt.completion_prompt(body.prompt)
+        body.add_special_tokens = False  # BOS is in the rendered text where training had it
+
     async def _answer(self, body, call_method: str, request: Request) -> Response:
         exp, var = await self._route(body, request)
         base_id = body.model.partition(":")[0]
+        await self._render_prompt(body, call_method)
         check_context(body, base_id, self.max_model_len.get(base_id))
         release = getattr(request.state, "release", None)  # (adapter, arm) of a canary
         track = exp is not None
@@ -835,6 +865,7 @@ class FleetIngress(OpenAiIngress):
             "eval_loss",
             "metrics",
             "base_fingerprint",
+            "prompt_format",  # how requests to it are rendered (cluster/prompt_format.py)
         )
         return JSONResponse(
             {

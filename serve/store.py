@@ -22,12 +22,13 @@ import os
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cluster import storage, versions
 from cluster.errors import LorafleetError
 from cluster.layout import ADAPTER_CONFIG, TINY_MARKER, tiny_dir, tiny_name
+from cluster.prompt_format import Recorded
 from cluster.schema_base import name_problem
 
 VERSION_SEP = "@"
@@ -84,10 +85,30 @@ class Served:
     version: str
     base: str | None  # base_model as training recorded it (None: a plain PEFT adapter)
     fingerprint: str | None  # None: unknown, fits any base of the right shape
+    # the prompt format it was trained in (None: not recorded; served as the base model is)
+    prompt: Recorded | None = field(default=None, compare=False)
 
     @property
     def lora_id(self) -> str:
         return f"{self.name}{VERSION_SEP}{self.version}"
+
+
+def version_refusal(root: str, name: str, version: str) -> str | None:
+    """Why vLLM cannot serve this adapter version (cluster.servability, read from its
+    adapter_config.json), naming `lorafleet merge` as the way out; None when it can."""
+    import json
+
+    from cluster.servability import MERGEABLE, refusal, vllm_problems
+
+    uri = storage.join(versions.version_uri(root, name, version), ADAPTER_CONFIG)
+    try:
+        conf = json.loads(storage.read_text(uri))
+    except (OSError, ValueError):  # no readable config: vLLM's own load error says what is wrong
+        return None
+    problems = vllm_problems(conf)
+    if not problems:
+        return None
+    return refusal(name, version, problems, str(conf.get("peft_type", "")).upper() in MERGEABLE)
 
 
 class AdapterStore:
@@ -101,6 +122,7 @@ class AdapterStore:
         self._listed_at = -1e9
         self._current: dict[str, str] = {}
         self._meta: dict[tuple[str, str], Served] = {}
+        self._refusals: dict[tuple[str, str], str | None] = {}  # vLLM cannot serve: why
 
     def _describe(self, name: str, version: str) -> Served | None:
         key = (name, version)
@@ -109,9 +131,28 @@ class AdapterStore:
             if meta is None:
                 return None
             self._meta[key] = Served(
-                name, version, meta.get("base_model"), meta.get("base_fingerprint")
+                name,
+                version,
+                meta.get("base_model"),
+                meta.get("base_fingerprint"),
+                Recorded.from_meta(meta.get("prompt_format")),  # read once per version
             )
         return self._meta[key]
+
+    def described(self, name: str, version: str) -> Served | None:
+        """The version as already read (no I/O): what a routed request's version is, once
+        `get` or `lookup` has found it."""
+        return self._meta.get((name, version))
+
+    async def refusal(self, served: Served) -> str | None:
+        """version_refusal for a version the store found, read once per version (versions never
+        change)."""
+        key = (served.name, served.version)
+        if key not in self._refusals:
+            self._refusals[key] = await asyncio.to_thread(
+                version_refusal, self.root, served.name, served.version
+            )
+        return self._refusals[key]
 
     def _list(self) -> dict[str, str]:
         out = {}

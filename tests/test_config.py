@@ -269,3 +269,44 @@ def test_deepspeed_stage_and_strategy_values_are_checked(tmp_path):
     text = "\n".join(problems)
     assert "scaling.strategy" in text and "fsdp" in text and "deepspeed" in text
     assert "scaling.deepspeed.stage" in text and "1" in text
+
+
+def _method_problems_text(yaml_text: str, tmp_path) -> str:
+    return "\n".join(_problems("data: {path: x.jsonl, packing: true}\n" + yaml_text, tmp_path))
+
+
+def test_method_combinations_that_cannot_train_are_refused_with_the_reason(tmp_path):
+    problems = _problems(
+        "data: {path: x.jsonl}\nadapter: {method: full, use_dora: true}\n", tmp_path
+    )
+    text = "\n".join(problems)
+    assert len(problems) == 2, problems
+    assert "adapter.use_dora" in text and "'full'" in text
+    assert "quantization.mode" in text and "'4bit'" in text and "cannot take gradient" in text
+    prefix = _method_problems_text("adapter: {method: prefix_tuning}\n", tmp_path)
+    assert "data.packing" in prefix and "training.gradient_checkpointing" in prefix
+    ds = "scaling: {strategy: deepspeed}\nquantization: {mode: none}\n"
+    text = _method_problems_text("adapter: {method: adalora}\n" + ds, tmp_path)
+    assert "adapter.method" in text and "zeroes the gradients" in text, text
+    partial = _method_problems_text(
+        "adapter: {method: partial}\nquantization: {mode: none}", tmp_path
+    )
+    assert "partial_last_n_blocks" in partial and "exactly one" in partial
+    text = _method_problems_text(
+        "adapter: {method: prompt_tuning, prompt_tuning_init: text}\n", tmp_path
+    )
+    assert "adapter.prompt_tuning_text" in text
+    # what does work: each method with what it needs
+    for ok in (
+        "adapter: {method: ia3}\n",
+        "adapter: {method: adalora, bias: all}\n",
+        "adapter: {method: p_tuning}\ndata: {path: x.jsonl, packing: false}\n",
+        "adapter: {method: prefix_tuning}\ndata: {path: x.jsonl, packing: false}\n"
+        "training: {gradient_checkpointing: false}\n",
+        "adapter: {method: partial, partial_modules: [lm_head]}\nquantization: {mode: none}\n",
+        "adapter: {method: full}\nquantization: {mode: none}\n",
+        "adapter: {method: full}\n" + ds,  # ZeRO-2 and 3 train, checkpoint and resume it
+    ):
+        p = tmp_path / "ok.yaml"
+        p.write_text(ok if "data:" in ok else "data: {path: x.jsonl}\n" + ok)
+        assert load_config(p).adapter.method in ok

@@ -218,3 +218,160 @@ def test_eval_split_by_ratio_and_by_file(tmp_path, tokenizer):
     assert len(by_ratio.train) == 30 and len(by_ratio.eval) == 10
     by_file = prepare(DataConfig(path=str(p), eval_path=str(e), packing=False), tokenizer)
     assert len(by_file.train) == 40 and len(by_file.eval) == 5
+
+
+# --- prompt formats: what serving renders equals what training tokenized (cluster/prompt_format)
+
+
+def _prompt_ids(ids, labels) -> list[int]:
+    """An example's tokens up to where its response (the first trained token) starts."""
+    return ids[: next(i for i, lab in enumerate(labels) if lab != IGNORE)]
+
+
+def _served_ids(tok, rec, endpoint: str, request) -> list[int]:
+    """The tokens a server following record `rec` gives the engine, rendered as vLLM renders
+    (the chat template through the tokenizer, then no special tokens added)."""
+    if endpoint == "completions":
+        text = rec.completion_prompt(request)
+    else:
+        text = tok.apply_chat_template(
+            rec.chat_messages(request),
+            chat_template=rec.serving_chat_template(),
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+    return tok(text, add_special_tokens=False).input_ids
+
+
+CHATML_NO_BOS = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+@pytest.mark.parametrize(
+    ("fmt", "template", "row", "endpoint", "request_"),
+    [
+        ("alpaca", None, {"instruction": "Say hi", "output": "hi"}, "completions", "Say hi"),
+        ("alpaca", None, {"instruction": "Say hi", "output": "hi"}, "chat", "Say hi"),
+        ("completion", None, {"prompt": "greet: ab\n", "completion": "hi"}, "completions", None),
+        ("completion", None, {"prompt": "greet: ab\n", "completion": "hi"}, "chat", None),
+        ("chat", "own", None, "chat", None),
+        ("chat", "fallback", None, "chat", None),
+        ("chat", CHATML_NO_BOS, None, "chat", None),
+    ],
+    ids=["alpaca-completions", "alpaca-chat", "completion-completions", "completion-chat"]
+    + ["chat-own-template", "chat-fallback", "chat-template-without-bos"],
+)
+def test_served_prompt_tokens_equal_the_tokens_training_saw(
+    tmp_path, tokenizer, fmt, template, row, endpoint, request_
+):
+    import copy
+
+    from cluster.prompt_format import Recorded, record
+
+    tok = copy.deepcopy(tokenizer)
+    if template == "fallback":
+        tok.chat_template = None
+    elif template not in (None, "own"):
+        tok.chat_template = template
+    msgs = [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "greet: ab"},
+        {"role": "assistant", "content": "hi"},
+    ]
+    row = row or {"messages": msgs}
+    p = _write_jsonl(tmp_path / "r.jsonl", [row])
+    [(ids, labels)], _ = build_examples(DataConfig(path=str(p), format=fmt), tok)
+    rec = Recorded.from_meta(json.loads(json.dumps(record(fmt, tok, False))))
+    if request_ is None:
+        request_ = row.get("prompt") if endpoint == "completions" else msgs[:-1]
+    if endpoint == "chat" and isinstance(request_, str):
+        request_ = [{"role": "user", "content": request_}]
+    if fmt == "completion" and endpoint == "chat":
+        request_ = [{"role": "user", "content": row["prompt"]}]
+    assert _served_ids(tok, rec, endpoint, request_) == _prompt_ids(ids, labels)
+    if fmt == "chat":
+        source = "fallback" if template == "fallback" else "tokenizer"
+        assert record(fmt, tok, False)["chat_template_source"] == source
+
+
+def test_prompt_format_records_and_refusals():
+    from cluster.prompt_format import PromptFormatError, Recorded, conversation_text
+
+    # versions published before formats were recorded (or with the earlier partial record)
+    assert Recorded.from_meta(None) is None
+    assert Recorded.from_meta({"data_format": "alpaca", "chat_template": None}) is None
+    convo = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    assert conversation_text(convo) == "be brief\n\nhi"
+    parts = [
+        {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}
+    ]
+    assert conversation_text(parts) == "a\nb"
+    with pytest.raises(PromptFormatError, match=r"messages\[1\]: role 'assistant'"):
+        conversation_text([convo[1], {"role": "assistant", "content": "yo"}, convo[1]])
+
+
+def _source_of(tokenizer, seq) -> str:
+    return tokenizer.decode(seq["input_ids"], skip_special_tokens=True)[:2]
+
+
+def test_sources_mix_by_weight_deterministically_and_bad_rows_name_their_source(
+    tmp_path, tokenizer
+):
+    """Task data plus general text, weighted 3:1: a quarter of the training examples are text
+    (the small source repeated to its share), the same order on every build (every worker)."""
+    task = _write_jsonl(
+        tmp_path / "task.jsonl", [{"prompt": f"t{i} ", "completion": f"x{i}"} for i in range(90)]
+    )
+    text = _write_jsonl(tmp_path / "text.jsonl", [{"text": f"g{i} words"} for i in range(30)])
+    cfg = DataConfig(
+        sources=[
+            {"path": str(task), "weight": 3},
+            {"path": str(text), "format": "text", "weight": 1},
+        ],
+        eval_ratio=0.1,
+        packing=False,
+    )
+    prepared = prepare(cfg, tokenizer, log=lambda *_: None)
+    kinds = [_source_of(tokenizer, s)[0] for s in prepared.train]
+    assert len(kinds) == 81 + 27  # every source's training rows, in all
+    assert kinds.count("g") / len(kinds) == pytest.approx(0.25, abs=0.01)
+    assert [s["share"] for s in prepared.report.sources] == pytest.approx([0.75, 0.25], abs=0.01)
+    assert len(prepared.eval) == 9 + 3  # each source holds out its eval_ratio; one pooled set
+    again = prepare(cfg, tokenizer, log=lambda *_: None)
+    assert [s["input_ids"] for s in again.train] == [s["input_ids"] for s in prepared.train]
+    # a bad row in the second source names that file and row
+    _write_jsonl(text, [{"text": "fine"}, {"prompt": "no text field"}])
+    with pytest.raises(DataError, match=rf"{text}: row 2: missing field 'text'"):
+        prepare(cfg, tokenizer, log=lambda *_: None)
+
+
+def test_data_report_counts_duplicates_lengths_and_warns_of_train_eval_overlap(tmp_path, tokenizer):
+    rows = [{"prompt": f"q{i} ", "completion": "a" * (i % 7 + 1)} for i in range(40)]
+    p = _write_jsonl(tmp_path / "d.jsonl", rows + rows[:3])  # three exact duplicates
+    e = _write_jsonl(tmp_path / "e.jsonl", rows[10:12] + [{"prompt": "new ", "completion": "b"}])
+    said = []
+    report = prepare(DataConfig(path=str(p), eval_path=str(e)), tokenizer, log=said.append).report
+    assert report.rows == 43 and report.duplicates == 3 and report.examples == 40
+    assert "dropped 3 exact duplicate examples" in said[0]
+    texts = [f"q{i} " + "a" * (i % 7 + 1) for i in range(40)]
+    # bos + prompt + completion + eos
+    lengths = sorted(len(tokenizer(t, add_special_tokens=False).input_ids) + 2 for t in texts)
+    assert report.lengths == {"p50": lengths[19], "p90": lengths[35], "p99": lengths[39]} | {
+        "max": lengths[-1]
+    }
+    assert report.shared_with_eval == 2 and report.shared_example == "q10 aaaa"
+    lines = report.lines()
+    assert any("warning: 2 of 3 eval examples also appear in the training data" in x for x in lines)
+    assert json.loads(json.dumps(report.to_dict()))["duplicates"] == 3
+
+
+def test_epochs_become_steps_the_way_batches_are_cut(tokenizer):
+    from train.data import ShardedBatches, steps_for_epochs
+
+    seqs = [{"input_ids": [1], "labels": [1], "position_ids": [0], "num_tokens": 1}] * 100
+    steps, per_epoch = steps_for_epochs(100, epochs=2, batch_size=4, world=2, accum=3)
+    assert per_epoch == ShardedBatches(seqs, 4, 0, 2, 0, 0).per_epoch == 12
+    assert steps == 8  # 2 epochs x 12 micro-batches / 3 per optimizer step
+    assert steps_for_epochs(3, epochs=1, batch_size=8, world=1, accum=1) == (1, 1)

@@ -620,6 +620,128 @@ def test_an_adapter_trained_on_another_base_is_refused_naming_both(served):
     assert "tiny:t-alien" not in ids and "tiny:t-last" in ids
 
 
+# --- prompt parity (#9): the tokens the server feeds vLLM for a request to an adapter equal the
+# tokens training saw for the same example, up to where the answer starts
+
+
+def _no_template_base(tiny_base, dest: Path) -> Path:
+    """The tiny base copied with a tokenizer that has no chat template (same weights, so the
+    same fingerprint: it fits the served base): chat rows then train with the fallback."""
+    from transformers import AutoTokenizer
+
+    shutil.copytree(tiny_base, dest)
+    for f in dest.glob("chat_template*"):
+        f.unlink()
+    tok = AutoTokenizer.from_pretrained(dest)
+    tok.chat_template = None
+    tok.save_pretrained(dest)
+    assert AutoTokenizer.from_pretrained(dest).chat_template is None
+    return dest
+
+
+def _training_prompt_ids(row: dict, fmt: str, tokenizer, tmp: Path) -> list[int]:
+    """The tokens train/data.py makes of `row`, up to the first trained token (the answer)."""
+    from cluster.job_config import DataConfig
+    from train.data import IGNORE, build_examples
+
+    path = _write_rows(tmp / f"probe-{fmt}.jsonl", [row])
+    [(ids, labels)], _ = build_examples(DataConfig(path=str(path), format=fmt), tokenizer)
+    return ids[: next(i for i, lab in enumerate(labels) if lab != IGNORE)]
+
+
+def _served_prompt_ids(served, path: str, body: dict) -> list[int]:
+    r = _post(served, path, body | {"max_tokens": 1, "temperature": 0, "return_token_ids": True})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    return out["prompt_token_ids"] if "messages" in body else out["choices"][0]["prompt_token_ids"]
+
+
+CHATML = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def test_served_prompt_tokens_equal_the_tokens_training_saw(served, tiny_base, tmp_path):
+    """An adapter trained on alpaca rows, and one trained on chat rows on a base with no chat
+    template, are served in the format they were trained in: the prompt tokens vLLM gets for a
+    request (its `return_token_ids`) are the ones training made of the same example."""
+    from transformers import AutoTokenizer
+
+    from cluster.prompt_format import record
+    from train.trainer import train
+
+    plain = _no_template_base(tiny_base, tmp_path / "base-no-template")
+    tok = AutoTokenizer.from_pretrained(plain)
+    rows = reply_rows(40, seed=3)
+    alpaca = [{"instruction": r["prompt"].strip(), "output": r["completion"]} for r in rows]
+    system = {"role": "system", "content": "answer in two letters"}
+    chat = [
+        {
+            "messages": [
+                system,
+                {"role": "user", "content": r["prompt"].strip()},
+                {"role": "assistant", "content": r["completion"]},
+            ]
+        }
+        for r in rows
+    ]
+    store = tmp_path / "store"
+    t0 = time.monotonic()
+    for name, fmt, data in (("t-alpaca", "alpaca", alpaca), ("t-chat", "chat", chat)):
+        over = {"data.format": fmt, "data.max_length": 128, "storage.root": str(store)}
+        over |= {"training.max_steps": 2, "training.eval_every_steps": 2}
+        cfg = job_config(
+            tmp_path, plain, _write_rows(tmp_path / f"{name}.jsonl", data), name=name, **over
+        )
+        train(cfg, log=lambda *_: None)
+    print(f"two training runs: {time.monotonic() - t0:.1f} s")
+    root = layout.adapters_root(served["bucket_root"])
+    published = {}
+    for name in ("t-alpaca", "t-chat"):
+        src = Path(current_adapter(store, name))
+        published[name] = json.loads((src / "lorafleet.json").read_text())
+        versions.publish(src, root, name, published[name])
+    fmt_alpaca, fmt_chat = (published[n]["prompt_format"] for n in ("t-alpaca", "t-chat"))
+    assert fmt_alpaca["data_format"] == "alpaca" and fmt_alpaca["template"]["prompt"]
+    assert (fmt_chat["data_format"], fmt_chat["chat_template_source"]) == ("chat", "fallback")
+
+    # alpaca: a chat request and a completion request both become the alpaca prompt
+    probe = alpaca[0]
+    want = _training_prompt_ids(probe, "alpaca", tok, tmp_path)
+    msgs = [{"role": "user", "content": probe["instruction"]}]
+    body = {"model": "tiny:t-alpaca", "messages": msgs}
+    assert _served_prompt_ids(served, "/v1/chat/completions", body) == want
+    body = {"model": "tiny:t-alpaca", "prompt": probe["instruction"]}
+    assert _served_prompt_ids(served, "/v1/completions", body) == want
+    # chat, trained with the fallback template: the conversation up to the assistant's turn
+    probe = chat[0]
+    want = _training_prompt_ids(probe, "chat", tok, tmp_path)
+    body = {"model": "tiny:t-chat", "messages": probe["messages"][:-1]}
+    assert _served_prompt_ids(served, "/v1/chat/completions", body) == want
+
+    # the record, not the served base's own template, decides: the same weights recorded as
+    # trained with a ChatML template (no BOS in it: training put BOS first) render as training would
+    tok.chat_template = CHATML
+    src = Path(current_adapter(store, "t-chat"))
+    versions.publish(
+        src, root, "t-chatml", published["t-chat"] | {"prompt_format": record("chat", tok, False)}
+    )
+    want = _training_prompt_ids(probe, "chat", tok, tmp_path)
+    body = {"model": "tiny:t-chatml", "messages": probe["messages"][:-1]}
+    assert _served_prompt_ids(served, "/v1/chat/completions", body) == want
+    # a version published before formats were recorded is served as before: the prompt as sent
+    old = {k: v for k, v in published["t-alpaca"].items() if k != "prompt_format"}
+    versions.publish(Path(current_adapter(store, "t-alpaca")), root, "t-unrecorded", old)
+    body = {"model": "tiny:t-unrecorded", "prompt": probe["messages"][1]["content"]}
+    assert _served_prompt_ids(served, "/v1/completions", body) == tok(body["prompt"]).input_ids
+    # a single-turn adapter refuses a conversation it cannot write in its format
+    turns = probe["messages"] + [{"role": "user", "content": "again"}]
+    body = {"model": "tiny:t-alpaca", "messages": turns, "max_tokens": 1}
+    r = _post(served, "/v1/chat/completions", body)
+    assert r.status_code == 400 and "single-turn" in r.json()["error"]["message"], r.text
+
+
 @pytest.mark.parametrize(
     ("body", "raw", "status", "says"),
     [
@@ -1120,6 +1242,14 @@ _HOSTILE = [
     ("unknown-field", "/v1/completions", {"max_token": 5}, {}, KEY, 400),
     ("prompt-embeds", "/v1/completions", {"prompt_embeds": "AAAA"}, {}, KEY, 400),
     ("chat-template", "/v1/chat/completions", {"chat_template": "{{ 7 * 7 }}"}, {}, KEY, 400),
+    (
+        "chat-template-in-kwargs",
+        "/v1/chat/completions",
+        {"chat_template_kwargs": {"chat_template": "{{ 7 * 7 }}"}},
+        {},
+        KEY,
+        400,
+    ),
     ("messages-missing", "/v1/chat/completions", {"messages": None}, {}, KEY, 400),
     ("messages-empty", "/v1/chat/completions", {"messages": []}, {}, KEY, 400),
     (

@@ -13,22 +13,18 @@ import json
 import math
 import random
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from cluster import storage
 from cluster.errors import LorafleetError
-from train.chat_template import CHAT_TEMPLATE
+from cluster.prompt_format import alpaca_prompt, chat_template_for, prepends_bos
 
 IGNORE = -100
 LOCAL_SUFFIXES = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
-ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
-ALPACA_PROMPT_WITH_INPUT = (
-    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
-)
 CHAT_ROLES = {"system", "user", "assistant"}
 
 
@@ -51,6 +47,13 @@ class DataReport:
     tokens: int = 0
     trainable_tokens: int = 0
     first_bad: list[str] = field(default_factory=list)
+    duplicates: int = 0  # exact duplicate examples (after formatting) dropped
+    eval_examples: int = 0
+    shared_with_eval: int = 0  # eval examples that are also training examples
+    shared_example: str = ""
+    lengths: dict = field(default_factory=dict)  # tokens per training example: p50, p90, p99, max
+    sources: list[dict] = field(default_factory=list)  # per source: rows, examples, share, ...
+    plan: dict = field(default_factory=dict)  # steps, epochs, steps per epoch (train/trainer.py)
 
     def summary(self) -> str:
         parts = [
@@ -65,7 +68,37 @@ class DataReport:
             parts.append(f"{self.truncated} truncated to max_length")
         if self.dropped_overlong:
             parts.append(f"{self.dropped_overlong} over max_length dropped")
+        if self.duplicates:
+            parts.append(f"{self.duplicates} duplicates dropped")
         return ", ".join(parts)
+
+    def lines(self) -> list[str]:
+        """The data report printed before training: one line per source, then the totals."""
+        out = []
+        for src in self.sources:
+            out.append(
+                f"[data] source {src['path']} ({src['format']}, weight {src['weight']:g}): "
+                f"{src['rows']} rows, {src['bad_rows']} bad, {src['duplicates']} duplicates "
+                f"dropped, {src['train']} train + {src['eval']} eval examples; drawn "
+                f"{src['drawn']} ({src['share']:.1%} of training examples)"
+            )
+        L = self.lengths
+        if L:
+            out.append(
+                f"[data] tokens per example: p50 {L['p50']}, p90 {L['p90']}, p99 {L['p99']}, "
+                f"max {L['max']}"
+            )
+        out.append(f"[data] train: {self.summary()}; eval: {self.eval_examples} examples")
+        if self.shared_with_eval:
+            out.append(
+                f"[data] warning: {self.shared_with_eval} of {self.eval_examples} eval examples "
+                f"also appear in the training data, e.g. {self.shared_example!r}; the eval loss "
+                "overstates how well the adapter generalizes"
+            )
+        return out
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,8 +210,7 @@ def format_row(row: object, fmt: str, tokenizer) -> list[tuple[str, bool]]:
         )
         if not output:
             raise RowError("field 'output' is empty")
-        tpl = ALPACA_PROMPT_WITH_INPUT if inp.strip() else ALPACA_PROMPT
-        return [(tpl.format(instruction=instruction, input=inp), False), (output + eos, True)]
+        return [(alpaca_prompt(instruction, inp), False), (output + eos, True)]
     if fmt == "text":
         text = _field(row, "text")
         if not text:
@@ -204,7 +236,7 @@ def _chat_segments(row: dict, tokenizer) -> list[tuple[str, bool]]:
             )
     if not any(m["role"] == "assistant" for m in messages):
         raise RowError("no assistant message to learn from")
-    template = tokenizer.chat_template or CHAT_TEMPLATE
+    template, _ = chat_template_for(tokenizer)  # the tokenizer's own, else the fallback
 
     def render(msgs, gen):
         return tokenizer.apply_chat_template(
@@ -235,9 +267,8 @@ def _chat_segments(row: dict, tokenizer) -> list[tuple[str, bool]]:
 def tokenize_segments(segments, tokenizer, train_on_prompt: bool) -> tuple[list[int], list[int]]:
     ids: list[int] = []
     labels: list[int] = []
-    bos = tokenizer.bos_token_id
-    if bos is not None and not segments[0][0].startswith(tokenizer.bos_token or "\0"):
-        ids.append(bos)
+    if prepends_bos(segments[0][0], tokenizer):  # the rule serving follows too
+        ids.append(tokenizer.bos_token_id)
         labels.append(IGNORE)
     for text, trainable in segments:
         toks = tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -247,18 +278,21 @@ def tokenize_segments(segments, tokenizer, train_on_prompt: bool) -> tuple[list[
 
 
 def build_examples(
-    data_cfg, tokenizer, path: str | None = None, log=print
+    data_cfg, tokenizer, path: str | None = None, log=print, source=None
 ) -> tuple[list, DataReport]:
-    """Read, validate, format and tokenize every row of one source."""
+    """Read, validate, format and tokenize every row of one source: `path` (the eval file), or
+    `source` (a `data.sources` entry), or `data.path`."""
     report = DataReport()
     examples = []
-    source_path = path or data_cfg.path
-    for n, row, source in read_rows(source_path, data_cfg.split):
+    source_path = path or (source.path if source else data_cfg.path)
+    split = source.split if source else data_cfg.split
+    fmt = (source.format if source else None) or data_cfg.format
+    for n, row, where in read_rows(source_path, split):
         report.rows += 1
         try:
-            segments = format_row(row, data_cfg.format, tokenizer)
+            segments = format_row(row, fmt, tokenizer)
         except RowError as e:
-            msg = f"{source}: row {n}: {e}"
+            msg = f"{where}: row {n}: {e}"
             if data_cfg.on_bad_row == "error":
                 raise DataError(msg + " (set data.on_bad_row=skip to skip bad rows)") from None
             report.bad_rows += 1
@@ -371,19 +405,46 @@ class Prepared:
 
 
 def prepare(data_cfg, tokenizer, log=print) -> Prepared:
-    """Everything from the config's data section to training and eval sequences."""
-    examples, report = build_examples(data_cfg, tokenizer, log=log)
+    """Everything from the config's data section to training and eval sequences: every source
+    read, deduplicated and split, the training examples mixed by weight, then packed."""
+    report = DataReport()
+    seen: set = set()
+    parts, eval_ex = [], []
+    for src in data_cfg.source_list():
+        examples, r = build_examples(data_cfg, tokenizer, log=log, source=src)
+        examples, dups = drop_duplicates(examples, seen)
+        if dups:
+            log(f"[data] {src.path}: dropped {dups} exact duplicate examples")
+        if data_cfg.eval_path:
+            train_part, eval_part = examples, []
+        else:
+            train_part, eval_part = split_eval(examples, data_cfg.eval_ratio, data_cfg.seed)
+        parts.append(train_part)
+        eval_ex += eval_part
+        report.rows, report.bad_rows = report.rows + r.rows, report.bad_rows + r.bad_rows
+        report.truncated += r.truncated
+        report.dropped_overlong += r.dropped_overlong
+        report.first_bad += r.first_bad[: 5 - len(report.first_bad)]
+        report.examples += len(examples)
+        report.duplicates += dups
+        report.sources.append(
+            {"path": src.path, "format": src.format, "weight": src.weight, "rows": r.rows}
+            | {"bad_rows": r.bad_rows, "duplicates": dups, "examples": len(examples)}
+            | {"train": len(train_part), "eval": len(eval_part)}
+        )
     if data_cfg.eval_path:
-        train_ex = examples
         eval_ex, _ = build_examples(data_cfg, tokenizer, path=data_cfg.eval_path, log=log)
-    else:
-        train_ex, eval_ex = split_eval(examples, data_cfg.eval_ratio, data_cfg.seed)
+    train_ex, drawn = mix_sources(parts, [s["weight"] for s in report.sources], data_cfg.seed)
+    for src, n in zip(report.sources, drawn, strict=True):
+        src["drawn"], src["share"] = n, n / max(len(train_ex), 1)
+    report.lengths = length_percentiles([len(ids) for part in parts for ids, _ in part])
+    report.eval_examples = len(eval_ex)
+    _check_overlap(report, parts, eval_ex, tokenizer)
     pad_id = (
         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     )
     rng = random.Random(data_cfg.seed)
-    train_ex = list(train_ex)
-    rng.shuffle(train_ex)  # pack a mix of lengths, not sorted runs
+    rng.shuffle(train_ex)  # pack a mix of lengths (and sources), not sorted runs
     build = (lambda ex: pack(ex, data_cfg.max_length, pad_id)) if data_cfg.packing else unpacked
     train_seqs, eval_seqs = build(train_ex), build(eval_ex)
     report.sequences = len(train_seqs)
@@ -392,6 +453,72 @@ def prepare(data_cfg, tokenizer, log=print) -> Prepared:
         sum(label != IGNORE for label in labels) for _, labels in train_ex
     )
     return Prepared(train_seqs, eval_seqs, report)
+
+
+def _key(example) -> tuple:
+    ids, labels = example
+    return tuple(ids), tuple(labels)
+
+
+def drop_duplicates(examples, seen: set) -> tuple[list, int]:
+    """Examples whose tokens and loss mask were not seen before (in this or an earlier source),
+    and how many were dropped. Tokens after formatting: two rows that render the same text are
+    duplicates even when their fields differ in ways the format ignores."""
+    kept = []
+    for ex in examples:
+        key = _key(ex)
+        if key not in seen:
+            seen.add(key)
+            kept.append(ex)
+    return kept, len(examples) - len(kept)
+
+
+def mix_sources(parts: list[list], weights: list[float], seed: int) -> tuple[list, list[int]]:
+    """Training examples drawn from each source by weight: as many in all as the sources hold
+    together, source i contributing round(total * w_i / sum(w)): a seeded sample of a larger
+    source, whole repeats plus a seeded sample of a smaller one. Returns (examples, drawn)."""
+    if len(parts) == 1:
+        return list(parts[0]), [len(parts[0])]
+    total, weight_sum = sum(len(p) for p in parts), sum(weights)
+    rng = random.Random(seed * 7_919 + 1)
+    mixed, drawn = [], []
+    for part, w in zip(parts, weights, strict=True):
+        k = max(1, round(total * w / weight_sum))
+        whole, rest = divmod(k, len(part))
+        mixed += list(part) * whole + rng.sample(list(part), rest)
+        drawn.append(k)
+    return mixed, drawn
+
+
+def length_percentiles(lengths: list[int]) -> dict:
+    """Nearest-rank p50, p90, p99 and the max of tokens per example."""
+    if not lengths:
+        return {}
+    xs = sorted(lengths)
+
+    def rank(q: float) -> int:
+        return xs[min(len(xs) - 1, max(0, math.ceil(q * len(xs)) - 1))]
+
+    return {"p50": rank(0.5), "p90": rank(0.9), "p99": rank(0.99), "max": xs[-1]}
+
+
+def _check_overlap(report: DataReport, parts, eval_ex, tokenizer) -> None:
+    """Eval examples that are also training examples: possible only with data.eval_path (a
+    split of rows deduplicated across all sources cannot overlap)."""
+    train_keys = {_key(ex) for part in parts for ex in part}
+    shared = [ex for ex in eval_ex if _key(ex) in train_keys]
+    report.shared_with_eval = len(shared)
+    if shared:
+        text = tokenizer.decode(shared[0][0], skip_special_tokens=True)
+        report.shared_example = text if len(text) <= 80 else text[:77] + "..."
+
+
+def steps_for_epochs(sequences: int, epochs: float, batch_size: int, world: int, accum: int):
+    """Optimizer steps for `epochs` passes over `sequences`, as ShardedBatches cuts them: one
+    micro-batch per worker takes batch_size * world sequences (a smaller set is repeated to one
+    full batch). Returns (steps, micro-batches per epoch)."""
+    per_epoch = max(1, sequences // (batch_size * world))
+    return max(1, math.ceil(epochs * per_epoch / accum)), per_epoch
 
 
 class ShardedBatches:
@@ -434,4 +561,4 @@ if __name__ == "__main__":
     cfg = load_config(sys.argv[1], sys.argv[2:])
     cfg = resolve_base(cfg)
     prepared = prepare(cfg.data, load_tokenizer(cfg))
-    print(f"train: {prepared.report.summary()}; eval: {len(prepared.eval)} sequences")
+    print("\n".join(prepared.report.lines()))

@@ -36,6 +36,18 @@ def write_task_data(
     return paths
 
 
+def write_general_data(out_dir: str | Path, n: int = 200) -> Path:
+    """`general.jsonl`: what the tiny base was pretrained on (the `copy` task, train.tiny), held
+    out from its pretraining rows: `lorafleet eval`'s forgetting check (`eval.general_path`) shows
+    how much of it an adapter lost while learning its own task."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "general.jsonl"
+    rows = make_rows(TASKS["copy"], n, seed=20_000)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
 @torch.no_grad()
 def exact_match(
     model, tokenizer, rows: list[dict], max_new_tokens: int = 32, batch_size: int = 50
@@ -103,6 +115,7 @@ def run_demo(
     tokenizer = load_tokenizer(cfg)
     base = base_path(cfg)
     base_model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    write_general_data(root / "demo" / "data")  # for `lorafleet eval`'s forgetting check
     rows = []
     for name in tasks:
         paths = write_task_data(name, root / "demo" / "data" / name, n_train, n_test)

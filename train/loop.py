@@ -3,10 +3,12 @@ DeepSpeed ZeRO over the same process group (`scaling.strategy`, train/zero.py).
 
 Every worker builds the same data deterministically and takes its own slice of each global
 batch; rank 0 writes checkpoints and prints progress. A checkpoint holds the adapter (PEFT
-safetensors), optimizer and scheduler state (`torch.load(weights_only=True)` loads it; under
-DeepSpeed each worker adds its own ZeRO shard), the step, the data position and every RNG a
-step may draw from (Python's `random`, numpy, torch CPU, and torch CUDA where present), so a
-resumed run continues at the next step on the same batches it would have seen.
+safetensors; for full / partial the trained weights, train/model.py save_trained), what a method
+keeps beside them (AdaLoRA's importance scores), optimizer and scheduler state
+(`torch.load(weights_only=True)` loads it; under DeepSpeed each worker adds its own ZeRO
+shard), the step, the data position and every RNG a step may draw from (Python's `random`,
+numpy, torch CPU, and torch CUDA where present), so a resumed run continues at the next step
+on the same batches it would have seen.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from cluster.layout import ADAPTER_WEIGHTS
+from train.model import after_step, method_state, save_trained, set_method_state
 
 CHECKPOINT_STATE = "trainer_state.pt"
 CHECKPOINT_META = "state.json"
@@ -120,8 +123,10 @@ def set_rng_state(state: dict) -> None:
 def save_checkpoint(dirpath: Path, model, optimizer, scheduler, meta: dict) -> None:
     """The adapter, optimizer (None under DeepSpeed: each rank saves its ZeRO shard), scheduler,
     RNGs and meta. Under ZeRO-3 call it inside `zero.gathered`, or the adapter is empty."""
-    model.save_pretrained(dirpath / ADAPTER_DIR, safe_serialization=True)
-    state = {"scheduler": scheduler.state_dict(), "rng": rng_state()}
+    # first: under ZeRO-3, PEFT's save runs P-tuning's encoder, whose hooks partition it again
+    method = method_state(model)
+    save_trained(model, dirpath / ADAPTER_DIR)
+    state = {"scheduler": scheduler.state_dict(), "rng": rng_state(), "method": method}
     if optimizer is not None:
         state["optimizer"] = optimizer.state_dict()
     torch.save(state, dirpath / CHECKPOINT_STATE)
@@ -134,19 +139,25 @@ def load_checkpoint(dirpath: Path, model, optimizer, scheduler, engine=None) -> 
     from safetensors.torch import load_file
 
     from train import zero
+    from train.model import is_peft, load_trained, misfit_keys
 
-    weights = load_file(str(dirpath / ADAPTER_DIR / ADAPTER_WEIGHTS))
-    result = zero.set_adapter(model, weights, engine.zero_optimization_stage() if engine else 0)
-    if getattr(result, "unexpected_keys", None):
-        raise RuntimeError(
-            f"checkpoint {dirpath} does not fit this adapter: {result.unexpected_keys[:3]}"
-        )
+    stage = engine.zero_optimization_stage() if engine else 0
+    if not is_peft(model):  # full / partial: the trained weights themselves
+        with zero.gathered(model, stage, modifier_rank=0):
+            load_trained(model, dirpath / ADAPTER_DIR)
+    else:
+        weights = load_file(str(dirpath / ADAPTER_DIR / ADAPTER_WEIGHTS))
+        misfit = misfit_keys(model, zero.set_adapter(model, weights, stage))
+        if misfit:
+            raise RuntimeError(f"checkpoint {dirpath} does not fit this adapter: {misfit[:3]}")
     state = torch.load(dirpath / CHECKPOINT_STATE, weights_only=True, map_location="cpu")
     if engine is None:
         optimizer.load_state_dict(state["optimizer"])
     else:
         zero.load_shard(engine, dirpath)
     scheduler.load_state_dict(state["scheduler"])
+    with zero.gathered(model, stage, modifier_rank=0):
+        set_method_state(model, state.get("method", {}))
     if "rng" in state:
         set_rng_state(state["rng"])
     else:  # a checkpoint from before every RNG was saved
@@ -180,6 +191,9 @@ class Run:
     bad_evals: int = 0
     stop_early: bool = False
     history: list[dict] = field(default_factory=list)
+    scaler: object = None  # torch's GradScaler under precision fp16
+    tracker: object = None  # train/tracking.py: metrics.jsonl, TensorBoard, MLflow / W&B
+    overfit: object = None  # train/tracking.py OverfitWatch
 
     @property
     def is_main(self) -> bool:
@@ -194,6 +208,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     _quiet_ray_train_reports()
     run = setup(loop_config)
     fit(run)
+    if run.tracker is not None:
+        run.tracker.close()
     if run.world > 1:
         dist.barrier()
 
@@ -214,14 +230,36 @@ def setup(loop_config: dict) -> Run:
     import ray.train.torch
 
     from cluster.job_config import JobConfig
+
+    cfg = JobConfig.model_validate(loop_config["cfg"])
+    ctx = ray.train.get_context()
+    device = ray.train.torch.get_device()
+    run = build_run(cfg, ctx.get_world_rank(), ctx.get_world_size(), device, loop_config["run_dir"])
+    if cfg.scaling.strategy == "deepspeed":
+        _wrap_deepspeed(run, loop_config.get("deepspeed"))
+        restore(run)  # into the engine: ZeRO's partitions exist only after initialize
+    else:
+        restore(run)
+        _wrap_ddp(run)
+    _start_tracking(run)
+    return run
+
+
+def _start_tracking(run: Run) -> None:
+    from train.tracking import OverfitWatch, Tracker
+
+    run.tracker = Tracker(run.cfg, run.run_dir, run.is_main, run.step, run.history)
+    run.overfit = OverfitWatch.from_history(run.cfg.training.overfit_patience, run.history)
+
+
+def build_run(cfg, rank: int, world: int, device, run_dir: str) -> Run:
+    """This worker's data, model (quantized base + adapter, or the base for full / partial),
+    optimizer and schedule; no Ray needed (tests drive train_step on it in process)."""
     from train.data import ShardedBatches, prepare
     from train.model import count_params, load_for_training, load_tokenizer
 
-    cfg = JobConfig.model_validate(loop_config["cfg"])
     t = cfg.training
-    ctx = ray.train.get_context()
-    device = ray.train.torch.get_device()
-    run = Run(cfg, ctx.get_world_rank(), ctx.get_world_size(), device, loop_config["run_dir"])
+    run = Run(cfg, rank, world, torch.device(device), run_dir)
     torch.set_num_threads(max(1, int(cfg.scaling.resources_per_worker.get("CPU", 1))))
     seed_everything(t.seed)
     tokenizer = load_tokenizer(cfg)
@@ -235,19 +273,18 @@ def setup(loop_config: dict) -> Run:
     trainable, total = count_params(run.model)
     run.log(
         f"[model] {cfg.model.base}: {trainable:,} trainable of {total:,} parameters "
-        f"({cfg.quantization.mode}, LoRA r={cfg.adapter.r}) on {run.world} worker(s), "
+        f"({cfg.quantization.mode}, {cfg.adapter.method}) on {run.world} worker(s), "
         f"device {device}"
     )
     run.params = [p for p in run.model.parameters() if p.requires_grad]
     run.optimizer = _optimizer(run.params, t)
     run.scheduler = _scheduler(run.optimizer, t)
-    run.amp = _autocast_dtype(t.precision, device)
-    if cfg.scaling.strategy == "deepspeed":
-        _wrap_deepspeed(run, loop_config.get("deepspeed"))
-        restore(run)  # into the engine: ZeRO's partitions exist only after initialize
-    else:
-        restore(run)
-        _wrap_ddp(run)
+    run.amp = _autocast_dtype(t.precision, run.device)
+    if run.amp == torch.float16:
+        # fp16's narrow range underflows small gradients: the scaler multiplies the loss up
+        # before backward and skips a step whose gradients overflowed
+        run.scaler = torch.amp.GradScaler(run.device.type)
+    run.ddp_model = run.model  # until setup wraps it (DDP, DeepSpeed)
     return run
 
 
@@ -290,6 +327,8 @@ def restore(run: Run) -> None:
     run.step, run.position = meta["step"], meta["position"]
     run.best_eval, run.bad_evals = meta.get("best_eval_loss", math.inf), meta.get("bad_evals", 0)
     run.history = [h for h in meta.get("history", []) if h["step"] <= run.step]
+    if run.scaler is not None and meta.get("grad_scaler"):
+        run.scaler.load_state_dict(meta["grad_scaler"])
     run.log(
         f"[train] resumed from a checkpoint at step {run.step}; continuing at step {run.step + 1}"
     )
@@ -361,10 +400,17 @@ def train_step(run: Run) -> tuple[float, float, int]:
         sync = run.ddp_model.no_sync() if (run.world > 1 and not last) else contextlib.nullcontext()
         with sync:
             loss = forward_loss(run, batch) / t.grad_accum_steps
-            loss.backward()
+            (run.scaler.scale(loss) if run.scaler is not None else loss).backward()
         step_loss += loss.item()
+    if run.scaler is not None:
+        run.scaler.unscale_(run.optimizer)  # clip the true gradients, not the scaled ones
     norm = torch.nn.utils.clip_grad_norm_(run.params, t.max_grad_norm or float("inf")).item()
-    run.optimizer.step()
+    if run.scaler is not None:
+        run.scaler.step(run.optimizer)  # skipped when the gradients overflowed
+        run.scaler.update()
+    else:
+        run.optimizer.step()
+    after_step(run.model, run.step)  # AdaLoRA's rank allocation reads the gradients
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     run.step += 1
@@ -401,6 +447,7 @@ def fit(run: Run) -> None:
         )
         ppl = run.history[-1]["eval_perplexity"]
         run.log(f"[train] step 0/{t.max_steps} eval_loss {eval0:.4f} ppl {ppl:.2f}")
+        _track(run, run.history[-1])
     window = _Window(time.perf_counter())
     run_t0, run_start_step = time.perf_counter(), run.step
     while run.step < t.max_steps and not run.stop_early:
@@ -414,7 +461,7 @@ def fit(run: Run) -> None:
             run.history.append(metrics)
             seconds_per_step = (time.perf_counter() - run_t0) / max(run.step - run_start_step, 1)
             _log_report(run, metrics, seconds_per_step * (t.max_steps - run.step))
-            _write_history(run)
+            _track(run, metrics)
             if is_eval:
                 save(run, metrics)
             else:
@@ -438,17 +485,32 @@ class _Window:
 
 
 def _step_metrics(run: Run, window: _Window, grad_norm: float) -> dict:
+    from train.tracking import peak_memory_mb
+
     loss_avg, tokens = _all_sum(
         [window.loss / max(window.steps, 1), float(window.tokens)], run.device
     )
-    return {
+    metrics = {
         "step": run.step,
         "loss": loss_avg / run.world,
         "learning_rate": run.scheduler.get_last_lr()[0],
         "grad_norm": grad_norm,
         "tokens_per_s": tokens / max(time.perf_counter() - window.t0, 1e-9),
         "epoch": run.position / max(run.batches.per_epoch, 1),
+        # the largest worker's: CUDA's peak allocation on a GPU, else the process's peak RSS
+        "peak_memory_mb": _all_max(peak_memory_mb(run.device), run.device),
     }
+    if run.overfit is not None and run.overfit.flagged_at is not None:
+        metrics["overfitting"] = True
+    return metrics
+
+
+def _all_max(value: float, device) -> float:
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
 
 
 def _eval_and_early_stop(run: Run, metrics: dict) -> None:
@@ -456,6 +518,10 @@ def _eval_and_early_stop(run: Run, metrics: dict) -> None:
     eval_loss = validate(run)
     metrics["eval_loss"] = eval_loss
     metrics["eval_perplexity"] = math.exp(min(eval_loss, 50))
+    if t.generation_eval_rows:  # greedy answers to eval prompts: eval_exact_match, eval_f1
+        from train.generation import generation_eval
+
+        metrics.update(generation_eval(run, _all_sum))
     if eval_loss < run.best_eval - t.early_stopping_min_delta:
         run.best_eval, run.bad_evals = eval_loss, 0
     else:
@@ -463,34 +529,39 @@ def _eval_and_early_stop(run: Run, metrics: dict) -> None:
     if t.early_stopping_patience and run.bad_evals >= t.early_stopping_patience:
         run.stop_early = True
         metrics["early_stopped"] = True
+    said = run.overfit.add(run.step, metrics["loss"], eval_loss) if run.overfit else None
+    if said:  # beside early stopping: it says so, and the run goes on
+        metrics["overfitting"] = True
+        run.log(said)
 
 
 def _log_report(run: Run, metrics: dict, eta: float) -> None:
     evals = ""
     if "eval_loss" in metrics:
         evals = f" eval_loss {metrics['eval_loss']:.4f} ppl {metrics['eval_perplexity']:.2f}"
+    if "eval_exact_match" in metrics:
+        evals += f" exact_match {metrics['eval_exact_match']:.1%} f1 {metrics['eval_f1']:.3f}"
     stop = f" (early stop: no eval improvement in {run.bad_evals} evals)" if run.stop_early else ""
     run.log(
         f"[train] step {run.step}/{run.cfg.training.max_steps} loss {metrics['loss']:.4f} "
         f"lr {metrics['learning_rate']:.2e} grad_norm {metrics['grad_norm']:.3f} "
-        f"tok/s {metrics['tokens_per_s']:,.0f}{evals} eta {_fmt_eta(eta)}{stop}"
+        f"tok/s {metrics['tokens_per_s']:,.0f}{evals} mem {metrics['peak_memory_mb']:,.0f}MB "
+        f"eta {_fmt_eta(eta)}{stop}"
     )
 
 
-def _write_history(run: Run) -> None:
-    from cluster import storage
-
-    if run.is_main:
-        storage.write_text(
-            storage.join(run.run_dir, "metrics.jsonl"),
-            "".join(json.dumps(h) + "\n" for h in run.history),
-        )
+def _track(run: Run, metrics: dict) -> None:
+    """One report to metrics.jsonl (appended), TensorBoard and MLflow / W&B (rank 0)."""
+    if run.tracker is not None:
+        run.tracker.log(metrics)
 
 
 def save(run: Run, metrics: dict) -> None:
     """Rank 0 writes the checkpoint; every worker reports, as Ray Train requires."""
     import ray.train
 
+    if run.tracker is not None:
+        run.tracker.flush()  # TensorBoard events on disk (uploaded, on a remote root)
     with tempfile.TemporaryDirectory(prefix="lorafleet-ckpt-") as tmp:
         checkpoint = _write_checkpoint(run, Path(tmp), metrics)
         ray.train.report(
@@ -522,6 +593,7 @@ def _write_checkpoint(run: Run, tmp: Path, metrics: dict):
                 "bad_evals": run.bad_evals,
                 "history": run.history,
                 "base_model": run.cfg.model.base,
+                "grad_scaler": run.scaler.state_dict() if run.scaler is not None else None,
             }
             optimizer = None if run.engine is not None else run.optimizer
             save_checkpoint(tmp, run.model, optimizer, run.scheduler, meta)

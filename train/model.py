@@ -1,4 +1,6 @@
-"""The model: base -> 4-bit NF4 (or 8-bit, or none) via bitsandbytes -> PEFT LoRA adapter.
+"""The model: base -> 4-bit NF4 (or 8-bit, or none) via bitsandbytes -> a PEFT adapter of
+`adapter.method` (LoRA, AdaLoRA, (IA)^3, prompt/prefix/P-tuning), or the unquantized base itself
+for full and partial fine-tuning.
 
 Each Ray worker calls `load_for_training(cfg, device)` and gets its own quantized copy placed on
 its own device. GPU-only pieces (CUDA kernels, paged optimizers) are picked by the config, never
@@ -13,6 +15,9 @@ import torch
 
 from cluster import layout, storage
 from cluster.errors import ModelError
+
+# the trained weights of a full or partial fine-tune, in a checkpoint (safetensors)
+TRAINED_WEIGHTS = "trained.safetensors"
 
 DTYPES = {
     "float32": torch.float32,
@@ -171,13 +176,76 @@ def lora_config(a):
     )
 
 
+def peft_config(cfg, model_type: str = "", hidden_size: int | None = None):
+    """The PEFT config of `adapter.method` (every method but full and partial)."""
+    import peft
+
+    a, method = cfg.adapter, cfg.adapter.method
+    if method == "lora":
+        return lora_config(a)
+    if method == "adalora":
+        return peft.AdaLoraConfig(
+            init_r=a.adalora_init_r,
+            target_r=a.r,
+            lora_alpha=a.alpha,
+            lora_dropout=a.dropout,
+            target_modules=a.target_modules,
+            bias=a.bias,
+            use_rslora=a.use_rslora,
+            tinit=a.adalora_tinit,
+            tfinal=a.adalora_tfinal,
+            deltaT=a.adalora_delta_t,
+            total_step=cfg.training.max_steps,
+            task_type="CAUSAL_LM",
+        )
+    if method == "ia3":
+        return _ia3_config(a, model_type)
+    virtual = {"num_virtual_tokens": a.num_virtual_tokens, "task_type": "CAUSAL_LM"}
+    if method == "prompt_tuning":
+        if a.prompt_tuning_init == "text":
+            return peft.PromptTuningConfig(
+                prompt_tuning_init="TEXT",
+                prompt_tuning_init_text=a.prompt_tuning_text,
+                tokenizer_name_or_path=base_path(cfg),
+                **virtual,
+            )
+        return peft.PromptTuningConfig(prompt_tuning_init="RANDOM", **virtual)
+    if method == "prefix_tuning":
+        return peft.PrefixTuningConfig(**virtual)
+    if method == "p_tuning":
+        return peft.PromptEncoderConfig(
+            encoder_hidden_size=a.p_tuning_hidden_size or hidden_size, **virtual
+        )
+    raise ValueError(f"adapter.method {method!r} has no PEFT config")
+
+
+def _ia3_config(a, model_type: str):
+    """(IA)^3 on "all-linear": PEFT's own per-architecture choice (keys, values and the MLP's
+    down projection, which is scaled on its input); on a list, those modules, with the ones PEFT
+    counts as feed-forward for this architecture scaled on their input."""
+    from peft import IA3Config
+    from peft.utils import TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING as FF
+
+    if a.target_modules == "all-linear":
+        return IA3Config(task_type="CAUSAL_LM")
+    feedforward = [m for m in a.target_modules if m in FF.get(model_type, [])]
+    return IA3Config(
+        target_modules=list(a.target_modules),
+        feedforward_modules=feedforward,
+        task_type="CAUSAL_LM",
+    )
+
+
 def load_for_training(cfg, device: torch.device | str = "cpu"):
-    """Quantized base + fresh LoRA adapter, ready for a training loop."""
+    """The model a training loop steps: quantized base + a fresh PEFT adapter of
+    `adapter.method`, or for full / partial the unquantized base with only its trained weights
+    requiring grad."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
-    model = load_base(cfg, device)
+    full = cfg.adapter.method in ("full", "partial")
+    model = load_base(cfg, device, quantized=not full)
     gc = cfg.training.gradient_checkpointing
-    if cfg.quantization.mode != "none":
+    if cfg.quantization.mode != "none" and not full:
         model = prepare_model_for_kbit_training(
             model,
             use_gradient_checkpointing=gc,
@@ -185,9 +253,165 @@ def load_for_training(cfg, device: torch.device | str = "cpu"):
         )
     elif gc:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
+        if not full:
+            model.enable_input_require_grads()
     model.config.use_cache = False
-    return get_peft_model(model, lora_config(cfg.adapter))
+    if full:
+        if cfg.adapter.method == "partial":
+            freeze_for_partial(model, cfg.adapter)
+        return model
+    mc = model.config
+    return get_peft_model(model, peft_config(cfg, mc.model_type, mc.hidden_size))
+
+
+def _blocks(model) -> torch.nn.ModuleList:
+    """The model's stack of transformer blocks: its longest ModuleList (model.layers in Llama,
+    transformer.h in GPT-2)."""
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
+    if not lists:
+        raise ModelError("adapter.partial_last_n_blocks: this model has no list of blocks")
+    return max(lists, key=len)
+
+
+def freeze_for_partial(model, a) -> list[str]:
+    """Freeze every weight, then let the last `partial_last_n_blocks` blocks or the
+    `partial_modules` train. Returns the names of the trained modules."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if a.partial_last_n_blocks is not None:
+        blocks = _blocks(model)
+        if a.partial_last_n_blocks > len(blocks):
+            raise ModelError(
+                f"adapter.partial_last_n_blocks: the model has {len(blocks)} blocks. Got "
+                f"{a.partial_last_n_blocks} instead"
+            )
+        chosen = list(blocks)[len(blocks) - a.partial_last_n_blocks :]
+        names = [n for n, m in model.named_modules() if any(m is c for c in chosen)]
+    else:
+        modules = dict(model.named_modules())
+        names, missing = [], []
+        for want in a.partial_modules:
+            hits = [n for n in modules if n and (n == want or n.endswith("." + want))]
+            names += hits
+            missing += [] if hits else [want]
+        if missing:
+            some = ", ".join(n for n in list(modules)[1:12])
+            raise ModelError(
+                f"adapter.partial_modules: no module named {missing} in this model; its "
+                f"modules are named like: {some}, ..."
+            )
+        chosen = [modules[n] for n in names]
+    for m in chosen:
+        for p in m.parameters():
+            p.requires_grad_(True)
+    return names
+
+
+def is_peft(model) -> bool:
+    return hasattr(model, "peft_config")
+
+
+def trained_state(model) -> dict[str, torch.Tensor]:
+    """What training changed: the PEFT adapter's tensors, or (full / partial) every weight that
+    requires grad, under its name in the model."""
+    if is_peft(model):
+        from peft import get_peft_model_state_dict
+
+        return get_peft_model_state_dict(model)
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_trained(model, out_dir: Path) -> None:
+    """A PEFT adapter as PEFT saves it (adapter_config.json + adapter_model.safetensors), or the
+    trained weights of a full / partial run as TRAINED_WEIGHTS (safetensors)."""
+    if is_peft(model):
+        conf = model.peft_config[model.active_adapter]
+        # AdaLoRA: PEFT cuts each saved matrix to the ranks its rank_pattern keeps, and a fresh
+        # model cannot load that back without resizing first. Saved whole instead: the ranks it
+        # cut are zero in lora_E (masked), so the adapter computes the same, and a resume fits.
+        pattern = getattr(conf, "rank_pattern", None)
+        if _allocator(model) is not None:
+            conf.rank_pattern = None
+        try:
+            model.save_pretrained(out_dir, safe_serialization=True)
+        finally:
+            if _allocator(model) is not None:
+                conf.rank_pattern = pattern
+        return
+    from safetensors.torch import save_file
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {n: p.detach().contiguous().cpu() for n, p in trained_state(model).items()}
+    save_file(state, str(out_dir / TRAINED_WEIGHTS))
+
+
+def misfit_keys(model, load_result) -> list[str]:
+    """Keys of a loaded PEFT state that landed nowhere. Prompt-learning methods keep their
+    weights on the prompt encoder, which PEFT loads separately (peft set_peft_model_state_dict)
+    after reporting them as unexpected for the model: those landed."""
+    unexpected = list(getattr(load_result, "unexpected_keys", None) or [])
+    if is_peft(model) and model.peft_config[model.active_adapter].is_prompt_learning:
+        unexpected = [k for k in unexpected if k != "prompt_embeddings"]
+    return unexpected
+
+
+def load_trained(model, in_dir: Path) -> None:
+    """The inverse of save_trained (for full / partial; PEFT adapters go through train.zero,
+    which gathers ZeRO partitions). Every saved tensor must land on a weight of the model."""
+    from safetensors.torch import load_file
+
+    weights = load_file(str(in_dir / TRAINED_WEIGHTS))
+    result = model.load_state_dict(weights, strict=False)
+    if result.unexpected_keys:
+        raise ModelError(
+            f"checkpoint {in_dir} does not fit this model: {result.unexpected_keys[:3]}"
+        )
+
+
+def _allocator(model):
+    inner = getattr(model, "base_model", None)
+    return getattr(inner, "rankallocator", None) if is_peft(model) else None
+
+
+def method_state(model) -> dict:
+    """What a method keeps beside its weights that a resume needs: AdaLoRA's importance scores
+    (their moving averages decide which ranks are cut) and its rank pattern. Tensors, lists and
+    numbers only (`torch.load(weights_only=True)` reads them)."""
+    if is_peft(model) and model.peft_config[model.active_adapter].is_prompt_learning:
+        # PEFT saves P-tuning's prompt as the encoder's output; training goes on from the
+        # encoder (an MLP) itself
+        encoder = model.prompt_encoder[model.active_adapter]
+        return {"prompt_encoder": {k: v.detach().clone() for k, v in encoder.state_dict().items()}}
+    alloc = _allocator(model)
+    if alloc is None:
+        return {}
+    conf = model.peft_config[model.active_adapter]
+    return {
+        "adalora": {
+            k: {n: t.detach().clone() for n, t in getattr(alloc, k).items()}
+            for k in ("ipt", "exp_avg_ipt", "exp_avg_unc")
+        }
+        | {"rank_pattern": conf.rank_pattern}
+    }
+
+
+def set_method_state(model, state: dict) -> None:
+    if "prompt_encoder" in state:
+        model.prompt_encoder[model.active_adapter].load_state_dict(state["prompt_encoder"])
+        return
+    alloc, saved = _allocator(model), state.get("adalora")
+    if alloc is None or saved is None:
+        return
+    for k in ("ipt", "exp_avg_ipt", "exp_avg_unc"):
+        setattr(alloc, k, dict(saved[k]))
+    model.peft_config[model.active_adapter].rank_pattern = saved["rank_pattern"]
+
+
+def after_step(model, step: int) -> None:
+    """What a method needs after the optimizer step, while the gradients are still there:
+    AdaLoRA scores its ranks and reallocates the budget (peft's update_and_allocate)."""
+    if _allocator(model) is not None:
+        model.base_model.update_and_allocate(step)
 
 
 def count_params(model) -> tuple[int, int]:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from cluster import layout, storage
 from cluster.errors import LorafleetError
+from cluster.job_config import FULL_WEIGHTS
 from train.export import check_adapter
 from train.loop import ADAPTER_DIR, CHECKPOINT_META, train_loop_per_worker
 from train.zero import load_override
@@ -89,14 +90,16 @@ def pick_checkpoint(result, export: str):
 
 
 def prompt_format(cfg) -> dict:
-    """How training turned rows into tokens: what serving must reproduce for this adapter."""
+    """How training turned rows into tokens (`cluster.prompt_format.record`): what serving
+    reproduces for this adapter. With several sources, the format of the heaviest one (the
+    first of equals) is the adapter's; every source's format is listed beside it."""
+    from cluster.prompt_format import record
     from train.model import load_tokenizer
 
-    return {
-        "data_format": cfg.data.format,
-        "train_on_prompt": cfg.data.train_on_prompt,
-        "chat_template": getattr(load_tokenizer(cfg), "chat_template", None),
-    }
+    sources = cfg.data.source_list()
+    main = max(sources, key=lambda s: s.weight)  # max keeps the first of equal weights
+    extra = {"source_formats": [s.format for s in sources]} if len(sources) > 1 else {}
+    return record(main.format, load_tokenizer(cfg), cfg.data.train_on_prompt, **extra)
 
 
 def version_meta(cfg, step: int, metrics: dict, source: dict) -> dict:
@@ -131,6 +134,8 @@ def publish_adapter(
         meta = json.loads((ckpt_dir / CHECKPOINT_META).read_text())
         adapter = ckpt_dir / ADAPTER_DIR
         check_adapter(adapter, expect_trained=meta["step"] > 0)
+        if cfg.adapter.method in FULL_WEIGHTS:  # a whole model, served as a base
+            return _publish_model(adapter, cfg, meta, source, log)
         out = Path(tmp) / "out"
         out.mkdir()
         for f in layout.ADAPTER_FILES:
@@ -149,11 +154,32 @@ def publish_adapter(
     return dest
 
 
+def _publish_model(trained_dir: Path, cfg, meta: dict, source: dict | None, log) -> str:
+    """publish_adapter for full / partial: the base with the trained weights, as a whole model
+    (train/export.py publish_full_model). Returns the version's URI."""
+    from train.export import publish_full_model
+
+    metrics = {k: v for k, v in meta.items() if k.startswith("eval_") or k == "loss"}
+    info = version_meta(cfg, meta["step"], metrics, source or {"kind": "train"})
+    version, dest = publish_full_model(trained_dir, cfg, info)
+    log(
+        f"[publish] model {cfg.name} version {version} ({cfg.adapter.method} fine-tune, step "
+        f"{meta['step']}, eval_loss {meta.get('eval_loss')}) -> {dest}; serve it with "
+        f"models: [{{id: {cfg.name}, base: {dest}}}]"
+    )
+    return dest
+
+
 def absolute_paths(cfg):
     """Relative local paths resolved against the driver's directory: Ray workers run elsewhere."""
     from cluster.validation import with_overrides
 
     over = {"storage.root": storage.absolute(cfg.storage.root)}
+    if cfg.data.sources:
+        over["data.sources"] = [
+            s.model_dump() | ({"path": str(Path(s.path).resolve())} if _local_file(s.path) else {})
+            for s in cfg.data.sources
+        ]
     for key, value in (
         ("data.path", cfg.data.path),
         ("data.eval_path", cfg.data.eval_path),
@@ -165,19 +191,65 @@ def absolute_paths(cfg):
     return with_overrides(cfg, over)
 
 
+def _local_file(path: str | None) -> bool:
+    return bool(path) and not storage.is_remote(path) and Path(path).exists()
+
+
 def prepare_run(cfg, log=print):
+    """`plan_run`'s config: the one the workers get."""
+    return plan_run(cfg, log=log)[0]
+
+
+def plan_run(cfg, log=print):
     """What every Ray job of ours does first, on the driver: build a tiny:// base, make paths
     absolute, check every data row (a bad row fails in seconds, by file and row, before any
-    worker starts), connect to Ray. Returns the config the workers get."""
+    worker starts), print the data report, turn training.epochs into steps, connect to Ray.
+    Returns (the config the workers get, the data report)."""
     from cluster.ray_connect import ensure_ray
+    from cluster.servability import config_warning
     from train.data import prepare
     from train.model import load_tokenizer, resolve_base
 
     cfg = absolute_paths(resolve_base(cfg))
+    warning = config_warning(cfg)  # an adapter vLLM cannot serve: said before any training
+    if warning:
+        log(f"[train] {warning}")
     checked = prepare(cfg.data, load_tokenizer(cfg), log=log)
-    log(f"[data] {cfg.data.path}: {checked.report.summary()}; {len(checked.eval)} eval sequences")
+    for line in checked.report.lines():
+        log(line)
+    cfg = _steps_from_epochs(cfg, checked.report, log)
     ensure_ray(cfg.ray, log=log)
-    return cfg
+    return cfg, checked.report
+
+
+def _steps_from_epochs(cfg, report, log):
+    """training.epochs -> training.max_steps, computed once here from the packed sequences, so
+    the loop, the LR schedule, warmup and Tune's scheduler all see plain steps."""
+    from cluster.errors import ConfigError
+    from cluster.validation import with_overrides
+    from train.data import steps_for_epochs
+
+    t, world = cfg.training, cfg.scaling.num_workers
+    if t.epochs is None:
+        report.plan = {"max_steps": t.max_steps, "epochs": None}
+        return cfg
+    steps, per_epoch = steps_for_epochs(
+        report.sequences, t.epochs, t.batch_size, world, t.grad_accum_steps
+    )
+    report.plan = {"max_steps": steps, "epochs": t.epochs, "micro_batches_per_epoch": per_epoch}
+    log(
+        f"[data] training.epochs={t.epochs:g}: {report.sequences} sequences / (batch_size "
+        f"{t.batch_size} x {world} worker(s)) = {per_epoch} micro-batches per epoch; with "
+        f"grad_accum_steps={t.grad_accum_steps}: {steps} steps (warmup {t.warmup_steps})"
+    )
+    if t.warmup_steps > steps:
+        raise ConfigError(
+            [
+                f"training.warmup_steps: expected at most the {steps} steps that "
+                f"training.epochs={t.epochs:g} makes. Got {t.warmup_steps} instead"
+            ]
+        )
+    return with_overrides(cfg, {"training.epochs": None, "training.max_steps": steps})
 
 
 def fit_trainer(trainer):
@@ -210,10 +282,12 @@ def summarize_failure(error: Exception) -> str:
 
 def train(cfg, resume: bool = False, log=print, make_current: bool = True) -> dict:
     """Run a whole job: resolve the base, fit on Ray, publish the adapter. Returns a summary."""
-    cfg = prepare_run(cfg, log=log)
+    cfg, data_report = plan_run(cfg, log=log)
     t0 = time.time()
     run_id = (latest_run_id(cfg) if resume else None) or new_run_id(t0)
     log(f"[train] {cfg.name}: run {run_id} in {runs_root(cfg)}")
+    report_uri = storage.join(runs_root(cfg), run_id, "data_report.json")
+    storage.write_text(report_uri, json.dumps(data_report.to_dict(), indent=2))
     result = fit_trainer(build_trainer(cfg, run_id))
     checkpoint = pick_checkpoint(result, cfg.training.export)
     if checkpoint is None:
@@ -230,4 +304,7 @@ def train(cfg, resume: bool = False, log=print, make_current: bool = True) -> di
         "metrics": result.metrics,
         "seconds": time.time() - t0,
         "base": cfg.model.base,
+        "data_report": report_uri,
+        # the first report that found the run overfitting (train/tracking.py), or None
+        "overfitting": next((h for h in history if h.get("overfitting")), None),
     }

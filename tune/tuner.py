@@ -72,6 +72,8 @@ def trial_config(base: JobConfig, params: dict, trial_name: str) -> JobConfig:
         "name": trial_name,
         "training.log_every_steps": base.training.eval_every_steps,
         "tune.space": {},
+        # MLflow / W&B get trials through Tune's logger callbacks (train/tracking.py), not twice
+        "tracking": {"mlflow": None, "wandb": None},
     }
     return with_overrides(base, over)
 
@@ -110,7 +112,7 @@ def _scheduler(cfg):
             max_t=cfg.training.max_steps,
             grace_period=t.grace_period_steps,
             reduction_factor=t.reduction_factor,
-            brackets=3,
+            brackets=t.brackets,
         )
     if t.scheduler == "median":
         return MedianStoppingRule(
@@ -214,6 +216,8 @@ def build_tuner(cfg, restore: bool = False, log=print):
         return tune.Tuner.restore(
             search_path(cfg), trainable=trainable, resume_errored=True, storage_filesystem=fs
         )
+    from train.tracking import tune_callbacks
+
     space = param_space(cfg) | {"_base": cfg.model_dump(mode="json")}
     return tune.Tuner(
         trainable,
@@ -231,7 +235,7 @@ def build_tuner(cfg, restore: bool = False, log=print):
             storage_path=path,
             storage_filesystem=fs,
             verbose=0,
-            callbacks=[_progress_callback(cfg, log)],
+            callbacks=[_progress_callback(cfg, log), *tune_callbacks(cfg)],
         ),
     )
 
