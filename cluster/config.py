@@ -54,7 +54,11 @@ def load_config(
     if os.environ.get(STORAGE_ROOT_ENV) and "storage" in schema.model_fields:
         if not (isinstance(storage, dict) and "root" in storage):
             raw = deep_merge(raw, {"storage": {"root": os.environ[STORAGE_ROOT_ENV]}})
-    return validate(schema, raw, source)
+    cfg = validate(schema, raw, source)
+    missing = cfg.tracking.missing_packages() if isinstance(cfg, JobConfig) else []
+    if missing:
+        raise ConfigError(missing, source)
+    return cfg
 
 
 def schema_for(path: str | Path) -> type[BaseModel]:

@@ -347,20 +347,19 @@ class TrackingConfig(Section):
         "wandb` and $WANDB_API_KEY.",
     )
 
-    @model_validator(mode="after")
-    def _installed(self):
+    def missing_packages(self) -> list[str]:
+        """A problem for each configured tracker whose package is not installed here. Checked
+        where a config enters (cluster.config.load_config), not by the schema: a config read
+        back from storage (merge, a Tune trial, eval) must load where the package is absent."""
         import importlib.util
 
-        missing = [
+        return [
             f"tracking.{name}: needs the '{name}' package, which is not installed here; run "
             f"`pip install {name}` or remove tracking.{name}. "
             f"Got {getattr(self, name).model_dump()} instead"
             for name in ("mlflow", "wandb")
             if getattr(self, name) is not None and importlib.util.find_spec(name) is None
         ]
-        if missing:
-            raise ValueError("\n".join(missing))
-        return self
 
 
 class DeepSpeedSection(Section):
@@ -610,7 +609,11 @@ def _method_problems(cfg: JobConfig) -> list[str]:
             "keys/values enter each layer as a cache, which recomputation cannot replay). Got "
             "true instead; set training.gradient_checkpointing=false"
         )
-    if m == "adalora" and a.adalora_tinit >= cfg.training.max_steps - a.adalora_tfinal:
+    if (
+        m == "adalora"
+        and cfg.training.max_steps is not None
+        and a.adalora_tinit >= cfg.training.max_steps - a.adalora_tfinal
+    ):
         problems.append(
             "adapter.adalora_tinit: expected fewer than training.max_steps - adapter.adalora_"
             f"tfinal ({cfg.training.max_steps - a.adalora_tfinal}) steps, so that ranks get "

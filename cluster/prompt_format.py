@@ -95,10 +95,15 @@ def record(data_format: str, tokenizer, train_on_prompt: bool, **extra) -> dict:
         rec["template"] = {"prompt": ALPACA_PROMPT, "prompt_with_input": ALPACA_PROMPT_WITH_INPUT}
     if data_format == "chat":
         template, source = chat_template_for(tokenizer)
+        opening = _opening(tokenizer, template)
         rec |= {
             "chat_template": template,
             "chat_template_source": source,
-            "bos_prepended": prepends_bos(_opening(tokenizer, template), tokenizer),
+            "bos_prepended": prepends_bos(opening, tokenizer),
+            # whether training's examples began with BOS at all (the template may write it):
+            # a completion prompt to this adapter gets it too
+            "bos_first": rec["bos_token"] is not None
+            and (prepends_bos(opening, tokenizer) or opening.startswith(rec["bos_token"])),
         }
     return rec | extra
 
@@ -158,6 +163,7 @@ class Recorded:
     data_format: str
     bos_token: str | None
     bos_prepended: bool
+    bos_first: bool = False
     prompt: str = ALPACA_PROMPT
     prompt_with_input: str = ALPACA_PROMPT_WITH_INPUT
     chat_template: str | None = None
@@ -185,6 +191,7 @@ class Recorded:
             data_format=fmt,
             bos_token=bos,
             bos_prepended=bool(pf.get("bos_prepended")) and bos is not None,
+            bos_first=bool(pf.get("bos_first", pf.get("bos_prepended"))) and bos is not None,
             prompt=template.get("prompt") or ALPACA_PROMPT,
             prompt_with_input=template.get("prompt_with_input") or ALPACA_PROMPT_WITH_INPUT,
             chat_template=chat if fmt == "chat" else None,
@@ -198,9 +205,14 @@ class Recorded:
 
     def text_prompt(self, text: str) -> str:
         """A completion request's text prompt as training saw the same prompt: the alpaca prompt
-        with `text` as the instruction, or `text` as it is; BOS as training put it."""
+        with `text` as the instruction, or `text` as it is; BOS as training put it (for a chat
+        adapter: BOS first when training's conversations began with it, whoever wrote it)."""
         if self.data_format == "alpaca":
             text = alpaca_prompt(text, "", self.prompt, self.prompt_with_input)
+        if self.data_format == "chat":
+            if self.bos_first and not text.startswith(self.bos_token):
+                return self.bos_token + text
+            return text
         return self.with_bos(text)
 
     def completion_prompt(self, prompt):

@@ -1,6 +1,7 @@
 """The exact-match rule, one place for everything that scores answers (the demo's table in
-`train.demo`, `lorafleet serve eval` over HTTP): greedy output, leading and trailing newlines
-dropped, then equal to the expected completion character for character."""
+`train.demo`, `lorafleet serve eval` over HTTP): greedy output and expected answer, leading and
+trailing newlines dropped from both (a chat template may end a turn with one), then equal
+character for character."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ def normalize_answer(text: str) -> str:
 
 
 def is_exact_match(answer: str, expected: str) -> bool:
-    return normalize_answer(answer) == expected
+    return normalize_answer(answer) == normalize_answer(expected)
 
 
 # Text metrics for `lorafleet eval` and generation eval during training. ROUGE-L and BLEU come
@@ -75,6 +76,7 @@ def score_answers(answers: list[str], expected: list[str]) -> dict[str, float]:
     """Every generation metric of `answers` against `expected` (each answer normalized as
     exact match normalizes it)."""
     answers = [normalize_answer(a) for a in answers]
+    expected = [normalize_answer(e) for e in expected]
     n = max(len(answers), 1)
     return {
         "exact_match": sum(map(is_exact_match, answers, expected)) / n,

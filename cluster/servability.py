@@ -21,22 +21,23 @@ MERGEABLE = ("LORA", "ADALORA", "IA3")
 def vllm_problems(adapter_config: dict) -> list[str]:
     """Why vLLM cannot serve the adapter whose adapter_config.json is `adapter_config`, one
     reason each; [] when it can."""
-    peft_type = str(adapter_config.get("peft_type") or "").upper()
+    # vLLM reads any adapter_config.json as LoRA's: a config without peft_type is taken as one
+    peft_type = str(adapter_config.get("peft_type") or "LORA").upper()
     if peft_type != "LORA":
-        return [
-            f"it is a {peft_type or 'non-PEFT'} adapter (peft_type), and vLLM serves only LoRA "
-            "adapters"
-        ]
+        return [f"it is a {peft_type} adapter (peft_type), and vLLM serves only LoRA adapters"]
     problems = []
     if adapter_config.get("use_dora"):
         problems.append("it is a DoRA adapter (use_dora: true), which vLLM does not support")
     bias = adapter_config.get("bias") or "none"
     if bias != "none" or adapter_config.get("lora_bias"):
         problems.append(f"it trains biases (bias: {bias!r}), which vLLM does not support")
-    if adapter_config.get("modules_to_save"):
+    # vLLM loads a saved classifier or score head, no other module
+    saved = [
+        m for m in adapter_config.get("modules_to_save") or [] if m not in ("classifier", "score")
+    ]
+    if saved:
         problems.append(
-            f"it saves whole modules ({adapter_config['modules_to_save']}, modules_to_save), "
-            "which vLLM does not load"
+            f"it saves whole modules ({saved}, modules_to_save), which vLLM does not load"
         )
     return problems
 

@@ -81,8 +81,8 @@ REPORTED_METRICS = {
 GENERATION_METRICS = {"eval_exact_match": "max", "eval_f1": "max"}
 
 
-def check_space(cfg) -> list[str]:
-    """Every problem in `tune.space`, `tune.metric` and `tune.mode`, each naming its key."""
+def _metric_problems(cfg) -> list[str]:
+    """tune.metric must be one that training reports, and tune.mode its direction."""
     problems = []
     t = cfg.tune
     if t.metric in GENERATION_METRICS:
@@ -105,6 +105,32 @@ def check_space(cfg) -> list[str]:
             f"tune.mode: {t.metric} is better when {'smaller' if REPORTED_METRICS[t.metric] == 'min' else 'larger'}; "
             f"expected '{REPORTED_METRICS[t.metric]}'. Got {t.mode!r} instead"
         )
+    return problems
+
+
+def _epoch_problems(cfg) -> list[str]:
+    """Space keys that training.epochs (made steps once, on the driver) cannot follow."""
+    problems = []
+    epoch_keys = ("training.epochs", "training.batch_size", "training.grad_accum_steps")
+    for key in [k for k in cfg.tune.space if k in epoch_keys + ("scaling.num_workers",)]:
+        if key == "training.epochs":
+            problems.append(
+                "tune.space.training.epochs: trials run steps (training.epochs becomes steps once, "
+                "on the driver); expected training.max_steps in the space instead"
+            )
+        elif cfg.training.epochs is not None:
+            problems.append(
+                f"tune.space.{key}: training.epochs becomes steps once, on the driver, from the "
+                "base config's batch size, accumulation and workers, so trials cannot change "
+                f"{key}; expected training.max_steps with this space. Got training.epochs="
+                f"{cfg.training.epochs:g} instead"
+            )
+    return problems
+
+
+def check_space(cfg) -> list[str]:
+    """Every problem in `tune.space`, `tune.metric` and `tune.mode`, each naming its key."""
+    problems = _metric_problems(cfg) + _epoch_problems(cfg)
     for key, dist in cfg.tune.space.items():
         where = f"tune.space.{key}"
         f, known = _field_for(type(cfg), key)

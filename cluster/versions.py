@@ -23,6 +23,7 @@ import os
 import re
 import secrets
 import shutil
+import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -50,10 +51,22 @@ def is_version_id(version: str) -> bool:
     return bool(VERSION_RE.match(version))
 
 
+_last_ms = [0]
+_id_lock = threading.Lock()
+
+
 def new_version_id(now: float | None = None) -> str:
-    now = time.time() if now is None else now
-    stamp = datetime.fromtimestamp(now, UTC)
-    return f"{stamp:%Y%m%d-%H%M%S}-{stamp.microsecond // 1000:03d}-{secrets.token_hex(2)}"
+    """`YYYYmmdd-HHMMSS-mmm-xxxx`: ids sort in publish order. Two ids made by one process in
+    the same millisecond would sort by their random suffix, so a later one takes the next
+    millisecond instead (seen: a version published right after another sorted before it)."""
+    if now is None:
+        with _id_lock:
+            ms = max(int(time.time() * 1000), _last_ms[0] + 1)
+            _last_ms[0] = ms
+    else:
+        ms = int(now * 1000)
+    stamp = datetime.fromtimestamp(ms // 1000, UTC)
+    return f"{stamp:%Y%m%d-%H%M%S}-{ms % 1000:03d}-{secrets.token_hex(2)}"
 
 
 def adapter_uri(root: str, name: str) -> str:

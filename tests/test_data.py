@@ -259,9 +259,11 @@ CHATML_NO_BOS = (
         ("chat", "own", None, "chat", None),
         ("chat", "fallback", None, "chat", None),
         ("chat", CHATML_NO_BOS, None, "chat", None),
+        ("chat", "fallback", None, "completions", None),
     ],
     ids=["alpaca-completions", "alpaca-chat", "completion-completions", "completion-chat"]
-    + ["chat-own-template", "chat-fallback", "chat-template-without-bos"],
+    + ["chat-own-template", "chat-fallback", "chat-template-without-bos"]
+    + ["chat-completions-rendered-by-the-client"],
 )
 def test_served_prompt_tokens_equal_the_tokens_training_saw(
     tmp_path, tokenizer, fmt, template, row, endpoint, request_
@@ -290,6 +292,9 @@ def test_served_prompt_tokens_equal_the_tokens_training_saw(
         request_ = [{"role": "user", "content": request_}]
     if fmt == "completion" and endpoint == "chat":
         request_ = [{"role": "user", "content": row["prompt"]}]
+    if fmt == "chat" and endpoint == "completions":
+        # a client that renders the conversation itself, without BOS (the template writes it)
+        request_ = tok.decode(_prompt_ids(ids, labels)).removeprefix(tok.bos_token)
     assert _served_ids(tok, rec, endpoint, request_) == _prompt_ids(ids, labels)
     if fmt == "chat":
         source = "fallback" if template == "fallback" else "tokenizer"

@@ -49,6 +49,10 @@ def test_score_answers_normalizes_like_exact_match():
     got = score_answers(["cat\n", "cow"], ["cat", "dog"])
     assert got["exact_match"] == 0.5 and got["f1"] == 0.5 and got["rouge_l"] == 0.5
     assert set(got) == {"exact_match", "f1", "rouge_l", "bleu"}
+    # a chat template that ends a turn with a newline (the fallback does): the expected answer
+    # decodes as "yo\n", and a right answer must still count
+    chat = score_answers(["yo", "yo\n", "no"], ["yo\n", "yo\n", "yo\n"])
+    assert chat["exact_match"] == pytest.approx(2 / 3) and chat["rouge_l"] == pytest.approx(2 / 3)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -34,6 +34,11 @@ def _releases(tmp_path, root) -> Releases:
     return Releases("app", str(tmp_path / "store"), root)
 
 
+def _started(status: dict) -> dict:
+    assert "error" not in status, status
+    return status
+
+
 def _spec(**gates) -> dict:
     return {
         "adapter": "bot",
@@ -105,7 +110,7 @@ def test_a_good_candidate_ramps_with_sticky_users_and_is_promoted(tmp_path):
 def test_a_candidate_that_errors_is_rolled_back_at_the_first_failed_gate(tmp_path):
     root, (v1, v2) = _store(tmp_path)
     rel = _releases(tmp_path, root)
-    rel.start(_spec(max_error_rate=0.05))
+    _started(rel.start(_spec(max_error_rate=0.05)))
     _run(rel, error_arm="candidate")
     r = rel.releases["bot"]
     assert r["state"] == "rolled_back" and versions.current(root, "bot") == v1
@@ -119,7 +124,7 @@ def test_a_candidate_that_errors_is_rolled_back_at_the_first_failed_gate(tmp_pat
 def test_a_slow_candidate_fails_the_p99_gate(tmp_path):
     root, (v1, _) = _store(tmp_path)
     rel = _releases(tmp_path, root)
-    rel.start(_spec(max_p99_ratio=1.5))
+    _started(rel.start(_spec(max_p99_ratio=1.5)))
     _run(rel, slow_arm="candidate")
     last = rel.releases["bot"]["log"][-1]
     assert rel.releases["bot"]["state"] == "rolled_back" and versions.current(root, "bot") == v1
@@ -129,7 +134,7 @@ def test_a_slow_candidate_fails_the_p99_gate(tmp_path):
 def test_bad_feedback_rolls_back_and_good_feedback_does_not(tmp_path):
     root, (v1, v2) = _store(tmp_path)
     rel = _releases(tmp_path, root)
-    rel.start(_spec(min_feedback=30))
+    _started(rel.start(_spec(min_feedback=30)))
     rng = random.Random(1)
     for _ in range(60):  # thumbs: control liked 80% of the time, candidate 40%
         assert rel.add_outcome("bot", "control", float(rng.random() < 0.8))
@@ -140,7 +145,9 @@ def test_bad_feedback_rolls_back_and_good_feedback_does_not(tmp_path):
     assert last["numbers"]["p_value"] < 0.05 and "reward" in last["numbers"]["gate"]
     assert last["numbers"]["test"] == "two-proportion z"
 
-    rel.start(_spec(min_feedback=30))  # the same candidate again, now as liked as the control
+    _started(
+        rel.start(_spec(min_feedback=30))
+    )  # the same candidate again, now as liked as the control
     for _ in range(40):
         rel.add_outcome("bot", "control", 1.0)
         rel.add_outcome("bot", "candidate", 1.0)
@@ -151,7 +158,7 @@ def test_bad_feedback_rolls_back_and_good_feedback_does_not(tmp_path):
 def test_a_step_without_traffic_is_held_then_rolled_back(tmp_path):
     root, (v1, _) = _store(tmp_path)
     rel = _releases(tmp_path, root)
-    rel.start(_spec(max_wait_s=0.75))
+    _started(rel.start(_spec(max_wait_s=0.75)))
     deadline = time.time() + 10
     while rel.releases["bot"]["state"] == "running" and time.time() < deadline:
         time.sleep(0.05)
@@ -165,7 +172,7 @@ def test_a_step_without_traffic_is_held_then_rolled_back(tmp_path):
 def test_a_release_survives_a_restart_of_its_replica(tmp_path):
     root, (v1, v2) = _store(tmp_path)
     rel = _releases(tmp_path, root)
-    rel.start(_spec())
+    _started(rel.start(_spec()))
     _traffic(rel, _arms(rel))
     time.sleep(0.35)
     rel.tick()  # advanced to 50%

@@ -13,6 +13,7 @@ from conftest import job_config
 from cluster import cli
 from cluster.config import dump_config
 from cluster.errors import ConfigError
+from cluster.job_config import JobConfig
 
 # 16 training rows memorized at lr 1e-2 (the in-process probe this was sized on: from step 35
 # to 50 the training loss went 1.15 -> 1.06 -> 0.98 -> 0.95 while the eval loss went
@@ -109,10 +110,12 @@ def test_mlflow_or_wandb_configured_but_not_installed_is_a_config_error(tmp_path
     raw = {"data": {"path": "d.jsonl"}, "tracking": {"mlflow": {"experiment": "x"}}}
     with pytest.raises(ConfigError) as e:
         load_config(None, raw)
-    assert "tracking: tracking.mlflow: needs the 'mlflow' package" in str(e.value)
+    assert "tracking.mlflow: needs the 'mlflow' package" in str(e.value)
     assert "pip install mlflow" in str(e.value)
     with pytest.raises(ConfigError, match="pip install wandb"):
         load_config(None, {"data": {"path": "d.jsonl"}, "tracking": {"wandb": {"project": "p"}}})
+    # a config read back from storage (merge, a Tune trial, eval) loads where mlflow is absent
+    assert JobConfig.model_validate(raw).tracking.mlflow.experiment == "x"
     # not configured: no error, and the run still tracks to metrics.jsonl and TensorBoard
     assert load_config(None, {"data": {"path": "d.jsonl"}}).training.tensorboard is True
 

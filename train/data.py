@@ -415,6 +415,12 @@ def prepare(data_cfg, tokenizer, log=print) -> Prepared:
         examples, dups = drop_duplicates(examples, seen)
         if dups:
             log(f"[data] {src.path}: dropped {dups} exact duplicate examples")
+        if dups and not examples:
+            raise DataError(
+                f"{src.path}: every one of its {dups} examples duplicates an example of an "
+                "earlier source or of itself, so it adds nothing to the mix; drop the source or "
+                "give it other rows"
+            )
         if data_cfg.eval_path:
             train_part, eval_part = examples, []
         else:

@@ -155,13 +155,35 @@ def _describe(label: str, uri: str) -> Candidate:
 def candidates(cfg) -> list[Candidate]:
     """The base, then each of eval.adapters (default: this job's published adapter): a store
     name (its current version), `name@version`, or a folder."""
+    from cluster.job_config import FULL_WEIGHTS
+    from cluster.schema_base import name_problem
+    from train.export import full_models_root
+
     root = layout.adapters_root(cfg.storage.root)
     out, problems = [Candidate("base")], []
+    if not cfg.eval.adapters and cfg.adapter.method in FULL_WEIGHTS:
+        # a full / partial fine-tune is published as a whole model: its latest version
+        models = storage.join(full_models_root(cfg.storage.root), cfg.name, "versions")
+        latest = sorted(v for v in storage.listdir(models) if versions.is_version_id(v))
+        if not latest:
+            raise ConfigError(
+                [
+                    f"eval.adapters: unset, and {cfg.name} ({cfg.adapter.method}) has no published "
+                    f"model in {models} yet; train it first, or name a model folder"
+                ]
+            )
+        return out + [_describe(f"{cfg.name}@{latest[-1]}", storage.join(models, latest[-1]))]
     for entry in cfg.eval.adapters or [cfg.name]:
         if "/" in entry or Path(entry).expanduser().exists():
             out.append(_describe(Path(entry.rstrip("/")).name, storage.absolute(entry)))
             continue
         name, _, version = entry.partition("@")
+        bad = name_problem(name) or (
+            version and not versions.is_version_id(version) and f"not a version id: {version!r}"
+        )
+        if bad:
+            problems.append(f"eval.adapters: expected NAME or NAME@VERSION. Got {entry!r}: {bad}")
+            continue
         version = version or versions.current(root, name)
         if not version or versions.read_meta(root, name, version) is None:
             problems.append(
@@ -282,6 +304,11 @@ def vllm_answers(cfg, sets, cands, max_new_tokens: int, log) -> dict:
     longest = max(len(e.prompt_ids) for s in sets for e in s.prompted)
     max_pos = getattr(AutoConfig.from_pretrained(base), "max_position_embeddings", None) or 4096
     rank = max([c.rank for c in loras], default=8)
+    if torch.cuda.is_available():  # the HF passes' cached blocks would count against vLLM's share
+        import gc
+
+        gc.collect()
+        torch.cuda.empty_cache()
     t0 = time.perf_counter()
     llm = LLM(
         model=base,

@@ -410,7 +410,8 @@ def train_step(run: Run) -> tuple[float, float, int]:
         run.scaler.update()
     else:
         run.optimizer.step()
-    after_step(run.model, run.step)  # AdaLoRA's rank allocation reads the gradients
+    if math.isfinite(norm):  # an fp16 overflow (a skipped step) must not poison AdaLoRA's scores
+        after_step(run.model, run.step)  # AdaLoRA's rank allocation reads the gradients
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     run.step += 1

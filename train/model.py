@@ -402,8 +402,11 @@ def set_method_state(model, state: dict) -> None:
     alloc, saved = _allocator(model), state.get("adalora")
     if alloc is None or saved is None:
         return
+    # the scores were loaded on the CPU (map_location); PEFT combines them with the gradients,
+    # on the worker's device
+    device = next(p.device for p in model.parameters() if p.requires_grad)
     for k in ("ipt", "exp_avg_ipt", "exp_avg_unc"):
-        setattr(alloc, k, dict(saved[k]))
+        setattr(alloc, k, {n: t.to(device) for n, t in saved[k].items()})
     model.peft_config[model.active_adapter].rank_pattern = saved["rank_pattern"]
 
 

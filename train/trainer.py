@@ -205,11 +205,15 @@ def plan_run(cfg, log=print):
     absolute, check every data row (a bad row fails in seconds, by file and row, before any
     worker starts), print the data report, turn training.epochs into steps, connect to Ray.
     Returns (the config the workers get, the data report)."""
+    from cluster.errors import ConfigError
     from cluster.ray_connect import ensure_ray
     from cluster.servability import config_warning
     from train.data import prepare
     from train.model import load_tokenizer, resolve_base
 
+    missing = cfg.tracking.missing_packages()  # a config built in Python skips load_config's check
+    if missing:
+        raise ConfigError(missing)
     cfg = absolute_paths(resolve_base(cfg))
     warning = config_warning(cfg)  # an adapter vLLM cannot serve: said before any training
     if warning:
