@@ -237,30 +237,16 @@ def main(names: list[str]) -> int:
 def bench_tune_asha(grace_steps: int = 5) -> float:
     """The same space and seed searched twice: ASHA, then every trial run to completion (FIFO).
     Compute is total training steps across trials; the best eval loss of each is printed."""
+    from bench.tune_asha import base_config
     from cluster.validation import with_overrides
     from tune.tuner import tune_job
 
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        base = _demo_cfg(
-            Path(tmp),
-            **{
-                "training.max_steps": 90,
-                "training.eval_every_steps": 5,
-                "training.eval_max_batches": 4,
-                "training.keep_checkpoints": 1,
-                "scaling.resources_per_worker": {"CPU": 1},
-                "tune.num_samples": 12,
-                "tune.max_concurrent_trials": 2,
-                "tune.grace_period_steps": grace_steps,
-                "tune.reduction_factor": 3,
-                "tune.search": "random",
-                "tune.seed": 7,
-                "tune.space": {
-                    "training.learning_rate": {"loguniform": [1e-5, 3e-3]},
-                    "adapter.r": {"choice": [4, 8, 16]},
-                },
-            },
+        # the one definition of the search (space, seed, trials) that bench.tune_asha sweeps
+        base = with_overrides(
+            base_config(Path(tmp)),
+            {"tune.grace_period_steps": grace_steps, "tune.reduction_factor": 3},
         )
         for scheduler in ("asha", "fifo"):
             cfg = with_overrides(base, {"name": f"bench-{scheduler}", "tune.scheduler": scheduler})
