@@ -660,8 +660,11 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         if not ray_was_running and _ray_running():
-            # the local Ray this command started goes with it (a cluster it joined stays up)
-            sys.modules["ray"].shutdown()
+            # the local Ray this command started goes with it, every process of it (a cluster
+            # it joined stays up)
+            from cluster.ray_connect import stop_local_ray
+
+            stop_local_ray()
 
 
 def entry() -> None:

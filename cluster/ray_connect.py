@@ -126,3 +126,29 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def stop_local_ray(grace_s: float = 15.0) -> list[int]:
+    """Shut down the local Ray this process started, and leave none of its processes behind.
+
+    `ray.shutdown()` stops the head's processes by SIGTERM and returns; the raylet's agents
+    (runtime env, dashboard) exit on their own when they notice their raylet is gone, which on
+    a loaded machine took over a minute. Every child of this process is one this command
+    started, so the ones still running `grace_s` after the shutdown are killed by PID. Returns
+    the PIDs it had to kill."""
+    import sys
+
+    import psutil
+
+    ours = psutil.Process().children(recursive=True)
+    sys.modules["ray"].shutdown()
+    _, alive = psutil.wait_procs(ours, timeout=grace_s)
+    killed = []
+    for proc in alive:
+        try:
+            proc.kill()
+            killed.append(proc.pid)
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=5)
+    return killed
