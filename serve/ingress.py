@@ -64,6 +64,7 @@ from serve.ray_internal import (
     ErrorResponse,
     OpenAiIngress,
     init,
+    loaded_model_ids,
     open_ai_json_wrapper,
     peek_at_generator,
 )
@@ -79,6 +80,10 @@ MAX_MISSES = 4096
 RELEASE_ARM_HEADER = "X-Lorafleet-Release-Arm"  # control | candidate, while a release runs
 SYNC_INTERVAL_S = 1.0
 REWARD_BOUNDARIES = [0.25, 0.5, 0.75, 1.0]
+# GET /v1/adapters/{name} asks Serve's controller what the replicas hold at most this often, and
+# answers "unknown" (loaded_on: null) when it does not answer within the timeout
+LOADED_TTL_S = 1.0
+LOADED_TIMEOUT_S = 2.0
 LATENCY_BOUNDARIES_S = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60]
 
 
@@ -335,6 +340,9 @@ class FleetIngress(OpenAiIngress):
         release=None,
     ):
         super().__init__(llm_deployments, model_cards)
+        self.llm_handles = dict(llm_deployments)  # model id -> its vLLM deployment's handle
+        self._loaded_at: tuple[float, dict | None] = (-LOADED_TTL_S, None)
+        self._loaded_lock = asyncio.Lock()
         self.cfg = ServeAppConfig.model_validate(app_config)
         self.bases = {m.id: m.base for m in self.cfg.models}
         self.experiments = {e.name: e for e in self.cfg.experiments}
@@ -848,8 +856,48 @@ class FleetIngress(OpenAiIngress):
         await self._sync_releases()
         return response
 
+    async def _loaded(self) -> dict[str, dict[str, list[str]]] | None:
+        """{model id: {replica id: the multiplexed ids it holds}} for every vLLM deployment, as
+        Serve's controller knows them (ray_internal.loaded_model_ids), asked at most once per
+        LOADED_TTL_S (the page asks once per adapter per poll); None when it does not answer."""
+        async with self._loaded_lock:
+            at, found = self._loaded_at
+            if time.monotonic() - at < LOADED_TTL_S:
+                return found
+            deployments = {
+                mid: (h.app_name, h.deployment_name) for mid, h in self.llm_handles.items()
+            }
+            try:
+                found = await loaded_model_ids(deployments, LOADED_TIMEOUT_S)
+            except Exception as e:  # the controller restarting: the page says "unknown"
+                print(f"[ingress] cannot read the replicas' loaded adapters: {e!r}")
+                found = None
+            self._loaded_at = (time.monotonic(), found)
+            return found
+
+    async def _loaded_on(self, name: str) -> list[dict] | None:
+        """[{"model", "replica", "versions"}]: each vLLM replica holding (or loading) a version of
+        adapter `name`, and which versions; None when Serve's controller did not say."""
+        found = await self._loaded()
+        if found is None:
+            return None
+        out = []
+        for model_id, replicas in sorted(found.items()):
+            for replica, ids in sorted(replicas.items()):
+                held = set()
+                for mid in ids:  # `<model>:<adapter>@<version>` (_check_target)
+                    base, _, spec = mid.partition(":")
+                    adapter, version = split_adapter(spec)
+                    if base == model_id and adapter == name and version:
+                        held.add(version)
+                if held:
+                    out.append({"model": model_id, "replica": replica, "versions": sorted(held)})
+        return out
+
     async def adapter_versions(self, name: str, request: Request):
-        """GET /v1/adapters/{name}: its versions (metrics, source, publish time) and the current."""
+        """GET /v1/adapters/{name}: its versions (metrics, source, publish time), the current, and
+        the vLLM replicas that hold it (`loaded_on`: which replica, which versions; null when
+        Serve's controller did not answer)."""
         self._auth(request)
         if name_problem(name):  # checked before the name touches a path
             raise ApiError(400, name_problem(name), param="name")
@@ -873,6 +921,7 @@ class FleetIngress(OpenAiIngress):
                 "current": pointer["version"],
                 "history": pointer.get("history", []),
                 "versions": [{k: m.get(k) for k in keep} for m in found],
+                "loaded_on": await self._loaded_on(name),
             }
         )
 

@@ -600,3 +600,78 @@ def test_an_inference_key_sees_the_page_read_only(app):
         timeout=30,
     )
     assert r.status_code == 401, r.text
+
+
+def _vllm_replicas() -> set[str]:
+    """The running vLLM replicas' ids, each asked of its replica actor (its routing stats,
+    serve/server.py): what the page's "loaded on" must name."""
+    import ray
+    from ray.util.state import list_actors
+
+    from cluster.ray_connect import state_api_address
+
+    found = set()
+    for a in list_actors(
+        address=state_api_address(), filters=[("state", "=", "ALIVE")], detail=True
+    ):
+        if a.class_name.startswith(f"ServeReplica:{APP}:LoraStoreServer"):
+            stats = ray.get(ray.get_actor(a.name, namespace="serve").record_routing_stats.remote())
+            found.add(stats["lorafleet"]["replica"])
+    return found
+
+
+def _loaded_on(app, name: str):
+    r = requests.get(
+        f"{app['url']}/v1/adapters/{name}", headers={"Authorization": f"Bearer {KEY}"}, timeout=30
+    )
+    assert r.status_code == 200, r.text
+    return r.json()["loaded_on"]
+
+
+@pytest.mark.slow
+def test_an_adapter_shows_the_replicas_that_loaded_it(app):
+    """An adapter no request named (and no experiment preloads) is on no replica; a request for a
+    pinned version, then for the current one, puts each on the replica that answered, and the page
+    names that replica beside each version it holds (and beside no other version)."""
+    root, base = app["root"], app["base"]
+    old = _publish(base, root, "ui-cold", seed=21)
+    new = _publish(base, root, "ui-cold", seed=22)
+    unused = _publish(base, root, "ui-cold", seed=23, current=False)
+    (replica,) = _vllm_replicas()  # max_replicas: 1
+    assert _loaded_on(app, "ui-cold") == []
+    card = '.adapter[data-adapter="ui-cold"]'
+    driver = _browser(app["url"], KEY)
+    try:
+        shown = lambda: driver.execute_script(  # noqa: E731
+            """const c = document.querySelector(arguments[0]);
+            const p = c && c.querySelector('.loaded-on');
+            if (!p || !c.querySelector('tr[data-version="' + arguments[1] + '"]')) return null;
+            const cells = {};
+            for (const tr of c.querySelectorAll('tr[data-version]'))
+              cells[tr.dataset.version] = tr.querySelector('td.replicas').dataset.replicas;
+            return {known: p.dataset.known, text: p.textContent, cells,
+              replicas: [...p.querySelectorAll('.replica')].map(
+                (s) => [s.dataset.replica, s.dataset.versions])};""",
+            card,
+            unused,
+        )
+        before = _wait(shown, "ui-cold's card with its versions", 60)
+        assert before["known"] == "true" and before["replicas"] == [], before
+        assert set(before["cells"].values()) == {""}, before
+        assert "no replica" in before["text"], before
+
+        r = _ask(app, f"tiny:ui-cold@{old}", "cold-1")
+        assert r.status_code == 200, r.text
+        want = [{"model": "tiny", "replica": replica, "versions": [old]}]
+        _wait(lambda: _loaded_on(app, "ui-cold") == want, f"ui-cold@{old} on {replica}", 30)
+        assert _ask(app, "tiny:ui-cold", "cold-2").status_code == 200
+        want = [{"model": "tiny", "replica": replica, "versions": sorted([old, new])}]
+        _wait(lambda: _loaded_on(app, "ui-cold") == want, f"both versions on {replica}", 30)
+
+        _next_poll(driver)
+        after = shown()
+        assert after["replicas"] == [[replica, " ".join(sorted([old, new]))]], after
+        assert replica in after["text"] and "1 replica" in after["text"], after
+        assert after["cells"] == {old: replica, new: replica, unused: ""}, after
+    finally:
+        _close(driver)

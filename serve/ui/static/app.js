@@ -323,6 +323,22 @@ function adapterCard(name) {
   return el("article", { class: "card adapter", "data-adapter": name }, el("h3", {}, name), el("div", { class: "body" }));
 }
 
+function loadedOn(a) {
+  // the vLLM replicas holding a version of this adapter (GET /v1/adapters/{name} loaded_on)
+  const on = a.loaded_on;
+  if (on === null || on === undefined) {
+    return el("p", { class: "loaded-on muted", "data-known": "false", text: "loaded on: unknown (Serve's controller did not answer)" });
+  }
+  if (!on.length) {
+    return el("p", { class: "loaded-on muted", "data-known": "true", text: "loaded on no replica (its next request loads it)" });
+  }
+  return el("p", { class: "loaded-on", "data-known": "true" }, `loaded on ${on.length} replica${on.length === 1 ? "" : "s"}:`,
+    on.map((r) => el("span", {
+      class: "replica", "data-replica": r.replica, "data-model": r.model, "data-versions": r.versions.join(" "),
+      title: `${r.model} replica ${r.replica}: ${r.versions.join(", ")}`, text: `${r.model} ${r.replica}`,
+    })));
+}
+
 function renderAdapter(name, a, error) {
   const node = card("adapters", `ad-${name}`, () => adapterCard(name));
   if (error) {
@@ -335,19 +351,21 @@ function renderAdapter(name, a, error) {
   const rows = [...a.versions].reverse().map((v) => {
     const metrics = Object.entries(v.metrics || {}).map(([k, x]) => `${k}=${typeof x === "number" ? num(x, 4) : x}`).join(" ");
     const isCurrent = v.version === a.current;
+    const on = (a.loaded_on || []).filter((r) => r.versions.includes(v.version)).map((r) => r.replica);
     return el("tr", { "data-version": v.version, class: isCurrent ? "current" : "" },
       el("td", {}, isCurrent ? el("b", { text: v.version }) : v.version),
       el("td", { text: isCurrent ? "current" : "" }),
       el("td", { class: "muted", text: (v.published_at || "").replace("T", " ") }),
       el("td", { text: (v.source && v.source.kind) || "—" }), el("td", { text: v.step ?? "—" }),
       el("td", { text: num(v.eval_loss, 4) }), el("td", { class: "muted", text: metrics }),
+      el("td", { class: "replicas", "data-replicas": on.join(" "), text: on.length ? on.join(", ") : "—" }),
       el("td", {}, ADMIN && !isCurrent ? el("button", {
         class: "quiet promote", "data-adapter": name, "data-version": v.version, text: "Promote",
         onclick: () => act(`Promote ${name} to version ${v.version}? It becomes current for every request at once.`,
           "POST", `/v1/adapters/${encodeURIComponent(name)}/promote`, { version: v.version }, (x) => `${name}: current is now ${x.version}`),
       }) : ""));
   });
-  const body = [table(["version", "", "published", "source", "step", "eval_loss", "metrics", ""], rows)];
+  const body = [loadedOn(a), table(["version", "", "published", "source", "step", "eval_loss", "metrics", "loaded on", ""], rows)];
   if (ADMIN && (a.history || []).length) {
     body.push(el("div", { class: "actions" }, el("button", {
       class: "danger rollback", "data-adapter": name, text: `Roll back to ${a.history[0]}`,
