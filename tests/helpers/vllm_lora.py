@@ -2,6 +2,8 @@
 
     python tests/helpers/vllm_lora.py BASE_DIR ADAPTER_DIR PROMPTS_JSON  -> one JSON line: {"base": [...], "lora": [...]}
 
+ADAPTER_DIR `-`: the base alone (a whole fine-tuned model served as a base), "lora" is [].
+
 Runs in its own process: vLLM's engine starts worker processes and must own its main module.
 """
 
@@ -32,7 +34,11 @@ def main(base: str, adapter: str, prompts_path: str) -> None:
     base_out = [o.outputs[0].text for o in llm.generate(prompts, params)]
     lora_out = [
         o.outputs[0].text
-        for o in llm.generate(prompts, params, lora_request=LoRARequest("a", 1, adapter))
+        for o in (
+            llm.generate(prompts, params, lora_request=LoRARequest("a", 1, adapter))
+            if adapter != "-"
+            else []
+        )
     ]
     print(json.dumps({"base": base_out, "lora": lora_out}))
 
