@@ -8,7 +8,7 @@
     lorafleet merge lorafleet-runs/adapters/demo-last --out merged/
     lorafleet adapters list | show NAME | promote NAME VERSION | rollback NAME  [--root ROOT]
     lorafleet release configs/serve-demo.yaml        # canary: ramp, promote or roll back
-    lorafleet release status | abort configs/serve-demo.yaml [ADAPTER]
+    lorafleet release status | abort | pause | resume configs/serve-demo.yaml [ADAPTER]
     lorafleet serve configs/serve-demo.yaml          # OpenAI-compatible HTTP on 127.0.0.1:8000
     lorafleet serve set-weights configs/serve-demo.yaml word-bot last-word=50 swap-words=50
     lorafleet serve eval configs/serve-demo.yaml tiny-demo:demo-last lorafleet-runs/demo/data/last/test.jsonl
@@ -154,7 +154,8 @@ def run_release(
     url: str | None,
     follow: bool,
 ) -> int:
-    """Start, follow or abort a canary release on the running app (cluster/release_commands.py)."""
+    """Start, follow, pause, resume or abort a canary release on the running app
+    (cluster/release_commands.py)."""
     from cluster import release_commands as rc
     from cluster.http_client import HttpError, ServerUnreachable
     from cluster.serve_config import ServeAppConfig
@@ -167,6 +168,8 @@ def run_release(
             return rc.start(cfg, cfg.release.model_dump(mode="json"), url, follow)
         if action == "status":
             return rc.status(cfg, adapter, url, follow)
+        if action in ("pause", "resume"):
+            return rc.pause_or_resume(cfg, action, adapter, url)
         return rc.abort(cfg, adapter, url)
     except (ServerUnreachable, HttpError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -489,7 +492,8 @@ def _store_parsers(sub) -> dict[str, argparse.ArgumentParser]:
         "release",
         help="canary-release an adapter version on a running server: ramp, promote or roll back",
         description="lorafleet release [start] CONFIG [KEY=VALUE ...] [--no-follow]  |  "
-        "lorafleet release status CONFIG [ADAPTER] [--follow]  |  lorafleet release abort CONFIG ADAPTER",
+        "lorafleet release status CONFIG [ADAPTER] [--follow]  |  "
+        "lorafleet release abort|pause|resume CONFIG ADAPTER",
     )
     r.add_argument("words", nargs="*", metavar="ARG")
     r.add_argument("--url", help="the server (default: http.host:http.port)")
@@ -574,18 +578,21 @@ def _serve_invocation(p, a) -> Invocation:
     return Invocation("serve eval", params | {"url": a.url, "limit": a.limit})
 
 
+RELEASE_ACTIONS = ("start", "status", "abort", "pause", "resume")
+
+
 def _release_invocation(p, a) -> Invocation:
     words = list(a.words)
-    action = words.pop(0) if words and words[0] in ("start", "status", "abort") else "start"
+    action = words.pop(0) if words and words[0] in RELEASE_ACTIONS else "start"
     if action == "start":
         config, overrides = _split_words(p, words, None)
         params = {"config": config, "overrides": overrides, "adapter": None}
         return Invocation(
             "release", params | {"action": action, "url": a.url, "follow": not a.no_follow}
         )
-    if not 1 <= len(words) <= 2 or (action == "abort" and len(words) != 2):
+    if not 1 <= len(words) <= 2 or (action != "status" and len(words) != 2):
         p.error(
-            f"usage: lorafleet release {action} CONFIG {'ADAPTER' if action == 'abort' else '[ADAPTER]'}"
+            f"usage: lorafleet release {action} CONFIG {'[ADAPTER]' if action == 'status' else 'ADAPTER'}"
         )
     params = {"config": words[0], "overrides": [], "adapter": words[1] if len(words) > 1 else None}
     return Invocation("release", params | {"action": action, "url": a.url, "follow": a.follow})

@@ -4,6 +4,8 @@
     lorafleet release configs/serve-demo.yaml release.version=20261202-003015-123-9f3a
     lorafleet release status configs/serve-demo.yaml [ADAPTER]
     lorafleet release abort configs/serve-demo.yaml ADAPTER
+    lorafleet release pause configs/serve-demo.yaml ADAPTER    # hold its step and split
+    lorafleet release resume configs/serve-demo.yaml ADAPTER   # its step again, on fresh counts
 
 The release runs inside the Serve app (serve/release.py), not here: Ctrl-C, or this machine going
 away, stops only the following; `lorafleet release status` picks it up again. Every call needs the
@@ -45,6 +47,10 @@ def _numbers(n: dict) -> str:
         )
     if n.get("gate"):
         parts.append(f"failed gate: {n['gate']}")
+    if n.get("paused_s") is not None:
+        parts.append(f"paused {n['paused_s']:g} s")
+    if n.get("by"):
+        parts.append(f"by {n['by']}")
     return "; ".join(parts)
 
 
@@ -109,6 +115,15 @@ def abort(cfg, adapter: str, url: str | None, out=print) -> int:
     out(
         f"[release] {adapter}: {release['state']}; candidate {release['candidate']} gets no traffic"
     )
+    return 0
+
+
+def pause_or_resume(cfg, action: str, adapter: str, url: str | None, out=print) -> int:
+    """POST /v1/releases/ADAPTER/pause (or /resume): print where the release now stands."""
+    release = admin_client(cfg, url).post(f"/v1/releases/{adapter}/{action}", {}).json()
+    pct = f" at {release['percent']:g}% of users" if release["percent"] is not None else ""
+    step = f"step {release['step'] + 1}/{release['steps']}"
+    out(f"[release] {adapter} {release['candidate']}: {release['state']}, {step}{pct}")
     return 0
 
 

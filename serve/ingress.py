@@ -856,6 +856,16 @@ class FleetIngress(OpenAiIngress):
         await self._sync_releases()
         return response
 
+    async def pause_release(self, adapter: str, request: Request):
+        """POST /v1/releases/{adapter}/pause: hold it at its step and split (admin)."""
+        self._auth(request, admin=True)
+        return await self._release_call("pause", adapter)
+
+    async def resume_release(self, adapter: str, request: Request):
+        """POST /v1/releases/{adapter}/resume: its step again, on fresh counts (admin)."""
+        self._auth(request, admin=True)
+        return await self._release_call("resume", adapter)
+
     async def _loaded(self) -> dict[str, dict[str, list[str]]] | None:
         """{model id: {replica id: the multiplexed ids it holds}} for every vLLM deployment, as
         Serve's controller knows them (ray_internal.loaded_model_ids), asked at most once per
@@ -984,6 +994,8 @@ ENDPOINTS = {
     "list_releases": lambda app: app.get("/v1/releases"),
     "get_release": lambda app: app.get("/v1/releases/{adapter}"),
     "abort_release": lambda app: app.post("/v1/releases/{adapter}/abort"),
+    "pause_release": lambda app: app.post("/v1/releases/{adapter}/pause"),
+    "resume_release": lambda app: app.post("/v1/releases/{adapter}/resume"),
     "adapter_versions": lambda app: app.get("/v1/adapters/{name}"),
     "move_adapter": lambda app: app.post("/v1/adapters/{name}/{action}"),
     "ui_page": lambda app: app.get("/ui"),

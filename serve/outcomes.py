@@ -4,15 +4,19 @@ with the experiment's control.
 
 The comparison is a two-proportion z-test (pooled, two-sided) when every reward of both variants
 is 0 or 1 (thumbs up/down), else Welch's t-test (unequal variances, two-sided). Both are read
-from the sums alone, so counts from many ingress replicas add up and survive a restart.
+from the sums alone, so counts from many ingress replicas add up and survive a restart. So is
+each variant's 95% interval of its mean: Wilson's score interval when its rewards are all 0/1,
+else Student's t interval from the mean and sample variance.
 """
 
 from __future__ import annotations
 
 import math
+from statistics import NormalDist
 
 THUMBS = {"up": 1.0, "down": 0.0}
 DEFAULT_MIN_SAMPLES = 100
+Z_95 = NormalDist().inv_cdf(0.975)  # 1.95996...
 
 
 def parse_reward(value) -> float:
@@ -44,6 +48,29 @@ def mean_and_variance(stats: dict) -> tuple[int, float | None, float | None]:
     if n < 2:
         return n, mean, None
     return n, mean, max(stats["sumsq"] - n * mean * mean, 0.0) / (n - 1)
+
+
+def interval_95(stats: dict) -> dict | None:
+    """The 95% interval of a variant's mean reward, {low, high, method}; None with too few.
+
+    All rewards 0/1: Wilson's score interval for the rate (any n >= 1; it stays inside [0, 1]
+    and is sound at 0% or 100%). Otherwise Student's t: mean +- t(0.975, n - 1) * s / sqrt(n),
+    s the sample standard deviation (n >= 2); it assumes the mean is near normal, which holds
+    for bounded rewards once n is a few dozen, and is wider than z's below that."""
+    n, mean, var = mean_and_variance(stats)
+    if mean is None:
+        return None
+    if not stats.get("nonbinary"):
+        z2 = Z_95 * Z_95
+        mid = (mean + z2 / (2 * n)) / (1 + z2 / n)
+        half = Z_95 * math.sqrt(mean * (1 - mean) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+        return {"low": max(mid - half, 0.0), "high": min(mid + half, 1.0), "method": "wilson"}
+    if var is None:
+        return None
+    from scipy.special import stdtrit  # Student's t quantile; scipy is imported only when needed
+
+    half = float(stdtrit(n - 1, 0.975)) * math.sqrt(var / n)
+    return {"low": mean - half, "high": mean + half, "method": "t"}
 
 
 def two_proportion_z(x1: float, n1: int, x2: float, n2: int) -> tuple[float, float]:
@@ -91,12 +118,13 @@ def compare(control: dict, variant: dict) -> dict:
 
 
 def summarize(stats: dict[str, dict], control: str, min_samples: int) -> dict[str, dict]:
-    """Per variant: count, mean, whether it has `min_samples` outcomes, and (all but the control)
-    the comparison with the control."""
+    """Per variant: count, mean, its 95% interval (`interval_95`), whether it has `min_samples`
+    outcomes, and (all but the control) the comparison with the control."""
     out = {}
     for name in stats:
         n, mean, _ = mean_and_variance(stats[name])
-        row = {"count": n, "mean": mean, "min_samples": min_samples}
+        row = {"count": n, "mean": mean, "interval_95": interval_95(stats[name])}
+        row["min_samples"] = min_samples
         row["enough_samples"] = n >= min_samples
         row["control"] = name == control
         if name != control:

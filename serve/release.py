@@ -8,6 +8,9 @@ ramp step moves only the users the new share needs), push per-arm counts to it e
 pull its tables. Its state (tables, step, counts, the decision log) lives in
 `<storage.root>/releases/<app>.json`, written at every decision, so a restarted replica, or a
 restarted `lorafleet serve`, carries on where the release stood.
+
+An admin can pause a running release (`Releases.pause`) and resume it (`Releases.resume`); what
+a pause keeps and what a resume starts afresh is said there.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from cluster.release_config import ReleaseConfig
 from serve.experiments import Table
 
 ARMS = ("control", "candidate")
+LIVE = ("running", "paused")  # a release in these states routes its adapter's users
 RELEASE_PREFIX = "release:"  # how a release's arms appear among the experiments' metrics
 # latency histogram bounds (s) for the p99 gate: 5 ms up, 25% apart, to 2 minutes
 LATENCY_BOUNDS = [0.005 * 1.25**i for i in range(46)]
@@ -43,7 +47,7 @@ def running_candidates(uri: str) -> dict[str, str]:
         releases = json.loads(storage.read_text(uri))
     except (FileNotFoundError, OSError, ValueError):
         return {}
-    return {a: r["candidate"] for a, r in releases.items() if r.get("state") == "running"}
+    return {a: r["candidate"] for a, r in releases.items() if r.get("state") in LIVE}
 
 
 def latency_bucket(seconds: float) -> str:
@@ -116,12 +120,10 @@ def outcome_gate(release: dict, g) -> tuple[bool, dict]:
     return worse, numbers
 
 
-def judge(release: dict) -> tuple[str | None, dict]:
-    """('fail' | 'pass' | 'hold' | None: not yet, numbers): the gates on this step's counts."""
-    spec = ReleaseConfig.model_validate(release["spec"])
-    g, step = spec.gates, spec.steps[release["step"]]
+def window_numbers(release: dict) -> dict:
+    """Requests, error rates and p99 of each arm in this step's counts."""
     ctl, cand = release["window"]["control"], release["window"]["candidate"]
-    numbers = {
+    return {
         "candidate_requests": cand.get("requests", 0),
         "control_requests": ctl.get("requests", 0),
         "candidate_error_rate": round(_rate(cand, "errors"), 4),
@@ -129,6 +131,14 @@ def judge(release: dict) -> tuple[str | None, dict]:
         "candidate_p99_s": p99(cand),
         "control_p99_s": p99(ctl),
     }
+
+
+def judge(release: dict) -> tuple[str | None, dict]:
+    """('fail' | 'pass' | 'hold' | None: not yet, numbers): the gates on this step's counts."""
+    spec = ReleaseConfig.model_validate(release["spec"])
+    g, step = spec.gates, spec.steps[release["step"]]
+    ctl, cand = release["window"]["control"], release["window"]["candidate"]
+    numbers = window_numbers(release)
     enough = cand.get("requests", 0) >= g.min_requests
     if enough and numbers["candidate_error_rate"] > g.max_error_rate:
         return "fail", numbers | {"gate": f"error rate > {g.max_error_rate}"}
@@ -193,7 +203,7 @@ class Releases:
         except ValueError as e:
             return {"error": str(e), "status": 400}
         r = self.releases.get(cfg.adapter)
-        if r and r["state"] == "running":
+        if r and r["state"] in LIVE:
             return {"error": f"adapter {cfg.adapter!r} is already being released", "status": 409}
         control = versions.current(self.adapter_root, cfg.adapter)
         if control is None:
@@ -214,9 +224,62 @@ class Releases:
     @_locked
     def abort(self, adapter: str) -> dict:
         r = self.releases.get(adapter)
-        if not r or r["state"] != "running":
-            return {"error": f"no running release of {adapter!r}", "status": 404}
+        if not r or r["state"] not in LIVE:
+            return {"error": f"no running or paused release of {adapter!r}", "status": 404}
         self._end(r, "rolled_back", "aborted", {"by": "admin"})
+        return self.status(adapter)
+
+    def _refused(self, adapter: str, want: str) -> dict | None:
+        """Why `adapter`'s release cannot be paused (want 'running') or resumed ('paused')."""
+        r = self.releases.get(adapter)
+        if not r:
+            return {"error": f"no release of {adapter!r}", "status": 404}
+        if r["state"] == want:
+            return None
+        if r["state"] in LIVE:
+            verb = "pause" if want == "running" else "resume"
+            return {
+                "error": f"the release of {adapter!r} is {r['state']}: nothing to {verb}",
+                "status": 409,
+            }
+        state = r["state"].replace("_", " ")
+        return {"error": f"the release of {adapter!r} has ended ({state})", "status": 409}
+
+    @_locked
+    def pause(self, adapter: str) -> dict:
+        """Hold a running release where it stands. Its table is kept, so each user stays on the
+        arm they have; the tick leaves it alone: it neither advances, nor is promoted, nor is
+        rolled back, and neither its step's hold nor its `max_wait_s` count (the holds so far)
+        moves. Counts and rewards still arrive (they show in `total`); see `resume` for what the
+        gates read. Logged as "paused" with the step's numbers so far."""
+        if refused := self._refused(adapter, "running"):
+            return refused
+        r = self.releases[adapter]
+        now = time.time()
+        r["state"], r["paused_at"] = "paused", now
+        step_s = round(now - r["step_started"], 1)
+        self._log(r, "paused", window_numbers(r) | {"by": "admin", "step_elapsed_s": step_s})
+        self._changed()
+        return self.status(adapter)
+
+    @_locked
+    def resume(self, adapter: str) -> dict:
+        """Run a paused release again, on the same step and share. The step starts afresh: its
+        hold runs again from now, on counts from now on, since traffic before or during the
+        pause (whatever made someone pause) is not what the gates should pass or fail the step
+        on. The holds already counted against `max_wait_s` stay counted, so pausing cannot
+        stretch a starved step forever. Rewards (the outcome gate) are over the whole release
+        and each names the arm that answered, so those sent during the pause count. Logged as
+        "resumed" with how long it was paused."""
+        if refused := self._refused(adapter, "paused"):
+            return refused
+        r = self.releases[adapter]
+        now = time.time()
+        paused_s = round(now - (r.pop("paused_at", None) or now), 1)
+        r["state"], r["step_started"] = "running", now
+        r["window"] = {a: {} for a in ARMS}
+        self._log(r, "resumed", {"by": "admin", "paused_s": paused_s})
+        self._changed()
         return self.status(adapter)
 
     @_locked
@@ -236,8 +299,9 @@ class Releases:
             spec = r["spec"]
             return {k: r[k] for k in keep} | {
                 "percent": r["weights"][1] * 100 / sum(r["weights"])
-                if r["state"] == "running"
+                if r["state"] in LIVE
                 else None,
+                "paused_at": r.get("paused_at"),
                 "steps": len(spec["steps"]),
                 "total": r["total"],
             }
@@ -249,13 +313,14 @@ class Releases:
 
     @_locked
     def snapshot(self, have_version: int = -1):
-        """(version, {adapter: (control, candidate, weights, owners)} of running releases)."""
+        """(version, {adapter: (control, candidate, weights, owners)} of running or paused
+        releases: a paused one keeps routing by its table)."""
         if have_version == self.version:
             return self.version, None
         running = {
             a: (r["control"], r["candidate"], r["weights"], r["owners"])
             for a, r in self.releases.items()
-            if r["state"] == "running"
+            if r["state"] in LIVE
         }
         return self.version, running
 
@@ -264,7 +329,7 @@ class Releases:
         """{adapter: {arm: {stat: n}}} from an ingress replica, into the step's window and total."""
         for adapter, arms in deltas.items():
             r = self.releases.get(adapter)
-            if r and r["state"] == "running":
+            if r and r["state"] in LIVE:
                 for arm, stats in arms.items():
                     if arm in ARMS:
                         for into in (r["window"], r["total"]):
@@ -294,6 +359,7 @@ class Releases:
     def _end(self, r: dict, state: str, decision: str, numbers: dict) -> None:
         self._log(r, decision, numbers)
         r["state"], r["ended_at"] = state, _now()
+        r.pop("paused_at", None)
         if state == "promoted":
             versions.set_current(self.adapter_root, r["adapter"], r["candidate"], by="release")
         self._changed()
@@ -316,11 +382,12 @@ class Releases:
 
     @_locked
     def add_outcome(self, adapter: str, arm: str, reward: float) -> bool:
-        """A reward for a response a release arm gave (POST /v1/feedback); False if none runs."""
+        """A reward for a response a release arm gave (POST /v1/feedback); False if no release
+        of `adapter` runs or is paused."""
         from serve.outcomes import add_reward
 
         r = self.releases.get(adapter)
-        if not r or r["state"] != "running" or arm not in ARMS:
+        if not r or r["state"] not in LIVE or arm not in ARMS:
             return False
         add_reward(r["outcomes"][arm], reward)
         return True

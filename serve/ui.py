@@ -102,8 +102,8 @@ def refused(message: str) -> HTMLResponse:
         "<meta name=viewport content='width=device-width, initial-scale=1'>"
         "<body style='font-family:system-ui,sans-serif;margin:2rem'><h1>401: key needed</h1>"
         f"<p>{html.escape(message)}.</p><p>Open this page with your lorafleet key as the "
-        "password (any user name). An admin key can also re-weight, abort, promote and roll "
-        "back.</p></body></html>"
+        "password (any user name). An admin key can also re-weight, pause, resume, abort, promote "
+        "and roll back.</p></body></html>"
     )
     return HTMLResponse(body, status_code=401, headers={"WWW-Authenticate": REALM})
 

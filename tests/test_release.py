@@ -219,3 +219,138 @@ def test_p99_reads_the_latency_histogram():
         counts[k] = counts.get(k, 0) + 1
     assert 0.099 <= p99(counts) <= 0.125
     assert p99({}) is None
+
+
+# --- pause and resume ------------------------------------------------------------------------------
+
+
+def _decisions(rel: Releases) -> list[str]:
+    return [e["decision"] for e in rel.releases["bot"]["log"]]
+
+
+def test_a_paused_release_holds_its_step_and_split_until_resumed(tmp_path):
+    """While paused, time passes and a failing candidate's counts and bad rewards arrive: the
+    release neither advances nor rolls back, and every user keeps their arm. Resumed, the step
+    starts on fresh counts (what arrived during the pause decides nothing) and the ramp goes on."""
+    root, (v1, v2) = _store(tmp_path)
+    rel = _releases(tmp_path, root)
+    _started(rel.start(_spec(max_wait_s=0.75)))
+    arms = _arms(rel)
+    _traffic(rel, arms)
+    time.sleep(0.35)
+    rel.tick()
+    assert rel.releases["bot"]["step"] == 1  # advanced to 50%
+    arms = _arms(rel)
+    paused = rel.pause("bot")
+    assert (paused["state"], paused["step"], paused["percent"]) == ("paused", 1, 50)
+    entry = paused["log"][-1]
+    assert entry["decision"] == "paused" and entry["numbers"]["by"] == "admin"
+    assert entry["numbers"]["candidate_requests"] == 0  # the step's counts so far
+    t0 = time.time()
+    while time.time() - t0 < 1.2:  # beyond the hold (0.3 s) and max_wait_s (0.75 s)
+        _traffic(rel, arms, error_arm="candidate")
+        time.sleep(0.05)
+        rel.tick()
+        assert _arms(rel) == arms  # the split stays, users stay on their arm
+    assert rel.releases["bot"]["state"] == "paused" and rel.releases["bot"]["step"] == 1
+    assert _decisions(rel) == ["started", "advanced", "paused"]
+    assert versions.current(root, "bot") == v1
+    assert rel.status("bot")["total"]["candidate"]["errors"] > 0  # counted, shown, not judged
+
+    resumed = rel.resume("bot")
+    assert (resumed["state"], resumed["step"]) == ("running", 1)
+    entry = resumed["log"][-1]
+    assert entry["decision"] == "resumed" and entry["numbers"]["paused_s"] >= 1.2
+    assert rel.releases["bot"]["window"] == {"control": {}, "candidate": {}}
+    _run(rel)  # healthy traffic from now on
+    assert rel.releases["bot"]["state"] == "promoted" and versions.current(root, "bot") == v2
+    assert _decisions(rel) == ["started", "advanced", "paused", "resumed", "advanced", "promoted"]
+
+
+def test_a_paused_release_does_not_spend_its_max_wait(tmp_path):
+    """A starved step held once, paused past max_wait_s, resumed: it holds again (the one hold it
+    had stays counted) instead of being rolled back for the time it was paused."""
+    root, (v1, _) = _store(tmp_path)
+    rel = _releases(tmp_path, root)
+    _started(rel.start(_spec(max_wait_s=0.75)))
+    time.sleep(0.35)
+    rel.tick()
+    assert _decisions(rel) == ["started", "held"]
+    _started(rel.pause("bot"))
+    for _ in range(12):  # 1.2 s paused
+        time.sleep(0.1)
+        rel.tick()
+    _started(rel.resume("bot"))
+    assert rel.releases["bot"]["held"] == 1
+    deadline = time.time() + 10
+    while rel.releases["bot"]["state"] == "running" and time.time() < deadline:
+        time.sleep(0.05)
+        rel.tick()
+    assert _decisions(rel) == ["started", "held", "paused", "resumed", "held", "rolled back"]
+    assert versions.current(root, "bot") == v1
+
+
+def test_a_paused_release_survives_a_restart_and_resumes_there(tmp_path):
+    root, (v1, v2) = _store(tmp_path)
+    rel = _releases(tmp_path, root)
+    _started(rel.start(_spec()))
+    before = _arms(rel)
+    _started(rel.pause("bot"))
+    again = _releases(tmp_path, root)  # a new replica reads the paused release back
+    assert again.status("bot")["state"] == "paused" and _arms(again) == before
+    time.sleep(0.35)
+    again.tick()
+    assert again.releases["bot"]["step"] == 0 and _decisions(again)[-1] == "paused"
+    _started(again.resume("bot"))
+    _run(again)
+    assert again.releases["bot"]["state"] == "promoted" and versions.current(root, "bot") == v2
+    # a paused release can be aborted; an aborted one is neither paused nor resumed
+    _started(again.start(_spec() | {"version": v1}))
+    _started(again.pause("bot"))
+    assert again.abort("bot")["state"] == "rolled_back"
+    assert versions.current(root, "bot") == v2
+
+
+@pytest.mark.parametrize(
+    ("setup", "call", "status", "says"),
+    [
+        (None, "pause", 404, "no release of 'ghost'"),
+        (None, "resume", 404, "no release of 'ghost'"),
+        ("running", "resume", 409, "is running: nothing to resume"),
+        ("paused", "pause", 409, "is paused: nothing to pause"),
+        ("aborted", "pause", 409, "has ended (rolled back)"),
+        ("aborted", "resume", 409, "has ended (rolled back)"),
+    ],
+)
+def test_a_pause_or_resume_that_cannot_be_done_says_why(tmp_path, setup, call, status, says):
+    root, _ = _store(tmp_path)
+    rel = _releases(tmp_path, root)
+    adapter = "ghost" if setup is None else "bot"
+    if setup is not None:
+        _started(rel.start(_spec()))
+    if setup == "paused":
+        _started(rel.pause("bot"))
+    if setup == "aborted":
+        _started(rel.abort("bot"))
+    log = list(rel.releases["bot"]["log"]) if setup else []
+    out = getattr(rel, call)(adapter)
+    assert out.get("status") == status and says in out["error"], out
+    assert (list(rel.releases["bot"]["log"]) if setup else []) == log  # nothing logged
+
+
+def test_the_cli_parses_pause_and_resume_like_abort():
+    from cluster import cli
+
+    for action in ("pause", "resume"):
+        got = cli.parse(["release", action, "s.yaml", "bot", "--url", "http://127.0.0.1:9"])
+        assert got.command == "release" and got.params == {
+            "action": action,
+            "config": "s.yaml",
+            "overrides": [],
+            "adapter": "bot",
+            "url": "http://127.0.0.1:9",
+            "follow": False,
+        }
+        with pytest.raises(SystemExit) as e:  # the adapter is not optional
+            cli.parse(["release", action, "s.yaml"])
+        assert e.value.code == 2

@@ -10,6 +10,7 @@ everything it shows comes from polling the app's JSON.
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 import os
 import shutil
@@ -369,6 +370,33 @@ def test_the_page_and_its_files_are_where_the_installed_package_serves_them():
     assert {"ui/index.html", "ui/static/*"} <= set(shipped)
 
 
+def test_the_page_gets_a_95_interval_for_any_reward():
+    """GET /v1/experiments gives each variant's 95% interval, which the page shows: Wilson's for
+    0/1 rewards, Student's t for others, checked against hand-computed values."""
+    from serve.outcomes import add_reward, summarize
+
+    thumbs, scores = {}, {}
+    for r in [1.0] * 8 + [0.0] * 2:
+        add_reward(thumbs, r)
+    for r in (0.2, 0.4, 0.9):
+        add_reward(scores, r)
+    out = summarize({"a": thumbs, "b": scores, "c": {}}, "a", 100)
+    # 8 of 10: Wilson's (p + z^2/2n)/(1 + z^2/n) +- z sqrt(p(1-p)/n + z^2/4n^2)/(1 + z^2/n)
+    wilson = out["a"]["interval_95"]
+    assert wilson["method"] == "wilson"
+    assert wilson["low"] == pytest.approx(0.4902, abs=1e-4)
+    assert wilson["high"] == pytest.approx(0.9433, abs=1e-4)
+    # 0.2, 0.4, 0.9: mean 0.5, s^2 = (0.09 + 0.01 + 0.16) / 2 = 0.13, t(0.975, 2) = 4.3027,
+    # half-width 4.3027 * sqrt(0.13 / 3) = 0.8957
+    t = out["b"]["interval_95"]
+    assert t["method"] == "t"
+    assert (t["low"], t["high"]) == pytest.approx((0.5 - 0.8957, 0.5 + 0.8957), abs=1e-4)
+    assert out["c"]["interval_95"] is None  # no rewards: no interval
+    one = {}
+    add_reward(one, 0.3)
+    assert summarize({"a": one}, "a", 1)["a"]["interval_95"] is None  # one non-0/1: no variance
+
+
 # --- on a live app ---------------------------------------------------------------------------------
 
 
@@ -391,7 +419,8 @@ def test_without_a_key_the_page_is_refused(app):
 @pytest.mark.slow
 def test_shown_shares_and_outcomes_match_the_traffic(app):
     """The page is open while users ask: the share each variant got in the window, as the page
-    shows it, is its weight's share within SHARE_TOLERANCE, and the feedback counts are exact."""
+    shows it, is its weight's share within SHARE_TOLERANCE, and the feedback counts are exact.
+    Variant a gets thumbs, b scores: the page shows a Wilson interval for a, a t interval for b."""
     driver = _browser(app["url"], ADMIN_KEY)
     try:
         _wait(lambda: _polls(driver) >= 1, "the page's first poll")
@@ -402,7 +431,12 @@ def test_shown_shares_and_outcomes_match_the_traffic(app):
             v: int(n) for v, n in _table(driver, "table.outcome-table", ".feedback-count").items()
         }
         t0 = time.monotonic()
-        sent = _traffic(app, [f"share-{i}" for i in range(USERS)], reward=lambda v: "up")
+        scores = itertools.cycle([0.25, 0.75])
+        sent = _traffic(
+            app,
+            [f"share-{i}" for i in range(USERS)],
+            reward=lambda v: "up" if v == "a" else next(scores),
+        )
         print(f"{USERS} requests and feedback in {time.monotonic() - t0:.1f} s: {dict(sent)}")
         _next_poll(driver)
         requests_seen = {
@@ -417,6 +451,10 @@ def test_shown_shares_and_outcomes_match_the_traffic(app):
             v: int(n) for v, n in _table(driver, "table.outcome-table", ".feedback-count").items()
         }
         assert {v: after[v] - before[v] for v in weights} == {v: sent.get(v, 0) for v in weights}
+        methods = _table(driver, "table.outcome-table", ".interval", "method")
+        assert methods == {"a": "wilson", "b": "t"}, methods
+        shown_b = _table(driver, "table.outcome-table", ".interval")["b"]
+        assert shown_b.startswith("[") and shown_b.endswith("(t)"), shown_b
         _shoot(driver, app["shots"] / "ui-1280x800.png", 1280, 800)
         _shoot(driver, app["shots"] / "ui-phone-390x844.png", 390, 844)
     finally:
@@ -501,6 +539,34 @@ def test_a_release_started_from_the_cli_appears_and_advances(app, monkeypatch, c
         first = _wait(state, "the release on the page", 30)
         assert first[0] == "running", first
         assert driver.find_element("css selector", f"{card} button.abort").is_displayed()
+        # paused from the page: the card says so, and the step stays past its 3 s hold while
+        # users keep asking; resumed, it goes on (below)
+        question = _click_and_confirm(driver, f"{card} button.pause")
+        assert "Pause the release of ui-rel" in question, question
+        paused = _wait(lambda: state()[0] == "paused" and state(), "the card to say paused", 30)
+        badge = driver.find_element("css selector", f"{card} h3 .state").text
+        assert badge == "paused", badge
+        assert driver.find_element("css selector", f"{card} button.resume").is_displayed()
+        held_at = requests.get(
+            f"{app['url']}/v1/releases/ui-rel",
+            headers={"Authorization": f"Bearer {KEY}"},
+            timeout=30,
+        ).json()
+        time.sleep(8)  # over two holds of asking
+        _next_poll(driver)
+        assert state() == paused, (state(), paused)
+        now = requests.get(
+            f"{app['url']}/v1/releases/ui-rel",
+            headers={"Authorization": f"Bearer {KEY}"},
+            timeout=30,
+        ).json()
+        assert (now["state"], now["step"]) == ("paused", paused[1]), now
+        served = [sum(r["total"][a].get("requests", 0) for a in r["total"]) for r in (held_at, now)]
+        assert served[1] > served[0], served  # users were served all along
+        question = _click_and_confirm(driver, f"{card} button.resume")
+        assert "Resume the release of ui-rel" in question, question
+        _wait(lambda: state()[0] != "paused", "the card to say running again", 30)
+        first = paused
         # it advances: a later step, or promoted, with the decision in the log on the page
         _wait(lambda: state()[1] > first[1] or state()[0] == "promoted", "a step", 60)
         decisions = driver.execute_script(
@@ -508,7 +574,7 @@ def test_a_release_started_from_the_cli_appears_and_advances(app, monkeypatch, c
             ".map(x => x.textContent)",
             card,
         )
-        assert "advanced" in decisions and "started" in decisions, decisions
+        assert {"started", "paused", "resumed", "advanced"} <= set(decisions), decisions
         _shoot(driver, app["shots"] / "ui-release-1280.png", 1280, 800, full=True)
         if os.environ.get(SHOTS_ENV):
             to = ROOT / os.environ[SHOTS_ENV]
@@ -516,6 +582,11 @@ def test_a_release_started_from_the_cli_appears_and_advances(app, monkeypatch, c
             shutil.copy(app["shots"] / "ui-release-1280.png", to / "ui.png")
         _wait(lambda: state()[0] == "promoted", "the release to be promoted", 60)
         assert versions.current(app["root"], "ui-rel") == candidate
+        # `lorafleet release pause` reaches the same endpoint: an ended release is refused, why said
+        capsys.readouterr()
+        assert cli.main(["release", "pause", str(cfg_path), "ui-rel"]) == 1
+        err = capsys.readouterr().err
+        assert "409" in err and "has ended (promoted)" in err, err
     finally:
         stop.set()
         if traffic.is_alive():
@@ -564,7 +635,10 @@ def test_an_inference_key_sees_the_page_read_only(app):
         _wait(lambda: _polls(driver) >= 1, "the page's first poll")
         assert driver.find_element("id", "role").text == "read-only"
         assert driver.find_elements("css selector", "#exp-bot table.shares")  # it sees the data
-        buttons = "button.reweight, button.abort, button.promote, button.rollback, .actions input"
+        buttons = (
+            "button.reweight, button.abort, button.pause, button.resume, button.promote, "
+            "button.rollback, .actions input"
+        )
         assert driver.find_elements("css selector", buttons) == []
         # and the server refuses what the buttons would send, from the page itself
         status = driver.execute_async_script(
@@ -583,6 +657,8 @@ def test_an_inference_key_sees_the_page_read_only(app):
         ("PUT", "/v1/experiments/bot", {"weights": {"a": 1, "b": 99}}),
         ("POST", "/v1/adapters/ui-a/rollback", None),
         ("POST", "/v1/releases/ui-rel/abort", None),
+        ("POST", "/v1/releases/ui-rel/pause", None),
+        ("POST", "/v1/releases/ui-rel/resume", None),
     ):
         r = requests.request(
             method,

@@ -143,15 +143,6 @@ function rates(prev, cur, dt) {
   };
 }
 
-function wilson(mean, n) {
-  // 95% interval of a 0/1 reward's rate (Wilson score); a non-binary reward's variance is not served
-  if (!n) return null;
-  const z = 1.96, z2 = z * z;
-  const mid = (mean + z2 / (2 * n)) / (1 + z2 / n);
-  const half = (z * Math.sqrt((mean * (1 - mean)) / n + z2 / (4 * n * n))) / (1 + z2 / n);
-  return [mid - half, mid + half];
-}
-
 function buildExperiment(name, exp) {
   const variants = Object.keys(exp.variants);
   const id = `exp-${name}`;
@@ -225,8 +216,8 @@ function renderExperiment(name, exp, prevCounts, dt) {
 function outcomeTable(exp, variants) {
   const rows = variants.map((v) => {
     const o = exp.variants[v].outcome || {};
-    const binary = !o.vs_control || o.vs_control.test === "two-proportion z";
-    const ci = binary && o.mean !== null && o.mean !== undefined && o.count ? wilson(o.mean, o.count) : null;
+    // the server's 95% interval of the mean: Wilson for 0/1 rewards, Student's t for others
+    const ci = o.interval_95;
     const c = o.vs_control;
     let vs = "control";
     if (c) {
@@ -238,7 +229,7 @@ function outcomeTable(exp, variants) {
     return el("tr", { "data-variant": v },
       el("td", {}, el("b", { text: v })), el("td", { class: "feedback-count", text: o.count || 0 }),
       el("td", { text: o.mean === null || o.mean === undefined ? "—" : num(o.mean) }),
-      el("td", { text: ci ? `[${num(ci[0])}, ${num(ci[1])}]` : o.count ? "needs 0/1 rewards" : "—" }),
+      el("td", { class: "interval", "data-method": ci ? ci.method : "", text: ci ? `[${num(ci.low)}, ${num(ci.high)}] (${ci.method})` : o.count ? "needs 2 rewards" : "—" }),
       el("td", { text: vs }),
       el("td", { class: enough ? "pass" : "hold", text: `${enough ? "yes" : "no"} (min ${o.min_samples ?? "—"})` }));
   });
@@ -280,7 +271,7 @@ function renderRelease(r) {
   const chart = state.charts[`rel-${r.adapter}`];
   if (chart) {
     // a point at the start of each step, and one at the end: the line steps up at each start
-    const reachedUpTo = done ? steps.length : r.state === "running" ? r.step + 1 : r.step;
+    const reachedUpTo = done ? steps.length : r.state === "running" || r.state === "paused" ? r.step + 1 : r.step;
     const planned = [...steps.map((s) => s.percent), steps[steps.length - 1].percent];
     chart.data.labels = [...steps.map((s, i) => `step ${i + 1}: ${s.percent}% (${s.hold_s}s)`), "end"];
     chart.data.datasets[0].data = planned;
@@ -308,11 +299,26 @@ function renderRelease(r) {
     { class: "release-log" }));
   const actions = node.querySelector(".actions");
   actions.replaceChildren();
+  const path = (what) => `/v1/releases/${encodeURIComponent(r.adapter)}/${what}`;
   if (ADMIN && r.state === "running") {
+    actions.append(el("button", {
+      class: "quiet pause", "data-adapter": r.adapter, text: "Pause",
+      onclick: () => act(`Pause the release of ${r.adapter} at step ${r.step + 1} (${num(r.percent, 1)}% on ${r.candidate})?\nUsers keep their version; it neither advances nor rolls back until resumed.`,
+        "POST", path("pause"), undefined, (x) => `paused the release of ${x.adapter} at step ${x.step + 1}`),
+    }));
+  }
+  if (ADMIN && r.state === "paused") {
+    actions.append(el("button", {
+      class: "quiet resume", "data-adapter": r.adapter, text: "Resume",
+      onclick: () => act(`Resume the release of ${r.adapter}? Step ${r.step + 1} starts again on fresh counts: its gates judge the traffic from now on.`,
+        "POST", path("resume"), undefined, (x) => `resumed the release of ${x.adapter} at step ${x.step + 1}`),
+    }));
+  }
+  if (ADMIN && (r.state === "running" || r.state === "paused")) {
     actions.append(el("button", {
       class: "danger abort", "data-adapter": r.adapter, text: "Abort release",
       onclick: () => act(`Abort the release of ${r.adapter}? Its candidate ${r.candidate} gets no more traffic; current stays ${r.control}.`,
-        "POST", `/v1/releases/${encodeURIComponent(r.adapter)}/abort`, undefined, (x) => `aborted the release of ${x.adapter}: ${x.state}`),
+        "POST", path("abort"), undefined, (x) => `aborted the release of ${x.adapter}: ${x.state}`),
     }));
   }
 }
