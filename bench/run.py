@@ -1,10 +1,14 @@
 """Benchmarks of the training spine. Each prints a ratio against its anchor, measured side by
 side in this one run (the machine is shared and noisy: absolute numbers mean little).
 
-    make bench            # = python -m bench.run [ray_overhead packing nf4_bits tune_asha]
+    make bench            # = python -m bench.run [ray_overhead hf_trainer packing nf4_bits tune_asha]
 
 - ray_overhead: training tokens/s of `lorafleet train` (1 Ray Train worker) / a plain
   single-process transformers+peft loop on the same model, data, batch and steps. Target >= 0.95.
+- hf_trainer: real (non-padding) training tokens/s of `lorafleet train` (1 worker) /
+  `transformers.Trainer` + PEFT (what Axolotl and LLaMA-Factory train through) on the same QLoRA
+  job, model, examples, tokens per step and steps, packed on both (`DataCollatorWithFlattening`
+  for the Trainer). Target >= 1.0.
 - packing: useful (non-padding) tokens/s with packing / padding every example to max_length, on
   skewed lengths. Target >= 2.
 - nf4_bits: storage bits per parameter of NF4 + double-quant linear layers / the QLoRA paper's
@@ -63,12 +67,43 @@ def _demo_cfg(tmp: Path, **over):
     ).model_copy(update={"storage": cfg.storage})
 
 
+def plain_qlora_model(cfg, device: str = "cpu", gradient_checkpointing: bool = False):
+    """The QLoRA model built with transformers + peft alone: the 4-bit NF4 double-quant base,
+    prepare_model_for_kbit_training, and a LoraConfig of the config's r, alpha, dropout and
+    target modules."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    q = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=getattr(torch, cfg.quantization.compute_dtype),
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        cfg.model.base, quantization_config=q, device_map={"": device}
+    )
+    model = prepare_model_for_kbit_training(
+        model, use_gradient_checkpointing=gradient_checkpointing
+    )
+    a = cfg.adapter
+    return get_peft_model(
+        model,
+        LoraConfig(
+            r=a.r,
+            lora_alpha=a.alpha,
+            lora_dropout=a.dropout,
+            target_modules=a.target_modules,
+            task_type="CAUSAL_LM",
+        ),
+    )
+
+
 def plain_loop_tokens_per_s(cfg, device: str = "cpu") -> float:
     """The anchor: transformers + peft + bitsandbytes in one process, nothing of lorafleet's in
     the step (the same prepared sequences, so the same data). On CUDA it computes in the config's
     compute dtype under bf16 autocast, as lorafleet's loop does there."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from transformers import AutoTokenizer
 
     from train.data import ShardedBatches, prepare
 
@@ -79,27 +114,7 @@ def plain_loop_tokens_per_s(cfg, device: str = "cpu") -> float:
     batches = ShardedBatches(
         data.train, cfg.training.batch_size, 0, 1, cfg.data.seed, tok.pad_token_id
     )
-    q = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=getattr(torch, cfg.quantization.compute_dtype),
-    )
-    model = AutoModelForCausalLM.from_pretrained(
-        cfg.model.base, quantization_config=q, device_map={"": device}
-    )
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    a = cfg.adapter
-    model = get_peft_model(
-        model,
-        LoraConfig(
-            r=a.r,
-            lora_alpha=a.alpha,
-            lora_dropout=a.dropout,
-            target_modules=a.target_modules,
-            task_type="CAUSAL_LM",
-        ),
-    )
+    model = plain_qlora_model(cfg, device)
     opt = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=cfg.training.learning_rate
     )
@@ -139,6 +154,143 @@ def bench_ray_overhead() -> float:
     ratio = o / p
     print(
         f"ray_overhead: lorafleet train {o:,.0f} tok/s vs plain loop {p:,.0f} tok/s -> ratio {ratio:.3f} (target >= 0.95)"
+    )
+    return ratio
+
+
+def hf_trainer_tokens_per_s(cfg, packed_rows: bool = False) -> tuple[float, float, int]:
+    """The anchor Axolotl and LLaMA-Factory stand on: `transformers.Trainer` + PEFT on the same
+    QLoRA job (4-bit NF4 double-quant base, prepare_model_for_kbit_training, the config's
+    LoraConfig, AdamW torch, learning rate, schedule, warmup, weight decay and clipping) and the
+    same tokenized examples, packed by `DataCollatorWithFlattening` (one row, no padding).
+    With `packed_rows`, the Trainer steps lorafleet's own padded packed rows instead (the same
+    tensors lorafleet's step sees): the framework alone, the data layout held equal.
+    Returns (real tokens/s over steps 11..STEPS, real tokens per step there, rows/step)."""
+    from transformers import (
+        AutoTokenizer,
+        DataCollatorWithFlattening,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
+    from transformers.trainer_callback import PrinterCallback
+
+    from train.data import collate as collate_packed
+    from train.data import prepare
+
+    t = cfg.training
+    torch.set_num_threads(THREADS)
+    torch.manual_seed(t.seed)
+    tok = AutoTokenizer.from_pretrained(cfg.model.base)
+    data = prepare(cfg.data, tok, log=lambda *_: None)
+    # lorafleet's packed rows split back into their examples at the position-id restarts
+    examples = []
+    for seq in data.train:
+        n, pos = seq["num_tokens"], seq["position_ids"]
+        starts = [i for i in range(n) if pos[i] == 0] + [n]
+        for a, b in zip(starts, starts[1:], strict=False):
+            examples.append({"input_ids": seq["input_ids"][a:b], "labels": seq["labels"][a:b]})
+    # as many examples per step as lorafleet's batch holds on average (examples per packed row x
+    # batch_size), so the real tokens per step match; flattening puts them in one unpadded row
+    per_step = round(len(examples) / len(data.train) * t.batch_size)
+    model = plain_qlora_model(cfg, "cpu", t.gradient_checkpointing)
+    flatten = DataCollatorWithFlattening()
+    seen: list[int] = []  # real tokens of each batch, in the order the steps take them
+
+    def collate(features):
+        if packed_rows:
+            batch = collate_packed(features, tok.pad_token_id)
+            seen.append(int(batch.pop("num_tokens")))
+            return batch
+        batch = flatten(features)
+        seen.append(batch["input_ids"].numel())  # one row, no padding: every token is real
+        return batch
+
+    if packed_rows:
+        examples, per_step = data.train, t.batch_size
+
+    marks: dict[int, float] = {}
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step in (10, STEPS):  # after the same 10-step warm-up as lorafleet's
+                marks[state.global_step] = time.perf_counter()
+
+    scheduler = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
+    with tempfile.TemporaryDirectory() as out:
+        args = TrainingArguments(
+            output_dir=out,
+            use_cpu=True,
+            report_to="none",
+            save_strategy="no",
+            eval_strategy="no",
+            logging_steps=t.log_every_steps,
+            disable_tqdm=True,
+            dataloader_num_workers=0,
+            dataloader_pin_memory=False,
+            remove_unused_columns=False,
+            per_device_train_batch_size=per_step,
+            gradient_accumulation_steps=t.grad_accum_steps,
+            max_steps=STEPS,
+            learning_rate=t.learning_rate,
+            weight_decay=t.weight_decay,
+            optim="adamw_torch",
+            lr_scheduler_type=scheduler[t.lr_scheduler],
+            warmup_steps=t.warmup_steps,
+            max_grad_norm=t.max_grad_norm or 0.0,  # lorafleet's null: no clipping
+            gradient_checkpointing=t.gradient_checkpointing,
+            bf16=False,  # precision auto on CPU: fp32, no autocast, as lorafleet's loop runs
+            fp16=False,
+            seed=t.seed,
+        )
+        trainer = Trainer(
+            model=model,
+            args=args,
+            train_dataset=examples,
+            data_collator=collate,
+            callbacks=[Clock()],
+        )
+        trainer.remove_callback(PrinterCallback)  # it still logs every log_every_steps, silently
+        trainer.train()
+    tokens = sum(seen[10 * t.grad_accum_steps : STEPS * t.grad_accum_steps])
+    return tokens / (marks[STEPS] - marks[10]), tokens / (STEPS - 10), per_step
+
+
+def bench_hf_trainer() -> float:
+    """Real (non-padding) tokens/s of `lorafleet train` on 1 worker against `transformers.Trainer`
+    with PEFT on the same QLoRA job, both packed. lorafleet pads each packed row to max_length
+    (the padding costs compute but is not counted); flattening has no padding, but puts a whole
+    step in one row. Also printed, not the target: the Trainer stepping lorafleet's own packed
+    rows, which holds the data layout equal and leaves the frameworks alone."""
+    from transformers import AutoTokenizer
+
+    from train.data import ShardedBatches, prepare
+    from train.trainer import train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = _demo_cfg(Path(tmp))
+        t = cfg.training
+        tok = AutoTokenizer.from_pretrained(cfg.model.base)
+        data = prepare(cfg.data, tok, log=lambda *_: None)
+        batches = ShardedBatches(data.train, t.batch_size, 0, 1, cfg.data.seed, tok.pad_token_id)
+        ours_step = statistics.mean(int(batches.batch(i)["num_tokens"]) for i in range(10, STEPS))
+        ours, hf, rows = [], [], []
+        for _ in range(2):  # alternate, twice, so drift in machine load hits all alike
+            summary = train(cfg.model_copy(update={"name": f"hf{len(ours)}"}), log=lambda *_: None)
+            reports = [h["tokens_per_s"] for h in summary["history"] if "tokens_per_s" in h][1:]
+            ours.append(statistics.mean(reports))
+            rate, hf_step, per_step = hf_trainer_tokens_per_s(cfg)
+            hf.append(rate)
+            rows.append(hf_trainer_tokens_per_s(cfg, packed_rows=True)[0])
+    o, h, r = statistics.median(ours), statistics.median(hf), statistics.median(rows)
+    ratio = o / h
+    width = cfg.data.max_length
+    print(
+        f"hf_trainer: lorafleet train {o:,.0f} tok/s vs transformers.Trainer {h:,.0f} tok/s -> "
+        f"ratio {ratio:.3f} (target >= 1.0); real tokens/step: lorafleet {ours_step:,.0f} "
+        f"({t.batch_size} packed rows x {width} = {t.batch_size * width} with padding), "
+        f"Trainer {hf_step:,.0f} ({per_step} examples flattened into one row, no padding); "
+        f"Trainer on lorafleet's packed rows {r:,.0f} tok/s -> ratio {o / r:.3f}"
     )
     return ratio
 
@@ -268,6 +420,7 @@ def bench_tune_asha(grace_steps: int = 5) -> float:
 
 BENCHES = {
     "ray_overhead": bench_ray_overhead,
+    "hf_trainer": bench_hf_trainer,
     "packing": bench_packing,
     "nf4_bits": bench_nf4_bits,
     "tune_asha": bench_tune_asha,
