@@ -384,3 +384,23 @@ def test_a_search_interrupted_mid_way_continues_with_resume(
         n: (runs / n / "run" / "metrics.jsonl").stat().st_mtime_ns for n in finished
     } == finished
     assert re.search(r"resumed from a checkpoint at step (4|8|12)", text), text[-3000:]
+
+
+def test_the_progress_callback_pickles_after_ray_replaced_print(monkeypatch):
+    """Tune pickles its callbacks when the search starts. Ray puts its own functions at
+    `builtins.print` in places (tqdm_ray, Train's and Serve's log redirection), after which a
+    callback holding the original `print` cannot be pickled (the search failed before its first
+    trial, once in CI and once in a fresh-clone run). The default `log` must survive that."""
+    import builtins
+    import inspect
+    from types import SimpleNamespace
+
+    from ray import cloudpickle
+
+    from tune.tuner import _progress_callback, tune_job
+
+    monkeypatch.setattr(builtins, "print", lambda *a, **k: None)  # what Ray's patches do
+    default_log = inspect.signature(tune_job).parameters["log"].default
+    cfg = SimpleNamespace(tune=SimpleNamespace(metric="eval_loss", mode="min"))
+    back = cloudpickle.loads(cloudpickle.dumps(_progress_callback(cfg, default_log)))
+    assert back.said == ""

@@ -133,6 +133,16 @@ def _search(cfg):
     return BasicVariantGenerator(random_state=t.seed, max_concurrent=t.max_concurrent_trials)
 
 
+def say(line: str) -> None:
+    """The default `log`: print, looked up when called. Tune pickles its callbacks (the progress
+    one holds `log`), and pickle stores a builtin by name, refusing `print` once something has
+    put another function at `builtins.print` (Ray does: tqdm_ray in a driver that shows a
+    worker's progress bar, Train's and Serve's log redirection): the search then failed before
+    its first trial, now and then ("Can't pickle <built-in function print>: it's not the same
+    object as builtins.print"; which of Ray's patches it was is not known)."""
+    print(line)
+
+
 def _progress_callback(cfg, log):
     """A Tune callback printing one line per change: running, finished, stopped early, best."""
     from ray.tune import Callback  # here, not at the top: `lorafleet validate` needs no Ray
@@ -203,7 +213,7 @@ def can_resume(cfg) -> bool:
     return tune.Tuner.can_restore(search_path(cfg), storage_filesystem=fs)
 
 
-def build_tuner(cfg, restore: bool = False, log=print):
+def build_tuner(cfg, restore: bool = False, log=say):
     """A Tuner for this config's search; nothing runs until `.fit()`. With restore=True, the
     earlier search of the same name (see `can_resume`) continues, its finished trials kept."""
     from ray import tune
@@ -389,7 +399,7 @@ def best_checkpoint(cfg, best: dict):
     return Checkpoint(path, filesystem=fs)
 
 
-def tune_job(cfg, resume: bool = False, log=print, make_current: bool = True) -> dict:
+def tune_job(cfg, resume: bool = False, log=say, make_current: bool = True) -> dict:
     """Run the search, write its outputs, publish the best adapter. Returns a summary."""
     import tempfile
 
