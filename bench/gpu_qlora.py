@@ -20,7 +20,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.run import STEPS, plain_loop_tokens_per_s  # noqa: E402
+from bench.common import STEPS  # noqa: E402
+from bench.run import plain_loop_tokens_per_s  # noqa: E402
 
 SHAPE_1B = {"layers": 16, "width": 2048, "heads": 32, "kv_heads": 8, "mlp": 8192}
 

@@ -31,40 +31,9 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/run.py` too
 
-STEPS = 60
-THREADS = 2
-
-
-def _demo_cfg(tmp: Path, **over):
-    from cluster.config import load_config
-    from cluster.validation import with_overrides
-    from train.demo import write_task_data
-
-    data = write_task_data("last", tmp / "data")
-    cfg = load_config(ROOT / "configs" / "demo.yaml")
-    base = {
-        "name": "bench",
-        "data.path": str(data["train"]),
-        "storage.root": str(tmp / "store"),
-        "scaling.num_workers": 1,
-        "scaling.resources_per_worker": {"CPU": THREADS},
-        "training.max_steps": STEPS,
-        "training.eval_every_steps": STEPS,
-        "training.log_every_steps": 10,
-        "training.eval_max_batches": 1,
-        "ray.num_cpus": 4,
-    }
-    # the demo base lives under the repo's storage root; build it there once, as the demo does
-    base["model.base"] = "tiny://demo"
-    cfg = with_overrides(cfg, base | over)
-    from train.model import resolve_base
-
-    return resolve_base(
-        with_overrides(cfg, {"storage.root": str(ROOT / "lorafleet-runs")})
-    ).model_copy(update={"storage": cfg.storage})
+from bench.common import STEPS, THREADS, demo_cfg  # noqa: E402
 
 
 def plain_qlora_model(cfg, device: str = "cpu", gradient_checkpointing: bool = False):
@@ -140,7 +109,7 @@ def bench_ray_overhead() -> float:
     from train.trainer import train
 
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = _demo_cfg(Path(tmp))
+        cfg = demo_cfg(Path(tmp))
         # alternate the two, twice, so drift in machine load hits both alike
         ours, plain = [], []
         for _ in range(2):
@@ -158,6 +127,51 @@ def bench_ray_overhead() -> float:
     return ratio
 
 
+def _unpacked_examples(packed: list[dict]) -> list[dict]:
+    """lorafleet's packed rows split back into their examples at the position-id restarts."""
+    examples = []
+    for seq in packed:
+        n, pos = seq["num_tokens"], seq["position_ids"]
+        starts = [i for i in range(n) if pos[i] == 0] + [n]
+        for a, b in zip(starts, starts[1:], strict=False):
+            examples.append({"input_ids": seq["input_ids"][a:b], "labels": seq["labels"][a:b]})
+    return examples
+
+
+def _trainer_args(t, out: str, per_step: int):
+    """`TrainingArguments` of the job's training section `t` (optimizer, schedule, warmup, weight
+    decay, clipping, seed): STEPS steps of `per_step` examples on CPU in fp32, nothing saved,
+    evaluated or reported."""
+    from transformers import TrainingArguments
+
+    scheduler = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
+    return TrainingArguments(
+        output_dir=out,
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        eval_strategy="no",
+        logging_steps=t.log_every_steps,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=False,
+        remove_unused_columns=False,
+        per_device_train_batch_size=per_step,
+        gradient_accumulation_steps=t.grad_accum_steps,
+        max_steps=STEPS,
+        learning_rate=t.learning_rate,
+        weight_decay=t.weight_decay,
+        optim="adamw_torch",
+        lr_scheduler_type=scheduler[t.lr_scheduler],
+        warmup_steps=t.warmup_steps,
+        max_grad_norm=t.max_grad_norm or 0.0,  # lorafleet's null: no clipping
+        gradient_checkpointing=t.gradient_checkpointing,
+        bf16=False,  # precision auto on CPU: fp32, no autocast, as lorafleet's loop runs
+        fp16=False,
+        seed=t.seed,
+    )
+
+
 def hf_trainer_tokens_per_s(cfg, packed_rows: bool = False) -> tuple[float, float, int]:
     """The anchor Axolotl and LLaMA-Factory stand on: `transformers.Trainer` + PEFT on the same
     QLoRA job (4-bit NF4 double-quant base, prepare_model_for_kbit_training, the config's
@@ -166,13 +180,7 @@ def hf_trainer_tokens_per_s(cfg, packed_rows: bool = False) -> tuple[float, floa
     With `packed_rows`, the Trainer steps lorafleet's own padded packed rows instead (the same
     tensors lorafleet's step sees): the framework alone, the data layout held equal.
     Returns (real tokens/s over steps 11..STEPS, real tokens per step there, rows/step)."""
-    from transformers import (
-        AutoTokenizer,
-        DataCollatorWithFlattening,
-        Trainer,
-        TrainerCallback,
-        TrainingArguments,
-    )
+    from transformers import AutoTokenizer, DataCollatorWithFlattening, Trainer, TrainerCallback
     from transformers.trainer_callback import PrinterCallback
 
     from train.data import collate as collate_packed
@@ -183,13 +191,7 @@ def hf_trainer_tokens_per_s(cfg, packed_rows: bool = False) -> tuple[float, floa
     torch.manual_seed(t.seed)
     tok = AutoTokenizer.from_pretrained(cfg.model.base)
     data = prepare(cfg.data, tok, log=lambda *_: None)
-    # lorafleet's packed rows split back into their examples at the position-id restarts
-    examples = []
-    for seq in data.train:
-        n, pos = seq["num_tokens"], seq["position_ids"]
-        starts = [i for i in range(n) if pos[i] == 0] + [n]
-        for a, b in zip(starts, starts[1:], strict=False):
-            examples.append({"input_ids": seq["input_ids"][a:b], "labels": seq["labels"][a:b]})
+    examples = _unpacked_examples(data.train)
     # as many examples per step as lorafleet's batch holds on average (examples per packed row x
     # batch_size), so the real tokens per step match; flattening puts them in one unpadded row
     per_step = round(len(examples) / len(data.train) * t.batch_size)
@@ -216,36 +218,10 @@ def hf_trainer_tokens_per_s(cfg, packed_rows: bool = False) -> tuple[float, floa
             if state.global_step in (10, STEPS):  # after the same 10-step warm-up as lorafleet's
                 marks[state.global_step] = time.perf_counter()
 
-    scheduler = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
     with tempfile.TemporaryDirectory() as out:
-        args = TrainingArguments(
-            output_dir=out,
-            use_cpu=True,
-            report_to="none",
-            save_strategy="no",
-            eval_strategy="no",
-            logging_steps=t.log_every_steps,
-            disable_tqdm=True,
-            dataloader_num_workers=0,
-            dataloader_pin_memory=False,
-            remove_unused_columns=False,
-            per_device_train_batch_size=per_step,
-            gradient_accumulation_steps=t.grad_accum_steps,
-            max_steps=STEPS,
-            learning_rate=t.learning_rate,
-            weight_decay=t.weight_decay,
-            optim="adamw_torch",
-            lr_scheduler_type=scheduler[t.lr_scheduler],
-            warmup_steps=t.warmup_steps,
-            max_grad_norm=t.max_grad_norm or 0.0,  # lorafleet's null: no clipping
-            gradient_checkpointing=t.gradient_checkpointing,
-            bf16=False,  # precision auto on CPU: fp32, no autocast, as lorafleet's loop runs
-            fp16=False,
-            seed=t.seed,
-        )
         trainer = Trainer(
             model=model,
-            args=args,
+            args=_trainer_args(t, out, per_step),
             train_dataset=examples,
             data_collator=collate,
             callbacks=[Clock()],
@@ -268,7 +244,7 @@ def bench_hf_trainer() -> float:
     from train.trainer import train
 
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = _demo_cfg(Path(tmp))
+        cfg = demo_cfg(Path(tmp))
         t = cfg.training
         tok = AutoTokenizer.from_pretrained(cfg.model.base)
         data = prepare(cfg.data, tok, log=lambda *_: None)
@@ -304,7 +280,7 @@ def bench_packing() -> float:
     from train.model import load_for_training
 
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = _demo_cfg(Path(tmp))
+        cfg = demo_cfg(Path(tmp))
     torch.set_num_threads(THREADS)
     tok = AutoTokenizer.from_pretrained(cfg.model.base)
     rng = random.Random(0)

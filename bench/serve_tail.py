@@ -1,5 +1,5 @@
 """Where the tail-latency load's slow requests wait (issue 11, item 5): the load of
-`bench.serve_modes.tail` on an app with the demo's autoscaling, sampled every second: the LLM
+`bench.serve_client.tail` on an app with the demo's autoscaling, sampled every second: the LLM
 deployment's replicas by state, the requests queued in the ingress's router for a replica
 (`serve_deployment_queued_queries`), the ones each replica holds (`serve_replica_processing_queries`),
 and vLLM's own running and waiting queues. Run by bench/serve.py:
@@ -12,6 +12,8 @@ from __future__ import annotations
 import re
 import threading
 import time
+
+from bench.serve_client import pct, tail
 
 METRICS = {
     "router_queued": "ray_serve_deployment_queued_queries",
@@ -78,8 +80,6 @@ def sampler(samples: list[dict]):
 
 def _windows(out: list[dict], t0: float, width_s: float = 10) -> list[dict]:
     """The requests by the window they started in: count, p50, p99, max, non-200."""
-    from bench.serve_modes import pct
-
     rows = []
     end = max((r["t"] for r in out), default=t0)
     w = 0.0
@@ -102,8 +102,6 @@ def _windows(out: list[dict], t0: float, width_s: float = 10) -> list[dict]:
 
 def investigate(session, prompts, opts: dict) -> dict:
     """The tail load for `opts["duration_s"]`, with the samples and the per-window latencies."""
-    from bench.serve_modes import tail
-
     samples: list[dict] = []
     t0 = time.time()
     summary, out, _ = tail(session, prompts, opts.get("duration_s", 75), sampler=sampler(samples))

@@ -24,8 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/tune_asha.py` too
+
+from bench.common import ROOT, demo_cfg  # noqa: E402
 
 MAX_STEPS = 90
 COMPUTE_TARGET = 3.0
@@ -62,9 +63,7 @@ SETTINGS = {
 
 
 def base_config(tmp: Path):
-    from bench.run import _demo_cfg
-
-    return _demo_cfg(
+    return demo_cfg(
         tmp,
         **{
             "training.max_steps": MAX_STEPS,
