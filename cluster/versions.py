@@ -11,8 +11,25 @@ killed mid-copy leaves an incomplete version that nothing lists or serves; pruni
 
 Version ids sort by publish time (`20261202-003015-123-9f3a`: UTC to the millisecond, plus 4
 random hex digits), and a publish moves the pointer only forward: of two concurrent publishes of
-one name both land as versions, and `current` names the later one. `promote` and `rollback` move
-the pointer to any complete version; `current` keeps the history that `rollback` walks back.
+one name both land as versions, and `current` names the later one.
+
+Moving the pointer: a publish, `promote` and a release's promotion move it *forward* (to any
+complete version) and push the version they leave onto the pointer's `history`, newest first:
+`history` is what is behind the current version, in the order it was served. `rollback` walks
+back: it pops the newest complete version off `history` and serves it, and records the version
+it left in `rolled_back` (newest first; a forward move clears it). Repeated rollbacks therefore
+go v3 -> v2 -> v1 and then refuse (`NothingToRollBack`); a rollback never returns to a version
+it left, and `promote` is the only way forward again. A pointer written before `rolled_back`
+existed is read as one: if it was last moved by a rollback, the version that rollback left
+(the head of its old history) is taken off `history` and put in `rolled_back`.
+
+Containment: every entry point that takes an adapter `name` or a `version` checks it before
+building any path, whoever calls it: a name must pass `name_problem` (the name rule, one path
+segment, not reserved) and a version must be a version id. The readers that answer "not found"
+with None (`pointer`, `current`, `read_meta`) answer None for a name or version that breaks the
+rule (no such adapter can be in the store); every other entry point (`adapter_uri`,
+`version_uri`, `version_ids`, `versions`, `set_current`, `publish`, `promote`, `rollback`,
+`prune`, `local_version_dir`) raises `VersionError` naming what is wrong.
 """
 
 from __future__ import annotations
@@ -31,13 +48,13 @@ from pathlib import Path
 from cluster import storage
 from cluster.errors import LorafleetError
 from cluster.layout import ADAPTER_CONFIG, ADAPTER_META
-from cluster.schema_base import RESERVED_NAMES, name_problem
+from cluster.schema_base import NAME_RE, RESERVED_NAMES, name_problem
 
 __all__ = ["RESERVED_NAMES", "name_problem"]  # the name rule, kept beside the schema
 
 VERSIONS = "versions"
 CURRENT = "current"
-VERSION_RE = re.compile(r"^\d{8}-\d{6}-\d{3}-[0-9a-f]{4}$")
+VERSION_RE = re.compile(r"\d{8}-\d{6}-\d{3}-[0-9a-f]{4}", re.ASCII)  # ASCII digits only
 HISTORY_KEPT = 20
 # an incomplete version younger than this may be a publish still copying: pruning leaves it
 INCOMPLETE_GRACE_S = 3600
@@ -47,8 +64,42 @@ class VersionError(LorafleetError):
     """An adapter or version that is not in the store, or a move the store cannot make."""
 
 
+class NothingToRollBack(VersionError):
+    """A rollback with no complete version behind the current one (`promote` moves forward)."""
+
+
 def is_version_id(version: str) -> bool:
-    return bool(VERSION_RE.match(version))
+    # fullmatch: `$` would let a trailing newline through
+    return isinstance(version, str) and bool(VERSION_RE.fullmatch(version))
+
+
+def _name_error(name) -> str | None:
+    """Why `name` cannot address an adapter in the store, or None."""
+    if not isinstance(name, str):
+        return f"invalid adapter name {name!r}: expected a string, got {type(name).__name__}"
+    if not NAME_RE.fullmatch(name):  # name_problem's pattern ends in `$`, which allows "x\n"
+        return (
+            f"invalid adapter name {name!r}: letters, digits, '.', '_', '-' only, starting with a "
+            "letter or digit, no '..'"
+        )
+    return name_problem(name)
+
+
+def _version_error(version) -> str | None:
+    if is_version_id(version):
+        return None
+    return f"invalid version {version!r}: expected an id like 20261202-003015-123-9f3a"
+
+
+def _check(name, version=None, with_version: bool = False) -> None:
+    """Raise VersionError when `name` (or `version`, with `with_version`) breaks the rule."""
+    problem = _name_error(name) or (_version_error(version) if with_version else None)
+    if problem:
+        raise VersionError(problem)
+
+
+def _ok(name, version=None, with_version: bool = False) -> bool:
+    return _name_error(name) is None and (not with_version or is_version_id(version))
 
 
 _last_ms = [0]
@@ -70,10 +121,12 @@ def new_version_id(now: float | None = None) -> str:
 
 
 def adapter_uri(root: str, name: str) -> str:
+    _check(name)
     return storage.join(root, name)
 
 
 def version_uri(root: str, name: str, version: str) -> str:
+    _check(name, version, with_version=True)
     return storage.join(root, name, VERSIONS, version)
 
 
@@ -81,13 +134,42 @@ def version_uri(root: str, name: str, version: str) -> str:
 
 
 def pointer(root: str, name: str) -> dict | None:
-    """The `current` pointer of adapter `name` ({"version", "history", "at", "by"}), or None."""
+    """The `current` pointer of adapter `name`, or None: {"version", "history" (the versions
+    behind it, newest first: what `rollback` walks back), "rolled_back" (the versions rollbacks
+    left since the last forward move, newest first), "at", "by"}."""
+    if not _ok(name):
+        return None
     uri = storage.join(root, name, CURRENT)
     try:
         data = json.loads(storage.read_text(uri))
     except (FileNotFoundError, OSError, ValueError):
         return None
-    return data if isinstance(data, dict) and is_version_id(str(data.get("version"))) else None
+    if not (isinstance(data, dict) and is_version_id(data.get("version"))):
+        return None
+    return _normalized(data)
+
+
+def _ids(value) -> list[str]:
+    return [v for v in value if is_version_id(v)] if isinstance(value, list) else []
+
+
+def _normalized(data: dict) -> dict:
+    """The pointer as this module writes it, from what is stored (older pointers included)."""
+    version = data["version"]
+    history = _ids(data.get("history"))
+    if "rolled_back" in data:
+        rolled_back = _ids(data["rolled_back"])
+    else:
+        # written before `rolled_back`: a rollback then pushed the version it left onto history
+        left = str(data.get("by", "")).removeprefix("rollback from ")
+        rolled_back = [left] if history and history[0] == left else []
+        history = history[len(rolled_back) :]
+    return {
+        **data,
+        "version": version,
+        "history": [v for v in history if v != version],
+        "rolled_back": [v for v in rolled_back if v != version],
+    }
 
 
 def current(root: str, name: str) -> str | None:
@@ -97,7 +179,7 @@ def current(root: str, name: str) -> str | None:
 
 def read_meta(root: str, name: str, version: str) -> dict | None:
     """A complete version's lorafleet.json, or None (missing, or a publish not finished)."""
-    if not is_version_id(version):
+    if not _ok(name, version, with_version=True):
         return None
     try:
         return json.loads(
@@ -109,6 +191,7 @@ def read_meta(root: str, name: str, version: str) -> dict | None:
 
 def version_ids(root: str, name: str) -> list[str]:
     """Every version folder of `name`, complete or not, oldest first."""
+    _check(name)
     return sorted(
         v for v in storage.listdir(storage.join(root, name, VERSIONS)) if is_version_id(v)
     )
@@ -116,6 +199,7 @@ def version_ids(root: str, name: str) -> list[str]:
 
 def versions(root: str, name: str) -> list[dict]:
     """The complete versions of `name`, oldest first: each its lorafleet.json."""
+    _check(name)
     out = []
     for v in version_ids(root, name):
         meta = read_meta(root, name, v)
@@ -155,25 +239,31 @@ def _pointer_lock(root: str, name: str):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def _write_pointer(root: str, name: str, version: str, history, rolled_back, by: str) -> dict:
+    new = {
+        "version": version,
+        "history": [v for v in history if v != version][:HISTORY_KEPT],
+        "rolled_back": [v for v in rolled_back if v != version][:HISTORY_KEPT],
+        "at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "by": by,
+    }
+    storage.write_text(storage.join(root, name, CURRENT), json.dumps(new, indent=2))
+    return new
+
+
 def set_current(root: str, name: str, version: str, by: str, forward_only: bool = False) -> dict:
-    """Point `name` at `version` (a complete one). With `forward_only` (a publish), a pointer
-    already at a later version stays. Returns the pointer as written (or as left)."""
+    """Move `name` forward to `version` (a complete one): the version it leaves goes on top of
+    the history that `rollback` walks back. With `forward_only` (a publish), a pointer already
+    at a later version stays. Returns the pointer as written (or as left)."""
+    _check(name, version, with_version=True)
     if read_meta(root, name, version) is None:
         raise VersionError(f"adapter {name!r} has no complete version {version!r} in {root}")
     with _pointer_lock(root, name):
         old = pointer(root, name)
         if old and forward_only and old["version"] >= version:
             return old
-        history = ([old["version"]] + old.get("history", [])) if old else []
-        history = [v for v in history if v != version][:HISTORY_KEPT]
-        new = {
-            "version": version,
-            "history": history,
-            "at": datetime.now(UTC).isoformat(timespec="seconds"),
-            "by": by,
-        }
-        storage.write_text(storage.join(root, name, CURRENT), json.dumps(new, indent=2))
-        return new
+        history = [old["version"], *old["history"]] if old else []
+        return _write_pointer(root, name, version, history, [], by)
 
 
 def _settle(root: str, name: str, version: str) -> None:
@@ -222,9 +312,7 @@ def publish(
     publish time. Prunes to `keep` complete versions when given. With `make_current=False` (a
     canary release will promote it) the pointer stays, unless the adapter has no version yet.
     Returns the version id."""
-    problem = name_problem(name)
-    if problem:
-        raise VersionError(problem)
+    _check(name)
     local_dir = Path(local_dir)
     if not (local_dir / ADAPTER_CONFIG).is_file():
         raise VersionError(f"{local_dir} holds no {ADAPTER_CONFIG}: not an adapter")
@@ -246,30 +334,45 @@ def publish(
 
 
 def promote(root: str, name: str, version: str) -> dict:
+    _check(name)
     if read_meta(root, name, version) is None:
         have = [v["version"] for v in versions(root, name)]
+        bad = f" ({_version_error(version)})" if not is_version_id(version) else ""
         raise VersionError(
-            f"adapter {name!r} has no version {version!r}; it has {have or 'none'} "
+            f"adapter {name!r} has no version {version!r}{bad}; it has {have or 'none'} "
             "(lorafleet adapters show NAME)"
         )
     return set_current(root, name, version, by="promote")
 
 
 def rollback(root: str, name: str) -> dict:
-    """Back to the version that was current before this one (the newest in the pointer's
-    history that still exists)."""
-    p = pointer(root, name)
-    if p is None:
-        raise VersionError(f"adapter {name!r} is not in {root}")
-    for v in p.get("history", []):
-        if read_meta(root, name, v) is not None:
-            return set_current(root, name, v, by=f"rollback from {p['version']}")
-    raise VersionError(f"adapter {name!r} has no earlier version to roll back to")
+    """Back one step: to the newest version in the pointer's history that still exists, taken
+    off the history (versions pruned since are skipped and dropped). The version left goes into
+    `rolled_back`; a rollback never moves forward to it. With nothing behind, it refuses
+    (NothingToRollBack): `promote` is the way forward."""
+    _check(name)
+    with _pointer_lock(root, name):
+        p = pointer(root, name)
+        if p is None:
+            raise VersionError(f"adapter {name!r} is not in {root}")
+        behind = p["history"]
+        for i, v in enumerate(behind):
+            if read_meta(root, name, v) is not None:
+                left = [p["version"], *p["rolled_back"]]
+                return _write_pointer(
+                    root, name, v, behind[i + 1 :], left, by=f"rollback from {p['version']}"
+                )
+    undone = f" (rolled back from {', '.join(p['rolled_back'])})" if p["rolled_back"] else ""
+    raise NothingToRollBack(
+        f"adapter {name!r}: nothing to roll back to: no complete version was served before "
+        f"{p['version']}{undone}; `lorafleet adapters promote {name} VERSION` moves it forward"
+    )
 
 
 def prune(root: str, name: str, keep: int, grace_s: float = INCOMPLETE_GRACE_S) -> list[str]:
     """Delete the oldest complete versions beyond `keep`, and incomplete ones older than
     `grace_s` (publishes that died); never the current version. Returns the ids deleted."""
+    _check(name)
     cur = current(root, name)
     complete = [v["version"] for v in versions(root, name)]
     old = [v for v in complete[: max(len(complete) - keep, 0)] if v != cur]
@@ -299,6 +402,7 @@ def local_version_dir(path: str) -> str:
     folder, sep, version = str(path).rstrip("/").partition("@")
     root, name = os.path.split(folder)
     if sep:
+        _check(name, version, with_version=True)
         if read_meta(root, name, version) is None:
             raise VersionError(f"{folder} has no complete version {version!r}")
         return version_uri(root, name, version)

@@ -313,3 +313,157 @@ def test_a_tiny_base_resolves_where_training_builds_it(tmp_path, monkeypatch):
         assert resolve_base("tiny://toy", root) == str(built)
     assert tiny_dir("toy", local_root) == tmp_path / "store" / "models" / "toy"
     assert tiny_dir("toy", "s3://fleet/somewhere").is_relative_to(tmp_path / "home")
+
+
+def test_repeated_rollbacks_walk_back_never_forward_then_refuse(root, tmp_path):
+    """v1 -> v2 -> v3 -> v4, then three rollbacks serve v3, v2, v1 (never a version a rollback
+    left) and a fourth refuses, naming the way forward; `promote` is that way, and a rollback after
+    it returns to the version served before it. A version pruned since is skipped."""
+    v1, v2, v3, v4 = (_publish(root, tmp_path, n) for n in (1, 2, 3, 4))
+    served = []
+    for _ in range(3):
+        p = versions.rollback(root, "support")
+        served.append(p["version"])
+        assert versions.current(root, "support") == p["version"]
+        assert run(AdapterStore(root).get("support")).version == p["version"]
+    assert served == [v3, v2, v1]
+    p = versions.pointer(root, "support")
+    assert p["history"] == [] and p["rolled_back"] == [v2, v3, v4], p
+    assert p["by"] == f"rollback from {v2}"
+    with pytest.raises(versions.NothingToRollBack, match=r"nothing to roll back to.*promote"):
+        versions.rollback(root, "support")
+    assert versions.current(root, "support") == v1  # a refused rollback moves nothing
+
+    versions.promote(root, "support", v4)
+    assert versions.pointer(root, "support")["history"] == [v1]
+    assert versions.rollback(root, "support")["version"] == v1
+    # v1 -> v4 (promote) -> v2 (promote), v4 pruned: a rollback skips it to v1, then refuses
+    versions.promote(root, "support", v4)
+    versions.promote(root, "support", v2)
+    storage.delete_dir(versions.version_uri(root, "support", v4))
+    p = versions.rollback(root, "support")
+    assert (p["version"], p["history"]) == (v1, []), p
+    with pytest.raises(versions.NothingToRollBack):
+        versions.rollback(root, "support")
+
+
+def test_a_pointer_an_older_rollback_wrote_does_not_roll_forward(tmp_path):
+    """Pointers written before `rolled_back` existed: a rollback then put the version it left at
+    the head of the history. Read today, that version is where it was rolled back from, not
+    behind: the next rollback goes to the older version, and a publish's pointer stays readable."""
+    root = str(tmp_path / "adapters")
+    v1, v2, v3 = (_publish(root, tmp_path, n) for n in (1, 2, 3))
+    pointer_file = Path(root, "support", "current")
+    old = {"version": v2, "history": [v3, v1], "at": "2026-12-01T00:00:00+00:00"}
+    pointer_file.write_text(json.dumps({**old, "by": f"rollback from {v3}"}))
+    p = versions.pointer(root, "support")
+    assert (p["version"], p["history"], p["rolled_back"]) == (v2, [v1], [v3]), p
+    assert versions.rollback(root, "support")["version"] == v1
+    pointer_file.write_text(
+        json.dumps({**old, "version": v3, "history": [v2, v1], "by": "publish"})
+    )
+    assert versions.rollback(root, "support")["version"] == v2
+    assert versions.rollback(root, "support")["version"] == v1
+
+
+def test_rollback_from_the_command_line_says_when_there_is_nothing_behind(tmp_path, capsys):
+    from cluster import cli
+
+    store = tmp_path / "runs"
+    root = str(store / "adapters")
+    v1, v2 = _publish(root, tmp_path, 1), _publish(root, tmp_path, 2)
+    assert cli.main(["adapters", "rollback", "support", "--root", str(store)]) == 0
+    assert f"current {v1} (was {v2})" in capsys.readouterr().out
+    assert cli.main(["adapters", "rollback", "support", "--root", str(store)]) == 2
+    err = capsys.readouterr().err
+    assert "nothing to roll back to" in err and "lorafleet adapters promote support" in err, err
+    assert versions.current(root, "support") == v1
+
+
+# names and versions no caller may use to reach outside the store: each entry point refuses them
+HOSTILE_NAMES = [
+    *("..", ".", "../decoy", "../../decoy", "../../../store/decoy", "good/../../decoy"),
+    *("/etc", "/etc/passwd", "/", "//", "/tmp/x", "a/b", "good/versions", "a\\b", "\\", "..\\x"),
+    *("", " ", "  ", " x", "x ", "x\t", "x\r", "x\n", "..\n", "good\n", "\n"),
+    *("current", "Current", "versions", "VERSIONS", "adapters", "latest", "runs", "models"),
+    *("lorafleet", "lorafleet-ui", "LoraFleet.x", ".hidden", ".lock", "-rf", "_x", "a..b"),
+    *("x\0", "\0", "good\0/../../decoy", "\u2024\u2024", "\u2025", "\uff0e\uff0e", "\uff0e"),
+    *("%2e%2e", "%2e%2e%2fdecoy", "..%2f", "~", "~/x", "x@20261202-003015-123-9f3a", "x:y"),
+    *("\u00f6", "x\u200b", "\uff58", "C:\\x", "a" * 129, "a" * 5000, "x/", "x/."),
+    *(None, 1, b"..", ["x"], Path("decoy")),
+]
+HOSTILE_VERSIONS = [
+    *("..", ".", "", "../../decoy", "/etc", "versions", "current"),
+    *("20261202-003015-123-9f3a\n", "20261202-003015-123-9f3a/..", "../20261202-003015-123-9f3a"),
+    *("\u0662\u0660\u0662\u0666\u0661\u0662\u0660\u0662-003015-123-9f3a", "x" * 5000, None, 7),
+]
+
+
+def _snapshot(box: str) -> list:
+    """Every file under `box`, with its size, mtime and content hash (or the object listing)."""
+    import hashlib
+
+    if storage.is_remote(box):
+        return storage.files(box)
+    out = []
+    for p in sorted(Path(box).rglob("*")):
+        st = p.lstat()
+        digest = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else None
+        out.append((str(p), st.st_size, st.st_mtime_ns, digest))
+    return out
+
+
+def test_the_store_refuses_hostile_names_and_versions_whoever_calls_it(root, tmp_path):
+    """Hostile names and versions, fed to every entry point of cluster/versions.py directly (no
+    HTTP): each raises VersionError, or answers None where None means "not found", and nothing
+    outside the root is read or written. A decoy adapter beside the root (a sibling folder or
+    prefix) is what an escaping name would find; one inside it is what a reserved name would."""
+    box = root.rsplit("/", 1)[0]  # <box>/adapters is the root; <box>/decoy is outside it
+    good = _publish(root, tmp_path, 1, name="good")
+    decoy = versions.publish(_adapter(tmp_path / "d", 7), box, "decoy", {"decoy": True})
+    for inside in ("current", "versions", "latest"):  # a reserved name that holds an adapter
+        versions.publish(_adapter(tmp_path / "d", 7), root, "x", {})
+        src, dst = storage.join(root, "x"), storage.join(root, inside)
+        if storage.is_remote(root):
+            storage.upload_dir(storage.local_copy(src), dst)
+        else:
+            Path(src).rename(dst)
+        storage.delete_dir(src)
+    abs_decoy = storage.join(box, "decoy") if not storage.is_remote(root) else "/fleet/decoy"
+    assert versions.read_meta(box, "decoy", decoy)["decoy"] is True  # the decoy is reachable
+    before = _snapshot(box)
+    src = _adapter(tmp_path / "src-hostile", 2)
+    refused = []
+
+    def refuses(call, *args):
+        try:
+            result = call(*args)
+        except versions.VersionError as e:
+            refused.append(str(e))
+            return True
+        return pytest.fail(f"{call.__name__}{args[1:]!r} answered {result!r}")
+
+    for name in [*HOSTILE_NAMES, abs_decoy, abs_decoy + "/"]:
+        for version in (good, decoy):
+            assert versions.pointer(root, name) is None, name
+            assert versions.current(root, name) is None, name
+            assert versions.read_meta(root, name, version) is None, name
+            refuses(versions.version_uri, root, name, version)
+            refuses(versions.set_current, root, name, version, "test")
+            refuses(versions.promote, root, name, version)
+        refuses(versions.adapter_uri, root, name)
+        refuses(versions.version_ids, root, name)
+        refuses(versions.versions, root, name)
+        refuses(versions.rollback, root, name)
+        refuses(versions.prune, root, name, 0)
+        refuses(versions.publish, src, root, name, {})
+    for version in HOSTILE_VERSIONS:
+        assert versions.read_meta(root, "good", version) is None, version
+        refuses(versions.version_uri, root, "good", version)
+        refuses(versions.set_current, root, "good", version, "test")
+        refuses(versions.promote, root, "good", version)
+        if isinstance(version, str) and "/" not in version and not storage.is_remote(root):
+            refuses(versions.local_version_dir, f"{root}/good@{version}")
+    assert _snapshot(box) == before  # nothing written, inside the root or out
+    assert all("invalid" in m or "reserved" in m for m in refused), set(refused) - {""}
+    assert versions.current(root, "good") == good and versions.names(root) == ["good"]
