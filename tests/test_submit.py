@@ -91,20 +91,25 @@ def test_submit_passes_secrets_by_env_and_ctrl_c_stops_following_not_the_job(
     assert "hf-test-secret" not in (ROOT / "configs" / "demo.yaml").read_text()
 
 
-def test_submit_refuses_an_env_name_that_is_not_set(tmp_path):
+def test_submit_refuses_an_env_name_that_is_not_set(tmp_path, capsys):
+    """A name passed with --env that is not set here is refused before any Ray is asked, with
+    the name in the message: exit 2 alone would also be any config error, or no Ray at the
+    address (nothing listens on port 9 here)."""
     from cluster.cli import main
 
     env_name = "LORAFLEET_TEST_SURELY_UNSET"
     assert env_name not in os.environ
-    rc = main(
-        [
-            "submit",
-            "train",
-            "configs/demo.yaml",
-            "--address",
-            "http://127.0.0.1:9",
-            "--env",
-            env_name,
-        ]
-    )
-    assert rc == 2
+    argv = ["submit", "train", "configs/demo.yaml", "--address", "http://127.0.0.1:9"]
+    rc = main([*argv, "--env", env_name, "--env", "HOME"])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert f"--env {env_name}: not set in this environment" in err, err
+    assert "HOME" not in err and "no Ray job server" not in err, err
+    # the same command with the name set gets past that check, to the address (no Ray there)
+    os.environ[env_name] = "1"
+    try:
+        assert main([*argv, "--env", env_name]) == 2
+    finally:
+        del os.environ[env_name]
+    err = capsys.readouterr().err
+    assert "no Ray job server at http://127.0.0.1:9" in err and env_name not in err, err
