@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from cluster.config import load_config, schema_for
 from cluster.errors import ConfigError
@@ -309,4 +310,15 @@ def test_method_combinations_that_cannot_train_are_refused_with_the_reason(tmp_p
     ):
         p = tmp_path / "ok.yaml"
         p.write_text(ok if "data:" in ok else "data: {path: x.jsonl}\n" + ok)
-        assert load_config(p).adapter.method in ok
+        cfg, written = load_config(p), yaml.safe_load(p.read_text())
+        # the method named and every other setting written, exactly ("lora" in "adalora" won't do)
+        assert cfg.adapter.method == written["adapter"]["method"], (ok, cfg.adapter.method)
+        assert _settings(cfg.model_dump(mode="json"), written) == written, ok
+
+
+def _settings(dumped: dict, written: dict) -> dict:
+    """The values in `dumped` at the keys of `written` (nested sections alike)."""
+    return {
+        k: _settings(dumped.get(k) or {}, v) if isinstance(v, dict) else dumped.get(k)
+        for k, v in written.items()
+    }
