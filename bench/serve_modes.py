@@ -159,23 +159,14 @@ def _s3_loras(root: Path) -> str:
     """Ray Serve LLM loads adapters from cloud URIs only: an S3 server on loopback holds them,
     its endpoint in the environment before Ray starts so the replicas inherit it."""
     import os
-    import socket
 
     import boto3
-    from moto.server import ThreadedMotoServer
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False).start()
-    os.environ |= {
-        "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}",
-        "AWS_ACCESS_KEY_ID": "test",
-        "AWS_SECRET_ACCESS_KEY": "test",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
+    from tests.helpers.toolbox import start_s3_server  # the tests' S3 stand-in (moto)
+
+    _, env = start_s3_server("fleet")
+    os.environ |= env
     s3 = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL_S3"])
-    s3.create_bucket(Bucket="fleet")
     for name in ADAPTERS:
         for f in (root / "flat" / name).iterdir():
             s3.upload_file(str(f), "fleet", f"loras/{name}/{f.name}")

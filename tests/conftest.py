@@ -51,25 +51,11 @@ def s3_bucket():
     """An S3-compatible server on loopback (moto), started here for the session, with bucket
     `fleet`. Its endpoint and test credentials are in the environment before Ray starts, so Ray's
     workers (Serve replicas among them) reach it the way cluster nodes reach a real bucket."""
-    import socket
+    from tests.helpers.toolbox import start_s3_server
 
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    env = {
-        "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}",
-        "AWS_ACCESS_KEY_ID": "test",
-        "AWS_SECRET_ACCESS_KEY": "test",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
+    server, env = start_s3_server("fleet")
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-    boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL_S3"]).create_bucket(Bucket="fleet")
     yield "s3://fleet"
     server.stop()
     for k, v in saved.items():

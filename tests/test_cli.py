@@ -18,6 +18,7 @@ import requests
 from conftest import ROOT, our_lines
 
 from cluster.cli import Invocation, parse
+from tests.helpers.toolbox import free_port
 
 # one command line per subcommand; FLAGS names the words that are one flag (with its value)
 CASES = {
@@ -309,12 +310,6 @@ def test_ctrl_c_during_train_says_how_to_resume_and_exits_130(tmp_path, tiny_bas
     assert not _gone(ray_procs, timeout_s=60), "Ray processes outlived the command"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _listening(port: int) -> bool:
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) == 0
@@ -325,7 +320,7 @@ def test_serve_config_starts_warns_of_a_missing_adapter_and_stops_on_sigterm(tmp
     from cluster.config import dump_config, load_config
     from cluster.serve_config import ServeAppConfig
 
-    port = _free_port()
+    port = free_port()
     store = tmp_path / "store"
     store.mkdir()
     cfg = load_config(

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ from conftest import ROOT, current_adapter, job_config
 
 from cluster.config import dump_config
 from cluster.errors import ConfigError
+from tests.helpers.toolbox import stop_processes
 
 pytestmark = pytest.mark.slow
 
@@ -63,7 +63,8 @@ def _train(cfg, tmp: Path, ray_address: str) -> tuple[list[dict], str]:
     try:
         out, _ = proc.communicate(timeout=RUN_TIMEOUT_S)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the group this test started, by its leader's PID
+        # the group this test started, by its leader's PID: SIGKILL at once
+        stop_processes(groups=[proc.pid], timeout_s=0)
         out, _ = proc.communicate()
         pytest.fail(f"DeepSpeed run {cfg.name} hung past {RUN_TIMEOUT_S}s:\n{out[-4000:]}")
     assert proc.returncode == 0, out[-4000:]

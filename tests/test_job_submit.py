@@ -5,45 +5,18 @@ from __future__ import annotations
 
 import os
 import secrets
-import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 from conftest import ROOT, current_adapter
 
+from tests.helpers.toolbox import free_port, stop_processes
+
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _stop_processes_under(temp_dir: str) -> None:
-    """Every process whose command line names our temp dir, and all their children."""
-    roots = []
-    for p in psutil.process_iter(["cmdline"]):
-        try:
-            if any(temp_dir in arg for arg in p.info["cmdline"] or []):
-                roots.append(p)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    procs = {p.pid: p for r in roots for p in [r, *r.children(recursive=True)]}
-    for p in procs.values():
-        try:
-            p.send_signal(signal.SIGTERM)
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(list(procs.values()), timeout=5)
-    for p in alive:
-        p.kill()
 
 
 @pytest.fixture
@@ -52,7 +25,7 @@ def ray_head():
     import tempfile
 
     temp_dir = tempfile.mkdtemp(prefix="lfray-", dir="/tmp")  # unix socket paths: < 108 bytes
-    dash = _free_port()
+    dash = free_port()
     env = os.environ | {
         "PATH": f"{BIN}:{os.environ['PATH']}",
         # token auth, with a token of this test's own, for the head and every client
@@ -68,16 +41,16 @@ def ray_head():
         str(BIN / "ray"),
         "start",
         "--head",
-        f"--port={_free_port()}",
+        f"--port={free_port()}",
         "--node-ip-address=127.0.0.1",
         "--dashboard-host=127.0.0.1",
         f"--dashboard-port={dash}",
-        f"--ray-client-server-port={_free_port()}",
-        f"--node-manager-port={_free_port()}",
-        f"--object-manager-port={_free_port()}",
-        f"--dashboard-agent-listen-port={_free_port()}",
-        f"--metrics-export-port={_free_port()}",
-        f"--runtime-env-agent-port={_free_port()}",
+        f"--ray-client-server-port={free_port()}",
+        f"--node-manager-port={free_port()}",
+        f"--object-manager-port={free_port()}",
+        f"--dashboard-agent-listen-port={free_port()}",
+        f"--metrics-export-port={free_port()}",
+        f"--runtime-env-agent-port={free_port()}",
         f"--temp-dir={temp_dir}",
         "--num-cpus=4",
         "--disable-usage-stats",
@@ -89,11 +62,11 @@ def ray_head():
                 break
             # `ray start` gives its raylet a fixed 30 s to register; on a loaded 2-core machine it
             # once took longer ("The current node timed out during startup"): clean up, once more
-            _stop_processes_under(temp_dir)
+            stop_processes(naming=[temp_dir], timeout_s=5)
         assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
         yield f"http://127.0.0.1:{dash}", env
     finally:
-        _stop_processes_under(temp_dir)
+        stop_processes(naming=[temp_dir], timeout_s=5)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 

@@ -10,8 +10,6 @@ import os
 import random
 import secrets
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,20 +17,14 @@ import time
 import uuid
 from pathlib import Path
 
-import psutil
 import pytest
 from conftest import ROOT, current_adapter
 
 from cluster import storage
+from tests.helpers.toolbox import ask_in_subprocess, free_port, stop_processes
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _node_ports() -> list[str]:
@@ -46,32 +38,10 @@ def _node_ports() -> list[str]:
         "--metrics-export-port",
         "--runtime-env-agent-port",
     ]
-    return [f"{f}={_free_port()}" for f in flags] + [
+    return [f"{f}={free_port()}" for f in flags] + [
         f"--min-worker-port={low}",
         f"--max-worker-port={low + 199}",
     ]
-
-
-def _stop(groups: list[int], temp_dirs: list[str]) -> None:
-    """The process groups our `ray start`s began, and any process naming our temp dirs (Ray's
-    daemons may leave the group): SIGTERM, then SIGKILL after 10 s."""
-    procs = {}
-    for p in psutil.process_iter(["cmdline"]):
-        try:
-            cmd = " ".join(p.info["cmdline"] or [])
-            if os.getpgid(p.pid) in groups or any(d in cmd for d in temp_dirs):
-                procs |= {q.pid: q for q in [p, *p.children(recursive=True)]}
-        except (psutil.NoSuchProcess, psutil.AccessDenied, ProcessLookupError):
-            continue
-    procs.pop(os.getpid(), None)
-    for p in procs.values():
-        try:
-            p.send_signal(signal.SIGTERM)
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(list(procs.values()), timeout=10)
-    for p in alive:
-        p.kill()
 
 
 def _ray_start(args: list[str], env: dict, groups: list[int]) -> None:
@@ -92,7 +62,7 @@ def _ray_start(args: list[str], env: dict, groups: list[int]) -> None:
 def two_nodes(s3_bucket, tmp_path):
     """(dashboard URL, env for clients): a head and one more raylet, 2 CPUs each."""
     temp_dirs = [tempfile.mkdtemp(prefix=f"lfmn{i}-", dir="/tmp") for i in range(2)]
-    gcs, dash = _free_port(), _free_port()
+    gcs, dash = free_port(), free_port()
     env = os.environ | {
         "PATH": f"{BIN}:{os.environ['PATH']}",
         "RAY_AUTH_MODE": "token",
@@ -113,7 +83,7 @@ def two_nodes(s3_bucket, tmp_path):
             f"--port={gcs}",
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={dash}",
-            f"--ray-client-server-port={_free_port()}",
+            f"--ray-client-server-port={free_port()}",
             f"--temp-dir={temp_dirs[0]}",
         ]
         _ray_start(head + common + _node_ports(), env, groups)
@@ -121,7 +91,8 @@ def two_nodes(s3_bucket, tmp_path):
         _ray_start(second + common + _node_ports(), env, groups)
         yield f"http://127.0.0.1:{dash}", env
     finally:
-        _stop(groups, temp_dirs)
+        # Ray's daemons may leave the group: also every process naming our temp dirs
+        stop_processes(groups=groups, naming=temp_dirs, timeout_s=10)
         for d in temp_dirs:
             shutil.rmtree(d, ignore_errors=True)
 
@@ -178,15 +149,7 @@ def test_strict_spread_trains_on_two_nodes_from_and_to_s3(
         ],
     )
     print(f"2-node job: {time.time() - start:.1f}s")
-    state = subprocess.run(
-        [sys.executable, "-c", STATE_QUERY, address],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert state.returncode == 0, state.stderr[-2000:]
-    placed = json.loads(state.stdout.strip().splitlines()[-1])
+    placed = ask_in_subprocess(STATE_QUERY, address, env=env, timeout_s=60)
     assert len(placed["nodes"]) == 2, placed
     assert sorted(placed["workers"]) == sorted(placed["nodes"]), placed  # one worker per node
 

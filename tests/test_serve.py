@@ -28,6 +28,7 @@ import requests
 from conftest import ROOT, current_adapter, job_config
 
 from cluster import layout, storage, versions
+from tests.helpers.toolbox import free_port
 
 # a real Ray Serve app with vLLM replicas: minutes, not the quick tier
 pytestmark = pytest.mark.slow
@@ -41,14 +42,6 @@ LLM_DEPLOYMENT = "LoraStoreServer:tiny"
 # through PEFT after 60 steps at lr 1e-2: 40 of 40 against the base's 0)
 LEARNED_MARGIN = 0.5
 REPLIES = {"greet": "hi", "thank": "ok", "leave": "by"}
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def reply_rows(n: int, seed: int) -> list[dict]:
@@ -157,7 +150,7 @@ def served(ray_local, s3_bucket, tmp_path_factory, tiny_base, task_data, two_wor
     shutil.copytree(tiny_base, moved_base)
     keys_file = tmp / "api-keys.txt"
     keys_file.write_text(f"{KEY}\n")
-    cfg = _serve_config(_free_port(), str(moved_base), bucket_root, str(keys_file))
+    cfg = _serve_config(free_port(), str(moved_base), bucket_root, str(keys_file))
     cfg_path = tmp / "serve.yaml"
     cfg_path.write_text(dump_config(cfg))
     environ = {cfg.http.api_keys_env: ENV_KEY, cfg.http.admin_keys_env: ADMIN_KEY}
@@ -207,7 +200,7 @@ def _cli_serve_error(tmp_path, capsys, **changes) -> str:
     from cluster.cli import main
     from cluster.config import dump_config
 
-    cfg = _serve_config(_free_port(), "org/some-model", str(tmp_path / "store"), None)
+    cfg = _serve_config(free_port(), "org/some-model", str(tmp_path / "store"), None)
     path = tmp_path / "serve.yaml"
     path.write_text(dump_config(cfg.model_copy(update=changes, deep=True)))
     assert main(["serve", str(path)]) == 2
@@ -231,7 +224,7 @@ def test_a_missing_api_key_file_is_a_one_line_error(tmp_path, capsys):
     from cluster.serve_config import HttpConfig
 
     keys = tmp_path / "no-such-keys.txt"
-    http = HttpConfig(host="127.0.0.1", port=_free_port(), api_keys_file=str(keys))
+    http = HttpConfig(host="127.0.0.1", port=free_port(), api_keys_file=str(keys))
     err = _cli_serve_error(tmp_path, capsys, http=http)
     assert f"http.api_keys_file: cannot read {keys}" in err, err
 
@@ -239,7 +232,7 @@ def test_a_missing_api_key_file_is_a_one_line_error(tmp_path, capsys):
 def test_haproxy_mode_without_api_keys_is_refused_before_anything_starts(tmp_path, capsys):
     from cluster.serve_config import HttpConfig
 
-    http = HttpConfig(host="127.0.0.1", port=_free_port(), mode="haproxy")
+    http = HttpConfig(host="127.0.0.1", port=free_port(), mode="haproxy")
     err = _cli_serve_error(tmp_path, capsys, http=http)
     assert "http.mode: 'haproxy' binds" in err and "$LORAFLEET_API_KEYS" in err, err
 

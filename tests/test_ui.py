@@ -14,7 +14,6 @@ import itertools
 import json
 import os
 import shutil
-import socket
 import tempfile
 import threading
 import time
@@ -26,6 +25,7 @@ import pytest
 import requests
 
 from cluster import layout, versions
+from tests.helpers.toolbox import free_port
 
 # the tests on the app (a real Ray Serve app with a vLLM replica, and a browser) are `slow`:
 # minutes, not the quick tier; the first three here need neither
@@ -42,12 +42,6 @@ ROOT = Path(__file__).resolve().parents[1]
 # LORAFLEET_UI_SHOTS=docs also copies the release test's screenshot to docs/ui.png (the README's,
 # from a real run of this file); by default screenshots stay in the test's tmp dir
 SHOTS_ENV = "LORAFLEET_UI_SHOTS"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _publish(base: Path, root: str, name: str, seed: int, current: bool = True) -> str:
@@ -123,7 +117,7 @@ def app(ray_local, tmp_path_factory, tiny_base):
     root = layout.adapters_root(str(store))
     for i, name in enumerate(("ui-a", "ui-b", "ui-rel")):
         _publish(tiny_base, root, name, seed=i)
-    cfg = _serve_config(_free_port(), str(tiny_base), str(store))
+    cfg = _serve_config(free_port(), str(tiny_base), str(store))
     cfg_path = tmp / "serve.yaml"
     cfg_path.write_text(dump_config(cfg))
     environ = {cfg.http.api_keys_env: KEY, cfg.http.admin_keys_env: ADMIN_KEY}

@@ -1,0 +1,98 @@
+"""The tests' toolbox, each helper written once: import it as `from tests.helpers.toolbox import
+free_port` (conftest.py puts the repo root on sys.path)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterable
+
+S3_CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "test",
+    "AWS_SECRET_ACCESS_KEY": "test",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (the OS's pick, released at once)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop_processes(
+    *, groups: Iterable[int] = (), naming: Iterable[str] = (), timeout_s: float
+) -> None:
+    """Stop what a test started, by PID, never by name: every process in one of the process
+    `groups` (a `start_new_session=True` child's group id is its PID) or whose command line
+    names one of `naming` (a test's own temp dir: Ray's daemons may leave their group), with all
+    their children; never this process. SIGTERM, up to `timeout_s` for them to exit, then
+    SIGKILL to those left; `timeout_s=0`: SIGKILL at once."""
+    import psutil
+
+    groups, naming = set(groups), list(naming)
+    procs: dict[int, psutil.Process] = {}
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            cmd = " ".join(p.info["cmdline"] or [])
+            if (groups and os.getpgid(p.pid) in groups) or any(d in cmd for d in naming):
+                procs |= {q.pid: q for q in [p, *p.children(recursive=True)]}
+        except (psutil.NoSuchProcess, psutil.AccessDenied, ProcessLookupError):
+            continue
+    procs.pop(os.getpid(), None)
+    alive = list(procs.values())
+    if timeout_s > 0:
+        for p in alive:
+            try:
+                p.send_signal(signal.SIGTERM)
+            except psutil.NoSuchProcess:
+                pass
+        _, alive = psutil.wait_procs(alive, timeout=timeout_s)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+def ask_in_subprocess(code: str, *args: str, env: dict, timeout_s: float) -> dict:
+    """Run `code` (a Python script that prints one JSON line last) with `args` in a process of
+    its own, and return that line's value. For asking a test's own cluster about its jobs,
+    nodes or actors: this process's Ray client keeps the token of the session's own Ray, which
+    the test's head refuses. Fails the test with the script's stderr if it exits non-zero."""
+    done = subprocess.run(
+        [sys.executable, "-c", code, *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def start_s3_server(bucket: str = "fleet"):
+    """An S3-compatible server (moto) on a free loopback port, with `bucket` made:
+    (the server, to `.stop()`; the environment a client needs to reach it: its endpoint as
+    AWS_ENDPOINT_URL_S3 and test credentials). The caller puts that environment where its
+    clients, Ray's workers among them, will find it."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {"AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}", **S3_CREDENTIALS}
+    boto3.client(
+        "s3",
+        endpoint_url=env["AWS_ENDPOINT_URL_S3"],
+        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+        region_name=env["AWS_DEFAULT_REGION"],
+    ).create_bucket(Bucket=bucket)
+    return server, env
