@@ -164,7 +164,10 @@ def run_release(
     try:
         if action == "start":
             if cfg.release is None:
-                raise ConfigError(f"{config}: no `release:` section (adapter, steps, gates)")
+                raise ConfigError(
+                    ["release: missing; add a `release:` section (adapter, steps, gates)"],
+                    config,
+                )
             return rc.start(cfg, cfg.release.model_dump(mode="json"), url, follow)
         if action == "status":
             return rc.status(cfg, adapter, url, follow)

@@ -1,6 +1,7 @@
 """The README's config reference rows, generated from the schemas (a test keeps them in sync).
 
 python -m cluster.config_reference [serve] > /tmp/ref.md
+python -m cluster.config_reference --update README.md   # rewrite the rows in place (both schemas)
 """
 
 from __future__ import annotations
@@ -38,5 +39,35 @@ def config_reference(schema: type[BaseModel] = JobConfig, prefix: str = "") -> l
     return rows
 
 
+def _key(row: str) -> str:
+    return row.split("|", 2)[1].strip()
+
+
+def update(text: str, rows: list[str]) -> str:
+    """`text` with each generated row in place of the row with its key, and a row whose key is
+    new inserted after the row of the key before it in the schema."""
+    lines = text.splitlines()
+    where = {_key(x): i for i, x in enumerate(lines) if x.startswith("| `")}
+    previous = None
+    for row in rows:
+        key = _key(row)
+        if key in where:
+            lines[where[key]] = row
+        elif previous in where:
+            at = where[previous] + 1
+            lines.insert(at, row)
+            where = {k: (i + 1 if i >= at else i) for k, i in where.items()}
+            where[key] = at
+        previous = key
+    return "\n".join(lines) + ("\n" if text.endswith("\n") else "")
+
+
 if __name__ == "__main__":
-    print("\n".join(config_reference(ServeAppConfig if sys.argv[1:] == ["serve"] else JobConfig)))
+    if sys.argv[1:2] == ["--update"]:
+        from pathlib import Path
+
+        path = Path(sys.argv[2])
+        rows = config_reference() + config_reference(ServeAppConfig)
+        path.write_text(update(path.read_text(), rows))
+    else:
+        print("\n".join(config_reference(ServeAppConfig if sys.argv[1:] == ["serve"] else JobConfig)))

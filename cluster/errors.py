@@ -14,8 +14,10 @@ class LorafleetError(Exception):
 class ConfigError(LorafleetError, ValueError):
     """All the problems found in one config, one per line."""
 
-    def __init__(self, problems: list[str], source: str = "config"):
-        self.problems = problems
+    def __init__(self, problems: list[str] | str, source: str = "config"):
+        if isinstance(problems, str):  # one problem given as a string, not one per character
+            problems = [problems]
+        self.problems = list(problems)
         self.source = source
         lines = "\n".join(f"  - {p}" for p in problems)
         super().__init__(f"{len(problems)} problem(s) in {source}:\n{lines}")

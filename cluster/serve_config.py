@@ -186,7 +186,8 @@ class HttpConfig(Section):
     api_keys_env: str = Field(
         "LORAFLEET_API_KEYS",
         description="Environment variable holding accepted API keys (comma-separated). Set, or "
-        "with `api_keys_file`, every request needs `Authorization: Bearer <key>`; else open.",
+        "with `api_keys_file`, every request needs `Authorization: Bearer <key>`; unset, reads "
+        "and inference are open, which only a loopback `host` allows.",
     )
     api_keys_file: str | None = Field(
         None, description="A file of accepted API keys, one per line (never put keys in YAML)."
@@ -194,11 +195,30 @@ class HttpConfig(Section):
     admin_keys_env: str = Field(
         "LORAFLEET_ADMIN_KEYS",
         description="Environment variable holding admin keys (comma-separated): they change "
-        "experiments (PUT /v1/experiments/...) and also pass as API keys. With API keys set but "
-        "no admin key, changes are refused; with no keys at all, the server is open.",
+        "experiments, releases and adapters (every admin route) and also pass as API keys. "
+        "Without one, changes are refused, unless no key is set at all and "
+        "`open_admin_on_loopback` is true.",
     )
     admin_keys_file: str | None = Field(
         None, description="A file of admin keys, one per line (never put keys in YAML)."
+    )
+    open_admin_on_loopback: bool = Field(
+        False,
+        description="With no key set at all (a server on loopback): let admin actions (weights, "
+        "releases, promote, rollback) through without a key. Off by default, so that a process "
+        "or web page on this machine cannot change what is served; reads and inference stay "
+        "open either way. A host other than loopback always needs API keys.",
+    )
+    feedback_rate_limit: str = Field(
+        "200/second",
+        description="Most POST /v1/feedback requests per key (per client address without keys) "
+        "and per ingress replica, over a moving window; more get 429 with Retry-After. Written "
+        "as `N/second`, `N/minute` or `N/hour`.",
+    )
+    admin_rate_limit: str = Field(
+        "10/second",
+        description="Most admin requests (weights, releases, promote, rollback) per key and per "
+        "ingress replica, as `feedback_rate_limit`.",
     )
     ingress_replicas: int = Field(1, gt=0, description="Replicas of the OpenAI/experiment ingress.")
     request_timeout_s: float = Field(
@@ -228,6 +248,34 @@ class HttpConfig(Section):
         description="Most prompts one completion request may carry (`prompt` as a list); each is "
         "a sequence of its own, like `n`.",
     )
+
+    @field_validator("feedback_rate_limit", "admin_rate_limit")
+    @classmethod
+    def _rate(cls, v):
+        from limits import parse
+
+        try:
+            parse(v)
+        except ValueError:
+            raise ValueError(
+                f"expected a rate such as '200/second', '600/minute' or '1000/hour'. Got {v!r} "
+                "instead"
+            ) from None
+        return v
+
+    def exposed(self) -> bool:
+        """True when the API can be reached from other machines: a host other than loopback,
+        or HAProxy (which binds the replicas' ports on all interfaces)."""
+        from ipaddress import ip_address
+
+        if self.mode == "haproxy":
+            return True
+        if self.host.lower() in ("localhost", "ip6-localhost"):
+            return False
+        try:
+            return not ip_address(self.host.strip("[]")).is_loopback
+        except ValueError:
+            return True
 
     def api_keys(self, environ=None, missing_file_ok: bool = False) -> list[str]:
         """The accepted keys, in order: the environment variable's, then the key file's. The

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
+from cluster.errors import LorafleetError
+
 REMOTE_SCHEMES = ("s3://", "gs://")
 
 
@@ -25,7 +27,32 @@ def is_remote(uri: str) -> bool:
     return str(uri).startswith(REMOTE_SCHEMES)
 
 
+class UnsafePath(LorafleetError, ValueError):
+    """A path part that would leave the root it is joined to."""
+
+
+def _part_problem(part) -> str | None:
+    """Why `part` cannot be joined below a root: not a string, empty, absolute, or a `..` (or a
+    NUL) in any of its segments; None when it stays below the root."""
+    if not isinstance(part, str) or not part:
+        return f"expected a non-empty relative name, got {part!r}"
+    if "\0" in part:
+        return f"{part!r} holds a NUL character"
+    if part.startswith(("/", "\\")) or Path(part).is_absolute() or part[1:3] in (":/", ":\\"):
+        return f"{part!r} is an absolute path"
+    if any(seg == ".." for seg in part.replace("\\", "/").split("/")):
+        return f"{part!r} climbs out with '..'"
+    return None
+
+
 def join(root: str, *parts: str) -> str:
+    """`root` and `parts` as one URI or path. Every part must stay below the root: an absolute
+    part, a `..` segment or a NUL raises UnsafePath, whoever the caller is (the adapter store's
+    names are checked again against the name rule in cluster/versions.py)."""
+    for part in parts:
+        problem = _part_problem(part)
+        if problem:
+            raise UnsafePath(f"refusing to join {problem} below {root}")
     if is_remote(root):
         return "/".join([str(root).rstrip("/"), *(p.strip("/") for p in parts)])
     return str(Path(root, *parts))

@@ -49,6 +49,27 @@ REFUSED_FIELDS = frozenset(
         "request_id",
     )
 )
+# The body fields a client may send, named here: an allow-list, so a field a new vLLM adds (an
+# engine control, a template, a transfer handle) is refused until someone puts it here. OpenAI's
+# fields, and vLLM's sampling and decoding extras; never a Jinja template, an engine-internal
+# handle, a scheduling priority or a cache salt. The ingress takes these less any its vLLM lacks.
+COMMON_FIELDS = frozenset(
+    ("model", "n", "stream", "stream_options", "stop", "max_tokens", "temperature", "top_p")
+    + ("presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "seed", "user")
+    + ("response_format", "echo", "top_k", "min_p", "repetition_penalty", "length_penalty")
+    + ("min_tokens", "ignore_eos", "stop_token_ids", "include_stop_str_in_output", "bad_words")
+    + ("skip_special_tokens", "spaces_between_special_tokens", "allowed_token_ids")
+    + ("prompt_logprobs", "truncate_prompt_tokens", "structured_outputs", "add_special_tokens")
+    + ("return_tokens_as_token_ids",)
+)
+ALLOWED_FIELDS = {
+    "completions": COMMON_FIELDS | {"prompt", "suffix"},
+    "chat": COMMON_FIELDS
+    | {"messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice"}
+    | {"parallel_tool_calls", "reasoning_effort", "include_reasoning", "documents"}
+    # template variables only (checked: never a template), and where the answer starts
+    | {"chat_template_kwargs", "add_generation_prompt", "continue_final_message"},
+}
 # OpenAI fields that do not change an answer: OpenAI's SDKs and agents send them; vLLM ignores them
 PASSED_FIELDS = frozenset(
     ("best_of", "service_tier", "store", "metadata", "prompt_cache_key", "safety_identifier")

@@ -47,11 +47,18 @@ def resolve(cfg: ServeAppConfig, environ: Mapping[str, str]) -> Resolved:
     `environ` and the key file). Raises a LorafleetError for a base never built or a missing
     key file, before anything starts."""
     key_hashes = api_key_hashes(cfg, environ)
-    if cfg.http.mode == "haproxy" and not key_hashes:
+    h = cfg.http
+    if h.exposed() and not key_hashes:
+        where = (
+            "http.mode: 'haproxy' binds the ingress replicas' HTTP ports on all interfaces"
+            if h.mode == "haproxy"
+            else f"http.host: {h.host!r} is reachable from other machines"
+        )
         raise LorafleetError(
-            "http.mode: 'haproxy' binds the ingress replicas' HTTP ports on all interfaces, and "
-            f"no API key is set, so the server would be open to the network: set "
-            f"${cfg.http.api_keys_env} or http.api_keys_file, or use http.mode: throughput"
+            f"{where}, and no API key is set, so anyone who can reach the port could use the "
+            f"models: set ${h.api_keys_env} or http.api_keys_file (and ${h.admin_keys_env} for "
+            "admin actions), or serve on http.host: 127.0.0.1"
+            + (" with http.mode: throughput" if h.mode == "haproxy" else "")
         )
     return Resolved(
         model_sources={m.id: resolve_base(m.base, cfg.storage.root) for m in cfg.models},

@@ -34,6 +34,12 @@ MAX_RESPONSES = 200_000  # response ids kept for feedback (about 100 bytes each)
 REMEMBER_TIMEOUT_S = 1.0  # longest an answer waits to record its id (state replica restarting)
 
 
+def _now_iso() -> str:
+    from datetime import UTC, datetime
+
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
 def merge_counts(into: dict, deltas: dict) -> None:
     """Add per experiment, per variant counts (`{exp: {variant: {stat: n}}}`) into `into`."""
     for exp, variants in deltas.items():
@@ -293,14 +299,19 @@ class ExperimentState:
         """Which variant answered `response_id`, and which arm of a canary release (`[adapter,
         arm]`, serve/release.py) if one ran (the newest MAX_RESPONSES are kept)."""
         with self._lock:
-            self.responses[response_id] = (experiment, variant, release)
+            self.responses[response_id] = (experiment, variant, release, None)
             self.responses.move_to_end(response_id)
             while len(self.responses) > MAX_RESPONSES:
                 self.responses.popitem(last=False)
 
     def feedback(self, body: dict) -> dict:
         """Record one reward: {"response_id", "reward"} or {"experiment", "user", "reward"}.
-        Returns {"experiment", "variant", "reward"}, or {"error", "status"}."""
+        Returns {"experiment", "variant", "reward"}, or {"error", "status"}. A response id counts
+        once: its first reward is kept and any later one is refused (409), so replaying an id
+        cannot move an outcome, or a release's outcome gate, by more than one reward. The record
+        of which ids were rewarded is bounded with the ids themselves (MAX_RESPONSES): an id
+        evicted from it is unknown (404), never counted again. Rewards by experiment and user
+        are events, not answers: each counts, within the caller's rate limit."""
         try:
             reward = parse_reward(body.get("reward"))
         except ValueError as e:
@@ -320,7 +331,14 @@ class ExperimentState:
         if isinstance(rid, str) and rid:
             if rid not in self.responses:
                 return {"error": f"unknown response id {rid!r} (or too old)", "status": 404}
-            exp, var, release = self.responses[rid]
+            exp, var, release, rewarded_at = self.responses[rid]
+            if rewarded_at is not None:
+                return {
+                    "error": f"response {rid!r} was already rewarded (at {rewarded_at}); a "
+                    "response counts once, with its first reward",
+                    "status": 409,
+                }
+            self.responses[rid] = (exp, var, release, _now_iso())
             return {"experiment": exp, "variant": var} | ({"release": release} if release else {})
         if not (isinstance(exp, str) and isinstance(user, str) and user):
             return {

@@ -1,15 +1,29 @@
 """lorafleet's OpenAI-compatible ingress: Ray Serve LLM's `OpenAiIngress` plus experiments,
-API keys, per-variant metrics and 4xx answers for bad requests, all in the one HTTP hop.
+releases, API keys, per-variant metrics and 4xx answers for bad requests, all in the one HTTP hop.
+Every route (`ROUTES` below; a test checks this list against it). [admin]: needs an admin key
+(serve/auth.py: one dependency on every admin route, `require_admin`).
 
     GET  /v1/models                      base models, their adapters (`<model>:<adapter>`), experiments
-    POST /v1/completions, /v1/chat/completions   (stream: true gives server-sent events)
-    GET  /v1/experiments                 weights, shares and per-variant counts
-    PUT  /v1/experiments/{name}          {"weights": {"a": 50, "b": 50}}: re-weight, no redeploy
-                                         (needs an admin key: http.admin_keys_env / _file)
+    GET  /v1/models/{model}              one of those cards
+    POST /v1/completions                 OpenAI completions (stream: true gives server-sent events)
+    POST /v1/chat/completions            OpenAI chat completions (stream too)
+    GET  /v1/experiments                 weights, shares, per-variant counts and outcomes
+    PUT  /v1/experiments/{name}          [admin] {"weights": {"a": 50, "b": 50}}: re-weight, no redeploy
     POST /v1/feedback                    {"response_id": ..., "reward": 1 | 0.3 | "up" | "down"}
-                                         or {"experiment": ..., "user": ..., "reward": ...}
+                                         or {"experiment": ..., "user": ..., "reward": ...}; a
+                                         response id counts once (409 after), rate-limited (429)
+    POST /v1/releases                    [admin] start a canary release {adapter, version, steps, gates}
+    GET  /v1/releases                    every release: state, step, counts, decision log
+    GET  /v1/releases/{adapter}          one release
+    POST /v1/releases/{adapter}/abort    [admin] roll it back now
+    POST /v1/releases/{adapter}/pause    [admin] hold it at its step
+    POST /v1/releases/{adapter}/resume   [admin] its step again, on fresh counts
+    GET  /v1/adapters/{name}             versions, current, history, replicas holding it
+    POST /v1/adapters/{name}/{action}    [admin] promote {"version": ...}: move `current` to it;
+                                         rollback: `current` back one version
     GET  /ui                             the experiments and releases page (serve/ui.py; the key
                                          as the password of HTTP Basic, any user name)
+    GET  /ui/static/{name}               its script, style sheet and Chart.js
 
 A request whose `model` is an experiment is given a variant by its user id (the OpenAI `user`
 field, else the `X-User-Id` header); the response names it in `X-Lorafleet-Variant`.
@@ -20,15 +34,14 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import difflib
-import hashlib
-import hmac
 import json
+import math
 import random
 import time
 import typing
 import uuid
 
-from fastapi import Request
+from fastapi import Depends, Request
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -40,7 +53,7 @@ from cluster.serve_config import ServeAppConfig
 from cluster.versions import is_version_id
 from serve import ui
 from serve.api_checks import (
-    REFUSED_FIELDS,
+    ALLOWED_FIELDS,
     Limits,
     Rejected,
     RequestGate,
@@ -48,6 +61,7 @@ from serve.api_checks import (
     deadline_s,
     parse_json,
 )
+from serve.auth import SAFE_METHODS, Access, ApiError, RateLimits
 from serve.experiments import (
     EXPERIMENT_HEADER,
     REMEMBER_TIMEOUT_S,
@@ -87,21 +101,21 @@ LOADED_TIMEOUT_S = 2.0
 LATENCY_BOUNDARIES_S = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60]
 
 
-class ApiError(Rejected):
-    """An error answered with its status and an OpenAI-style error body."""
-
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param=None):
-        super().__init__(status, message, param, kind)
-
-
 def _error_response(e: Rejected) -> JSONResponse:
     return JSONResponse(
         status_code=e.status,
         content={
             "error": {"message": e.message, "type": e.kind, "param": e.param, "code": e.status}
         },
-        headers={"Retry-After": "1"} if e.status == 503 else None,
+        headers=_retry_after(e),
     )
+
+
+def _retry_after(e: Rejected) -> dict | None:
+    """Retry-After for a 503 (1 s) or a 429 (when the caller's window frees a request)."""
+    if e.status == 429:
+        return {"Retry-After": str(max(math.ceil(getattr(e, "retry_after_s", 1) or 1), 1))}
+    return {"Retry-After": "1"} if e.status == 503 else None
 
 
 def _replica_ingress():
@@ -125,12 +139,10 @@ def make_app():
 
 
 def _allowed_fields() -> dict[str, frozenset]:
-    """The body fields each generation endpoint takes: vLLM's request models', less the ones a
-    public endpoint refuses (api_checks.REFUSED_FIELDS, answered with their own reason)."""
-    return {
-        "completions": frozenset(CompletionRequest.model_fields) - REFUSED_FIELDS,
-        "chat": frozenset(ChatCompletionRequest.model_fields) - REFUSED_FIELDS,
-    }
+    """The body fields each generation endpoint takes: api_checks.ALLOWED_FIELDS (an allow-list),
+    less any that this vLLM's request models do not have."""
+    engine = {"completions": CompletionRequest, "chat": ChatCompletionRequest}
+    return {k: ALLOWED_FIELDS[k] & frozenset(m.model_fields) for k, m in engine.items()}
 
 
 class _Metrics:
@@ -348,8 +360,16 @@ class FleetIngress(OpenAiIngress):
         self.experiments = {e.name: e for e in self.cfg.experiments}
         self.store = AdapterStore(adapter_root)
         self.base_ids = base_ids or {}  # model id -> fingerprint of the base it serves
-        self.key_hashes = [bytes.fromhex(h) for h in key_hashes]
-        self.admin_hashes = [bytes.fromhex(h) for h in admin_key_hashes or []]
+        h = self.cfg.http
+        self.access = Access(
+            key_hashes,
+            admin_key_hashes or [],
+            open_admin=h.open_admin_on_loopback,
+            admin_keys_env=h.admin_keys_env,
+        )
+        self.rate_limits = RateLimits(
+            {"feedback": h.feedback_rate_limit, "admin": h.admin_rate_limit}
+        )
         self.state = state
         self.tables = tables_for(app_config["experiments"])
         self.version = 0
@@ -361,7 +381,6 @@ class FleetIngress(OpenAiIngress):
         self.releases: dict[str, tuple[str, str, Table]] = {}  # adapter -> control, candidate
         self.release_version = -1
         self.release_counts: dict[str, dict[str, dict[str, float]]] = {}
-        h = self.cfg.http
         self.limits = Limits(
             max_body_bytes=h.max_body_bytes, max_n=h.max_n, max_prompts=h.max_prompts
         )
@@ -373,31 +392,15 @@ class FleetIngress(OpenAiIngress):
 
     # --- plumbing -------------------------------------------------------------------------
 
-    def _auth(self, request: Request, admin: bool = False) -> None:
-        """401 without a valid key (API or admin); with `admin`, 403 for an API key. No keys
-        configured at all: open, admin endpoints too (a local server)."""
-        if not self.key_hashes and not self.admin_hashes:
-            return
-        scheme, token = ui.credentials(request)  # Bearer, or Basic from the /ui page
-        digest = hashlib.sha256(token.strip().encode()).digest()
-        is_admin = any(hmac.compare_digest(digest, h) for h in self.admin_hashes)
-        is_key = is_admin or any(hmac.compare_digest(digest, h) for h in self.key_hashes)
-        if scheme.lower() != "bearer" or not token or not is_key:
-            raise ApiError(
-                401,
-                "missing or invalid API key: send `Authorization: Bearer <key>`",
-                "authentication_error",
-            )
-        if admin and not is_admin:
-            env = self.cfg.http.admin_keys_env
-            raise ApiError(
-                403,
-                "this endpoint changes the server and needs an admin key; this is an API key"
-                if self.admin_hashes
-                else f"this endpoint changes the server and no admin key is set: start the "
-                f"server with {env} (or http.admin_keys_file) and send one of those keys",
-                "permission_error",
-            )
+    def _auth(self, request: Request, admin: bool = False) -> str:
+        """serve/auth.py's rules for this request: the caller's role, or ApiError 401/403."""
+        return self.access.check(request, admin)
+
+    def admin_request(self, request: Request) -> None:
+        """What `require_admin` runs before every admin route: an admin key (or the open local
+        default, serve/auth.py), then the per-key admin rate limit."""
+        self.access.check(request, admin=True)
+        self.rate_limits.hit("admin", self.access.identity(request))
 
     def _get_configured_serve_handle(self, model_id: str):
         # Ray's _get_response calls vLLM through this handle; recorded, a 504 can cancel it
@@ -729,7 +732,6 @@ class FleetIngress(OpenAiIngress):
         return JSONResponse({"experiments": summary, "latency_bounds_s": ui.LATENCY_BOUNDS_S})
 
     async def set_weights(self, name: str, request: Request):
-        self._auth(request, admin=True)
         if name not in self.experiments:
             raise ApiError(
                 404,
@@ -762,8 +764,11 @@ class FleetIngress(OpenAiIngress):
 
     async def feedback(self, request: Request):
         """POST /v1/feedback {"response_id" | "experiment" + "user", "reward": number | "up" |
-        "down"}: one outcome for the variant that answered (or that the user is bucketed in)."""
+        "down"}: one outcome for the variant that answered (or that the user is bucketed in). A
+        response id is rewarded once: the first reward counts, a second gets 409. Each caller
+        (key) may send `http.feedback_rate_limit` of these; more get 429."""
         self._auth(request)
+        self.rate_limits.hit("feedback", self.access.identity(request))
         body = await _json_object(request, 'expected a JSON object with "reward"')
         try:
             result = await self.state.feedback.remote(body)
@@ -771,7 +776,8 @@ class FleetIngress(OpenAiIngress):
             msg = f"experiment state unavailable; retry ({e!r})"
             raise ApiError(503, msg, "server_error") from e
         if "error" in result:
-            kind = "not_found" if result["status"] == 404 else "invalid_request_error"
+            kinds = {404: "not_found", 409: "conflict"}
+            kind = kinds.get(result["status"], "invalid_request_error")
             raise ApiError(result["status"], result["error"], kind)
         if result["experiment"] is not None:
             self.metrics.record_feedback(result["experiment"], result["variant"], result["reward"])
@@ -834,7 +840,6 @@ class FleetIngress(OpenAiIngress):
 
     async def start_release(self, request: Request):
         """POST /v1/releases {adapter, version, steps, gates}: start a canary (admin)."""
-        self._auth(request, admin=True)
         spec = await _json_object(
             request, "expected a JSON object: {adapter, version, steps, gates}"
         )
@@ -851,19 +856,16 @@ class FleetIngress(OpenAiIngress):
         return await self._release_call("status", adapter)
 
     async def abort_release(self, adapter: str, request: Request):
-        self._auth(request, admin=True)
         response = await self._release_call("abort", adapter)
         await self._sync_releases()
         return response
 
     async def pause_release(self, adapter: str, request: Request):
         """POST /v1/releases/{adapter}/pause: hold it at its step and split (admin)."""
-        self._auth(request, admin=True)
         return await self._release_call("pause", adapter)
 
     async def resume_release(self, adapter: str, request: Request):
         """POST /v1/releases/{adapter}/resume: its step again, on fresh counts (admin)."""
-        self._auth(request, admin=True)
         return await self._release_call("resume", adapter)
 
     async def _loaded(self) -> dict[str, dict[str, list[str]]] | None:
@@ -937,7 +939,6 @@ class FleetIngress(OpenAiIngress):
 
     async def move_adapter(self, name: str, action: str, request: Request):
         """POST /v1/adapters/{name}/promote {"version": ...} | /rollback (admin): move `current`."""
-        self._auth(request, admin=True)
         if action not in ("promote", "rollback"):
             raise ApiError(404, f"no action {action!r}: promote or rollback", "not_found")
         if name_problem(name):
@@ -961,15 +962,19 @@ class FleetIngress(OpenAiIngress):
     # --- the /ui page (serve/ui.py): HTML and its files, behind the same keys -----------------
 
     async def ui_page(self, request: Request):
-        """GET /ui: the experiments and releases page; 401 (a Basic challenge) without a key."""
+        """GET /ui: the experiments and releases page; 401 (a Basic challenge) without a key.
+        GET /ui?login=admin asks the browser for a key when the page is open to all (no API key
+        set) and the viewer is not an admin yet: that is how an admin key reaches the page."""
         try:
             self._auth(request)
         except ApiError as e:
             return ui.refused(e.message)
         try:
-            self._auth(request, admin=True)
+            self.access.check(request, admin=True)
             admin = True
-        except ApiError:
+        except ApiError as e:
+            if request.query_params.get("login") == "admin":
+                return ui.refused(e.message)
             admin = False
         return ui.page(self.cfg, admin)
 
@@ -982,22 +987,44 @@ class FleetIngress(OpenAiIngress):
         return ui.static_file(name)
 
 
-ENDPOINTS = {
-    "models": lambda app: app.get("/v1/models"),
-    "model_data": lambda app: app.get("/v1/models/{model:path}"),
-    "completions": lambda app: app.post("/v1/completions"),
-    "chat": lambda app: app.post("/v1/chat/completions"),
-    "list_experiments": lambda app: app.get("/v1/experiments"),
-    "set_weights": lambda app: app.put("/v1/experiments/{name}"),
-    "feedback": lambda app: app.post("/v1/feedback"),
-    "start_release": lambda app: app.post("/v1/releases"),
-    "list_releases": lambda app: app.get("/v1/releases"),
-    "get_release": lambda app: app.get("/v1/releases/{adapter}"),
-    "abort_release": lambda app: app.post("/v1/releases/{adapter}/abort"),
-    "pause_release": lambda app: app.post("/v1/releases/{adapter}/pause"),
-    "resume_release": lambda app: app.post("/v1/releases/{adapter}/resume"),
-    "adapter_versions": lambda app: app.get("/v1/adapters/{name}"),
-    "move_adapter": lambda app: app.post("/v1/adapters/{name}/{action}"),
-    "ui_page": lambda app: app.get("/ui"),
-    "ui_file": lambda app: app.get("/ui/static/{name}"),
+async def require_admin(request: Request) -> None:
+    """The one admin check: a FastAPI dependency on every admin route (`ENDPOINTS`)."""
+    _replica_ingress().admin_request(request)
+
+
+# the only routes that change anything and that an API key (not only an admin key) may call
+INFERENCE_WRITES = frozenset({"completions", "chat", "feedback"})
+# method name -> (HTTP method, path). Every route whose method is not a safe one and whose name
+# is not in INFERENCE_WRITES is an admin route: `require_admin` runs before it
+ROUTES = {
+    "models": ("GET", "/v1/models"),
+    "model_data": ("GET", "/v1/models/{model:path}"),
+    "completions": ("POST", "/v1/completions"),
+    "chat": ("POST", "/v1/chat/completions"),
+    "list_experiments": ("GET", "/v1/experiments"),
+    "set_weights": ("PUT", "/v1/experiments/{name}"),
+    "feedback": ("POST", "/v1/feedback"),
+    "start_release": ("POST", "/v1/releases"),
+    "list_releases": ("GET", "/v1/releases"),
+    "get_release": ("GET", "/v1/releases/{adapter}"),
+    "abort_release": ("POST", "/v1/releases/{adapter}/abort"),
+    "pause_release": ("POST", "/v1/releases/{adapter}/pause"),
+    "resume_release": ("POST", "/v1/releases/{adapter}/resume"),
+    "adapter_versions": ("GET", "/v1/adapters/{name}"),
+    "move_adapter": ("POST", "/v1/adapters/{name}/{action}"),
+    "ui_page": ("GET", "/ui"),
+    "ui_file": ("GET", "/ui/static/{name}"),
 }
+
+
+def is_admin_route(name: str, method: str) -> bool:
+    return method not in SAFE_METHODS and name not in INFERENCE_WRITES
+
+
+def _endpoint(name: str, method: str, path: str):
+    admin = [Depends(require_admin)] if is_admin_route(name, method) else None
+    return lambda app: app.api_route(path, methods=[method], dependencies=admin)
+
+
+# what Ray's make_fastapi_ingress takes: method name -> the route decorator for an app
+ENDPOINTS = {name: _endpoint(name, m, path) for name, (m, path) in ROUTES.items()}

@@ -14,8 +14,6 @@ CDN.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import html
 import json
 import string
@@ -31,43 +29,8 @@ STATIC = {  # the only files served, and their types
     "style.css": "text/css; charset=utf-8",
     "chart.umd.min.js": "text/javascript; charset=utf-8",
 }
-# a page's own changing requests carry this header: another site's form cannot set it, so a
-# browser's cached Basic credentials cannot be used against the admin endpoints from elsewhere
-UI_HEADER = "x-lorafleet-ui"
 REALM = 'Basic realm="lorafleet", charset="UTF-8"'
 LATENCY_BOUNDS_S = [round(b, 6) for b in LATENCY_BOUNDS]
-SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
-
-
-class CrossSiteRequest(Exception):
-    """A changing request with Basic credentials but without the page's header."""
-
-
-def credentials(request) -> tuple[str, str]:
-    """(scheme, key) from `Authorization`: `Bearer <key>` as sent, or Basic with the key as the
-    password (the /ui page in a browser), given as bearer. ('', '') for anything else."""
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "basic":
-        return scheme, token
-    try:
-        _, _, password = base64.b64decode(token.strip(), validate=True).decode().partition(":")
-    except (binascii.Error, UnicodeDecodeError):
-        return "", ""
-    if request.method not in SAFE_METHODS and request.headers.get(UI_HEADER) != "1":
-        return "", ""  # a cross-site form riding the browser's credentials: no key
-    if not _same_origin(request):
-        return "", ""  # another site's script reading with the browser's saved login: no key
-    return "bearer", password
-
-
-def _same_origin(request) -> bool:
-    """False for a browser request another site started (Sec-Fetch-Site, else Origin): Basic
-    credentials are the browser's, sent on its own; a key in a Bearer header is the caller's."""
-    site = request.headers.get("sec-fetch-site")
-    if site is not None:
-        return site in ("same-origin", "none")
-    origin = request.headers.get("origin")
-    return origin is None or origin == f"{request.url.scheme}://{request.headers.get('host', '')}"
 
 
 def quantile_s(buckets: dict[str, float], q: float) -> float | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import random
 import time
 
@@ -207,8 +208,9 @@ def test_feedback_by_response_id_or_user_reaches_the_variant_that_answered():
     assert state.feedback({"experiment": "nope", "user": "x", "reward": 1})["status"] == 404
     assert state.feedback({"response_id": "cmpl-1", "reward": "meh"})["status"] == 400
     assert state.feedback({"reward": 1})["status"] == 400
-    for _ in range(3):
-        state.feedback({"response_id": "cmpl-1", "reward": 1})
+    for i in range(3, 6):  # three more answers of `a` (an id counts once: tests/test_auth.py)
+        state.remember(f"cmpl-{i}", "e", "a")
+        state.feedback({"response_id": f"cmpl-{i}", "reward": 1})
     out = state.summary()["e"]
     a, b = out["variants"]["a"]["outcome"], out["variants"]["b"]["outcome"]
     assert out["control"] == "b" and b["control"] and "vs_control" not in b
@@ -284,21 +286,20 @@ def test_an_experiment_whose_variants_changed_starts_from_the_config(tmp_path, c
 
 
 def _auth_status(api: list[str], admin: list[str], key: str | None, *, admin_endpoint: bool):
-    """The status FleetIngress._auth answers for `key` on a server with these keys (0: allowed)."""
-    import hashlib
-
+    """The status serve/auth.py's Access answers for `key` on a server with these keys (0:
+    allowed)."""
     from starlette.requests import Request
 
-    from cluster.serve_config import ServeAppConfig
-    from serve.ingress import ApiError, FleetIngress
+    from serve.auth import Access, ApiError
 
-    ingress = FleetIngress.__new__(FleetIngress)  # only what _auth reads, not a Serve replica
-    ingress.cfg = ServeAppConfig.model_validate({"models": [{"id": "m", "base": "org/m"}]})
-    ingress.key_hashes = [hashlib.sha256(k.encode()).digest() for k in api]
-    ingress.admin_hashes = [hashlib.sha256(k.encode()).digest() for k in admin]
+    access = Access(
+        [hashlib.sha256(k.encode()).hexdigest() for k in api],
+        [hashlib.sha256(k.encode()).hexdigest() for k in admin],
+    )
     headers = [(b"authorization", f"Bearer {key}".encode())] if key else []
+    request = Request({"type": "http", "method": "POST", "headers": headers})
     try:
-        ingress._auth(Request({"type": "http", "headers": headers}), admin=admin_endpoint)
+        access.check(request, admin=admin_endpoint)
     except ApiError as e:
         return e.status, e.message
     return 0, ""
@@ -316,23 +317,7 @@ def test_admin_endpoints_need_an_admin_key_and_are_closed_by_default_when_keys_a
     # API keys but no admin key: changes are refused, saying how to allow them
     status, says = _auth_status(["api"], [], "api", admin_endpoint=True)
     assert status == 403 and "LORAFLEET_ADMIN_KEYS" in says
-    # no keys at all (a local server): open, admin endpoints too
-    assert _auth_status([], [], None, admin_endpoint=True)[0] == 0
-
-
-def test_admin_keys_come_from_the_environment_and_their_file_as_hashes(tmp_path):
-    import hashlib
-
-    from cluster.serve_config import ServeAppConfig
-    from serve.app import KeyFileMissing, api_key_hashes
-
-    keys = tmp_path / "admin-keys.txt"
-    keys.write_text("root-2\n\n")
-    raw = {"models": [{"id": "m", "base": "org/m"}], "http": {"admin_keys_file": str(keys)}}
-    cfg = ServeAppConfig.model_validate(raw)
-    got = api_key_hashes(cfg, {"LORAFLEET_ADMIN_KEYS": "root-1, "}, admin=True)
-    assert got == sorted(hashlib.sha256(k.encode()).hexdigest() for k in ("root-1", "root-2"))
-    assert api_key_hashes(cfg, {"LORAFLEET_ADMIN_KEYS": "root-1"}) == []  # not API keys
-    keys.unlink()
-    with pytest.raises(KeyFileMissing, match="http.admin_keys_file: cannot read"):
-        api_key_hashes(cfg, {}, admin=True)
+    # no keys at all (a local server): reads open, admin closed unless open_admin_on_loopback
+    assert _auth_status([], [], None, admin_endpoint=False)[0] == 0
+    status, says = _auth_status([], [], None, admin_endpoint=True)
+    assert status == 403 and "http.open_admin_on_loopback" in says

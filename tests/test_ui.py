@@ -301,7 +301,7 @@ def _request(method: str, authorization: str | None, ui_header: bool = False, **
 
 
 def test_the_key_comes_as_bearer_or_as_the_basic_password():
-    from serve.ui import credentials
+    from serve.auth import credentials
 
     assert credentials(_request("GET", f"Bearer {KEY}")) == ("Bearer", KEY)
     assert credentials(_request("GET", _basic(KEY))) == ("bearer", KEY)

@@ -1,0 +1,281 @@
+"""Who may do what (serve/auth.py), without Ray: keys and roles, the loopback default, the
+refusal to serve an exposed host without keys, cross-site requests, rate limits, rewards that
+count once, the store's containment, the allow-list of request fields, and every admin route
+carrying the one admin dependency. End to end on the served app: tests/test_serve.py -k admin.
+
+    .venv/bin/pytest -q tests/test_auth.py
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+from starlette.requests import Request
+
+from serve.auth import Access, ApiError, RateLimits
+
+API, ADMIN = "sk-api", "sk-root"
+
+
+def _hashes(keys: list[str]) -> list[str]:
+    return [hashlib.sha256(k.encode()).hexdigest() for k in keys]
+
+
+def _request(method="POST", key=None, headers=None, basic=None) -> Request:
+    h = dict(headers or {})
+    if key:
+        h["authorization"] = f"Bearer {key}"
+    if basic:
+        import base64
+
+        h["authorization"] = "Basic " + base64.b64encode(f"u:{basic}".encode()).decode()
+    h.setdefault("host", "127.0.0.1:8000")
+    scope = {
+        "type": "http",
+        "method": method,
+        "scheme": "http",
+        "path": "/v1/x",
+        "headers": [(k.lower().encode(), v.encode()) for k, v in h.items()],
+        "client": ("127.0.0.1", 5555),
+    }
+    return Request(scope)
+
+
+def _status(access: Access, request: Request, admin: bool) -> int:
+    try:
+        access.check(request, admin)
+    except ApiError as e:
+        return e.status
+    return 0
+
+
+def test_with_no_key_at_all_reads_and_inference_are_open_and_admin_is_closed():
+    """The loopback default: anyone on this machine may read and generate; changing what is
+    served needs an admin key, or `http.open_admin_on_loopback: true`, and the 403 says both."""
+    closed = Access([], [])
+    assert _status(closed, _request("GET"), admin=False) == 0
+    assert _status(closed, _request("POST"), admin=False) == 0  # completions, feedback
+    # the openai SDK always sends a key, often a dummy: ignored where none is configured
+    assert _status(closed, _request("POST", key="EMPTY"), admin=False) == 0
+    with pytest.raises(ApiError) as e:
+        closed.check(_request("POST"), admin=True)
+    assert e.value.status == 403
+    assert "LORAFLEET_ADMIN_KEYS" in e.value.message
+    assert "http.open_admin_on_loopback: true" in e.value.message
+    opened = Access([], [], open_admin=True)
+    assert _status(opened, _request("POST"), admin=True) == 0
+
+
+def test_roles_api_keys_pass_reads_and_admin_keys_pass_everything():
+    both = Access(_hashes([API]), _hashes([ADMIN]), open_admin=True)  # keys set: open_admin moot
+    assert _status(both, _request(key=ADMIN), admin=True) == 0
+    assert _status(both, _request(key=ADMIN), admin=False) == 0  # admin keys pass as API keys
+    assert _status(both, _request(key=API), admin=False) == 0
+    assert _status(both, _request(key=API), admin=True) == 403
+    assert _status(both, _request(), admin=True) == 401
+    assert _status(both, _request(), admin=False) == 401
+    assert _status(both, _request(key="nope"), admin=True) == 401
+    with pytest.raises(ApiError, match="LORAFLEET_ADMIN_KEYS"):  # API keys, no admin key
+        Access(_hashes([API]), []).check(_request(key=API), admin=True)
+    # admin keys only (on loopback): inference open, admin needs the admin key
+    only_admin = Access([], _hashes([ADMIN]))
+    assert _status(only_admin, _request(), admin=False) == 0
+    assert _status(only_admin, _request(), admin=True) == 401
+    assert _status(only_admin, _request(key=ADMIN), admin=True) == 0
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"origin": "http://evil.example", "sec-fetch-site": "cross-site"},
+        {"origin": "http://evil.example"},  # an older browser: Origin alone
+        {"sec-fetch-site": "same-site"},  # another port or subdomain is another site
+    ],
+)
+def test_a_cross_site_form_cannot_change_an_open_local_server(headers):
+    """A page the user visits can post a form to 127.0.0.1: without a key, a change from another
+    site is refused (feedback and admin alike), while curl, the SDK and the page itself pass."""
+    opened = Access([], [], open_admin=True)
+    assert _status(opened, _request("POST", headers=headers), admin=True) == 403
+    assert _status(opened, _request("POST", headers=headers), admin=False) == 403
+    assert _status(opened, _request("GET", headers=headers), admin=False) == 0  # reads: CORS's
+    same = {"origin": "http://127.0.0.1:8000", "sec-fetch-site": "same-origin"}
+    assert _status(opened, _request("POST", headers=same), admin=True) == 0
+    assert _status(opened, _request("POST"), admin=True) == 0  # no browser headers: curl
+
+
+def test_basic_credentials_from_another_site_or_without_the_page_header_are_no_key():
+    keyed = Access(_hashes([API]), _hashes([ADMIN]))
+    ui = {"x-lorafleet-ui": "1", "sec-fetch-site": "same-origin"}
+    assert _status(keyed, _request("POST", basic=ADMIN, headers=ui), admin=True) == 0
+    assert _status(keyed, _request("POST", basic=ADMIN), admin=True) == 401  # no page header
+    cross = {**ui, "sec-fetch-site": "cross-site"}
+    assert _status(keyed, _request("GET", basic=API, headers=cross), admin=False) == 401
+
+
+def test_an_exposed_host_without_api_keys_is_refused_before_anything_starts():
+    """Any host but loopback, in any mode, needs API keys: the error names the setting."""
+    from cluster.errors import LorafleetError
+    from cluster.serve_config import ServeAppConfig
+    from serve.app import resolve
+
+    for host, mode in (("0.0.0.0", "throughput"), ("10.1.2.3", "proxy"), ("::", "throughput")):
+        cfg = ServeAppConfig.model_validate(
+            {"models": [{"id": "m", "base": "org/m"}], "http": {"host": host, "mode": mode}}
+        )
+        with pytest.raises(LorafleetError) as e:
+            resolve(cfg, {})
+        assert f"http.host: {host!r} is reachable" in str(e.value), e.value
+        assert "$LORAFLEET_API_KEYS" in str(e.value)
+        with pytest.raises(LorafleetError):  # admin keys alone would leave inference open
+            resolve(cfg, {"LORAFLEET_ADMIN_KEYS": ADMIN})
+        assert resolve(cfg, {"LORAFLEET_API_KEYS": API}).key_hashes == _hashes([API])
+    for host in ("127.0.0.1", "localhost", "::1", "127.0.0.2"):
+        cfg = ServeAppConfig.model_validate(
+            {"models": [{"id": "m", "base": "org/m"}], "http": {"host": host}}
+        )
+        assert not cfg.http.exposed(), host
+
+
+def test_a_bad_rate_limit_names_the_key_and_what_it_expects():
+    from cluster.config import load_config
+    from cluster.errors import ConfigError
+    from cluster.serve_config import ServeAppConfig
+
+    raw = {"models": [{"id": "m", "base": "org/m"}], "http": {"feedback_rate_limit": "fast"}}
+    with pytest.raises(ConfigError) as e:
+        load_config(None, raw, ServeAppConfig)
+    assert "feedback_rate_limit" in str(e.value) and "'200/second'" in str(e.value)
+
+
+def test_rate_limits_answer_429_with_retry_after_per_caller():
+    limits = RateLimits({"feedback": "3/second", "admin": "1/minute"})
+    for _ in range(3):
+        limits.hit("feedback", "key-a")
+    with pytest.raises(ApiError) as e:
+        limits.hit("feedback", "key-a")
+    assert e.value.status == 429 and 0 < e.value.retry_after_s <= 1.0
+    assert "http.feedback_rate_limit" in e.value.message
+    limits.hit("feedback", "key-b")  # another caller has its own window
+    limits.hit("admin", "key-a")  # another kind too
+    with pytest.raises(ApiError) as e:
+        limits.hit("admin", "key-a")
+    assert 1 < e.value.retry_after_s <= 60
+
+    from serve.ingress import _error_response
+
+    assert _error_response(e.value).headers["retry-after"] == str(
+        int(-(-e.value.retry_after_s // 1))
+    )
+
+
+def test_replaying_one_response_id_a_thousand_times_moves_the_outcome_by_one_reward():
+    from serve.experiments import ExperimentState
+
+    exp = {"name": "e", "variants": [{"name": "a", "weight": 1}, {"name": "b", "weight": 1}]}
+    state = ExperimentState([exp])
+    state.remember("cmpl-1", "e", "a", ["bot", "candidate"])
+    first = state.feedback({"response_id": "cmpl-1", "reward": 0})
+    assert first["variant"] == "a" and first["release"] == ["bot", "candidate"]
+    replays = [state.feedback({"response_id": "cmpl-1", "reward": 0}) for _ in range(1000)]
+    assert {r["status"] for r in replays} == {409}
+    assert "already rewarded" in replays[0]["error"] and "first reward" in replays[0]["error"]
+    assert state.outcomes["e"]["a"] == {"n": 1, "sum": 0.0, "sumsq": 0.0, "nonbinary": 0}
+    assert state.feedback({"response_id": "cmpl-2", "reward": 1})["status"] == 404
+
+
+# --- the store contains every path it builds -------------------------------------------------
+
+HOSTILE_PARTS = ["..", "../x", "a/../../b", "/etc", "/", "\\\\server\\share", "C:/x", "C:\\x"]
+HOSTILE_PARTS += ["", "x\0y", "a/..", "../" * 8 + "etc/passwd"]
+
+
+@pytest.mark.parametrize("part", HOSTILE_PARTS)
+def test_storage_join_refuses_any_part_that_leaves_its_root(part, tmp_path):
+    from cluster import storage
+
+    for root in (str(tmp_path / "root"), "s3://fleet/root"):
+        with pytest.raises(storage.UnsafePath):
+            storage.join(root, "adapters", part)
+        with pytest.raises(storage.UnsafePath):
+            storage.join(root, part, "current")
+    assert storage.join("s3://fleet/root", "a", "versions") == "s3://fleet/root/a/versions"
+    assert storage.join(str(tmp_path), "a", ".b.tmp") == str(Path(tmp_path, "a", ".b.tmp"))
+
+
+# --- what a request may carry -------------------------------------------------------------------
+
+
+def test_request_fields_are_an_allow_list_a_new_vllm_field_is_refused():
+    """Only the fields named in api_checks.ALLOWED_FIELDS pass; `priority` and `cache_salt`
+    (vLLM takes both: a client could jump the queue or pick a cache) and `chat_template` get 400,
+    and every allowed field is one this vLLM knows."""
+    from serve.api_checks import ALLOWED_FIELDS, Limits, Rejected, check_chat, check_completion
+    from serve.ingress import _allowed_fields
+    from serve.ray_internal import ChatCompletionRequest, CompletionRequest
+
+    allowed = _allowed_fields()
+    assert allowed == ALLOWED_FIELDS, "an allowed field is missing from this vLLM"
+    engine = {"completions": CompletionRequest, "chat": ChatCompletionRequest}
+    for endpoint, model in engine.items():
+        extra = set(model.model_fields) - allowed[endpoint]
+        assert {"priority", "cache_salt", "kv_transfer_params", "vllm_xargs"} <= extra
+    body = {"model": "m", "prompt": "hi", "priority": -100}
+    with pytest.raises(Rejected, match="priority"):
+        check_completion(body, Limits(), allowed["completions"])
+    chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    for field, value in (("chat_template", "{{ x }}"), ("cache_salt", "s"), ("session_id", "s")):
+        with pytest.raises(Rejected, match=field):
+            check_chat({**chat, field: value}, Limits(), allowed["chat"])
+    check_chat({**chat, "top_k": 5, "chat_template_kwargs": {"x": 1}}, Limits(), allowed["chat"])
+
+
+# --- every admin route, and only those, has the one admin check -------------------------------
+
+
+def test_every_state_changing_route_but_inference_carries_the_admin_dependency():
+    """A route added to ROUTES is admin unless it is a safe method or named in INFERENCE_WRITES,
+    and FastAPI runs `require_admin` before it; the module docstring lists every route."""
+    from fastapi.routing import APIRoute
+
+    import serve.ingress as ingress
+    from serve.ray_internal import make_fastapi_ingress
+
+    assert ingress.INFERENCE_WRITES == {"completions", "chat", "feedback"}
+    app = ingress.make_app()
+    make_fastapi_ingress(ingress.FleetIngress, endpoint_map=ingress.ENDPOINTS, app=app)
+    routes = {r.name: r for r in app.routes if isinstance(r, APIRoute)}
+    assert set(routes) == set(ingress.ROUTES)
+    admin = set()
+    for name, route in routes.items():
+        calls = {d.call for d in route.dependant.dependencies}
+        method = next(iter(route.methods))
+        if ingress.is_admin_route(name, method):
+            admin.add(name)
+            assert ingress.require_admin in calls, name
+        else:
+            assert ingress.require_admin not in calls, name
+        assert f"{method:4} {route.path.replace(':path', '')}" in ingress.__doc__, route.path
+    assert admin == {
+        "set_weights",
+        "start_release",
+        "abort_release",
+        "pause_release",
+        "resume_release",
+        "move_adapter",
+    }
+
+
+# --- the review's user-facing bug ----------------------------------------------------------------
+
+
+def test_release_start_without_a_release_section_is_one_clear_problem(tmp_path, capsys):
+    from cluster import cli
+
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text("models: [{id: m, base: org/m}]\n")
+    assert cli.main(["release", "start", str(cfg), "--url", "http://127.0.0.1:9"]) == 2
+    err = capsys.readouterr().err
+    assert "1 problem(s)" in err and "release: missing" in err, err
