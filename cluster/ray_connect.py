@@ -114,9 +114,17 @@ def _stay_on_loopback() -> None:
     macOS and Windows) keeps it on 127.0.0.1: set it for this process and the ones Ray starts.
     It is read at `import ray`, hence the module attribute too (the one private Ray name that
     cluster/ touches; checked against Ray 2.60)."""
+    import ray
+
+    from cluster.ray_version import check_ray_version, require
+
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    check_ray_version(who="lorafleet's local Ray")
     from ray._private import ray_constants
 
+    require(
+        ray_constants, ("ENABLE_RAY_CLUSTER",), "ray._private.ray_constants", "Ray", ray.__version__
+    )
     ray_constants.ENABLE_RAY_CLUSTER = False
 
 

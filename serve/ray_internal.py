@@ -2,13 +2,15 @@
 
 Ray Serve LLM's public API (`ray.serve.llm`) builds a stock OpenAI app; lorafleet's ingress and its
 LoRA loader need pieces below it: the request and response models, the ingress's FastAPI
-factory and response helpers, the LoRA loader and its disk config, two private methods
-(`LLMServer._maybe_resolve_lora_from_multiplex`, overridden in `serve.server`, and
-`OpenAiIngress._get_response`, called in `serve.ingress`), and Serve's controller's view of the
-adapters each replica holds (`loaded_model_ids`, for GET /v1/adapters/{name}). They were read
-from Ray `RAY_VERSION`; private modules change without notice between releases, so importing this
-module with any other Ray fails at once, with a message that says what to do, rather than later,
-deep in a replica.
+factory and response helpers, the LoRA loader and its disk config, private methods and
+attributes (`LLMServer._maybe_resolve_lora_from_multiplex`, overridden in `serve.server`, with
+`LLMServer._llm_config`, `LLMServer._load_model` and `LoraModelLoader.disk_cache`;
+`OpenAiIngress._get_response` and `_get_configured_serve_handle`, called in `serve.ingress`), and
+Serve's controller's view of the adapters each replica holds (`loaded_model_ids`, for GET
+/v1/adapters/{name}). They were read from Ray `RAY_VERSION` (cluster/ray_version.py) and are
+checked below at import; private modules change without notice between releases, so importing
+this module with any other Ray fails at once, with a message that says what to do, rather than
+later, deep in a replica.
 """
 
 from __future__ import annotations
@@ -17,26 +19,13 @@ import asyncio
 
 import ray
 
-from cluster.errors import LorafleetError
-
-# the Ray release the imports below were read from (pyproject.toml pins the same one)
-RAY_VERSION = "2.60.0"
-
-
-class RayVersionError(LorafleetError):
-    """The installed Ray is not the release serve's private imports were read from."""
+from cluster import ray_version
+from cluster.ray_version import RAY_VERSION, RayVersionError, require, require_in_source
 
 
 def check_ray_version(found: str | None = None) -> None:
-    """Raise RayVersionError unless Ray `found` (default: the installed one) is `RAY_VERSION`."""
-    found = ray.__version__ if found is None else found
-    if found != RAY_VERSION:
-        raise RayVersionError(
-            f"lorafleet serve needs Ray {RAY_VERSION} (it uses Ray Serve LLM's private modules, "
-            f"read from that release), but Ray {found} is installed: run "
-            f"`pip install 'ray[serve]=={RAY_VERSION}'`, or port serve/ray_internal.py to Ray "
-            f"{found} and set RAY_VERSION there"
-        )
+    """Raise RayVersionError unless Ray `found` (default: the installed one) is RAY_VERSION."""
+    ray_version.check_ray_version(found, who="lorafleet serve")
 
 
 check_ray_version()
@@ -68,16 +57,15 @@ from ray.serve._private.common import DeploymentID, RunningReplicaInfo
 from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
 from ray.serve._private.long_poll import LongPollNamespace
 
-# private methods lorafleet overrides or calls: gone or renamed means the code above moved
-for _cls, _method in (
-    (LLMServer, "_maybe_resolve_lora_from_multiplex"),
-    (OpenAiIngress, "_get_response"),
-):
-    if not callable(getattr(_cls, _method, None)):
-        raise RayVersionError(
-            f"Ray {ray.__version__}: {_cls.__name__}.{_method} is gone; serve/ray_internal.py "
-            f"was written against Ray {RAY_VERSION}"
-        )
+# private methods and attributes lorafleet overrides, calls or reads (serve/server.py,
+# serve/ingress.py): gone or renamed means the code above moved
+_V = ray.__version__
+require(LLMServer, ("_maybe_resolve_lora_from_multiplex",), "LLMServer", "Ray", _V)
+require(
+    OpenAiIngress, ("_get_response", "_get_configured_serve_handle"), "OpenAiIngress", "Ray", _V
+)
+require_in_source(LLMServer, ("self._llm_config =", "self._load_model ="), "LLMServer", _V)
+require_in_source(LoraModelLoader, ("self.disk_cache",), "LoraModelLoader", _V)
 if "multiplexed_model_ids" not in getattr(RunningReplicaInfo, "__dataclass_fields__", {}):
     raise RayVersionError(
         f"Ray {ray.__version__}: RunningReplicaInfo.multiplexed_model_ids is gone; "

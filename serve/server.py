@@ -98,10 +98,6 @@ class LoraStoreServer(LLMServer):
             print(f"[serve] preloaded {len(loaded)} adapter(s): {', '.join(loaded)}")
         return loaded
 
-    async def loaded_adapters(self) -> list[str]:
-        """What this replica preloaded at start (for tests and the bench)."""
-        return self.warmed
-
     async def record_routing_stats(self) -> dict:
         """Serve's routing-stats hook (the controller polls it; a test or an operator can ask a
         replica actor for it directly): Ray's own stats plus, under "lorafleet", this

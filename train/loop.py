@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import math
 import os
 import random
@@ -215,13 +214,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
 
 def _quiet_ray_train_reports() -> None:
-    """One line per report from us is enough; Ray's own per-report INFO line repeats it."""
-    try:
-        from ray.train.v2._internal.execution import context as _train_context
+    """One line per report from us is enough (train/internals.py checks the private logger)."""
+    from train.internals import quiet_report_logger
 
-        _train_context.logger.setLevel(logging.WARNING)
-    except (ImportError, AttributeError):  # internal module: fine to miss on other Ray versions
-        pass
+    quiet_report_logger()
 
 
 def setup(loop_config: dict) -> Run:

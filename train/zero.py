@@ -139,14 +139,6 @@ def gathered(model, stage: int, modifier_rank: int | None = None):
     return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
 
 
-def adapter_state(model, stage: int) -> dict:
-    """The adapter's full tensors, gathered first under ZeRO-3 (collective)."""
-    from peft import get_peft_model_state_dict
-
-    with gathered(model, stage):
-        return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
-
-
 def set_adapter(model, weights: dict, stage: int):
     """Load adapter weights into the (possibly partitioned) model (collective)."""
     from peft import set_peft_model_state_dict
@@ -171,6 +163,9 @@ def _base_optimizer(engine):
     if engine.zero_optimization_stage() != 3:
         yield opt.optimizer
         return
+    from train.internals import check_zero3_optimizer
+
+    check_zero3_optimizer(opt)
     opt._set_fp32_optimizer_param_groups()
     try:
         yield opt.optimizer
