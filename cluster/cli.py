@@ -153,8 +153,9 @@ def run_release(
     adapter: str | None,
     url: str | None,
     follow: bool,
+    rewards_per_s: float | None = None,
 ) -> int:
-    """Start, follow, pause, resume or abort a canary release on the running app
+    """Start, follow, pause, resume or abort a canary release on the running app, or plan one
     (cluster/release_commands.py)."""
     from cluster import release_commands as rc
     from cluster.http_client import HttpError, ServerUnreachable
@@ -162,6 +163,12 @@ def run_release(
 
     cfg = load_config(config, overrides, ServeAppConfig)
     try:
+        if action == "plan":
+            from cluster.release_config import ReleaseConfig
+            from serve.sequential import information_needed
+
+            spec = cfg.release or ReleaseConfig(adapter="any")
+            return rc.plan(spec, rewards_per_s, information_needed)
         if action == "start":
             if cfg.release is None:
                 raise ConfigError(
@@ -496,12 +503,14 @@ def _store_parsers(sub) -> dict[str, argparse.ArgumentParser]:
         help="canary-release an adapter version on a running server: ramp, promote or roll back",
         description="lorafleet release [start] CONFIG [KEY=VALUE ...] [--no-follow]  |  "
         "lorafleet release status CONFIG [ADAPTER] [--follow]  |  "
-        "lorafleet release abort|pause|resume CONFIG ADAPTER",
+        "lorafleet release abort|pause|resume CONFIG ADAPTER  |  "
+        "lorafleet release plan CONFIG [KEY=VALUE ...] [--rewards-per-s R]",
     )
     r.add_argument("words", nargs="*", metavar="ARG")
     r.add_argument("--url", help="the server (default: http.host:http.port)")
     r.add_argument("--no-follow", action="store_true", help="start: return once it has started")
     r.add_argument("--follow", action="store_true", help="status: follow it until it ends")
+    r.add_argument("--rewards-per-s", type=float, help="plan: the feedback rate, to show minutes")
     return {"adapters": ad, "release": r}
 
 
@@ -581,7 +590,7 @@ def _serve_invocation(p, a) -> Invocation:
     return Invocation("serve eval", params | {"url": a.url, "limit": a.limit})
 
 
-RELEASE_ACTIONS = ("start", "status", "abort", "pause", "resume")
+RELEASE_ACTIONS = ("start", "status", "abort", "pause", "resume", "plan")
 
 
 def _release_invocation(p, a) -> Invocation:
@@ -592,6 +601,13 @@ def _release_invocation(p, a) -> Invocation:
         params = {"config": config, "overrides": overrides, "adapter": None}
         return Invocation(
             "release", params | {"action": action, "url": a.url, "follow": not a.no_follow}
+        )
+    if action == "plan":  # sizes the ramp from the config alone: no server
+        config, overrides = _split_words(p, words, None)
+        params = {"config": config, "overrides": overrides, "adapter": None, "url": None}
+        return Invocation(
+            "release",
+            params | {"action": action, "follow": False, "rewards_per_s": a.rewards_per_s},
         )
     if not 1 <= len(words) <= 2 or (action != "status" and len(words) != 2):
         p.error(

@@ -41,12 +41,21 @@ def _numbers(n: dict) -> str:
             if ctl is not None
             else f"p99 {n['candidate_p99_s']:.3f} s"
         )
-    if n.get("p_value") is not None:
+    if n.get("difference") is not None:
+        parts.append(
+            f"reward {n['candidate_mean']} vs {n['control_mean']} ({n['candidate_rewards']} and "
+            f"{n['control_rewards']} rewards), difference {n['difference']:+.3f} in "
+            f"[{n['difference_low']:+.3f}, {n['difference_high']:+.3f}], margin "
+            f"-{n['max_reward_drop']:g}"
+        )
+    elif n.get("p_value") is not None:  # a release logged before the sequential gate
         parts.append(
             f"reward {n.get('candidate_mean')} vs {n.get('control_mean')}, p={n['p_value']:.3g}"
         )
     if n.get("gate"):
         parts.append(f"failed gate: {n['gate']}")
+    if n.get("on_timeout"):
+        parts.append(f"waited {n['waited_s']:g} s: on_timeout {n['on_timeout']}")
     if n.get("paused_s") is not None:
         parts.append(f"paused {n['paused_s']:g} s")
     if n.get("by"):
@@ -129,3 +138,37 @@ def pause_or_resume(cfg, action: str, adapter: str, url: str | None, out=print) 
 
 def print_err(message: str) -> None:
     print(message, file=sys.stderr)
+
+
+def plan(
+    spec, rewards_per_s: float | None, needed, out=print, power: float = 0.8, sd: float = 0.5
+) -> int:
+    """`lorafleet release plan CONFIG`: rewards each step needs before its outcome gate can decide,
+    at the gates' alpha and `power`, for 0/1 rewards near 50% (sd 0.5, the most a reward in [0, 1]
+    can vary: for others, scale by the sd squared). `needed(drop, margin, alpha, power)` is the
+    information the gate needs (serve/sequential.py: `information_needed`; the CLI passes it)."""
+    g = spec.gates
+    m = g.max_reward_drop
+    out(
+        f"outcome gate: normal-mixture confidence sequence, alpha {g.alpha}, margin "
+        f"max_reward_drop {m:g} (absolute), power {power:g}, reward sd {sd:g}"
+    )
+    head = "| candidate | decision | rewards per arm (even split) |"
+    steps = [s.percent for s in spec.steps if s.percent < 100]
+    head += "".join(f" total rewards at {p:g}% |" for p in steps)
+    out(head)
+    out("|---" * (3 + len(steps)) + "|")
+    for drop, what in ((0.0, "passes the step"), (m, "rolled back"), (2 * m, "rolled back")):
+        var_units = needed(drop or m, m, g.alpha, power) * sd * sd  # information x variance
+        per_arm = 2 * var_units
+        cells = []
+        for p in steps:
+            share = p / 100
+            total = var_units / (share * (1 - share))
+            when = f" ({total / rewards_per_s / 60:.0f} min)" if rewards_per_s else ""
+            cells.append(f" {total:,.0f}{when} |")
+        label = "identical" if not drop else f"worse by {drop:g}"
+        out(f"| {label} | {what} | {per_arm:,.0f} |" + "".join(cells))
+    if rewards_per_s:
+        out(f"(min): at {rewards_per_s:g} rewards/s over both arms; a step also waits its hold_s")
+    return 0

@@ -5,12 +5,14 @@ inside the Serve app).
     release:
       adapter: demo-last
       version: null               # the newest published version
-      steps: [{percent: 5, hold_s: 300}, {percent: 25, hold_s: 300}, {percent: 50, hold_s: 300},
+      steps: [{percent: 10, hold_s: 300}, {percent: 25, hold_s: 300}, {percent: 50, hold_s: 300},
               {percent: 100, hold_s: 300}]
-      gates: {max_error_rate: 0.02, max_p99_ratio: 1.5, min_requests: 50}
+      gates: {max_error_rate: 0.02, max_p99_ratio: 1.5, min_requests: 50, max_reward_drop: 0.1}
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -26,12 +28,19 @@ class RampStep(Section):
 
 class GatesConfig(Section):
     max_error_rate: float = Field(
-        0.05, ge=0, le=1, description="Most errors per request the candidate may have in a step."
+        0.05,
+        ge=0,
+        le=1,
+        description="Most errors per request the candidate may have in a step; it fails the "
+        "step once a sequential test shows its rate above this (at alpha / steps), not on a "
+        "point estimate.",
     )
     max_p99_ratio: float = Field(
         1.5,
         gt=0,
-        description="Most the candidate's p99 latency may be, as a multiple of the control's.",
+        description="Most the candidate's p99 latency may be, as a multiple of the control's; "
+        "read once at the end of each step's hold, on the step's requests, once each arm has "
+        "min_requests (a rule on the histogram, 25% buckets, not a test).",
     )
     min_requests: int = Field(
         20,
@@ -40,23 +49,53 @@ class GatesConfig(Section):
         "fewer: the step is held longer.",
     )
     max_wait_s: float = Field(
-        3600,
+        14400,
         gt=0,
-        description="Longest a step may be held for lack of requests; then the release rolls back.",
+        description="Longest a step may be held after its hold_s: for lack of requests (then "
+        "it rolls back) or of outcome evidence (then on_timeout decides). 4 h by default: at "
+        "0.5 rewards/s a 10% step needs over an hour to show the default margin "
+        "(`lorafleet release plan`).",
     )
-    outcome: bool = Field(
-        True,
-        description="With feedback (POST /v1/feedback): roll back when the candidate's mean "
-        "reward is below the control's with p < alpha.",
+    outcome: bool | Literal["auto"] = Field(
+        "auto",
+        description="The outcome gate on rewards (POST /v1/feedback), a sequential "
+        "non-inferiority test: a step advances only once the data show the candidate's mean "
+        "reward is not below the control's by more than max_reward_drop, and the release rolls "
+        "back once they show it is below the control's; true: every step needs that evidence; "
+        "auto: the same once the release has any reward (an app that sends no feedback ramps on "
+        "errors and latency alone); false: no outcome gate.",
+    )
+    max_reward_drop: float = Field(
+        0.1,
+        gt=0,
+        description="The non-inferiority margin, absolute, in reward units (0.1 on thumbs "
+        "up/down is 10 points of the thumbs-up rate): the largest drop of the candidate's mean "
+        "reward below the control's that a step may still pass.",
     )
     min_feedback: int = Field(
         20, ge=2, description="Rewards per arm before the outcome gate is read."
     )
-    alpha: float = Field(0.05, gt=0, lt=1, description="Significance level of the outcome gate.")
+    alpha: float = Field(
+        0.05,
+        gt=0,
+        lt=1,
+        description="Error rate of the sequential gates, however often they are read: of the "
+        "outcome gate's rollback of an identical candidate and promotion of one worse by "
+        "max_reward_drop, and of the error-rate gate firing on a candidate within "
+        "max_error_rate (alpha / steps at each step).",
+    )
+    on_timeout: Literal["rollback", "promote"] = Field(
+        "rollback",
+        description="What a step does when the outcome gate has not decided within max_wait_s "
+        "after its hold: rollback, or promote (advance as if passed; at the last step, "
+        "promote). Logged with the numbers either way.",
+    )
 
 
 def default_steps() -> list[RampStep]:
-    return [RampStep(percent=p, hold_s=300) for p in (5, 25, 50, 100)]
+    # 10% first, not 5%: at 0.5 rewards/s a 5% step cannot show a 0.1 margin within max_wait_s
+    # for one identical candidate in ten (bench/release_sim.py); 10% does for 98 in 100
+    return [RampStep(percent=p, hold_s=300) for p in (10, 25, 50, 100)]
 
 
 class ReleaseConfig(Section):

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
-import math
+import secrets
 import threading
 import time
 from datetime import UTC, datetime
@@ -27,12 +27,20 @@ from cluster import storage, versions
 from cluster.release_commands import log_line
 from cluster.release_config import ReleaseConfig
 from serve.experiments import Table
+from serve.release_gates import (  # noqa: F401 (re-exported: the ingress, the UI, the tests)
+    ARMS,
+    LATENCY_BOUNDS,
+    judge,
+    latency_bucket,
+    p99,
+    release_spec,
+    step_action,
+    window_numbers,
+)
 
-ARMS = ("control", "candidate")
 LIVE = ("running", "paused")  # a release in these states routes its adapter's users
 RELEASE_PREFIX = "release:"  # how a release's arms appear among the experiments' metrics
-# latency histogram bounds (s) for the p99 gate: 5 ms up, 25% apart, to 2 minutes
-LATENCY_BOUNDS = [0.005 * 1.25**i for i in range(46)]
+
 SAVE_EVERY_S = 2.0
 
 
@@ -48,27 +56,6 @@ def running_candidates(uri: str) -> dict[str, str]:
     except (FileNotFoundError, OSError, ValueError):
         return {}
     return {a: r["candidate"] for a, r in releases.items() if r.get("state") in LIVE}
-
-
-def latency_bucket(seconds: float) -> str:
-    """The counter key of a latency: `lat_<i>`, i the first bound at or above it."""
-    for i, bound in enumerate(LATENCY_BOUNDS):
-        if seconds <= bound:
-            return f"lat_{i:02d}"
-    return f"lat_{len(LATENCY_BOUNDS):02d}"
-
-
-def p99(counts: dict) -> float | None:
-    """The 99th percentile latency (an upper bound, to 25%) from `lat_<i>` counters."""
-    n = sum(v for k, v in counts.items() if k.startswith("lat_"))
-    if not n:
-        return None
-    seen = 0
-    for i in range(len(LATENCY_BOUNDS) + 1):
-        seen += counts.get(f"lat_{i:02d}", 0)
-        if seen >= 0.99 * n:
-            return LATENCY_BOUNDS[i] if i < len(LATENCY_BOUNDS) else math.inf
-    return math.inf
 
 
 def _now() -> str:
@@ -97,70 +84,6 @@ def new_release(spec: ReleaseConfig, control: str, candidate: str) -> dict:
     }
 
 
-def _rate(c: dict, key: str) -> float:
-    return c.get(key, 0) / c["requests"] if c.get("requests") else 0.0
-
-
-def outcome_gate(release: dict, g) -> tuple[bool, dict]:
-    """(candidate worse?, numbers): its mean reward against the control's, once each arm has
-    `min_feedback` rewards; worse means lower with p < alpha."""
-    from serve.outcomes import compare, mean_and_variance
-
-    ctl, cand = (release["outcomes"][a] for a in ARMS)
-    if min(ctl.get("n", 0), cand.get("n", 0)) < g.min_feedback:
-        return False, {}
-    c = compare(ctl, cand)
-    numbers = {
-        "control_mean": round(mean_and_variance(ctl)[1], 4),
-        "candidate_mean": round(mean_and_variance(cand)[1], 4),
-        "p_value": c["p_value"],
-        "test": c["test"],
-    }
-    worse = c["p_value"] is not None and c["difference"] < 0 and c["p_value"] < g.alpha
-    return worse, numbers
-
-
-def window_numbers(release: dict) -> dict:
-    """Requests, error rates and p99 of each arm in this step's counts."""
-    ctl, cand = release["window"]["control"], release["window"]["candidate"]
-    return {
-        "candidate_requests": cand.get("requests", 0),
-        "control_requests": ctl.get("requests", 0),
-        "candidate_error_rate": round(_rate(cand, "errors"), 4),
-        "control_error_rate": round(_rate(ctl, "errors"), 4),
-        "candidate_p99_s": p99(cand),
-        "control_p99_s": p99(ctl),
-    }
-
-
-def judge(release: dict) -> tuple[str | None, dict]:
-    """('fail' | 'pass' | 'hold' | None: not yet, numbers): the gates on this step's counts."""
-    spec = ReleaseConfig.model_validate(release["spec"])
-    g, step = spec.gates, spec.steps[release["step"]]
-    ctl, cand = release["window"]["control"], release["window"]["candidate"]
-    numbers = window_numbers(release)
-    enough = cand.get("requests", 0) >= g.min_requests
-    if enough and numbers["candidate_error_rate"] > g.max_error_rate:
-        return "fail", numbers | {"gate": f"error rate > {g.max_error_rate}"}
-    if g.outcome:
-        worse, more = outcome_gate(release, g)
-        numbers |= more
-        if worse:
-            return "fail", numbers | {"gate": f"reward below the control's (p < {g.alpha})"}
-    if time.time() - release["step_started"] < step.hold_s:
-        return None, numbers
-    if not enough:
-        return "hold", numbers
-    ratio_ok = (
-        numbers["control_p99_s"] is None
-        or ctl.get("requests", 0) < g.min_requests
-        or numbers["candidate_p99_s"] <= g.max_p99_ratio * numbers["control_p99_s"]
-    )
-    if not ratio_ok:
-        return "fail", numbers | {"gate": f"p99 > {g.max_p99_ratio} x control's"}
-    return "pass", numbers
-
-
 def _locked(method):
     """Serve runs a deployment's sync methods in a thread pool, beside the tick loop: one lock."""
 
@@ -181,7 +104,9 @@ class Releases:
         self.adapter_root = adapter_root
         self._lock = threading.RLock()
         self.releases: dict[str, dict] = self._load()
-        self.version = 1
+        # a restarted manager must never repeat a version an ingress replica holds (it would keep
+        # its stale table, #27): start at a random one, as serve/experiments.ExperimentState does
+        self.version = secrets.randbits(62)
         self._saved_at = 0.0
 
     def _load(self) -> dict:
@@ -278,6 +203,7 @@ class Releases:
         paused_s = round(now - (r.pop("paused_at", None) or now), 1)
         r["state"], r["step_started"] = "running", now
         r["window"] = {a: {} for a in ARMS}
+        r.pop("waiting", None)
         self._log(r, "resumed", {"by": "admin", "paused_s": paused_s})
         self._changed()
         return self.status(adapter)
@@ -364,7 +290,7 @@ class Releases:
             versions.set_current(self.adapter_root, r["adapter"], r["candidate"], by="release")
         self._changed()
 
-    def _advance(self, r: dict, numbers: dict) -> None:
+    def _advance(self, r: dict, numbers: dict, now: float | None = None) -> None:
         steps = r["spec"]["steps"]
         if r["step"] == len(steps) - 1:
             self._end(r, "promoted", "promoted", numbers)
@@ -376,8 +302,9 @@ class Releases:
             {"control": max(100 - pct, 1e-9), "candidate": pct}
         )
         r["weights"], r["owners"] = table.weights, table.owners
-        r["step_started"], r["held"] = time.time(), 0
+        r["step_started"], r["held"] = time.time() if now is None else now, 0
         r["window"] = {a: {} for a in ARMS}
+        r.pop("waiting", None)
         self._changed()
 
     @_locked
@@ -393,29 +320,48 @@ class Releases:
         return True
 
     @_locked
-    def tick(self) -> None:
+    def tick(self, now: float | None = None) -> None:
+        now = time.time() if now is None else now
         for r in list(self.releases.values()):
-            if r["state"] != "running":
-                continue
-            decision, numbers = judge(r)
-            if decision == "fail":
-                self._end(r, "rolled_back", "rolled back", numbers)
-            elif decision == "pass":
-                self._advance(r, numbers)
-            elif decision == "hold":
-                spec = ReleaseConfig.model_validate(r["spec"])
-                step = spec.steps[r["step"]]
-                if (r["held"] + 1) * step.hold_s >= spec.gates.max_wait_s:
-                    self._end(
-                        r, "rolled_back", "rolled back", numbers | {"gate": "too few requests"}
-                    )
-                    continue
-                r["held"] += 1
-                r["step_started"] = time.time()
-                self._log(r, "held", numbers)
-                self._changed()
+            if r["state"] == "running":
+                self._tick_one(r, now)
         if time.monotonic() - self._saved_at > SAVE_EVERY_S:
             self._save()
+
+    def _tick_one(self, r: dict, now: float) -> None:
+        """Judge one running release at `now` and do what `step_action` says."""
+        decision, numbers = judge(r, now)
+        if decision is None:
+            return
+        spec = release_spec(r)
+        step = spec.steps[r["step"]]
+        waited_s = r["held"] * step.hold_s + now - r["step_started"] - step.hold_s
+        last = r["step"] == len(spec.steps) - 1
+        g = spec.gates
+        action = str(
+            step_action(
+                decision, r["held"], waited_s, step.hold_s, g.max_wait_s, last, g.on_timeout
+            )
+        )
+        if action.startswith("timeout_"):
+            numbers |= {"gate": "outcome undecided after max_wait_s", "on_timeout": g.on_timeout}
+            numbers["waited_s"] = round(waited_s, 1)
+            action = action[len("timeout_") :]
+        if action == "rollback":
+            numbers.setdefault("gate", "too few requests")
+            self._end(r, "rolled_back", "rolled back", numbers)
+        elif action in ("advance", "promote"):
+            self._advance(r, numbers, now)
+        elif action == "hold":
+            r["held"] += 1
+            r["step_started"] = now
+            self._log(r, "held", numbers)
+            self._changed()
+        elif action == "wait" and not r.get("waiting"):
+            r["waiting"] = True  # logged once a step: the tick reads the test every second
+            gate = f"outcome: not yet shown within {g.max_reward_drop} of the control's"
+            self._log(r, "held", numbers | {"gate": gate})
+            self._changed()
 
 
 class ReleaseManager(Releases):

@@ -142,17 +142,90 @@ def test_bad_feedback_rolls_back_and_good_feedback_does_not(tmp_path):
     _run(rel)
     last = rel.releases["bot"]["log"][-1]
     assert rel.releases["bot"]["state"] == "rolled_back", last
-    assert last["numbers"]["p_value"] < 0.05 and "reward" in last["numbers"]["gate"]
-    assert last["numbers"]["test"] == "two-proportion z"
+    n = last["numbers"]
+    assert n["difference_high"] < 0 < n["difference_high"] + 0.4 and "reward" in n["gate"]
+    assert "mSPRT" in n["test"] and "mSPRT" in n["gate"]
 
-    _started(
-        rel.start(_spec(min_feedback=30))
-    )  # the same candidate again, now as liked as the control
+    _started(rel.start(_spec(min_feedback=30)))  # the same candidate again, as liked as the control
     for _ in range(40):
         rel.add_outcome("bot", "control", 1.0)
         rel.add_outcome("bot", "candidate", 1.0)
     _run(rel)
     assert rel.releases["bot"]["state"] == "promoted" and versions.current(root, "bot") == v2
+    advanced = rel.releases["bot"]["log"][1]["numbers"]
+    assert advanced["difference_low"] > -advanced["max_reward_drop"]  # shown non-inferior
+
+
+def test_few_rewards_are_not_evidence_the_step_waits_then_on_timeout_decides(tmp_path):
+    """20 rewards a side, the candidate's a bit worse (0.45 vs 0.55): the old gate (no p < alpha)
+    promoted it; now no step advances without evidence it is within max_reward_drop, so it waits
+    and, after max_wait_s, `on_timeout` decides, logged with its numbers."""
+    root, (v1, v2) = _store(tmp_path)
+    for on_timeout, state, current in (
+        ("rollback", "rolled_back", v1),
+        ("promote", "promoted", v2),
+    ):
+        rel = _releases(tmp_path, root)
+        _started(rel.start(_spec(min_feedback=20, max_wait_s=0.6, on_timeout=on_timeout)))
+        for i in range(20):
+            rel.add_outcome("bot", "control", float(i < 11))
+            rel.add_outcome("bot", "candidate", float(i < 9))
+        _run(rel)
+        r = rel.releases["bot"]
+        assert r["state"] == state and versions.current(root, "bot") == current
+        waits = [e for e in r["log"] if e["decision"] == "held"]
+        assert waits and "not yet shown within 0.1" in waits[0]["numbers"]["gate"]
+        last = r["log"][-1]["numbers"] if on_timeout == "rollback" else waits[-1]["numbers"]
+        if on_timeout == "rollback":
+            assert last["on_timeout"] == "rollback" and last["waited_s"] >= 0.6
+            assert last["difference_low"] < -0.1 < last["difference_high"]
+        else:
+            assert [e["decision"] for e in r["log"]][-1] == "promoted"
+            assert r["log"][-1]["numbers"]["on_timeout"] == "promote"
+        versions.promote(root, "bot", v1)
+
+
+def test_outcome_true_holds_a_release_without_feedback_and_false_ignores_rewards(tmp_path):
+    root, (v1, v2) = _store(tmp_path)
+    rel = _releases(tmp_path, root)
+    _started(rel.start(_spec(outcome=True, max_wait_s=0.6)))
+    _run(rel)  # traffic, no reward: `true` needs the evidence, `auto` would ramp on errors alone
+    assert rel.releases["bot"]["state"] == "rolled_back"
+    assert rel.releases["bot"]["log"][-1]["numbers"]["on_timeout"] == "rollback"
+    _started(rel.start(_spec(outcome=False)))
+    for _ in range(50):  # rewards that would roll it back are not read
+        rel.add_outcome("bot", "control", 1.0)
+        rel.add_outcome("bot", "candidate", 0.0)
+    _run(rel)
+    assert rel.releases["bot"]["state"] == "promoted" and versions.current(root, "bot") == v2
+
+
+def test_one_error_in_a_few_requests_is_not_evidence_of_a_bad_error_rate(tmp_path):
+    """1 error in the first 5 requests is 20%, above max_error_rate 0.05: the old point rule
+    rolled back; the sequential test needs the data to show the rate is above the limit."""
+    root, (v1, v2) = _store(tmp_path)
+    rel = _releases(tmp_path, root)
+    _started(rel.start(_spec(max_error_rate=0.05)))
+    rel.add_counts({"bot": {"candidate": {"requests": 5, "errors": 1}}})
+    time.sleep(0.35)
+    rel.tick()
+    assert rel.releases["bot"]["state"] == "running" and rel.releases["bot"]["step"] == 1
+    _run(rel)
+    assert rel.releases["bot"]["state"] == "promoted"
+
+
+def test_a_restarted_manager_never_repeats_the_version_an_ingress_holds(tmp_path):
+    """#27: a restarted release manager started again at version 1, so an ingress that held
+    version 1 kept its stale table. It starts at a random 62-bit version, as ExperimentState."""
+    root, (v1, v2) = _store(tmp_path)
+    rel = _releases(tmp_path, root)
+    held, table = rel.snapshot()  # what an ingress replica holds: no release yet
+    assert table == {} and 0 <= held < 2**62
+    _started(rel.start(_spec()))
+    again = _releases(tmp_path, root)  # the restarted replica reads the running release back
+    version, table = again.snapshot(held)
+    assert version != held and "bot" in table  # the ingress gets the table, not "unchanged"
+    assert len({_releases(tmp_path, root).version for _ in range(5)}) == 5
 
 
 def test_a_step_without_traffic_is_held_then_rolled_back(tmp_path):
