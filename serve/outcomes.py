@@ -7,6 +7,11 @@ is 0 or 1 (thumbs up/down), else Welch's t-test (unequal variances, two-sided). 
 from the sums alone, so counts from many ingress replicas add up and survive a restart. So is
 each variant's 95% interval of its mean: Wilson's score interval when its rewards are all 0/1,
 else Student's t interval from the mean and sample variance.
+
+Those fixed-horizon numbers are right once, at a sample size chosen in advance; read each time
+the page reloads, they find differences that are not there. So each comparison also carries an
+always-valid one (`always_valid`: the difference's 95% confidence sequence and an anytime p-value,
+serve/sequential.py, method named), and `winner` is set only when that says so.
 """
 
 from __future__ import annotations
@@ -14,7 +19,10 @@ from __future__ import annotations
 import math
 from statistics import NormalDist
 
+from serve.sequential import experiment_comparison
+
 THUMBS = {"up": 1.0, "down": 0.0}
+ALPHA = 0.05  # of the always-valid comparison and its winner
 DEFAULT_MIN_SAMPLES = 100
 Z_95 = NormalDist().inv_cdf(0.975)  # 1.95996...
 
@@ -99,14 +107,20 @@ def welch_t(
     return t, df, float(2 * stdtr(df, -abs(t)))
 
 
-def compare(control: dict, variant: dict) -> dict:
+def compare(control: dict, variant: dict, min_samples: int = DEFAULT_MIN_SAMPLES) -> dict:
     """The variant against the control: test used, difference of means, statistic and p-value
-    (None while either side has too few outcomes to test)."""
+    (None while either side has too few outcomes to test); `always_valid`, the same comparison
+    valid however often it is read (its interval tightest near 10 x min_samples per variant),
+    and `winner`: "variant" or "control" once its p-value is below ALPHA, else None."""
     n1, m1, v1 = mean_and_variance(control)
     n2, m2, v2 = mean_and_variance(variant)
     binary = not control.get("nonbinary") and not variant.get("nonbinary")
     out = {"test": "two-proportion z" if binary else "welch t", "difference": None}
     out.update(statistic=None, p_value=None)
+    seq = experiment_comparison(control, variant, ALPHA, v_opt=5.0 * max(min_samples, 1))
+    out["always_valid"], out["winner"] = seq, None
+    if seq["p_value"] is not None and seq["p_value"] < ALPHA:
+        out["winner"] = "variant" if seq["difference"] > 0 else "control"
     if m1 is None or m2 is None:
         return out
     out["difference"] = m2 - m1
@@ -128,7 +142,8 @@ def summarize(stats: dict[str, dict], control: str, min_samples: int) -> dict[st
         row["enough_samples"] = n >= min_samples
         row["control"] = name == control
         if name != control:
-            row["vs_control"] = {"control": control, **compare(stats[control], stats[name])}
+            vs = compare(stats[control], stats[name], min_samples)
+            row["vs_control"] = {"control": control, **vs}
             row["vs_control"]["enough_samples"] = row["enough_samples"] and (
                 stats[control].get("n", 0) >= min_samples
             )

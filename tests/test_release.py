@@ -427,3 +427,45 @@ def test_the_cli_parses_pause_and_resume_like_abort():
         with pytest.raises(SystemExit) as e:  # the adapter is not optional
             cli.parse(["release", action, "s.yaml"])
         assert e.value.code == 2
+
+
+# --- lorafleet release plan ------------------------------------------------------------------------
+
+
+def test_release_plan_sizes_a_step_as_the_gate_decides(capsys):
+    """`lorafleet release plan`: the rewards per arm it prints for an identical candidate (and one
+    worse by 2x the margin) are where the gate's own decision function passes (rolls back) in at
+    least 80% of 4,000 draws, and half as many are not enough."""
+    import numpy as np
+
+    from cluster import cli
+    from cluster.release_config import ReleaseConfig
+    from serve.sequential import NOT_WORSE, WORSE, information_needed, noninferiority
+
+    got = cli.parse(
+        ["release", "plan", "s.yaml", "release.gates.alpha=0.1", "--rewards-per-s", "2"]
+    )
+    assert got.params == {
+        "config": "s.yaml",
+        "overrides": ["release.gates.alpha=0.1"],
+        "adapter": None,
+        "url": None,
+        "action": "plan",
+        "follow": False,
+        "rewards_per_s": 2.0,
+    }
+    assert cli.main(["release", "plan", "configs/serve-demo.yaml", "--rewards-per-s", "5"]) == 0
+    out = capsys.readouterr().out
+    g = ReleaseConfig(adapter="a").gates
+    rng = np.random.default_rng(0)
+    for drop, want, shown in ((0.0, NOT_WORSE, "| identical |"), (0.2, WORSE, "| worse by 0.2 |")):
+        per_arm = round(2 * information_needed(drop or 0.1, 0.1, g.alpha) * 0.25)
+        line = next(x for x in out.splitlines() if x.startswith(shown))
+        assert f"| {per_arm:,} |" in line, (per_arm, line)
+        for n, enough in ((per_arm, True), (per_arm // 2, False)):
+            ctl, cand = rng.binomial(n, 0.5, 4000), rng.binomial(n, 0.5 - drop, 4000)
+            arms = [
+                {"n": np.full(4000, n), "sum": x, "sumsq": x, "nonbinary": 0} for x in (ctl, cand)
+            ]
+            share = np.mean(noninferiority(*arms, 0.1, g.alpha, g.min_feedback)[0] == want)
+            assert (share >= 0.78) if enough else (share < 0.6), (drop, n, share)

@@ -221,9 +221,11 @@ function outcomeTable(exp, variants) {
     const c = o.vs_control;
     let vs = "control";
     if (c) {
-      const half = c.statistic ? Math.abs(1.96 * c.difference / c.statistic) : null;
-      vs = c.p_value === null || c.p_value === undefined ? "too few outcomes"
-        : `${c.difference >= 0 ? "+" : ""}${num(c.difference)}${half !== null ? ` ±${num(half)}` : ""}, p=${num(c.p_value, 4)} (${c.test})`;
+      // the always-valid interval and p-value (valid however often this page reloads); a winner
+      // only when that test says so
+      const a = c.always_valid;
+      vs = !a || a.p_value === null || a.p_value === undefined ? "too few outcomes"
+        : `${a.difference >= 0 ? "+" : ""}${num(a.difference)} [${num(a.low)}, ${num(a.high)}], p=${num(a.p_value, 4)} (${a.method})${c.winner ? `; winner: ${c.winner === "variant" ? v : c.control}` : ""}`;
     }
     const enough = c ? c.enough_samples : o.enough_samples;
     return el("tr", { "data-variant": v },
@@ -233,7 +235,7 @@ function outcomeTable(exp, variants) {
       el("td", { text: vs }),
       el("td", { class: enough ? "pass" : "hold", text: `${enough ? "yes" : "no"} (min ${o.min_samples ?? "—"})` }));
   });
-  return table(["variant", "feedback", "mean reward", "95% CI", "vs control (diff ±95%, p)", "min sample reached"], rows, { class: "outcome-table" });
+  return table(["variant", "feedback", "mean reward", "95% CI", "vs control (diff, always-valid 95% interval, p)", "min sample reached"], rows, { class: "outcome-table" });
 }
 
 // --- releases --------------------------------------------------------------------------------
@@ -242,7 +244,7 @@ const GATE_ROWS = [
   ["requests (candidate)", (n) => n.candidate_requests, (g) => `≥ ${g.min_requests}`, (v, g) => v >= g.min_requests],
   ["error rate (candidate)", (n) => n.candidate_error_rate, (g) => `≤ ${g.max_error_rate}`, (v, g) => v <= g.max_error_rate],
   ["p99 ratio (candidate / control)", (n) => (n.candidate_p99_s && n.control_p99_s ? n.candidate_p99_s / n.control_p99_s : null), (g) => `≤ ${g.max_p99_ratio}`, (v, g) => v <= g.max_p99_ratio],
-  ["reward p-value (if worse)", (n) => n.p_value ?? null, (g) => (g.outcome ? `not < ${g.alpha} (min ${g.min_feedback} each)` : "off"), (v, g) => !g.outcome || v >= g.alpha],
+  ["reward difference, lower bound (always-valid)", (n) => n.difference_low ?? null, (g) => (g.outcome === false ? "off" : `> −${g.max_reward_drop} (min ${g.min_feedback} each)`), (v, g) => g.outcome === false || v > -g.max_reward_drop],
 ];
 
 function buildRelease(adapter) {
