@@ -175,12 +175,15 @@ class Releases:
         """Hold a running release where it stands. Its table is kept, so each user stays on the
         arm they have; the tick leaves it alone: it neither advances, nor is promoted, nor is
         rolled back, and neither its step's hold nor its `max_wait_s` count (the holds so far)
-        moves. Counts and rewards still arrive (they show in `total`); see `resume` for what the
-        gates read. Logged as "paused" with the step's numbers so far."""
+        moves (a step waiting for outcome evidence counts its wait so far as holds). Counts and
+        rewards still arrive (they show in `total`); see `resume` for what the gates read. Logged as "paused" with the step's numbers so far."""
         if refused := self._refused(adapter, "running"):
             return refused
         r = self.releases[adapter]
         now = time.time()
+        if r.get("waiting"):  # the wait for outcome evidence so far counts, in whole holds
+            hold_s = release_spec(r).steps[r["step"]].hold_s
+            r["held"] += int(max(now - r["step_started"] - hold_s, 0) // hold_s)
         r["state"], r["paused_at"] = "paused", now
         step_s = round(now - r["step_started"], 1)
         self._log(r, "paused", window_numbers(r) | {"by": "admin", "step_elapsed_s": step_s})

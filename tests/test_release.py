@@ -469,3 +469,25 @@ def test_release_plan_sizes_a_step_as_the_gate_decides(capsys):
             ]
             share = np.mean(noninferiority(*arms, 0.1, g.alpha, g.min_feedback)[0] == want)
             assert (share >= 0.78) if enough else (share < 0.6), (drop, n, share)
+
+
+def test_a_pause_keeps_the_wait_for_outcome_evidence_counted(tmp_path):
+    """A step waiting for outcome evidence, paused after ~3 holds of waiting: resumed, those
+    holds stay counted against max_wait_s, so pausing cannot stretch the wait forever."""
+    root, _ = _store(tmp_path)
+    rel = _releases(tmp_path, root)
+    _started(rel.start(_spec(min_feedback=20, max_wait_s=100)))
+    for i in range(20):  # undecided: 20 rewards a side, 0.55 vs 0.45
+        rel.add_outcome("bot", "control", float(i < 11))
+        rel.add_outcome("bot", "candidate", float(i < 9))
+    _traffic(rel, _arms(rel))
+    r = rel.releases["bot"]
+    while not r.get("waiting") or time.time() - r["step_started"] < 1.3:  # hold 0.3 s, then wait
+        time.sleep(0.05)
+        rel.tick()
+    assert r["state"] == "running" and r["held"] == 0
+    _started(rel.pause("bot"))
+    held = int((r["paused_at"] - r["step_started"] - 0.3) // 0.3)
+    assert r["held"] == held >= 3
+    _started(rel.resume("bot"))
+    assert r["held"] == held and "waiting" not in r
