@@ -110,16 +110,16 @@ def arm_variance(n, total, sumsq, nonbinary):
     return np.where(np.asarray(nonbinary) > 0, sample, p * (1 - p))
 
 
-def variances(ctl: dict, cand: dict, binary) -> tuple:
+def variances(ctl: dict, cand: dict, nonbinary) -> tuple:
     """Each arm's variance for the test: the larger of its own (`arm_variance`) and that of both
     arms' rewards together. A plug-in from the arm alone is too small, too often, while an arm has
     few rewards (a canary's 20 thumbs at 15% up read as a variance of 0.13, not 0.25): that made
     the sequence exclude the truth in 7% of simulated identical releases at alpha 0.05."""
     n = ctl["n"] + cand["n"]
     total, sumsq = ctl["sum"] + cand["sum"], ctl["sumsq"] + cand["sumsq"]
-    both = arm_variance(n, total, sumsq, binary)
+    both = arm_variance(n, total, sumsq, nonbinary)
     return tuple(
-        np.maximum(arm_variance(a["n"], a["sum"], a["sumsq"], binary), both) for a in (ctl, cand)
+        np.maximum(arm_variance(a["n"], a["sum"], a["sumsq"], nonbinary), both) for a in (ctl, cand)
     )
 
 
@@ -128,8 +128,10 @@ def difference_bounds(ctl: dict, cand: dict, alpha: float, rho: float) -> tuple:
     valid at every time at once. The arms are {n, sum, sumsq, nonbinary} of scalars or arrays;
     n must be >= 1 on both."""
     n1, n2 = (np.asarray(a["n"], dtype=float) for a in (ctl, cand))
-    binary = np.maximum(np.asarray(ctl.get("nonbinary", 0)), np.asarray(cand.get("nonbinary", 0)))
-    v1, v2 = variances(ctl, cand, binary)
+    nonbinary = np.maximum(
+        np.asarray(ctl.get("nonbinary", 0)), np.asarray(cand.get("nonbinary", 0))
+    )
+    v1, v2 = variances(ctl, cand, nonbinary)
     var = v1 / n1 + v2 / n2
     diff = cand["sum"] / n2 - ctl["sum"] / n1
     info = 1 / np.maximum(var, 1e-300)
@@ -192,8 +194,8 @@ def experiment_comparison(ctl: dict, cand: dict, alpha: float = 0.05, v_opt: flo
     out = {"difference": None, "low": None, "high": None, "p_value": None, "method": METHOD}
     if min(n1, n2) < 2:
         return out
-    binary = max(ctl.get("nonbinary", 0), cand.get("nonbinary", 0))
-    v1, v2 = (float(v) for v in variances(ctl, cand, binary))
+    nonbinary = max(ctl.get("nonbinary", 0), cand.get("nonbinary", 0))
+    v1, v2 = (float(v) for v in variances(ctl, cand, nonbinary))
     diff = cand["sum"] / n2 - ctl["sum"] / n1
     var = v1 / n1 + v2 / n2
     if var <= 0:

@@ -141,3 +141,31 @@ def test_the_simulation_and_releases_tick_decide_the_same():
     for shift, seed in ((0.0, 5), (-2.0, 6)):
         sim = bench.simulate(spec, 5.0, shift, 8, seed)
         bench.check_against_releases(spec, 5.0, shift, 2, sim, seed, 8)
+
+
+def test_the_confidence_sequence_covers_bounded_real_rewards_too():
+    """Rewards in [0, 1] that are not 0/1 (a Beta(2, 5) score, mean 2/7, on both arms), 1,000
+    experiments read at 800 looks with a 1:4 split: the sequence, on sample variances, excludes
+    the true difference 0 in at most alpha of them on either side."""
+    rng = np.random.default_rng(9)
+    paths, alpha = 1000, 0.05
+    rho = sq.rho_for_margin(0.1, alpha)
+    arms = [{"n": np.zeros(paths), "sum": np.zeros(paths), "sumsq": np.zeros(paths)} for _ in "ab"]
+    low_miss, high_miss = np.zeros(paths, bool), np.zeros(paths, bool)
+    for _ in range(800):
+        for arm, k in zip(arms, (4, 1), strict=True):
+            x = rng.beta(2, 5, size=(paths, k))
+            arm["n"] += k
+            arm["sum"] += x.sum(axis=1)
+            arm["sumsq"] += (x * x).sum(axis=1)
+        if arms[1]["n"][0] < 20:
+            continue
+        _, low, high = sq.difference_bounds(
+            arms[0] | {"nonbinary": 1}, arms[1] | {"nonbinary": 1}, alpha, rho
+        )
+        low_miss |= low > 0
+        high_miss |= high < 0
+    assert low_miss.mean() <= alpha and high_miss.mean() <= alpha, (
+        low_miss.mean(),
+        high_miss.mean(),
+    )
