@@ -39,8 +39,9 @@ class GatesConfig(Section):
         1.5,
         gt=0,
         description="Most the candidate's p99 latency may be, as a multiple of the control's; "
-        "read once at the end of each step's hold, on the step's requests, once each arm has "
-        "min_requests (a rule on the histogram, 25% buckets, not a test).",
+        "read at the end of each step's hold on the step's requests, once each arm has "
+        "min_requests: it fails once a sequential test shows more than 1% of the candidate's "
+        "requests above that multiple (at alpha / steps), not on a point estimate.",
     )
     min_requests: int = Field(
         20,

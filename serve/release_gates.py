@@ -53,6 +53,19 @@ def p99(counts: dict) -> float | None:
     return math.inf
 
 
+def p99_too_slow(ctl: dict, cand: dict, ratio: float, alpha: float) -> tuple[bool, int]:
+    """(the data show the candidate's p99 above `ratio` x the control's, how many of its requests
+    are above that limit). Its p99 is above the limit exactly when more than 1% of its requests
+    are, so this is the error-rate test on "slower than the limit" at 1%: on an identical
+    candidate (whose share above the limit is below 1%) it fires at most alpha of the time, read
+    as often as you like. Only buckets wholly above the limit count (their lower bound >= it)."""
+    limit = ratio * p99(ctl)
+    lat = {int(k[4:]): v for k, v in cand.items() if k.startswith("lat_")}
+    lower = [0.0, *LATENCY_BOUNDS]  # bucket i holds (lower[i], LATENCY_BOUNDS[i]]
+    above = sum(v for i, v in lat.items() if lower[min(i, len(LATENCY_BOUNDS))] >= limit)
+    return bool(error_rate_exceeds(above, sum(lat.values()), 0.01, alpha)), above
+
+
 def _rate(c: dict, key: str) -> float:
     return c.get(key, 0) / c["requests"] if c.get("requests") else 0.0
 
@@ -107,7 +120,7 @@ def window_numbers(release: dict) -> dict:
 GATE_SAYS = {
     "errors": "error rate > {g.max_error_rate} ({method}, alpha {a:.3g})",
     "outcome": "reward below the control's ({method}, alpha {g.alpha})",
-    "p99": "p99 > {g.max_p99_ratio} x control's",
+    "p99": "p99 > {g.max_p99_ratio} x control's ({method} on requests above it, alpha {a:.3g})",
 }
 
 
@@ -167,18 +180,17 @@ def judge(release: dict, now: float | None = None) -> tuple[str | None, dict]:
     if active:
         verdict, more = outcome_gate(release, g)
         numbers |= more
-    ratio_ok = (
-        numbers["control_p99_s"] is None
-        or ctl.get("requests", 0) < g.min_requests
-        or numbers["candidate_p99_s"] <= g.max_p99_ratio * numbers["control_p99_s"]
-    )
+    ratio_ok = True
+    if numbers["control_p99_s"] is not None and ctl.get("requests", 0) >= g.min_requests:
+        slow, above = p99_too_slow(ctl, cand, g.max_p99_ratio, a_errors)
+        ratio_ok, numbers["candidate_above_p99_limit"] = not slow, above
     elapsed = now - release["step_started"]
     enough = requests >= g.min_requests
     decision = str(
         gate_decision(elapsed, step.hold_s, enough, errors_high, active, verdict, ratio_ok)
     )
     if decision.startswith("fail_"):
-        method = ERROR_METHOD if decision == "fail_errors" else METHOD
+        method = METHOD if decision == "fail_outcome" else ERROR_METHOD
         numbers["gate"] = GATE_SAYS[decision[5:]].format(g=g, a=a_errors, method=method)
     return (None if decision == "not_yet" else decision), numbers
 

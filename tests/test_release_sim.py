@@ -169,3 +169,22 @@ def test_the_confidence_sequence_covers_bounded_real_rewards_too():
         low_miss.mean(),
         high_miss.mean(),
     )
+
+
+def test_the_p99_gate_spares_an_identical_candidate_and_fails_a_slow_one():
+    """The p99 gate on identical latencies at 0.5 rewards/s (30 candidate requests in a 10%
+    step): it fails at most alpha of 300 releases; the old rule (candidate p99 > 1.5 x the
+    control's, on 25% buckets) failed a quarter of them. A candidate 3x slower fails it (200 requests)."""
+    from serve.release_gates import LATENCY_BOUNDS, p99_too_slow
+
+    bench = _bench()
+    spec = ReleaseConfig(adapter="bot")
+    assert bench.p99_false_fires(spec, 0.5, 300, seed=2) <= binom.isf(1e-3, 300, 0.05) / 300
+    rng = np.random.default_rng(1)
+
+    def hist(k, scale):
+        idx = np.searchsorted(LATENCY_BOUNDS, scale * 0.2 * np.exp(0.5 * rng.standard_normal(k)))
+        return {f"lat_{i:02d}": int(c) for i, c in enumerate(np.bincount(idx)) if c}
+
+    slow, above = p99_too_slow(hist(1800, 1.0), hist(200, 3.0), 1.5, 0.05 / 4)
+    assert slow and above > 3
