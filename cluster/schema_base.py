@@ -16,7 +16,7 @@ class Section(BaseModel):
 
 def is_valid_name(value: str) -> bool:
     """Names become directory names in the adapter store: no separators, no '..'."""
-    return bool(NAME_RE.match(value)) and ".." not in value
+    return isinstance(value, str) and bool(NAME_RE.fullmatch(value)) and ".." not in value
 
 
 def validate_name(value: str, what: str = "name") -> str:

@@ -279,3 +279,12 @@ def test_release_start_without_a_release_section_is_one_clear_problem(tmp_path, 
     assert cli.main(["release", "start", str(cfg), "--url", "http://127.0.0.1:9"]) == 2
     err = capsys.readouterr().err
     assert "1 problem(s)" in err and "release: missing" in err, err
+
+
+def test_the_name_rule_matches_the_whole_name():
+    """`$` matches before a trailing newline: the rule must hold for every character."""
+    from cluster.schema_base import is_valid_name, name_problem
+
+    for bad in ("x\n", "ok\n", "a\r", "../x", "x/..", ""):
+        assert name_problem(bad) is not None, repr(bad)
+    assert is_valid_name("support-bot.v2_1")
