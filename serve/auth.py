@@ -22,6 +22,8 @@ import hmac
 import math
 import time
 
+from starlette.requests import Request
+
 from serve.api_checks import Rejected
 
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
@@ -202,3 +204,26 @@ class RateLimits:
             "rate_limit_error",
             retry_after_s=wait_s,
         )
+
+
+def current():
+    """The FleetIngress of this Serve replica (the route functions' `self`)."""
+    from ray import serve
+
+    return serve.get_replica_context().servable_object
+
+
+async def require_admin(request: Request) -> None:
+    """The one admin check: the dependency of every admin router (serve/routes/), run by FastAPI
+    before the route: an admin key (or the open local default above), then the per-key admin
+    rate limit."""
+    ingress = current()
+    ingress.access.check(request, admin=True)
+    ingress.rate_limits.hit("admin", ingress.access.identity(request))
+
+
+def admin_router(**kwargs):
+    """An APIRouter whose every route needs an admin key (`require_admin`)."""
+    from fastapi import APIRouter, Depends
+
+    return APIRouter(dependencies=[Depends(require_admin)], **kwargs)

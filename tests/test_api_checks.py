@@ -19,14 +19,13 @@ import pytest
 from serve.api_checks import (
     Limits,
     Rejected,
-    RequestGate,
     check_chat,
     check_completion,
     check_context,
-    deadline_s,
     message_problem,
     parse_json,
 )
+from serve.gate import RequestGate, deadline_s
 
 # a subset of vLLM's request fields (the ingress takes the whole set from vLLM's models)
 COMMON = {"model", "max_tokens", "temperature", "top_p", "n", "stop", "stream", "stream_options"}

@@ -255,6 +255,9 @@ def test_every_state_changing_route_but_inference_carries_the_admin_dependency()
         if ingress.is_admin_route(name, method):
             admin.add(name)
             assert ingress.require_admin in calls, name
+            # FastAPI hands it the request (unannotated, it would be a required query parameter)
+            dep = next(d for d in route.dependant.dependencies if d.call is ingress.require_admin)
+            assert dep.request_param_name == "request" and not dep.query_params, name
         else:
             assert ingress.require_admin not in calls, name
         assert f"{method:4} {route.path.replace(':path', '')}" in ingress.__doc__, route.path

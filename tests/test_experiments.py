@@ -98,7 +98,7 @@ def test_state_counts_add_up_across_ingress_replicas():
 def test_counts_a_failed_sync_took_are_sent_with_the_next_one():
     from collections import Counter
 
-    from serve.ingress import _Metrics
+    from serve.metrics import VariantMetrics as _Metrics
     from serve.release import latency_bucket
 
     m = _Metrics()

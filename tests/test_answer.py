@@ -1,0 +1,58 @@
+"""serve/answer.py's engine errors without a server: what the ingress answers when vLLM's
+replicas are full (Serve's back-pressure), when the replica dies mid-request, and when vLLM cannot
+load a version. (The served app's paths: tests/test_serve.py.)
+
+    .venv/bin/pytest -q tests/test_answer.py
+"""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+
+import pytest
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError
+
+from serve.answer import AnswerMixin
+from serve.auth import ApiError
+
+
+class _Engine(AnswerMixin):
+    """The ingress's `_get_response` raising what Serve raises."""
+
+    def __init__(self, error: BaseException):
+        self.error = error
+
+    async def _get_response(self, **kwargs):
+        raise self.error
+        yield  # an async generator, as Ray's is
+
+
+def _answer(error: BaseException) -> tuple[ApiError, list]:
+    done = []
+    body = SimpleNamespace(model="tiny:t-last@20261202-003015-123-9f3a")
+    call = _Engine(error)._first_chunk(body, "completions", None, lambda ok, *a: done.append(ok))
+    with pytest.raises(ApiError) as e:
+        asyncio.run(call)
+    return e.value, done
+
+
+def test_a_full_queue_is_503_with_retry_after_and_counted_as_an_error():
+    from serve.ingress import _error_response
+
+    error, done = _answer(BackPressureError(num_queued_requests=64, max_queued_requests=64))
+    assert error.status == 503 and "at capacity" in error.message and done == [False]
+    assert _error_response(error).headers["retry-after"] == "1"
+
+
+def test_a_replica_that_died_mid_request_is_503_retry():
+    error, done = _answer(RayActorError())
+    assert error.status == 503 and "retry" in error.message and done == [False]
+
+
+def test_a_version_vllm_cannot_load_is_400_naming_vllms_reason():
+    why = "LoRA rank 16 is greater than max_lora_rank 8."
+    trace = f"ValueError: Failed to load lora model: Worker failed with error '{why}', please check"
+    error, done = _answer(RuntimeError(trace))
+    assert error.status == 400 and why in error.message and done == [False]
