@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -104,6 +105,52 @@ def test_prompts_and_answers_come_back_out_of_packed_sequences():
     assert [list(e.ids) for e in got] == [a[0], b[0], text[0]]
 
 
+def test_generation_eval_scores_the_models_own_answers(tiny_base, tmp_path):
+    """The generation eval on held-out rows whose expected answers are known to be right or wrong:
+    for half the rows the expected answer is the base's own greedy answer, for the other half that
+    answer with a letter more. Exact match is then exactly 0.5 (the tiny test adapters score ~0,
+    which an eval that always says 0 would match too)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from train.data import IGNORE, pack
+    from train.generation import generation_eval, hf_answers
+    from train.model import load_tokenizer
+    from train.tasks import TASKS, make_rows
+
+    cfg = job_config(tmp_path, tiny_base, tmp_path / "d.jsonl", **{"training.batch_size": 4})
+    tok, model = load_tokenizer(cfg), AutoModelForCausalLM.from_pretrained(tiny_base)
+    eos, pad = tok.eos_token_id, tok.pad_token_id if tok.pad_token_id is not None else 0
+    bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+    prompts = [
+        tuple(bos + tok.encode(r["prompt"], add_special_tokens=False))
+        for r in make_rows(TASKS["copy"], 64, seed=5)
+    ]
+    said = hf_answers(model, prompts, pad_id=pad, eos_id=eos, max_new_tokens=16, batch_size=4)
+    rows = [(p, a) for p, a in zip(prompts, said, strict=True) if 0 < len(a) < 12][:8]
+    assert len(rows) == 8, said  # the base ends its answers: they are whole
+    wrong = tok.encode("q", add_special_tokens=False)
+    examples = []
+    for i, (p, a) in enumerate(rows):
+        answer = list(a) + ([] if i % 2 == 0 else wrong) + [eos]
+        examples.append((list(p) + answer, [IGNORE] * len(p) + answer))
+    run = types.SimpleNamespace(
+        cfg=cfg.model_copy(
+            update={"training": cfg.training.model_copy(update={"generation_eval_rows": 8})}
+        ),
+        data=types.SimpleNamespace(eval=pack(examples, 64, pad)),
+        model=model,
+        pad_id=pad,
+        rank=0,
+        world=1,
+        amp=None,
+        device=torch.device("cpu"),
+    )
+    got = generation_eval(run, lambda values, device: values)
+    assert got["eval_exact_match"] == 0.5, got
+    assert 0.5 <= got["eval_f1"] < 1, got  # a wrong answer shares some words at most
+
+
 # ---------------------------------------------------------------------------------------------
 # Training with generation eval, then `lorafleet eval` on its adapter
 
@@ -129,13 +176,43 @@ def test_generation_eval_reports_exact_match_at_eval_steps_and_training_goes_on(
     history = summary["history"]
     evals = [h for h in history if "eval_exact_match" in h]
     assert [h["step"] for h in evals] == [10, 20, 30]
-    assert all(0 <= h["eval_exact_match"] <= 1 and 0 <= h["eval_f1"] <= 1 for h in evals)
     assert not any("eval_exact_match" in h for h in history if "eval_loss" not in h)
     # generating in eval mode between steps does not stop the adapter learning
     losses = [h["loss"] for h in history if "loss" in h]
     assert losses[-1] < losses[0] - 0.3
     assert evals[-1]["eval_loss"] < history[0]["eval_loss"] - 0.3
     assert "eval_exact_match" in summary["metrics"]  # what Ray Train (and Tune) received
+    # the numbers are the adapter's own: the final step's exact match and F1 are those of the
+    # published adapter's greedy answers to the same 8 held-out prompts, scored apart from
+    # training (`lorafleet eval`'s HF path loads base and adapter afresh and scores with
+    # cluster.scoring); one answer of 8 may differ (fresh 4-bit load vs the training layout)
+    cfg, _ = gen_run
+    check = _hf_eval(cfg, summary, limit=8)["results"]["task"][f"t-eval@{summary['version']}"]
+    print(f"training: {evals[-1]}; apart: {check}")
+    assert summary["metrics"]["eval_exact_match"] == evals[-1]["eval_exact_match"]
+    assert abs(evals[-1]["eval_exact_match"] - check["exact_match"]) <= 1 / 8 + 1e-9
+    assert abs(evals[-1]["eval_f1"] - check["f1"]) <= 1 / 8 + 1e-9
+
+
+def _hf_eval(cfg, summary, limit: int, general=None) -> dict:
+    """`lorafleet eval` in this process with HF generate (no vLLM): the base and this run's
+    published adapter, scored on the first `limit` held-out rows (and general ones)."""
+    from train.evaluate import evaluate
+
+    cfg = cfg.model_copy(
+        update={
+            "name": "t-eval-hf",  # its own report folder; the adapter is named in full
+            "eval": cfg.eval.model_copy(
+                update={
+                    "engine": "hf",
+                    "limit": limit,
+                    "adapters": [f"t-eval@{summary['version']}"],
+                    "general_path": str(general) if general else None,
+                }
+            ),
+        }
+    )
+    return evaluate(cfg, log=lambda *_: None)
 
 
 @pytest.mark.slow
@@ -174,6 +251,26 @@ def test_lorafleet_eval_table_json_chart_and_forgetting(gen_run, tmp_path):
     )
     assert report["forgetting"][label]["loss"] == pytest.approx(loss_change)
     assert "forgetting check" in proc.stdout
+    # the table's answers are the adapter's own, as served: on the rows the report shows, the
+    # adapter changes the base's answers (HF generate, both loaded afresh), vLLM's answers with the
+    # adapter are not its answers for the base, and they agree with HF's adapter answers at least
+    # as often as with the base's; every score is HF's within 2 rows of 24
+    hf = _hf_eval(cfg, summary, limit=24, general=general)["results"]
+
+    def answers(results, who):
+        return [x["answer"] for x in results["task"][who]["examples"]]
+
+    served, served_base = answers(report["results"], label), answers(report["results"], "base")
+    apart, apart_base = answers(hf, label), answers(hf, "base")
+    print(f"vLLM {served} (base {served_base}); HF {apart} (base {apart_base})")
+    assert apart != apart_base and served != served_base, (served, served_base, apart, apart_base)
+    same = sum(a == b for a, b in zip(served, apart, strict=True))
+    assert same >= sum(a == b for a, b in zip(served, served_base, strict=True)), (served, apart)
+    for name in ("task", "general"):
+        for who in ("base", label):
+            for m in ("exact_match", "f1", "rouge_l"):
+                vllm, ref = report["results"][name][who][m], hf[name][who][m]
+                assert abs(vllm - ref) <= 2 / 24 + 1e-9, (name, who, m, vllm, ref)
     png = (folder / "eval.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     import matplotlib.image
