@@ -14,6 +14,8 @@
     lorafleet serve eval configs/serve-demo.yaml tiny-demo:demo-last lorafleet-runs/demo/data/last/test.jsonl
     lorafleet submit train configs/demo.yaml --address http://127.0.0.1:8265 --env HF_TOKEN
     lorafleet doctor configs/demo.yaml ray.address=auto
+    lorafleet plan configs/recipes/llama-3.1-8b.yaml --gpu L4-24GB   # peak memory per GPU
+    lorafleet --version
 
 Flags may stand anywhere among the words. Each command imports its package lazily, so
 `lorafleet validate` stays fast and `cluster` depends on nothing of ours at import time.
@@ -316,6 +318,24 @@ def run_doctor(config: str | None, overrides: list[str]) -> int:
     return doctor(cfg, ensure_ray(cfg.ray))
 
 
+def run_plan(config: str, overrides: list[str], gpu: str | None, gpu_gib: float | None) -> int:
+    """The estimated peak memory per worker and whether it fits (train/memory_plan.py)."""
+    cfg = load_config(config, overrides)
+    from train.memory_plan import plan_text
+
+    print(plan_text(cfg, gpu, gpu_gib))
+    return 0
+
+
+def package_version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("lorafleet")
+    except metadata.PackageNotFoundError:
+        return "unknown (not installed; run pip install -e .)"
+
+
 COMMANDS = {
     "validate": run_validate,
     "train": run_train,
@@ -330,6 +350,7 @@ COMMANDS = {
     "release": run_release,
     "submit": run_submit,
     "doctor": run_doctor,
+    "plan": run_plan,
 }
 
 
@@ -399,6 +420,7 @@ def _ray_running() -> bool:
 def build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     """The `lorafleet` parser (for --help) and each command's own parser, by name."""
     p = argparse.ArgumentParser(prog="lorafleet", description=__doc__.split("\n\n")[0])
+    p.add_argument("--version", action="version", version=f"lorafleet {package_version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
     v = sub.add_parser("validate", help="check config files (all problems at once)")
@@ -540,7 +562,15 @@ def _cluster_parsers(sub) -> dict[str, argparse.ArgumentParser]:
         "doctor", help="preflight checks of the cluster a config points to (or a local Ray)"
     )
     dr.add_argument("words", nargs="*", metavar="CONFIG|KEY=VALUE")
-    return {"submit": sb, "doctor": dr}
+    pl = sub.add_parser(
+        "plan",
+        help="estimated peak memory per GPU (or CPU worker) of a job, and whether it fits",
+        description="lorafleet plan CONFIG [KEY=VALUE ...] [--gpu NAME | --gpu-gib N]",
+    )
+    pl.add_argument("words", nargs="*", metavar="CONFIG|KEY=VALUE")
+    pl.add_argument("--gpu", help="check this GPU only, e.g. A100-80GB, L4-24GB (default: all)")
+    pl.add_argument("--gpu-gib", type=float, help="check a GPU of this many GiB")
+    return {"submit": sb, "doctor": dr, "plan": pl}
 
 
 def _split_words(p, words: list[str], default: str | None) -> tuple[str, list[str]]:
@@ -646,6 +676,10 @@ def parse(argv: list[str] | None = None) -> Invocation:
         return Invocation(
             "submit", params | {"address": a.address, "env": a.env, "follow": not a.no_follow}
         )
+    if command == "plan":
+        config, overrides = _split_words(p, a.words, None)
+        params = {"config": config, "overrides": overrides}
+        return Invocation("plan", params | {"gpu": a.gpu, "gpu_gib": a.gpu_gib})
     if command == "doctor":
         config, overrides = _split_words(p, a.words, "")
         return Invocation("doctor", {"config": config or None, "overrides": overrides})
