@@ -190,7 +190,10 @@ def auth_check() -> Check:
 
 def run_doctor(cfg, ray, log=print) -> int:
     """Print every check; 1 if any failed."""
-    checks = [auth_check()]
+    checks = [
+        Check(PASS, "lorafleet", f"version {package_versions()['lorafleet']} here"),
+        auth_check(),
+    ]
     gcs = ray.get_runtime_context().gcs_address
     host = gcs.rsplit(":", 1)[0]
     loop = host in ("127.0.0.1", "localhost")
