@@ -39,7 +39,6 @@ for the CUDA context and allocator slack.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -423,7 +422,3 @@ def render(plan: Plan, gpus: list[tuple[str, float]]) -> str:
 
 def plan_text(cfg, gpu: str | None = None, gpu_gib: float | None = None) -> str:
     return render(estimate(cfg), gpu_capacity(gpu, gpu_gib))
-
-
-def fits(plan: Plan, gib: float) -> bool:
-    return plan.total() <= (gib - GPU_RESERVE_GIB) * GIB and math.isfinite(plan.total())

@@ -167,6 +167,7 @@ def ensure_tiny_base(
             os.environ.get("LORAFLEET_TINY_PRETRAIN_STEPS", 500 if shape == "demo" else 0)
         )
     log(f"building tiny://{name} locally in {out} ({pretrain_steps} pretraining steps)")
+    t0 = time.time()
     tokenizer = build_tokenizer()
     model = build_model(shape)
     if pretrain_steps:
@@ -182,6 +183,7 @@ def ensure_tiny_base(
         import shutil
 
         shutil.rmtree(tmp, ignore_errors=True)
+    log(f"built tiny://{name} in {time.time() - t0:.0f}s")
     return out
 
 
