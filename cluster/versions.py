@@ -27,9 +27,9 @@ Containment: every entry point that takes an adapter `name` or a `version` check
 building any path, whoever calls it: a name must pass `name_problem` (the name rule, one path
 segment, not reserved) and a version must be a version id. The readers that answer "not found"
 with None (`pointer`, `current`, `read_meta`) answer None for a name or version that breaks the
-rule (no such adapter can be in the store); every other entry point (`adapter_uri`,
-`version_uri`, `version_ids`, `versions`, `set_current`, `publish`, `promote`, `rollback`,
-`prune`, `local_version_dir`) raises `VersionError` naming what is wrong.
+rule (no such adapter can be in the store); every other entry point (`version_uri`,
+`version_ids`, `versions`, `set_current`, `publish`, `promote`, `rollback`, `prune`,
+`local_version_dir`) raises `VersionError` naming what is wrong.
 """
 
 from __future__ import annotations
@@ -118,11 +118,6 @@ def new_version_id(now: float | None = None) -> str:
         ms = int(now * 1000)
     stamp = datetime.fromtimestamp(ms // 1000, UTC)
     return f"{stamp:%Y%m%d-%H%M%S}-{ms % 1000:03d}-{secrets.token_hex(2)}"
-
-
-def adapter_uri(root: str, name: str) -> str:
-    _check(name)
-    return storage.join(root, name)
 
 
 def version_uri(root: str, name: str, version: str) -> str:

@@ -126,24 +126,53 @@ def _cancel_engine_calls() -> int:
     return len(calls)
 
 
+def _usage_only(item) -> bool:
+    return isinstance(item, dict) and not item.get("choices") and bool(item.get("usage"))
+
+
+def _without_usage(chunk):
+    """`chunk` less its usage-only events (the block the ingress asked vLLM for, to count
+    tokens, when the client did not): Ray batches a stream's events, so the usage block often
+    comes in one chunk with the last text (a string of several `data:` events, or a list).
+    None when nothing is left."""
+    if isinstance(chunk, list):
+        kept = [c for c in (_without_usage(c) for c in chunk) if c is not None]
+        return kept or None
+    if isinstance(chunk, str):
+        out, dropped = [], False
+        for event in chunk.split("\n\n"):
+            data = event.strip()
+            if data.startswith("data:") and data[5:].strip() not in ("", "[DONE]"):
+                try:
+                    if _usage_only(json.loads(data[5:])):
+                        dropped = True
+                        continue
+                except ValueError:
+                    pass
+            out.append(event)
+        if not dropped:
+            return chunk
+        text = "\n\n".join(out)
+        return text if text.strip() else None
+    items = _sse_items(chunk)
+    return None if items and all(_usage_only(it) for it in items) else chunk
+
+
 async def _counted(gen, track: bool, wants_usage: bool, done):
     """The rest of a stream, its tokens counted from the usage block (`done` at its end); the
-    usage-only chunk the ingress asked for itself is not the client's."""
+    usage-only events the ingress asked for itself are not the client's."""
     prompt = completion = 0
     ok = False
     try:
         async for chunk in gen:
             if track:
-                items = _sse_items(chunk)
-                for it in items:
+                for it in _sse_items(chunk):
                     p, c = _usage(it)
                     prompt, completion = max(prompt, p), max(completion, c)
-                if (
-                    not wants_usage
-                    and items
-                    and all(not it.get("choices") and it.get("usage") for it in items)
-                ):
-                    continue
+                if not wants_usage:
+                    chunk = _without_usage(chunk)
+                    if chunk is None:
+                        continue
             yield chunk
         ok = True
     finally:

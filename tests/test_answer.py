@@ -56,3 +56,33 @@ def test_a_version_vllm_cannot_load_is_400_naming_vllms_reason():
     trace = f"ValueError: Failed to load lora model: Worker failed with error '{why}', please check"
     error, done = _answer(RuntimeError(trace))
     assert error.status == 400 and why in error.message and done == [False]
+
+
+def test_the_usage_block_the_ingress_asked_for_is_cut_from_batched_stream_chunks():
+    """Ray batches a stream's events: the usage-only event the ingress asked vLLM for (to count
+    tokens) arrives in one chunk with the last text. The client that did not ask gets the text,
+    never the usage event; the tokens are still counted."""
+    import json
+
+    from serve.answer import _counted
+
+    text = {"id": "c", "choices": [{"index": 0, "text": "gamma"}], "usage": None}
+    usage = {"id": "c", "choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 2}}
+    batched = f"data: {json.dumps(text)}\n\ndata: {json.dumps(usage)}\n\n"
+    chunks = [[f"data: {json.dumps(text)}\n\n"], [batched], "data: [DONE]\n\n"]
+
+    async def stream():
+        for c in chunks:
+            yield c
+
+    async def read(wants_usage: bool):
+        done = []
+        got = [c async for c in _counted(stream(), True, wants_usage, lambda *a: done.append(a))]
+        return got, done
+
+    got, done = asyncio.run(read(wants_usage=False))
+    sent = json.dumps(got)
+    assert "completion_tokens" not in sent and sent.count("gamma") == 2, got
+    assert done == [(True, 7, 2)]
+    got, done = asyncio.run(read(wants_usage=True))
+    assert "completion_tokens" in json.dumps(got) and done == [(True, 7, 2)]

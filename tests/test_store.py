@@ -458,7 +458,6 @@ def test_the_store_refuses_hostile_names_and_versions_whoever_calls_it(root, tmp
             refuses(versions.version_uri, root, name, version)
             refuses(versions.set_current, root, name, version, "test")
             refuses(versions.promote, root, name, version)
-        refuses(versions.adapter_uri, root, name)
         refuses(versions.version_ids, root, name)
         refuses(versions.versions, root, name)
         refuses(versions.rollback, root, name)
