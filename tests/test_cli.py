@@ -152,6 +152,19 @@ CASES = {
         [],  # no flag: its words may come in any order
         Invocation("doctor", {"config": "c.yaml", "overrides": ["ray.address=auto"]}),
     ),
+    "plan": (
+        ["plan", "c.yaml", "training.batch_size=2"],
+        ["--gpu", "L4-24GB"],
+        Invocation(
+            "plan",
+            {
+                "config": "c.yaml",
+                "overrides": ["training.batch_size=2"],
+                "gpu": "L4-24GB",
+                "gpu_gib": None,
+            },
+        ),
+    ),
 }
 # the flag at every position after the command's name (`serve set-weights --url U C ...` too)
 POSITIONS = [
