@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup demo test bench lint clean browser
+.PHONY: setup demo test bench lint clean browser docs
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -46,8 +46,12 @@ test: setup browser
 bench: setup
 	$(BIN)/python -m bench.run
 
+# the docs site (mkdocs.yml, docs/): built into site/; the test suite builds it with --strict too
+docs: setup
+	$(BIN)/python -m mkdocs build --strict
+
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
 clean:
-	rm -rf lorafleet-runs .pytest_cache
+	rm -rf lorafleet-runs .pytest_cache site

@@ -1,7 +1,8 @@
-"""The README's config reference rows, generated from the schemas (a test keeps them in sync).
+"""The config reference rows of docs/reference.md, generated from the schemas (tests/test_docs.py
+keeps them in sync).
 
 python -m cluster.config_reference [serve] > /tmp/ref.md
-python -m cluster.config_reference --update README.md   # rewrite the rows in place (both schemas)
+python -m cluster.config_reference --update docs/reference.md   # rewrite the rows in place
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from cluster.serve_config import ServeAppConfig
 
 
 def config_reference(schema: type[BaseModel] = JobConfig, prefix: str = "") -> list[str]:
-    """Markdown rows `| key | default | description |` for the README's config reference."""
+    """Markdown rows `| key | default | description |` for docs/reference.md."""
     rows = []
     for name, f in schema.model_fields.items():
         key = f"{prefix}{name}"
