@@ -14,7 +14,6 @@ admin key ($LORAFLEET_ADMIN_KEYS, or http.admin_keys_file).
 
 from __future__ import annotations
 
-import sys
 import time
 
 from cluster.http_client import Client
@@ -134,10 +133,6 @@ def pause_or_resume(cfg, action: str, adapter: str, url: str | None, out=print) 
     step = f"step {release['step'] + 1}/{release['steps']}"
     out(f"[release] {adapter} {release['candidate']}: {release['state']}, {step}{pct}")
     return 0
-
-
-def print_err(message: str) -> None:
-    print(message, file=sys.stderr)
 
 
 def plan(

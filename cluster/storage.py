@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 import uuid
 from pathlib import Path
 
@@ -187,7 +188,7 @@ def _fingerprint(uri: str) -> tuple[str, list]:
     return "dir", listing
 
 
-def local_copy(uri: str) -> Path:
+def local_copy(uri: str, log=print) -> Path:
     """A local path with the content of `uri`: the path itself when local; for s3:// or gs://, a
     copy in this node's cache, fetched once per node and per content (keyed by the URI and the
     size and mtime of every file, so a rewrite is fetched again). The copy lands under a temporary
@@ -202,6 +203,9 @@ def local_copy(uri: str) -> Path:
         return dest
     tmp = dest.with_name(f".{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.incoming")
     tmp.parent.mkdir(parents=True, exist_ok=True)
+    size_mb = sum(size for _, size, _ in listing) / 1e6
+    log(f"[storage] fetching {uri} ({len(listing)} file(s), {size_mb:,.1f} MB) into {dest.parent}")
+    t0 = time.monotonic()
     try:
         if kind == "file":
             fs, path = _fs(uri)
@@ -213,6 +217,7 @@ def local_copy(uri: str) -> Path:
             tmp.rename(dest)
         except OSError:  # another process on this node got there first: theirs is the same
             pass
+        log(f"[storage] fetched {uri} in {time.monotonic() - t0:.1f} s")
     finally:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)

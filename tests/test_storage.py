@@ -80,8 +80,14 @@ def test_a_remote_file_is_fetched_once_per_content_even_by_racing_readers(prefix
     assert len(set(got)) == 1 and got[0].read_text() == '{"text": "one"}\n'
     assert not [p for p in got[0].parent.iterdir() if p.name.endswith(".incoming")]
     storage.write_text(uri, '{"text": "two, rewritten"}\n')
-    again = storage.local_copy(uri)
+    said: list[str] = []
+    again = storage.local_copy(uri, log=said.append)
     assert again != got[0] and again.read_text() == '{"text": "two, rewritten"}\n'
+    # a fetch says when it starts (what, how much) and when it is done; a cached copy says nothing
+    assert len(said) == 2 and said[0].startswith(f"[storage] fetching {uri} (1 file(s), ")
+    assert said[1].startswith(f"[storage] fetched {uri} in ")
+    storage.local_copy(uri, log=said.append)
+    assert len(said) == 2
     with pytest.raises(FileNotFoundError, match="nowhere"):
         storage.local_copy(storage.join(prefix, "nowhere"))
 
