@@ -252,15 +252,17 @@ class HttpConfig(Section):
     @field_validator("feedback_rate_limit", "admin_rate_limit")
     @classmethod
     def _rate(cls, v):
-        from limits import parse
+        from limits import parse_many
 
         try:
-            parse(v)
+            items = parse_many(v)
         except ValueError:
+            items = []
+        if len(items) != 1 or items[0].amount < 1:
             raise ValueError(
-                f"expected a rate such as '200/second', '600/minute' or '1000/hour'. Got {v!r} "
-                "instead"
-            ) from None
+                f"expected one rate of at least 1 per period, such as '200/second', '600/minute' "
+                f"or '1000/hour'. Got {v!r} instead"
+            )
         return v
 
     def exposed(self) -> bool:

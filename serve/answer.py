@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import json
+import re
 import time
 import typing
 import uuid
@@ -130,6 +131,16 @@ def _usage_only(item) -> bool:
     return isinstance(item, dict) and not item.get("choices") and bool(item.get("usage"))
 
 
+def _usage_event(event: str) -> bool:
+    data = event.strip()
+    if not data.startswith("data:") or data[5:].strip() in ("", "[DONE]"):
+        return False
+    try:
+        return _usage_only(json.loads(data[5:]))
+    except ValueError:
+        return False
+
+
 def _without_usage(chunk):
     """`chunk` less its usage-only events (the block the ingress asked vLLM for, to count
     tokens, when the client did not): Ray batches a stream's events, so the usage block often
@@ -139,20 +150,11 @@ def _without_usage(chunk):
         kept = [c for c in (_without_usage(c) for c in chunk) if c is not None]
         return kept or None
     if isinstance(chunk, str):
-        out, dropped = [], False
-        for event in chunk.split("\n\n"):
-            data = event.strip()
-            if data.startswith("data:") and data[5:].strip() not in ("", "[DONE]"):
-                try:
-                    if _usage_only(json.loads(data[5:])):
-                        dropped = True
-                        continue
-                except ValueError:
-                    pass
-            out.append(event)
-        if not dropped:
+        events = re.split(r"(?<=\n\n)|(?<=\r\n\r\n)", chunk)  # each keeps its separator
+        kept = [e for e in events if not _usage_event(e)]
+        if len(kept) == len(events):
             return chunk
-        text = "\n\n".join(out)
+        text = "".join(kept)
         return text if text.strip() else None
     items = _sse_items(chunk)
     return None if items and all(_usage_only(it) for it in items) else chunk
@@ -337,8 +339,11 @@ class AnswerMixin:
         ids = [it.get("id") for it in _sse_items(first)]
         rid = next((i for i in ids if isinstance(i, str) and i), None) or f"lf-{uuid.uuid4().hex}"
         try:  # bounded: while the state replica restarts, answers go on without it
-            call = self.state.remember.remote(rid, exp, var, release and list(release))
-            await asyncio.wait_for(call, REMEMBER_TIMEOUT_S)
+            for _ in range(2):  # an id already known (a client's reused X-Request-ID): a new one
+                call = self.state.remember.remote(rid, exp, var, release and list(release))
+                if await asyncio.wait_for(call, REMEMBER_TIMEOUT_S) is not False:
+                    break
+                rid = f"lf-{uuid.uuid4().hex}"
         except Exception as e:
             print(f"[ingress] cannot record response {rid} for feedback: {e!r}")
         return rid

@@ -159,10 +159,10 @@ class Access:
         return bool(self.key_hashes or self.admin_hashes)
 
     def identity(self, request) -> str:
-        """Who a rate limit counts: the key's digest, else the client's address."""
-        scheme, token = credentials(request)
-        if token:
-            return _digest(token).hex()[:16]
+        """Who a rate limit counts: a valid key's digest, else the client's address (a made-up
+        key on an open server must not buy a fresh window)."""
+        if self._role(request) is not None:
+            return _digest(credentials(request)[1]).hex()[:16]
         client = request.client
         return f"addr:{client.host if client else '?'}"
 

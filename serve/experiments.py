@@ -175,7 +175,7 @@ class ExperimentState:
         self.outcomes: dict[str, dict[str, dict[str, float]]] = {
             e["name"]: {v["name"]: {} for v in e["variants"]} for e in experiments
         }
-        self.responses: OrderedDict[str, tuple[str, str]] = OrderedDict()
+        self.responses: OrderedDict[str, tuple] = OrderedDict()  # id -> exp, var, release, rewarded
         self.rng = random.Random()
         self.state_uri = state_uri
         self._lock = threading.RLock()
@@ -295,14 +295,19 @@ class ExperimentState:
 
     def remember(
         self, response_id: str, experiment: str | None, variant: str | None, release=None
-    ) -> None:
+    ) -> bool:
         """Which variant answered `response_id`, and which arm of a canary release (`[adapter,
-        arm]`, serve/release.py) if one ran (the newest MAX_RESPONSES are kept)."""
+        arm]`, serve/release.py) if one ran (the newest MAX_RESPONSES are kept). False, and
+        nothing changed, when the id is already known: a client can make vLLM reuse an id (its
+        X-Request-ID becomes the response id), and a second answer must neither clear the first
+        one's reward nor take over its variant; the ingress then names the answer anew."""
         with self._lock:
+            if response_id in self.responses:
+                return False
             self.responses[response_id] = (experiment, variant, release, None)
-            self.responses.move_to_end(response_id)
             while len(self.responses) > MAX_RESPONSES:
                 self.responses.popitem(last=False)
+            return True
 
     def feedback(self, body: dict) -> dict:
         """Record one reward: {"response_id", "reward"} or {"experiment", "user", "reward"}.
@@ -310,7 +315,7 @@ class ExperimentState:
         once: its first reward is kept and any later one is refused (409), so replaying an id
         cannot move an outcome, or a release's outcome gate, by more than one reward. The record
         of which ids were rewarded is bounded with the ids themselves (MAX_RESPONSES): an id
-        evicted from it is unknown (404), never counted again. Rewards by experiment and user
+        evicted from it is unknown (404); an id is only ever remembered again for a new answer. Rewards by experiment and user
         are events, not answers: each counts, within the caller's rate limit."""
         try:
             reward = parse_reward(body.get("reward"))

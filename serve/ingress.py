@@ -88,23 +88,27 @@ def is_admin_route(name: str, method: str) -> bool:
     return method not in SAFE_METHODS and name not in INFERENCE_WRITES
 
 
-def check_admin_routes(app) -> None:
-    """Refuse an app in which a route that changes the server lacks `require_admin`, or an
-    inference route has it (a route added to `router` instead of `admin` fails at start)."""
-    for route in app.routes:
+def check_admin_routes(routers) -> int:
+    """Refuse routers in which a route that changes the server lacks `require_admin`, or an
+    inference route has it (a route added to `router` instead of `admin` fails at start). The
+    routers' own routes are read, not the app's (FastAPI 0.137+ nests included routers)."""
+    checked = 0
+    for route in (r for router in routers for r in router.routes):
         if not isinstance(route, APIRoute):
             continue
         guarded = require_admin in {d.call for d in route.dependant.dependencies}
         for method in route.methods:
+            checked += 1
             if is_admin_route(route.name, method) != guarded:
-                raise RuntimeError(
-                    f"route {method} {route.path} ({route.name}) "
-                    + (
-                        "changes the server but is not on an admin router"
-                        if not guarded
-                        else "is an inference route on an admin router"
-                    )
+                why = (
+                    "changes the server but is not on an admin router"
+                    if not guarded
+                    else ("is an inference route on an admin router")
                 )
+                raise RuntimeError(f"route {method} {route.path} ({route.name}) {why}")
+    if not checked:
+        raise RuntimeError("no route to check: the routers hold no APIRoute")
+    return checked
 
 
 def make_app():
@@ -118,9 +122,9 @@ def make_app():
         return _error_response(exc)
 
     app.add_exception_handler(Rejected, _api_error)
+    check_admin_routes(ROUTERS)
     for router in ROUTERS:
         app.include_router(router)
-    check_admin_routes(app)
     app.add_middleware(RequestGate, gate=current)
     return app
 
@@ -191,6 +195,7 @@ class FleetIngress(NamesMixin, AnswerMixin, ReleaseRoutingMixin, LoadedMixin, Op
         self.releases: dict[str, tuple[str, str, Table]] = {}  # adapter -> control, candidate
         self.release_version = -1
         self.release_counts: dict[str, dict[str, dict[str, float]]] = {}
+        self.pending_outcomes: list[tuple[str, str, float]] = []  # (adapter, arm, reward)
         self.limits = Limits(
             max_body_bytes=h.max_body_bytes, max_n=h.max_n, max_prompts=h.max_prompts
         )

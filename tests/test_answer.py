@@ -86,3 +86,15 @@ def test_the_usage_block_the_ingress_asked_for_is_cut_from_batched_stream_chunks
     assert done == [(True, 7, 2)]
     got, done = asyncio.run(read(wants_usage=True))
     assert "completion_tokens" in json.dumps(got) and done == [(True, 7, 2)]
+
+
+def test_the_usage_event_is_cut_from_a_chunk_with_crlf_separators():
+    import json
+
+    from serve.answer import _without_usage
+
+    text = {"id": "c", "choices": [{"text": "g"}], "usage": None}
+    usage = {"id": "c", "choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 1}}
+    chunk = f"data: {json.dumps(text)}\r\n\r\ndata: {json.dumps(usage)}\r\n\r\ndata: [DONE]\r\n\r\n"
+    assert _without_usage(chunk) == f"data: {json.dumps(text)}\r\n\r\ndata: [DONE]\r\n\r\n"
+    assert _without_usage(f"data: {json.dumps(usage)}\n\n") is None

@@ -291,3 +291,50 @@ def test_the_name_rule_matches_the_whole_name():
     for bad in ("x\n", "ok\n", "a\r", "../x", "x/..", ""):
         assert name_problem(bad) is not None, repr(bad)
     assert is_valid_name("support-bot.v2_1")
+
+
+def test_a_reused_response_id_never_clears_its_reward_or_takes_its_variant():
+    """A client can make vLLM reuse an id (X-Request-ID becomes the response id): the state keeps
+    the first answer's entry and says so, so the ingress names the new answer anew."""
+    from serve.experiments import ExperimentState
+
+    exp = {"name": "e", "variants": [{"name": "a", "weight": 1}, {"name": "b", "weight": 1}]}
+    state = ExperimentState([exp])
+    assert state.remember("chatcmpl-foo", "e", "a") is True
+    assert state.feedback({"response_id": "chatcmpl-foo", "reward": 1})["variant"] == "a"
+    assert state.remember("chatcmpl-foo", "e", "b") is False  # the same id again
+    assert state.feedback({"response_id": "chatcmpl-foo", "reward": 1})["status"] == 409
+    assert state.outcomes["e"]["a"]["n"] == 1 and not state.outcomes["e"]["b"]
+
+
+def test_a_made_up_key_on_an_open_server_gets_no_fresh_rate_window():
+    opened = Access([], [], open_admin=True)
+    ids = {opened.identity(_request(key=f"made-up-{i}")) for i in range(5)}
+    assert ids == {"addr:127.0.0.1"}
+    keyed = Access(_hashes([API]), _hashes([ADMIN]))
+    assert keyed.identity(_request(key=API)) != keyed.identity(_request(key=ADMIN))
+    assert keyed.identity(_request(key="nope")) == "addr:127.0.0.1"
+
+
+@pytest.mark.parametrize("rate", ["0/second", "10/second;100/minute", "fast", "-1/minute"])
+def test_a_rate_limit_that_would_not_do_what_it_says_is_refused(rate):
+    from cluster.serve_config import HttpConfig
+
+    with pytest.raises(ValueError, match="expected one rate of at least 1 per period"):
+        HttpConfig(feedback_rate_limit=rate)
+
+
+def test_a_state_changing_route_on_an_open_router_stops_the_app_from_starting():
+    from fastapi import APIRouter
+
+    import serve.ingress as ingress
+
+    assert ingress.check_admin_routes(ingress.ROUTERS) == len(ingress.ROUTES)
+    stray = APIRouter()
+
+    @stray.post("/v1/adapters/{name}/delete")
+    async def delete_adapter(name: str):
+        return {}
+
+    with pytest.raises(RuntimeError, match="changes the server but is not on an admin router"):
+        ingress.check_admin_routes([*ingress.ROUTERS, stray])

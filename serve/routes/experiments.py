@@ -71,5 +71,5 @@ async def feedback(request: Request):
     if result["experiment"] is not None:
         ing.metrics.record_feedback(result["experiment"], result["variant"], result["reward"])
     if result.get("release") and ing.release is not None:  # the canary's outcome gate
-        await ing.release.add_outcome.remote(*result["release"], result["reward"])
+        await ing._release_outcome(*result["release"], result["reward"])
     return JSONResponse(result)

@@ -20,7 +20,17 @@ admin = admin_router()
 
 class ReleaseRoutingMixin:
     """Needs from the ingress: release (the ReleaseManager's handle), releases,
-    release_version, release_counts, rng, store."""
+    release_version, release_counts, pending_outcomes, rng, store."""
+
+    async def _release_outcome(self, adapter: str, arm: str, reward: float) -> None:
+        """A reward for a release arm's answer, to the manager's outcome gate. The feedback is
+        already recorded (its id counts once), so a manager that is restarting gets it with the
+        next sync instead of losing it to the client's retry (409)."""
+        try:
+            await self.release.add_outcome.remote(adapter, arm, reward)
+        except Exception as e:
+            self.pending_outcomes.append((adapter, arm, reward))
+            print(f"[ingress] release outcome queued for the next sync: {e!r}")
 
     def _release_arm(self, name: str, user: str | None) -> tuple[str, str] | None:
         """(arm, version) for a request of adapter `name` while a release of it runs."""
@@ -39,6 +49,9 @@ class ReleaseRoutingMixin:
         try:
             if counts:
                 await self.release.add_counts.remote(counts)
+            while self.pending_outcomes:  # rewards the manager missed while it restarted
+                await self.release.add_outcome.remote(*self.pending_outcomes[0])
+                self.pending_outcomes.pop(0)
             version, snap = await self.release.snapshot.remote(self.release_version)
         except Exception as e:  # the manager restarting must not fail requests
             merge_counts(self.release_counts, counts)
