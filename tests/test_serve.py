@@ -1002,6 +1002,21 @@ def test_a_response_is_rewarded_once_and_a_replay_gets_409(served):
     assert _experiments(served)["bot"]["variants"][var]["outcome"]["count"] == count + 1
 
 
+def test_a_client_reusing_its_request_id_cannot_reset_a_reward(served):
+    """vLLM names a response after the client's X-Request-ID: the same id twice gets two answers
+    that vLLM names alike; the ingress names the second anew, and each counts one reward."""
+    body = {"model": "bot", "prompt": "last: a b\n", "max_tokens": 1, "user": "reuse-1"}
+    got = []
+    for _ in range(2):
+        r = _post(served, "/v1/completions", body, headers={"X-Request-ID": "same-id-twice"})
+        assert r.status_code == 200, r.text
+        got.append(r.headers["X-Lorafleet-Response-Id"])
+    assert got[0] != got[1], got
+    for rid in got:
+        assert _feedback(served, {"response_id": rid, "reward": 1}).status_code == 200
+        assert _feedback(served, {"response_id": rid, "reward": 1}).status_code == 409
+
+
 def test_admin_requests_over_the_rate_limit_get_429_with_retry_after(served):
     """http.admin_rate_limit (10/second per key): a burst of 60 admin calls gets 429s with
     Retry-After, and no more than the limit allows its own answer (404: no such release); never
