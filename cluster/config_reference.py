@@ -71,4 +71,6 @@ if __name__ == "__main__":
         rows = config_reference() + config_reference(ServeAppConfig)
         path.write_text(update(path.read_text(), rows))
     else:
-        print("\n".join(config_reference(ServeAppConfig if sys.argv[1:] == ["serve"] else JobConfig)))
+        print(
+            "\n".join(config_reference(ServeAppConfig if sys.argv[1:] == ["serve"] else JobConfig))
+        )

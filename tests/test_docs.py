@@ -95,4 +95,6 @@ def test_every_command_shown_is_a_real_subcommand_with_real_flags(command):
     try:
         parse(argv)
     except SystemExit as e:
-        raise AssertionError(f"`{command}` is not a command lorafleet takes (exit {e.code})") from None
+        raise AssertionError(
+            f"`{command}` is not a command lorafleet takes (exit {e.code})"
+        ) from None
