@@ -491,3 +491,55 @@ def test_a_pause_keeps_the_wait_for_outcome_evidence_counted(tmp_path):
     assert r["held"] == held >= 3
     _started(rel.resume("bot"))
     assert r["held"] == held and "waiting" not in r
+
+
+def test_a_reward_the_restarting_manager_missed_reaches_its_gate_with_the_next_sync(tmp_path):
+    """Feedback marks a response rewarded before the ingress tells the ReleaseManager; if the
+    manager is restarting, the reward waits in the ingress and goes with the next sync (the
+    client's retry would get 409), and counts already sent are not sent twice."""
+    import asyncio
+
+    from serve.routes.releases import ReleaseRoutingMixin
+
+    root, _ = _store(tmp_path)
+    rel = _releases(tmp_path, root)
+    _started(rel.start(_spec()))
+
+    class Restarting:
+        """The manager's handle: the real Releases, down for its first `down` calls."""
+
+        def __init__(self, down: int):
+            self.down = down
+
+        def __getattr__(self, name):
+            async def call(*args):
+                if self.down > 0:
+                    self.down -= 1
+                    raise ConnectionError("the ReleaseManager replica is restarting")
+                return getattr(rel, name)(*args)
+
+            return type("Method", (), {"remote": staticmethod(call)})
+
+    class Ingress(ReleaseRoutingMixin):
+        def __init__(self):
+            self.release, self.releases, self.release_version = Restarting(1), {}, -1
+            self.release_counts, self.pending_outcomes = {}, []
+
+    ing = Ingress()
+    asyncio.run(ing._release_outcome("bot", "candidate", 1.0))
+    assert ing.pending_outcomes == [("bot", "candidate", 1.0)]
+    assert not rel.releases["bot"]["outcomes"]["candidate"]
+    ing.release_counts = {"bot": {"control": {"requests": 3}}}
+    asyncio.run(ing._sync_releases())
+    assert ing.pending_outcomes == [] and rel.releases["bot"]["outcomes"]["candidate"]["n"] == 1
+    assert rel.releases["bot"]["total"]["control"]["requests"] == 3
+    # a sync that fails after its counts went: they are not put back to be sent again
+    ing.release_counts = {"bot": {"control": {"requests": 2}}}
+    ing.pending_outcomes = [("bot", "control", 0.0)]
+    ing.release.down = 0
+    real_add = rel.add_outcome
+    rel.add_outcome = lambda *a: (_ for _ in ()).throw(ConnectionError("down again"))
+    asyncio.run(ing._sync_releases())
+    rel.add_outcome = real_add
+    assert ing.release_counts == {} and rel.releases["bot"]["total"]["control"]["requests"] == 5
+    assert ing.pending_outcomes == [("bot", "control", 0.0)]

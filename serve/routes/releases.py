@@ -14,6 +14,9 @@ from serve.gate import json_object
 from serve.release import ARMS as RELEASE_ARMS
 from serve.release import RELEASE_PREFIX, latency_bucket
 
+# rewards kept for a ReleaseManager that is restarting (a few seconds' worth is plenty)
+MAX_PENDING_OUTCOMES = 10_000
+
 router = APIRouter()
 admin = admin_router()
 
@@ -29,7 +32,8 @@ class ReleaseRoutingMixin:
         try:
             await self.release.add_outcome.remote(adapter, arm, reward)
         except Exception as e:
-            self.pending_outcomes.append((adapter, arm, reward))
+            if len(self.pending_outcomes) < MAX_PENDING_OUTCOMES:
+                self.pending_outcomes.append((adapter, arm, reward))
             print(f"[ingress] release outcome queued for the next sync: {e!r}")
 
     def _release_arm(self, name: str, user: str | None) -> tuple[str, str] | None:
@@ -49,6 +53,7 @@ class ReleaseRoutingMixin:
         try:
             if counts:
                 await self.release.add_counts.remote(counts)
+                counts = {}  # sent: a later failure must not put them back to send twice
             while self.pending_outcomes:  # rewards the manager missed while it restarted
                 await self.release.add_outcome.remote(*self.pending_outcomes[0])
                 self.pending_outcomes.pop(0)
