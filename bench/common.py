@@ -16,8 +16,8 @@ def demo_cfg(tmp: Path, **over):
     """configs/demo.yaml on the 'last' task's data in `tmp`, 1 worker of THREADS CPUs, STEPS
     steps, its store in `tmp`, the demo base built once under the repo's lorafleet-runs; `over`:
     dotted overrides on top."""
-    from cluster.config import load_config
-    from cluster.validation import with_overrides
+    from cluster.config.load import load_config
+    from cluster.config.validation import with_overrides
     from train.demo import write_task_data
 
     data = write_task_data("last", tmp / "data")

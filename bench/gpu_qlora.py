@@ -55,8 +55,8 @@ def build_1b(out: Path) -> Path:
 
 
 def gpu_cfg(tmp: Path):
-    from cluster.config import load_config
-    from cluster.validation import with_overrides
+    from cluster.config.load import load_config
+    from cluster.config.validation import with_overrides
     from train.demo import write_task_data
 
     data = write_task_data("last", tmp / "data")

@@ -5,7 +5,7 @@ rolls back an identical candidate, promotes a worse one, and how long it takes.
     python bench/release_sim.py --releases 200 --check 5
 
 Each row runs `--releases` releases of the default `release:` section (ramp 5/25/50/100%,
-300 s each; gates as in cluster/release_config.py) second by second, as the ReleaseManager
+300 s each; gates as in cluster/config/release.py) second by second, as the ReleaseManager
 ticks: users send requests (twice the reward rate, 1% errors on both arms), half of the answers
 get a 0/1 reward, the control's rewards are 1 with probability 0.5, the candidate's 0.5 plus its
 shift in margins (`gates.max_reward_drop`). The releases of a row run side by side on numpy
@@ -32,7 +32,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cluster.release_config import ReleaseConfig  # noqa: E402
+from cluster.config.release import ReleaseConfig  # noqa: E402
 from serve.release_gates import gate_decision, step_action  # noqa: E402
 from serve.sequential import error_rate_exceeds, noninferiority  # noqa: E402
 
@@ -125,7 +125,7 @@ def check_against_releases(
 ) -> None:
     """Run the first n releases through a real `Releases` fed the same random numbers; raise
     unless each ends as the array run said, at the same second."""
-    from cluster import versions
+    from cluster.store import versions
     from serve.release import ARMS, Releases, new_release
 
     means = (CONTROL_MEAN, CONTROL_MEAN + shift * spec.gates.max_reward_drop)

@@ -275,7 +275,7 @@ def bench_packing() -> float:
     """Useful tokens/s, packed vs padded to max_length, on a long-tailed length mix."""
     from transformers import AutoTokenizer
 
-    from cluster.job_config import DataConfig
+    from cluster.config.sections import DataConfig
     from train.data import collate, pack, tokenize_segments, unpacked
     from train.model import load_for_training
 
@@ -366,7 +366,7 @@ def bench_tune_asha(grace_steps: int = 5) -> float:
     """The same space and seed searched twice: ASHA, then every trial run to completion (FIFO).
     Compute is total training steps across trials; the best eval loss of each is printed."""
     from bench.tune_asha import base_config
-    from cluster.validation import with_overrides
+    from cluster.config.validation import with_overrides
     from tune.tuner import tune_job
 
     results = {}

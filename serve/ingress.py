@@ -40,7 +40,7 @@ from fastapi import Request
 from fastapi.routing import APIRoute
 from starlette.responses import JSONResponse
 
-from cluster.serve_config import ServeAppConfig
+from cluster.config.serve import ServeAppConfig
 from serve.answer import AnswerMixin, _RecordedHandle
 from serve.api_checks import ALLOWED_FIELDS, Limits, Rejected
 from serve.auth import SAFE_METHODS, Access, ApiError, RateLimits, current, require_admin

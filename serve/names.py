@@ -13,8 +13,8 @@ import time
 
 from fastapi import Request
 
-from cluster.schema_base import name_problem
-from cluster.versions import is_version_id
+from cluster.config.base import name_problem
+from cluster.store.versions import is_version_id
 from serve.auth import ApiError
 from serve.store import Served, split_adapter
 

@@ -23,9 +23,9 @@ import threading
 import time
 from datetime import UTC, datetime
 
-from cluster import storage, versions
-from cluster.release_commands import log_line
-from cluster.release_config import ReleaseConfig
+from cluster.cli.releases import log_line
+from cluster.config.release import ReleaseConfig
+from cluster.store import storage, versions
 from serve.experiments import Table
 from serve.release_gates import (  # noqa: F401 (re-exported: the ingress, the UI, the tests)
     ARMS,

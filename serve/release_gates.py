@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from cluster.release_config import ReleaseConfig
+from cluster.config.release import ReleaseConfig
 from serve.sequential import (
     ERROR_METHOD,
     METHOD,

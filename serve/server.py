@@ -1,5 +1,5 @@
 """The vLLM deployment: Ray Serve LLM's `LLMServer` with lorafleet's adapter store plugged in as
-its LoRA loader (local directories, s3:// and gs://, through `cluster.storage`).
+its LoRA loader (local directories, s3:// and gs://, through `cluster.store.storage`).
 
 Serve's multiplexing keeps at most `max_loras_per_replica` adapters per replica, evicting the
 least recently used, and routes a request to a replica that has its adapter loaded when it can.
@@ -65,7 +65,7 @@ class LoraStoreServer(LLMServer):
     async def _warm_ids(self, names: list[str], releases_uri: str | None) -> list[str]:
         """`<name>@<version>` to preload: the candidate of each running release first (a ramp
         step raises its share next), then each named adapter's current version."""
-        from cluster import versions
+        from cluster.store import versions
         from serve.release import running_candidates
 
         ids = []

@@ -1,9 +1,9 @@
 """The adapter store as the server sees it: `<storage.root>/adapters/<name>/` with its immutable
-versions and the `current` pointer (`cluster.versions`), written by training.
+versions and the `current` pointer (`cluster.store.versions`), written by training.
 
 The root is a local directory on one node, or `s3://` / `gs://` on a cluster. Ray Serve LLM's own
 `dynamic_lora_loading_path` takes only cloud URIs, so lorafleet plugs its own loader into
-`LLMServer(model_downloader=...)`: one code path for every root, through `cluster.storage` (the
+`LLMServer(model_downloader=...)`: one code path for every root, through `cluster.store.storage` (the
 seam training publishes through). Local versions are read in place; remote ones are copied into
 a per-node cache first, as Ray's loader does. A version never changes once complete, so the cache
 keys on it and never looks again.
@@ -25,11 +25,11 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cluster import storage, versions
+from cluster.config.base import name_problem
 from cluster.errors import LorafleetError
-from cluster.layout import ADAPTER_CONFIG, TINY_MARKER, tiny_dir, tiny_name
-from cluster.prompt_format import Recorded
-from cluster.schema_base import name_problem
+from cluster.store import storage, versions
+from cluster.store.layout import ADAPTER_CONFIG, TINY_MARKER, tiny_dir, tiny_name
+from cluster.text.prompt_format import Recorded
 
 VERSION_SEP = "@"
 
@@ -66,10 +66,10 @@ def resolve_base(base: str, storage_root: str) -> str:
 
 
 def base_identity(base: str, storage_root: str, revision: str | None = None) -> str:
-    """The fingerprint of the base a model serves (`cluster.fingerprint`): what adapters are
+    """The fingerprint of the base a model serves (`cluster.store.fingerprint`): what adapters are
     checked against, so any copy of the same base fits and a different base does not."""
-    from cluster.fingerprint import base_fingerprint
-    from cluster.layout import tiny_uri
+    from cluster.store.fingerprint import base_fingerprint
+    from cluster.store.layout import tiny_uri
 
     name = tiny_name(base)
     if name is not None and storage.is_remote(storage_root):
@@ -94,11 +94,11 @@ class Served:
 
 
 def version_refusal(root: str, name: str, version: str) -> str | None:
-    """Why vLLM cannot serve this adapter version (cluster.servability, read from its
+    """Why vLLM cannot serve this adapter version (cluster.store.servability, read from its
     adapter_config.json), naming `lorafleet merge` as the way out; None when it can."""
     import json
 
-    from cluster.servability import MERGEABLE, refusal, vllm_problems
+    from cluster.store.servability import MERGEABLE, refusal, vllm_problems
 
     uri = storage.join(versions.version_uri(root, name, version), ADAPTER_CONFIG)
     try:

@@ -136,7 +136,7 @@ def vllm_greedy(base, adapter: str, prompts: list[str], tmp_path: Path, env=None
 
 def current_adapter(storage_root, name: str) -> str:
     """The folder (or URI) of adapter `name`'s current version under `storage_root`."""
-    from cluster import layout, versions
+    from cluster.store import layout, versions
 
     root = layout.adapters_root(str(storage_root))
     version = versions.current(root, name)
@@ -167,8 +167,8 @@ def job_config(tmp_path: Path, base: Path, data: Path, **overrides):
         "scaling": {"num_workers": 1},
         "storage": {"root": str(tmp_path / "store")},
     }
-    from cluster.config import load_config
-    from cluster.overrides import deep_merge, set_dotted
+    from cluster.config.load import load_config
+    from cluster.config.overrides import deep_merge, set_dotted
 
     nested: dict = {}
     for k, v in overrides.items():

@@ -117,8 +117,8 @@ def test_basic_credentials_from_another_site_or_without_the_page_header_are_no_k
 
 def test_an_exposed_host_without_api_keys_is_refused_before_anything_starts():
     """Any host but loopback, in any mode, needs API keys: the error names the setting."""
+    from cluster.config.serve import ServeAppConfig
     from cluster.errors import LorafleetError
-    from cluster.serve_config import ServeAppConfig
     from serve.app import resolve
 
     for host, mode in (("0.0.0.0", "throughput"), ("10.1.2.3", "proxy"), ("::", "throughput")):
@@ -140,9 +140,9 @@ def test_an_exposed_host_without_api_keys_is_refused_before_anything_starts():
 
 
 def test_a_bad_rate_limit_names_the_key_and_what_it_expects():
-    from cluster.config import load_config
+    from cluster.config.load import load_config
+    from cluster.config.serve import ServeAppConfig
     from cluster.errors import ConfigError
-    from cluster.serve_config import ServeAppConfig
 
     raw = {"models": [{"id": "m", "base": "org/m"}], "http": {"feedback_rate_limit": "fast"}}
     with pytest.raises(ConfigError) as e:
@@ -194,7 +194,7 @@ HOSTILE_PARTS += ["", "x\0y", "a/..", "../" * 8 + "etc/passwd"]
 
 @pytest.mark.parametrize("part", HOSTILE_PARTS)
 def test_storage_join_refuses_any_part_that_leaves_its_root(part, tmp_path):
-    from cluster import storage
+    from cluster.store import storage
 
     for root in (str(tmp_path / "root"), "s3://fleet/root"):
         with pytest.raises(storage.UnsafePath):
@@ -275,7 +275,7 @@ def test_every_state_changing_route_but_inference_carries_the_admin_dependency()
 
 
 def test_release_start_without_a_release_section_is_one_clear_problem(tmp_path, capsys):
-    from cluster import cli
+    from cluster.cli import main as cli
 
     cfg = tmp_path / "s.yaml"
     cfg.write_text("models: [{id: m, base: org/m}]\n")
@@ -286,7 +286,7 @@ def test_release_start_without_a_release_section_is_one_clear_problem(tmp_path, 
 
 def test_the_name_rule_matches_the_whole_name():
     """`$` matches before a trailing newline: the rule must hold for every character."""
-    from cluster.schema_base import is_valid_name, name_problem
+    from cluster.config.base import is_valid_name, name_problem
 
     for bad in ("x\n", "ok\n", "a\r", "../x", "x/..", ""):
         assert name_problem(bad) is not None, repr(bad)
@@ -318,7 +318,7 @@ def test_a_made_up_key_on_an_open_server_gets_no_fresh_rate_window():
 
 @pytest.mark.parametrize("rate", ["0/second", "10/second;100/minute", "fast", "-1/minute"])
 def test_a_rate_limit_that_would_not_do_what_it_says_is_refused(rate):
-    from cluster.serve_config import HttpConfig
+    from cluster.config.serve import HttpConfig
 
     with pytest.raises(ValueError, match="expected one rate of at least 1 per period"):
         HttpConfig(feedback_rate_limit=rate)

@@ -17,7 +17,7 @@ import pytest
 import requests
 from conftest import ROOT, our_lines
 
-from cluster.cli import Invocation, parse
+from cluster.cli.main import Invocation, parse
 from tests.helpers.toolbox import free_port
 
 # one command line per subcommand; FLAGS names the words that are one flag (with its value)
@@ -210,7 +210,7 @@ def test_set_weights_sends_every_weight_whatever_stands_between_them():
     ],
 )
 def test_usage_errors_exit_2_naming_the_problem(argv, message, capsys):
-    from cluster.cli import main
+    from cluster.cli.main import main
 
     assert main(argv) == 2
     assert message in capsys.readouterr().err
@@ -220,7 +220,7 @@ def test_a_lorafleet_error_is_one_line_and_exit_2_without_importing_torch(tmp_pa
     cfg = tmp_path / "c.yaml"
     cfg.write_text("data: {path: x.jsonl}\ntraining: {max_step: 3}\n")
     code = (
-        "import sys\nfrom cluster.cli import main\n"
+        "import sys\nfrom cluster.cli.main import main\n"
         f"rc = main(['train', {str(cfg)!r}])\n"
         "print(sorted(m for m in ('torch', 'train', 'tune', 'serve', 'ray') if m in sys.modules))\n"
         "sys.exit(rc)\n"
@@ -330,8 +330,8 @@ def _listening(port: int) -> bool:
 
 @pytest.mark.slow
 def test_serve_config_starts_warns_of_a_missing_adapter_and_stops_on_sigterm(tmp_path, tiny_base):
-    from cluster.config import dump_config, load_config
-    from cluster.serve_config import ServeAppConfig
+    from cluster.config.load import dump_config, load_config
+    from cluster.config.serve import ServeAppConfig
 
     port = free_port()
     store = tmp_path / "store"
@@ -407,6 +407,6 @@ def test_serve_config_starts_warns_of_a_missing_adapter_and_stops_on_sigterm(tmp
 
 
 def test_every_command_has_a_case_here():
-    from cluster.cli import COMMANDS
+    from cluster.cli.commands import COMMANDS
 
     assert set(COMMANDS) == set(CASES)

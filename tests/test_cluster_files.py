@@ -60,7 +60,7 @@ def test_cluster_yaml_passes_rays_schema_and_keeps_the_house_rules(path):
     assert "--dashboard-host=127.0.0.1" in starts and "0.0.0.0" not in text
     # every node's Ray starts in http.mode haproxy (Serve reads its mode at start): the fastest,
     # and a cluster's nodes sit on a private network, where its all-interfaces binds belong
-    from cluster.serve_config import SERVE_MODES
+    from cluster.config.serve import SERVE_MODES
 
     want = " ".join(f"{var}={value}" for var, value in SERVE_MODES["haproxy"].items())
     for key in ("head_start_ray_commands", "worker_start_ray_commands"):

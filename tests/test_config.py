@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cluster.config import load_config, schema_for
+from cluster.config.job import JobConfig
+from cluster.config.load import load_config, schema_for
+from cluster.config.overrides import parse_overrides
+from cluster.config.serve import ServeAppConfig
+from cluster.config.validation import with_overrides
 from cluster.errors import ConfigError
-from cluster.job_config import JobConfig
-from cluster.overrides import parse_overrides
-from cluster.serve_config import ServeAppConfig
-from cluster.validation import with_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -187,7 +187,7 @@ def test_cli_validate_reports_and_exits_nonzero(tmp_path):
 
 
 def test_cli_takes_flags_among_the_overrides(capsys):
-    from cluster.cli import main
+    from cluster.cli.main import main
 
     assert (
         main(["validate", str(ROOT / "configs" / "demo.yaml"), "--print", "training.max_steps=70"])
@@ -199,9 +199,9 @@ def test_cli_takes_flags_among_the_overrides(capsys):
 def test_serve_client_commands_take_the_key_from_env_or_key_file_and_report_no_server(
     tmp_path, monkeypatch, capsys
 ):
-    from cluster.cli import main
-    from cluster.config import load_config
-    from cluster.serve_config import ServeAppConfig
+    from cluster.cli.main import main
+    from cluster.config.load import load_config
+    from cluster.config.serve import ServeAppConfig
 
     keys = tmp_path / "keys"
     keys.write_text("\n sk-from-file \nsk-second\n")
@@ -228,7 +228,7 @@ def test_serve_client_commands_take_the_key_from_env_or_key_file_and_report_no_s
 def test_storage_root_comes_from_the_cluster_environment_unless_the_file_sets_it(
     tmp_path, monkeypatch
 ):
-    from cluster.config import STORAGE_ROOT_ENV
+    from cluster.config.load import STORAGE_ROOT_ENV
 
     job = tmp_path / "job.yaml"
     job.write_text("data: {path: rows.jsonl}\n")

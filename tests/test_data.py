@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from cluster.job_config import DataConfig
+from cluster.config.sections import DataConfig
 from train.data import (
     IGNORE,
     DataError,
@@ -270,7 +270,7 @@ def test_served_prompt_tokens_equal_the_tokens_training_saw(
 ):
     import copy
 
-    from cluster.prompt_format import Recorded, record
+    from cluster.text.prompt_format import Recorded, record
 
     tok = copy.deepcopy(tokenizer)
     if template == "fallback":
@@ -302,7 +302,7 @@ def test_served_prompt_tokens_equal_the_tokens_training_saw(
 
 
 def test_prompt_format_records_and_refusals():
-    from cluster.prompt_format import PromptFormatError, Recorded, conversation_text
+    from cluster.text.prompt_format import PromptFormatError, Recorded, conversation_text
 
     # versions published before formats were recorded (or with the earlier partial record)
     assert Recorded.from_meta(None) is None

@@ -18,7 +18,7 @@ import pytest
 import torch
 from conftest import ROOT, current_adapter, job_config
 
-from cluster.config import dump_config
+from cluster.config.load import dump_config
 from cluster.errors import ConfigError
 from tests.helpers.toolbox import stop_processes
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from cluster.config_reference import config_reference
-from cluster.serve_config import ServeAppConfig
+from cluster.config.reference import config_reference
+from cluster.config.serve import ServeAppConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -30,7 +30,7 @@ def test_the_config_reference_page_matches_the_schema():
     missing = [row for row in rows if row not in page]
     assert not missing, (
         "docs/reference.md is stale; regenerate its rows with "
-        "`python -m cluster.config_reference --update docs/reference.md`:\n" + "\n".join(missing)
+        "`python -m cluster.config.reference --update docs/reference.md`:\n" + "\n".join(missing)
     )
 
 
@@ -89,7 +89,7 @@ def test_the_pages_show_commands():
 @pytest.mark.parametrize("command", COMMANDS)
 def test_every_command_shown_is_a_real_subcommand_with_real_flags(command):
     """Parsed by the CLI's own parser, as `lorafleet` would (a usage error exits 2)."""
-    from cluster.cli import parse
+    from cluster.cli.main import parse
 
     argv = shlex.split(command)[1:]
     try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from cluster.config import load_config
+from cluster.config.load import load_config
 
 pytestmark = pytest.mark.slow
 
@@ -54,7 +54,7 @@ def test_doctor_fails_on_unwritable_storage_and_missing_data(ray_local, tmp_path
 def test_lorafleet_doctor_without_a_config_checks_the_cluster_and_storage(
     ray_local, tmp_path, capsys
 ):
-    from cluster.cli import main
+    from cluster.cli.main import main
 
     assert main(["doctor", f"storage.root={tmp_path}/runs"]) == 0
     out = capsys.readouterr().out

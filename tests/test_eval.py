@@ -18,7 +18,7 @@ import pytest
 from conftest import ROOT, job_config
 
 from cluster.errors import ConfigError
-from cluster.scoring import bleu, rouge_l, score_answers, token_f1
+from cluster.text.scoring import bleu, rouge_l, score_answers, token_f1
 
 # ---------------------------------------------------------------------------------------------
 # Metrics
@@ -185,7 +185,7 @@ def test_generation_eval_reports_exact_match_at_eval_steps_and_training_goes_on(
     # the numbers are the adapter's own: the final step's exact match and F1 are those of the
     # published adapter's greedy answers to the same 8 held-out prompts, scored apart from
     # training (`lorafleet eval`'s HF path loads base and adapter afresh and scores with
-    # cluster.scoring); one answer of 8 may differ (fresh 4-bit load vs the training layout)
+    # cluster.text.scoring); one answer of 8 may differ (fresh 4-bit load vs the training layout)
     cfg, _ = gen_run
     check = _hf_eval(cfg, summary, limit=8)["results"]["task"][f"t-eval@{summary['version']}"]
     print(f"training: {evals[-1]}; apart: {check}")
@@ -281,7 +281,7 @@ def test_lorafleet_eval_table_json_chart_and_forgetting(gen_run, tmp_path):
 
 @pytest.mark.slow
 def test_lorafleet_eval_names_an_adapter_that_is_not_there(gen_run, tmp_path, capsys):
-    from cluster.cli import main
+    from cluster.cli.main import main
 
     cfg, _ = gen_run
     config = tmp_path / "job.json"

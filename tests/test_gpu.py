@@ -84,7 +84,7 @@ def test_vllm_on_gpu_serves_the_adapter_as_peft_answers_it(
 ):
     """CUDA vLLM (the `gpu` extra's) with the adapter through LoRARequest: its greedy answers
     are PEFT's on the same base."""
-    from cluster.scoring import is_exact_match
+    from cluster.text.scoring import is_exact_match
     from train.demo import _answer
     from train.export import load_adapter_model
     from train.trainer import train

@@ -1,6 +1,6 @@
 """Every adapter.method trains through the same loop (train/loop.py), in process and through
 real Ray Train; what each publishes reloads to the same logits; what vLLM cannot serve is named
-(cluster/servability.py) and refused by `lorafleet serve`."""
+(cluster/store/servability.py) and refused by `lorafleet serve`."""
 
 from __future__ import annotations
 
@@ -95,7 +95,8 @@ def test_each_method_resumes_from_its_checkpoint_at_the_same_losses(
     """A checkpoint (the loop's save_checkpoint: safetensors weights, torch.load(weights_only)
     state) restores the method's weights, optimizer, schedule, RNGs and method state (AdaLoRA's
     importance scores): the next steps give the losses the uninterrupted run gave."""
-    from train.loop import load_checkpoint, save_checkpoint, train_step
+    from train.checkpoint import load_checkpoint, save_checkpoint
+    from train.loop import train_step
 
     over = METHOD_CONFIGS[name] | {"training.max_steps": 12}
     run = _in_process_run(tmp_path, tiny_base, task_data, **over)
@@ -239,7 +240,7 @@ def test_prefix_tuning_through_ray_learns_publishes_and_is_named_unservable(
     import json
     from pathlib import Path
 
-    from cluster.servability import vllm_problems
+    from cluster.store.servability import vllm_problems
     from train.export import AdapterError, load_adapter_model, merge_adapter
     from train.trainer import train
 
@@ -284,7 +285,7 @@ def _saved_adapter_config(tiny_base, out, **lora) -> dict:
 def test_vllm_servability_read_from_real_peft_adapter_configs(tmp_path, tiny_base):
     """The one rule training and serving share, on what PEFT writes: plain LoRA serves; DoRA,
     bias and modules_to_save do not, each named."""
-    from cluster.servability import vllm_problems
+    from cluster.store.servability import vllm_problems
 
     assert vllm_problems(_saved_adapter_config(tiny_base, tmp_path / "lora")) == []
     dora = vllm_problems(_saved_adapter_config(tiny_base, tmp_path / "dora", use_dora=True))
@@ -296,7 +297,7 @@ def test_vllm_servability_read_from_real_peft_adapter_configs(tmp_path, tiny_bas
 
 
 def test_train_warns_before_training_an_adapter_vllm_cannot_serve(tmp_path, tiny_base, task_data):
-    from cluster.servability import config_warning
+    from cluster.store.servability import config_warning
 
     def warning(**over):
         return config_warning(job_config(tmp_path, tiny_base, task_data["train"], **over))
@@ -313,8 +314,8 @@ def test_serve_refuses_at_start_an_adapter_vllm_cannot_serve(tmp_path, tiny_base
     """`lorafleet serve` (serve.app.run) stops before Ray starts when an experiment names a DoRA
     adapter, naming the adapter, the reason and `lorafleet merge`; the ingress's rule for a
     version published later is the same store check (serve/store.py version_refusal)."""
-    from cluster import layout, versions
-    from cluster.serve_config import ServeAppConfig
+    from cluster.config.serve import ServeAppConfig
+    from cluster.store import layout, versions
     from serve.app import Unservable, run
     from serve.store import AdapterStore, version_refusal
 
@@ -384,7 +385,8 @@ def test_zero3_checkpoint_of_a_method_resumes_at_the_same_losses(
     """Under DeepSpeed ZeRO-3 (partitioned parameters) a full fine-tune's weights and P-tuning's
     prompt encoder are gathered to save and to restore: a resumed run gives the same losses."""
     from train import zero
-    from train.loop import _wrap_deepspeed, load_checkpoint, save_checkpoint, train_step
+    from train.checkpoint import load_checkpoint, save_checkpoint
+    from train.loop import _wrap_deepspeed, train_step
 
     over = METHOD_CONFIGS[name] | {
         "scaling.strategy": "deepspeed",

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, current_adapter
 
-from cluster import storage
+from cluster.store import storage
 from tests.helpers.toolbox import ask_in_subprocess, free_port, stop_processes
 
 pytestmark = pytest.mark.slow

@@ -75,7 +75,7 @@ def two_adapters(ray_local, tmp_path_factory, tiny_base):
 
 @pytest.mark.slow
 def test_a_mixed_batch_answers_each_row_with_its_own_adapter(two_adapters):
-    from cluster.scoring import is_exact_match
+    from cluster.text.scoring import is_exact_match
     from train.multitask import generate_alone, generate_mixed, load_adapters
 
     mt = load_adapters(two_adapters, [f"mt-{t}" for t in TASKS])
@@ -119,7 +119,7 @@ def test_a_mixed_batch_answers_each_row_with_its_own_adapter(two_adapters):
 def test_adapters_that_cannot_share_a_batch_are_refused_by_name(tmp_path):
     """An adapter missing from the store, and a DoRA adapter (PEFT cannot mix DoRA per row),
     are refused before any model loads, each naming the adapter and the reason."""
-    from cluster import layout, versions
+    from cluster.store import layout, versions
     from train.multitask import MultiTaskError, load_adapters
 
     root = layout.adapters_root(str(tmp_path))

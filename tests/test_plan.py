@@ -153,7 +153,7 @@ def test_plan_reads_a_local_config_and_the_fallback_table_offline(tmp_path):
 
 def test_plan_deepspeed_shares_and_largest_batch(tmp_path):
     recipe = "configs/recipes/llama-3.1-70b.yaml"
-    from cluster.config import load_config
+    from cluster.config.load import load_config
 
     ddp = estimate(load_config(recipe))
     z2 = estimate(load_config(recipe, ["scaling.strategy=deepspeed", "scaling.deepspeed.stage=2"]))

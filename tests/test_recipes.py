@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from cluster.cli import main
-from cluster.config import load_config, schema_for
-from cluster.job_config import JobConfig
-from cluster.serve_config import ServeAppConfig
+from cluster.cli.main import main
+from cluster.config.job import JobConfig
+from cluster.config.load import load_config, schema_for
+from cluster.config.serve import ServeAppConfig
 from train.memory_plan import KNOWN_MODELS, estimate
 
 RECIPES = Path(__file__).resolve().parents[1] / "configs" / "recipes"

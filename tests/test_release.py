@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from cluster import versions
+from cluster.store import versions
 from serve.experiments import Table
 from serve.release import ARMS, Releases, latency_bucket, p99
 
@@ -412,7 +412,7 @@ def test_a_pause_or_resume_that_cannot_be_done_says_why(tmp_path, setup, call, s
 
 
 def test_the_cli_parses_pause_and_resume_like_abort():
-    from cluster import cli
+    from cluster.cli import main as cli
 
     for action in ("pause", "resume"):
         got = cli.parse(["release", action, "s.yaml", "bot", "--url", "http://127.0.0.1:9"])
@@ -438,8 +438,8 @@ def test_release_plan_sizes_a_step_as_the_gate_decides(capsys):
     least 80% of 4,000 draws, and half as many are not enough."""
     import numpy as np
 
-    from cluster import cli
-    from cluster.release_config import ReleaseConfig
+    from cluster.cli import main as cli
+    from cluster.config.release import ReleaseConfig
     from serve.sequential import NOT_WORSE, WORSE, information_needed, noninferiority
 
     got = cli.parse(

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from scipy.stats import binom
 
-from cluster.release_config import ReleaseConfig
+from cluster.config.release import ReleaseConfig
 from serve import sequential as sq
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -27,7 +27,7 @@ import pytest
 import requests
 from conftest import ROOT, current_adapter, job_config
 
-from cluster import layout, storage, versions
+from cluster.store import layout, storage, versions
 from tests.helpers.toolbox import free_port
 
 # a real Ray Serve app with vLLM replicas: minutes, not the quick tier
@@ -66,8 +66,8 @@ def _write_rows(path: Path, rows: list[dict]) -> Path:
 
 
 def _serve_config(port: int, base: str, storage_root: str, keys_file: str | None):
-    from cluster.config import load_config
-    from cluster.serve_config import ServeAppConfig
+    from cluster.config.load import load_config
+    from cluster.config.serve import ServeAppConfig
 
     variants = [
         {"name": "a", "model": "tiny", "adapter": "t-last", "weight": 80},
@@ -116,7 +116,7 @@ def served(ray_local, s3_bucket, tmp_path_factory, tiny_base, task_data, two_wor
     way a cluster's runs publish to a bucket, served by `serve.app.run` with three experiments."""
     from ray import serve
 
-    from cluster.config import dump_config
+    from cluster.config.load import dump_config
     from serve.app import run
     from train.trainer import train
 
@@ -184,7 +184,7 @@ def test_serve_refuses_a_ray_it_was_not_written_for(monkeypatch):
     assert f"pip install 'ray[serve]=={RAY_VERSION}'" in msg and "\n" not in msg, msg
     # at import, in a fresh process, through the CLI: one line, exit 2, before anything starts
     code = (
-        "import sys, ray; ray.__version__ = '2.61.0'; from cluster.cli import main; "
+        "import sys, ray; ray.__version__ = '2.61.0'; from cluster.cli.main import main; "
         "sys.exit(main(['serve', 'configs/serve-demo.yaml']))"
     )
     p = subprocess.run(
@@ -197,8 +197,8 @@ def test_serve_refuses_a_ray_it_was_not_written_for(monkeypatch):
 
 def _cli_serve_error(tmp_path, capsys, **changes) -> str:
     """`lorafleet serve CONFIG` on a config with `changes`: exit 2 and the one "error:" line."""
-    from cluster.cli import main
-    from cluster.config import dump_config
+    from cluster.cli.main import main
+    from cluster.config.load import dump_config
 
     cfg = _serve_config(free_port(), "org/some-model", str(tmp_path / "store"), None)
     path = tmp_path / "serve.yaml"
@@ -211,7 +211,7 @@ def _cli_serve_error(tmp_path, capsys, **changes) -> str:
 
 
 def test_serving_a_tiny_base_never_built_is_a_one_line_error(tmp_path, capsys):
-    from cluster.serve_config import ServeModelConfig
+    from cluster.config.serve import ServeModelConfig
 
     cfg = _serve_config(1, "tiny://never-built", str(tmp_path / "store"), None)
     model = ServeModelConfig.model_validate(cfg.models[0].model_dump())
@@ -221,7 +221,7 @@ def test_serving_a_tiny_base_never_built_is_a_one_line_error(tmp_path, capsys):
 
 
 def test_a_missing_api_key_file_is_a_one_line_error(tmp_path, capsys):
-    from cluster.serve_config import HttpConfig
+    from cluster.config.serve import HttpConfig
 
     keys = tmp_path / "no-such-keys.txt"
     http = HttpConfig(host="127.0.0.1", port=free_port(), api_keys_file=str(keys))
@@ -230,7 +230,7 @@ def test_a_missing_api_key_file_is_a_one_line_error(tmp_path, capsys):
 
 
 def test_haproxy_mode_without_api_keys_is_refused_before_anything_starts(tmp_path, capsys):
-    from cluster.serve_config import HttpConfig
+    from cluster.config.serve import HttpConfig
 
     http = HttpConfig(host="127.0.0.1", port=free_port(), mode="haproxy")
     err = _cli_serve_error(tmp_path, capsys, http=http)
@@ -282,7 +282,7 @@ def peft_answers(served, tiny_base, tokenizer):
     """PEFT's greedy answers on 24 held-out prompts of each adapter's task: the float32 base plus
     the adapter, which is what vLLM serves (vLLM loads `models[].dtype: float32`, not the 4-bit
     base the adapter was trained on)."""
-    from cluster.scoring import normalize_answer
+    from cluster.text.scoring import normalize_answer
     from train.export import load_adapter_model
 
     out = {}
@@ -366,7 +366,7 @@ def test_serve_eval_scores_exact_match_and_reports_bad_rows(served, peft_answers
     """`lorafleet serve eval` (its key from the config's key file): rows whose expected completion
     is PEFT's greedy answer count, the others do not; the experiment's rows are split by variant;
     a bad row is named."""
-    from cluster.cli import main
+    from cluster.cli.main import main
 
     rows = _rows(served["tests"]["last"], 24)
     data = _write_rows(
@@ -452,7 +452,7 @@ def test_weights_change_at_runtime_and_move_only_the_users_they_must(served, mon
     3,000 buckets to b and nobody else moves; from the config's table (a owns 0-7999) a keeps
     0-4999. Other tests re-weight `ab` too: whatever its table was, the rule holds (each test
     stands alone, in any order)."""
-    from cluster.cli import main
+    from cluster.cli.main import main
 
     users = [f"user-{i}" for i in range(400)]
     buckets = [_bucket_by_the_rule("ab", u) for u in users]
@@ -578,7 +578,7 @@ def test_a_promoted_version_is_served_within_seconds_and_not_from_the_old_versio
     """t-swap v1 is t-last's weights, v2 t-reply's. Once v2 is current its answers are t-reply's
     own, never v1's KV blocks reused under the adapter's name; rollback and promote move it back
     and forth within seconds; a pinned version answers as itself throughout."""
-    from cluster import cli
+    from cluster.cli import main as cli
 
     root = served["bucket_root"]
     v1 = _publish(served, "t-swap", "t-last")
@@ -643,7 +643,7 @@ def _no_template_base(tiny_base, dest: Path) -> Path:
 
 def _training_prompt_ids(row: dict, fmt: str, tokenizer, tmp: Path) -> list[int]:
     """The tokens train/data.py makes of `row`, up to the first trained token (the answer)."""
-    from cluster.job_config import DataConfig
+    from cluster.config.sections import DataConfig
     from train.data import IGNORE, build_examples
 
     path = _write_rows(tmp / f"probe-{fmt}.jsonl", [row])
@@ -670,7 +670,7 @@ def test_served_prompt_tokens_equal_the_tokens_training_saw(served, tiny_base, t
     request (its `return_token_ids`) are the ones training made of the same example."""
     from transformers import AutoTokenizer
 
-    from cluster.prompt_format import record
+    from cluster.text.prompt_format import record
     from train.trainer import train
 
     plain = _no_template_base(tiny_base, tmp_path / "base-no-template")
@@ -1157,7 +1157,7 @@ def test_a_release_routes_adapter_and_experiment_requests_by_arm_and_says_which(
 
 
 def test_rolling_back_past_the_first_version_is_409_and_moves_nothing(served):
-    """Rollbacks walk back through history, never forward (cluster/versions.py): with one
+    """Rollbacks walk back through history, never forward (cluster/store/versions.py): with one
     version behind, a second rollback over HTTP is refused with 409, naming promote."""
     v1 = _publish(served, "t-back", "t-last")
     v2 = _publish(served, "t-back", "t-reply")
@@ -1177,8 +1177,8 @@ RELEASE_STEPS = [{"percent": p, "hold_s": 2} for p in (20, 60, 100)]
 def _release_config(served, tmp_path, adapter: str, version: str, **gates) -> str:
     """The served app's own config file, with a `release:` section (what `lorafleet release`
     reads: the server's address, the keys' sources and the release)."""
-    from cluster.config import dump_config
-    from cluster.release_config import ReleaseConfig
+    from cluster.config.load import dump_config
+    from cluster.config.release import ReleaseConfig
 
     release = ReleaseConfig.model_validate(
         {
@@ -1215,7 +1215,7 @@ def _release_traffic(served, adapter: str, stop: threading.Event, rounds: list, 
 
 
 def _run_release(served, monkeypatch, capsys, argv, adapter, when=None):
-    from cluster import cli
+    from cluster.cli import main as cli
 
     monkeypatch.setenv(served["cfg"].http.admin_keys_env, ADMIN_KEY)
     stop, rounds = threading.Event(), []
@@ -1268,7 +1268,7 @@ def test_a_candidate_that_fails_is_rolled_back_and_the_release_runs_without_the_
     """A candidate vLLM cannot load (its config claims rank 16, its tensors are rank 8) errors
     on every request: the release rolls back at the first step; `current` never moved. The CLI
     only started it (--no-follow); `release status --follow` finds it from anywhere."""
-    from cluster import cli
+    from cluster.cli import main as cli
 
     root = layout.adapters_root(served["bucket_root"])
     v1 = _publish(served, "t-bad", "t-last")
@@ -1315,7 +1315,7 @@ def test_train_with_release_runs_the_loop_from_one_yaml(
 ):
     """`lorafleet train JOB --release SERVE`: the run publishes a version that does not become
     current, the release ramps it on the live server while users ask, and promotes it."""
-    from cluster.config import dump_config
+    from cluster.config.load import dump_config
 
     root = layout.adapters_root(served["bucket_root"])
     v1 = _publish(served, "t-loop", "t-last")
@@ -1644,7 +1644,7 @@ def test_an_unknown_adapter_does_not_list_the_store_on_every_request(tmp_path, m
     listing reads its own pointer, never a listing of the store; 50 requests for one unknown
     adapter read its pointer once (a miss is remembered for MISS_TTL_S); an adapter published
     a moment ago is served on its first request, one that 404'd once MISS_TTL_S has passed."""
-    from cluster import storage
+    from cluster.store import storage
     from serve.ingress import MISS_TTL_S, ApiError, FleetIngress
 
     root = str(tmp_path / "adapters")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import job_config
 
-from cluster import storage
+from cluster.store import storage
 
 
 @pytest.fixture
@@ -98,8 +98,8 @@ def test_a_tiny_base_on_a_remote_root_is_built_once_and_named_by_its_uri(
     """The driver builds `tiny://test`, uploads it to `<root>/models/test` (marker last) and hands
     the workers that URI, never a path of its own; a second run reuses the upload; serving
     knows it by the same fingerprint."""
-    from cluster.fingerprint import base_fingerprint
-    from cluster.layout import TINY_MARKER, tiny_dir
+    from cluster.store.fingerprint import base_fingerprint
+    from cluster.store.layout import TINY_MARKER, tiny_dir
     from serve.store import base_identity
     from train.model import resolve_base
 

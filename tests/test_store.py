@@ -1,4 +1,4 @@
-"""The adapter store: immutable versions and the `current` pointer (cluster/versions.py), and the
+"""The adapter store: immutable versions and the `current` pointer (cluster/store/versions.py), and the
 server's reader of it (serve/store.py), on a local disk and on an S3-compatible server on
 loopback (moto, started by the session's `s3_bucket` fixture). Publishes here are real, in
 threads and in killed processes; nothing of the store is stubbed."""
@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from cluster import storage, versions
 from cluster.errors import LorafleetError
+from cluster.store import storage, versions
 from serve.store import AdapterStore, local_copy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -119,7 +119,7 @@ STALLED_PUBLISH = """
 import sys, time, shutil
 import pyarrow.fs as pafs
 from pathlib import Path
-from cluster import versions
+from cluster.store import versions
 
 def stall(*a, **k):  # the first file is copied, then the copy hangs until the process is killed
     real(*a, **k)
@@ -220,8 +220,8 @@ def test_concurrent_publishes_of_one_name_all_land_and_current_names_the_latest(
 def test_lorafleet_names_are_not_adapter_names(tmp_path, capsys):
     """A job named like one of lorafleet's own folders is a config error naming the rule; the
     store neither publishes nor serves such a name, nor a path."""
-    from cluster import cli
-    from cluster.schema_base import RESERVED_NAMES
+    from cluster.cli import main as cli
+    from cluster.config.base import RESERVED_NAMES
 
     cfg = tmp_path / "job.yaml"
     cfg.write_text("name: current\ndata: {path: x.jsonl}\n")
@@ -242,7 +242,7 @@ def test_a_base_is_known_by_what_it_is_not_where_it_lies(tmp_path, s3_bucket):
     weight makes another base; a hub id names itself with its revision."""
     import shutil
 
-    from cluster.fingerprint import base_fingerprint
+    from cluster.store.fingerprint import base_fingerprint
 
     base = tmp_path / "base"
     base.mkdir()
@@ -262,7 +262,7 @@ def test_a_base_is_known_by_what_it_is_not_where_it_lies(tmp_path, s3_bucket):
 
 
 def test_adapters_list_show_promote_rollback_from_the_command_line(tmp_path, capsys):
-    from cluster import cli
+    from cluster.cli import main as cli
 
     store = tmp_path / "runs"
     root = str(store / "adapters")
@@ -297,10 +297,10 @@ def test_adapters_list_show_promote_rollback_from_the_command_line(tmp_path, cap
 
 
 def test_a_tiny_base_resolves_where_training_builds_it(tmp_path, monkeypatch):
-    """`tiny://NAME` is one directory for training and serving (cluster.layout.tiny_dir): under a
+    """`tiny://NAME` is one directory for training and serving (cluster.store.layout.tiny_dir): under a
     local root, `<root>/models/NAME`; under a remote root, this machine's cache. A base never built
     is a one-line error naming the base and the command that builds it."""
-    from cluster.layout import TINY_MARKER, tiny_dir
+    from cluster.store.layout import TINY_MARKER, tiny_dir
     from serve.store import resolve_base
 
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
@@ -374,7 +374,7 @@ def test_a_pointer_an_older_rollback_wrote_does_not_roll_forward(tmp_path):
 
 
 def test_rollback_from_the_command_line_says_when_there_is_nothing_behind(tmp_path, capsys):
-    from cluster import cli
+    from cluster.cli import main as cli
 
     store = tmp_path / "runs"
     root = str(store / "adapters")
@@ -421,7 +421,7 @@ def _snapshot(box: str) -> list:
 
 
 def test_the_store_refuses_hostile_names_and_versions_whoever_calls_it(root, tmp_path):
-    """Hostile names and versions, fed to every entry point of cluster/versions.py directly (no
+    """Hostile names and versions, fed to every entry point of cluster/store/versions.py directly (no
     HTTP): each raises VersionError, or answers None where None means "not found", and nothing
     outside the root is read or written. A decoy adapter beside the root (a sibling folder or
     prefix) is what an escaping name would find; one inside it is what a reserved name would."""

@@ -95,7 +95,7 @@ def test_submit_refuses_an_env_name_that_is_not_set(tmp_path, capsys):
     """A name passed with --env that is not set here is refused before any Ray is asked, with
     the name in the message: exit 2 alone would also be any config error, or no Ray at the
     address (nothing listens on port 9 here)."""
-    from cluster.cli import main
+    from cluster.cli.main import main
 
     env_name = "LORAFLEET_TEST_SURELY_UNSET"
     assert env_name not in os.environ

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from conftest import job_config
 
-from cluster import cli
-from cluster.config import dump_config
+from cluster.cli import main as cli
+from cluster.config.job import JobConfig
+from cluster.config.load import dump_config
 from cluster.errors import ConfigError
-from cluster.job_config import JobConfig
 
 # 16 training rows memorized at lr 1e-2 (the in-process probe this was sized on: from step 35
 # to 50 the training loss went 1.15 -> 1.06 -> 0.98 -> 0.95 while the eval loss went
@@ -105,7 +105,7 @@ def test_fp16_epochs_run_tracks_tensorboard_memory_overfitting_and_resumes_witho
 
 
 def test_mlflow_or_wandb_configured_but_not_installed_is_a_config_error(tmp_path):
-    from cluster.config import load_config
+    from cluster.config.load import load_config
 
     raw = {"data": {"path": "d.jsonl"}, "tracking": {"mlflow": {"experiment": "x"}}}
     with pytest.raises(ConfigError) as e:
@@ -121,7 +121,7 @@ def test_mlflow_or_wandb_configured_but_not_installed_is_a_config_error(tmp_path
 
 
 def test_max_steps_and_epochs_together_are_refused(tmp_path):
-    from cluster.config import load_config
+    from cluster.config.load import load_config
 
     raw = {"data": {"path": "d.jsonl"}, "training": {"max_steps": 5, "epochs": 2}}
     with pytest.raises(ConfigError, match="expected one of training.max_steps and training.epochs"):
@@ -129,7 +129,7 @@ def test_max_steps_and_epochs_together_are_refused(tmp_path):
 
 
 def test_fp16_under_deepspeed_is_refused_with_the_reason(tmp_path):
-    from cluster.config import load_config
+    from cluster.config.load import load_config
 
     raw = {
         "data": {"path": "d.jsonl"},
@@ -145,8 +145,8 @@ def test_on_an_s3_root_metrics_and_tensorboard_land_in_the_bucket_and_a_resume_d
 ):
     """Nothing appends to an object: metrics.jsonl is rewritten there, and TensorBoard events are
     written locally and uploaded at checkpoints; a resume keeps the events from before it."""
-    from cluster import storage
-    from cluster.config import load_config
+    from cluster.config.load import load_config
+    from cluster.store import storage
     from train.tracking import Tracker
 
     cfg = load_config(None, {"data": {"path": "d.jsonl"}})

@@ -11,10 +11,10 @@ import pytest
 import torch
 from conftest import ROOT, current_adapter, job_config, vllm_greedy
 
-from cluster import cli
-from cluster.config import dump_config
+from cluster.cli import main as cli
+from cluster.config.load import dump_config
 from cluster.errors import LorafleetError
-from cluster.scoring import is_exact_match
+from cluster.text.scoring import is_exact_match
 
 pytestmark = pytest.mark.slow
 
@@ -65,7 +65,7 @@ def test_two_worker_qlora_eval_loss_falls(two_worker_run):
     steps = [h for h in summary["history"] if "loss" in h]
     assert all(h["tokens_per_s"] > 0 and h["grad_norm"] > 0 and "learning_rate" in h for h in steps)
     adapter = Path(summary["adapter"])
-    # a new immutable version, made current (cluster/versions.py)
+    # a new immutable version, made current (cluster/store/versions.py)
     assert (
         adapter
         == Path(cfg.storage.root).resolve() / "adapters/t-last/versions" / summary["version"]
@@ -85,7 +85,7 @@ def test_adapter_reloads_in_plain_peft_to_the_trained_logits(
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from train.loop import load_checkpoint
+    from train.checkpoint import load_checkpoint
     from train.model import keep_cpu_4bit_trainable, load_for_training, quantization_config
 
     cfg, summary = two_worker_run
@@ -355,7 +355,7 @@ def test_checkpoint_restores_every_rng(tmp_path):
 
     import numpy as np
 
-    from train.loop import rng_state, set_rng_state
+    from train.checkpoint import rng_state, set_rng_state
 
     def draws():
         return (random.random(), float(np.random.rand()), float(torch.rand(1)))

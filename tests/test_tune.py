@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import current_adapter, job_config
 
-from cluster.config import load_config
+from cluster.config.load import load_config
 from cluster.errors import ConfigError
 
 pytestmark = pytest.mark.slow
@@ -88,8 +88,8 @@ def _trial_evals(cfg) -> list[tuple[float, str, int]]:
 def test_the_published_adapter_is_the_best_trials_checkpoint(search):
     from safetensors.torch import load_file
 
-    from cluster.layout import ADAPTER_META, ADAPTER_WEIGHTS
-    from train.loop import ADAPTER_DIR
+    from cluster.store.layout import ADAPTER_META, ADAPTER_WEIGHTS
+    from train.checkpoint import ADAPTER_DIR
 
     cfg, out, _ = search
     loss, run_dir, step = min(_trial_evals(cfg))
@@ -143,9 +143,9 @@ def test_outputs_exist_and_the_best_yaml_validates_and_runs(search, tmp_path):
 def test_tune_resume_continues_the_search_instead_of_starting_over(search, tmp_path, capsys):
     """`lorafleet tune CONFIG --resume` on the search above (finished): it restores the same
     trials from storage, trains none of them again, and publishes the best one anew."""
-    from cluster.cli import main
-    from cluster.config import dump_config
-    from cluster.layout import ADAPTER_META
+    from cluster.cli.main import main
+    from cluster.config.load import dump_config
+    from cluster.store.layout import ADAPTER_META
 
     cfg, out, _ = search
     meta = Path(out["adapter"]) / ADAPTER_META
@@ -172,8 +172,8 @@ def test_a_search_without_any_checkpoint_is_a_one_line_error(
 ):
     """Every trial fails before its first checkpoint (its data file is not there): the CLI says
     so in one line and exits 2, with the trials' error, instead of a traceback."""
-    from cluster.cli import main
-    from cluster.config import dump_config
+    from cluster.cli.main import main
+    from cluster.config.load import dump_config
 
     gone = tmp_path / "gone.jsonl"
     cfg = job_config(
@@ -232,7 +232,7 @@ def test_a_search_on_a_bucket_publishes_the_best_checkpoint_by_tune_metric(
     reads the best trial's checkpoint back from the bucket. tune.metric is the training loss,
     not the eval loss that plain training keeps checkpoints by, and each trial keeps only one
     checkpoint: the one kept must be the one the search publishes."""
-    from cluster import storage
+    from cluster.store import storage
     from tune.tuner import tune_job
 
     cfg = job_config(
@@ -294,7 +294,7 @@ def test_a_search_interrupted_mid_way_continues_with_resume(
 
     from conftest import ROOT
 
-    from cluster.config import dump_config
+    from cluster.config.load import dump_config
     from cluster.ray_connect import state_api_address
     from tune.tuner import STATE_SAVE_S
 

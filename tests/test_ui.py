@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from cluster import layout, versions
+from cluster.store import layout, versions
 from tests.helpers.toolbox import free_port
 
 # the tests on the app (a real Ray Serve app with a vLLM replica, and a browser) are `slow`:
@@ -51,7 +51,7 @@ def _publish(base: Path, root: str, name: str, seed: int, current: bool = True) 
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from cluster.fingerprint import base_fingerprint
+    from cluster.store.fingerprint import base_fingerprint
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
@@ -71,8 +71,8 @@ def _publish(base: Path, root: str, name: str, seed: int, current: bool = True) 
 
 
 def _serve_config(port: int, base: str, storage_root: str):
-    from cluster.config import load_config
-    from cluster.serve_config import ServeAppConfig
+    from cluster.config.load import load_config
+    from cluster.config.serve import ServeAppConfig
 
     raw = {
         "name": APP,
@@ -109,7 +109,7 @@ def app(ray_local, tmp_path_factory, tiny_base):
     `bot` (80/20 between adapters ui-a and ui-b) and adapter ui-rel with a candidate version."""
     from ray import serve
 
-    from cluster.config import dump_config
+    from cluster.config.load import dump_config
     from serve.app import run
 
     tmp = tmp_path_factory.mktemp("ui")
@@ -501,9 +501,9 @@ def _release_traffic(app, stop: threading.Event) -> None:
 
 @pytest.mark.slow
 def test_a_release_started_from_the_cli_appears_and_advances(app, monkeypatch, capsys):
-    from cluster import cli
-    from cluster.config import dump_config
-    from cluster.release_config import ReleaseConfig
+    from cluster.cli import main as cli
+    from cluster.config.load import dump_config
+    from cluster.config.release import ReleaseConfig
 
     candidate = _publish(app["base"], app["root"], "ui-rel", seed=7, current=False)
     release = ReleaseConfig.model_validate(

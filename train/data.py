@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from cluster import storage
 from cluster.errors import LorafleetError
-from cluster.prompt_format import alpaca_prompt, chat_template_for, prepends_bos
+from cluster.store import storage
+from cluster.text.prompt_format import alpaca_prompt, chat_template_for, prepends_bos
 
 IGNORE = -100
 LOCAL_SUFFIXES = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -561,7 +561,7 @@ class ShardedBatches:
 if __name__ == "__main__":
     import sys
 
-    from cluster.config import load_config
+    from cluster.config.load import load_config
     from train.model import load_tokenizer, resolve_base
 
     cfg = load_config(sys.argv[1], sys.argv[2:])

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from cluster.scoring import is_exact_match, normalize_answer
+from cluster.text.scoring import is_exact_match, normalize_answer
 from train.tasks import TASKS, make_rows
 
 
@@ -92,9 +92,9 @@ def run_demo(
 
     from transformers import AutoModelForCausalLM
 
-    from cluster import storage
-    from cluster.config import load_config
-    from cluster.validation import with_overrides
+    from cluster.config.load import load_config
+    from cluster.config.validation import with_overrides
+    from cluster.store import storage
     from train.export import load_adapter_model
     from train.model import base_path, load_tokenizer, resolve_base
     from train.trainer import train

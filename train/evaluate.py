@@ -6,7 +6,7 @@ forgetting check on general text; a table (printed), JSON and a bar chart.
 
 Metrics: loss and perplexity, teacher-forced on the answer tokens (as training counts its loss),
 on the base loaded as training saw it (4-bit when `quantization.mode` says so); exact match,
-token F1, ROUGE-L and BLEU of greedy answers (`cluster.scoring`). Answers for the base and for
+token F1, ROUGE-L and BLEU of greedy answers (`cluster.text.scoring`). Answers for the base and for
 LoRA adapters come from vLLM in this process (`LoRARequest` per adapter, as `lorafleet serve`
 runs them); adapters vLLM cannot load (prompt/prefix tuning, IA3, DoRA, adapter bias, full
 models) answer through PEFT with HF generate, and then so does the base, so every row is
@@ -28,9 +28,9 @@ from pathlib import Path
 
 import torch
 
-from cluster import layout, storage, versions
 from cluster.errors import ConfigError
-from cluster.scoring import score_answers
+from cluster.store import layout, storage, versions
+from cluster.text.scoring import score_answers
 from train.generation import Prompted, examples_from_sequences, hf_answers
 
 LOSS_METRICS = ("loss", "perplexity")
@@ -155,8 +155,8 @@ def _describe(label: str, uri: str) -> Candidate:
 def candidates(cfg) -> list[Candidate]:
     """The base, then each of eval.adapters (default: this job's published adapter): a store
     name (its current version), `name@version`, or a folder."""
-    from cluster.job_config import FULL_WEIGHTS
-    from cluster.schema_base import name_problem
+    from cluster.config.base import name_problem
+    from cluster.config.job import FULL_WEIGHTS
     from train.export import full_models_root
 
     root = layout.adapters_root(cfg.storage.root)

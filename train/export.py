@@ -13,10 +13,10 @@ from pathlib import Path
 
 import torch
 
-from cluster import storage
 from cluster.errors import LorafleetError
-from cluster.layout import ADAPTER_CONFIG, ADAPTER_FILES, ADAPTER_META, ADAPTER_WEIGHTS
-from cluster.servability import MERGEABLE
+from cluster.store import storage
+from cluster.store.layout import ADAPTER_CONFIG, ADAPTER_FILES, ADAPTER_META, ADAPTER_WEIGHTS
+from cluster.store.servability import MERGEABLE
 
 
 class AdapterError(LorafleetError, RuntimeError):
@@ -97,7 +97,7 @@ def merge_adapter(
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from cluster.job_config import JobConfig
+    from cluster.config.job import JobConfig
     from train.model import DTYPES, base_path, load_base
 
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
@@ -158,7 +158,7 @@ def publish_full_model(trained_dir: str | Path, cfg, meta: dict) -> tuple[str, s
     (version id, version URI)."""
     import tempfile
 
-    from cluster import versions
+    from cluster.store import versions
 
     version = versions.new_version_id()
     uri = storage.join(full_models_root(cfg.storage.root), cfg.name, "versions", version)

@@ -16,7 +16,7 @@ from functools import lru_cache
 
 import torch
 
-from cluster.scoring import is_exact_match, normalize_answer, token_f1
+from cluster.text.scoring import is_exact_match, normalize_answer, token_f1
 
 IGNORE = -100
 
@@ -109,7 +109,7 @@ def hf_answers(
 
 @lru_cache(maxsize=4)
 def _tokenizer(cfg_json: str):
-    from cluster.job_config import JobConfig
+    from cluster.config.job import JobConfig
     from train.model import load_tokenizer
 
     return load_tokenizer(JobConfig.model_validate_json(cfg_json))

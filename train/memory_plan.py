@@ -127,8 +127,8 @@ def shape_from_config(d: dict, source: str) -> ModelShape:
 def read_shape(cfg) -> ModelShape:
     """The base's shapes from its config only: tiny://, a local or bucket folder, the hub, or the
     built-in fallback table (said so in `source`)."""
-    from cluster import storage
-    from cluster.layout import tiny_name
+    from cluster.store import storage
+    from cluster.store.layout import tiny_name
 
     base = cfg.model.base
     tiny = tiny_name(base)

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from cluster import layout, storage
 from cluster.errors import ModelError
+from cluster.store import layout, storage
 
 # the trained weights of a full or partial fine-tune, in a checkpoint (safetensors)
 TRAINED_WEIGHTS = "trained.safetensors"
@@ -35,7 +35,7 @@ def resolve_base(cfg):
     name = layout.tiny_name(cfg.model.base)
     if name is None:
         return cfg
-    from cluster.validation import with_overrides
+    from cluster.config.validation import with_overrides
     from train.tiny import ensure_tiny_base
 
     root = cfg.storage.root

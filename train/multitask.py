@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from cluster import layout, storage, versions
 from cluster.errors import LorafleetError
+from cluster.store import layout, storage, versions
 
 BASE = "__base__"  # PEFT's name for rows that run the base alone
 
@@ -88,7 +88,7 @@ def load_adapters(storage_root: str, names: list[str], device: str = "cpu") -> M
         )
     from peft import PeftModel  # here: the checks above refuse a batch before any model loads
 
-    from cluster.job_config import JobConfig
+    from cluster.config.job import JobConfig
     from train.model import load_base, load_tokenizer
 
     cfg = JobConfig.model_validate(metas[first]["config"])

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from cluster.errors import ModelError
-from cluster.layout import TINY_MARKER, TINY_SCHEME
+from cluster.store.layout import TINY_MARKER, TINY_SCHEME
 from train.chat_template import CHAT_TEMPLATE
 from train.tasks import PRETRAIN_TASKS, TASKS, make_rows, render_completion
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from cluster import storage
+from cluster.store import storage
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"

@@ -11,11 +11,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from cluster import layout, storage
+from cluster.config.job import FULL_WEIGHTS
 from cluster.errors import LorafleetError
-from cluster.job_config import FULL_WEIGHTS
+from cluster.store import layout, storage
+from train.checkpoint import ADAPTER_DIR, CHECKPOINT_META
 from train.export import check_adapter
-from train.loop import ADAPTER_DIR, CHECKPOINT_META, train_loop_per_worker
+from train.loop import train_loop_per_worker
 from train.zero import load_override
 
 
@@ -90,10 +91,10 @@ def pick_checkpoint(result, export: str):
 
 
 def prompt_format(cfg) -> dict:
-    """How training turned rows into tokens (`cluster.prompt_format.record`): what serving
+    """How training turned rows into tokens (`cluster.text.prompt_format.record`): what serving
     reproduces for this adapter. With several sources, the format of the heaviest one (the
     first of equals) is the adapter's; every source's format is listed beside it."""
-    from cluster.prompt_format import record
+    from cluster.text.prompt_format import record
     from train.model import load_tokenizer
 
     sources = cfg.data.source_list()
@@ -105,7 +106,7 @@ def prompt_format(cfg) -> dict:
 def version_meta(cfg, step: int, metrics: dict, source: dict) -> dict:
     """What a published version records beside its weights: the base (where it was read from,
     and its fingerprint: what it is), metrics, the config, its source and the prompt format."""
-    from cluster.fingerprint import base_fingerprint
+    from cluster.store.fingerprint import base_fingerprint
     from train.model import base_path
 
     return {
@@ -124,9 +125,9 @@ def publish_adapter(
     checkpoint, cfg, source: dict | None = None, log=print, make_current: bool = True
 ) -> str:
     """Publish the chosen checkpoint's adapter, after checking it, as a new version of
-    `<storage.root>/adapters/<name>` (`cluster.versions`: written whole, then made current).
+    `<storage.root>/adapters/<name>` (`cluster.store.versions`: written whole, then made current).
     Returns the version's URI."""
-    from cluster import versions
+    from cluster.store import versions
 
     root = layout.adapters_root(cfg.storage.root)
     with tempfile.TemporaryDirectory(prefix="lorafleet-publish-") as tmp:
@@ -172,7 +173,7 @@ def _publish_model(trained_dir: Path, cfg, meta: dict, source: dict | None, log)
 
 def absolute_paths(cfg):
     """Relative local paths resolved against the driver's directory: Ray workers run elsewhere."""
-    from cluster.validation import with_overrides
+    from cluster.config.validation import with_overrides
 
     over = {"storage.root": storage.absolute(cfg.storage.root)}
     if cfg.data.sources:
@@ -207,7 +208,7 @@ def plan_run(cfg, log=print):
     Returns (the config the workers get, the data report)."""
     from cluster.errors import ConfigError
     from cluster.ray_connect import ensure_ray
-    from cluster.servability import config_warning
+    from cluster.store.servability import config_warning
     from train.data import prepare
     from train.model import load_tokenizer, resolve_base
 
@@ -229,8 +230,8 @@ def plan_run(cfg, log=print):
 def _steps_from_epochs(cfg, report, log):
     """training.epochs -> training.max_steps, computed once here from the packed sequences, so
     the loop, the LR schedule, warmup and Tune's scheduler all see plain steps."""
+    from cluster.config.validation import with_overrides
     from cluster.errors import ConfigError
-    from cluster.validation import with_overrides
     from train.data import steps_for_epochs
 
     t, world = cfg.training, cfg.scaling.num_workers

@@ -93,8 +93,8 @@ def override_problems(override, cfg, source: str) -> list[str]:
 def load_override(cfg) -> dict | None:
     """`scaling.deepspeed.config` read on the driver and checked against the YAML (raises
     ConfigError naming the key). None when there is no file or the strategy is ddp."""
-    from cluster import storage
     from cluster.errors import ConfigError
+    from cluster.store import storage
 
     path = cfg.scaling.deepspeed.config
     if cfg.scaling.strategy != "deepspeed" or not path:

@@ -19,11 +19,11 @@ import re
 import time
 from pathlib import Path
 
-from cluster import storage
-from cluster.config import dump_config
+from cluster.config.job import JobConfig
+from cluster.config.load import dump_config
+from cluster.config.validation import with_overrides
 from cluster.errors import ConfigError, LorafleetError
-from cluster.job_config import JobConfig
-from cluster.validation import with_overrides
+from cluster.store import storage
 
 SEP = "__"  # dotted keys become Tune parameter names without dots
 # how often, at most, Tune saves the search state that `--resume` continues from (seconds)
@@ -409,7 +409,7 @@ def tune_job(cfg, resume: bool = False, log=say, make_current: bool = True) -> d
         raise ConfigError(["tune.space: expected at least one key to search. Got {} instead"])
     cfg = prepare_run(cfg, log=log)
     t0 = time.time()
-    # Tune saves the search's state at most every 10 s by default; Ctrl-C (see cluster/cli.py)
+    # Tune saves the search's state at most every 10 s by default; Ctrl-C (see cluster/cli/main.py)
     # leaves without a last save, so a trial finished in those 10 s would run again on --resume
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", str(STATE_SAVE_S))
     restore = resume and can_resume(cfg)

@@ -1,6 +1,6 @@
 """The adapter store over HTTP: an adapter's versions, its current one and history, and which
 vLLM replicas hold each version (from Serve's controller: `LoadedMixin`); promote and rollback
-(admin) move its `current` pointer (cluster/versions.py)."""
+(admin) move its `current` pointer (cluster/store/versions.py)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import time
 from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse
 
-from cluster import versions
-from cluster.schema_base import name_problem
-from cluster.versions import is_version_id
+from cluster.config.base import name_problem
+from cluster.store import versions
+from cluster.store.versions import is_version_id
 from serve.auth import ApiError, admin_router, current
 from serve.gate import json_object
 from serve.ray_internal import loaded_model_ids
@@ -90,7 +90,7 @@ async def adapter_versions(name: str, request: Request):
         "eval_loss",
         "metrics",
         "base_fingerprint",
-        "prompt_format",  # how requests to it are rendered (cluster/prompt_format.py)
+        "prompt_format",  # how requests to it are rendered (cluster/text/prompt_format.py)
     )
     return JSONResponse(
         {

@@ -10,9 +10,9 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from cluster.job_config import RayConfig, StorageConfig
-from cluster.release_config import ReleaseConfig
-from cluster.schema_base import Section, validate_name
+from cluster.config.base import Section, validate_name
+from cluster.config.release import ReleaseConfig
+from cluster.config.sections import RayConfig, StorageConfig
 
 MODEL_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$")
 

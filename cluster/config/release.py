@@ -16,7 +16,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from cluster.schema_base import Section, name_problem
+from cluster.config.base import Section, name_problem
 
 
 class RampStep(Section):

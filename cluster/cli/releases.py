@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 
-from cluster.http_client import Client
+from cluster.cli.http_client import Client
 
 DONE = ("promoted", "rolled_back")
 

@@ -14,7 +14,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from cluster import storage
+from cluster.store import storage
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 

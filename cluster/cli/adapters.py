@@ -1,5 +1,5 @@
 """`lorafleet adapters list | show NAME | promote NAME VERSION | rollback NAME`: the adapter store's
-versions, read and moved in storage itself (`cluster.versions`). A running `lorafleet serve` reads
+versions, read and moved in storage itself (`cluster.store.versions`). A running `lorafleet serve` reads
 the `current` pointers every few seconds, so a promote or rollback is served without a restart.
 
     lorafleet adapters list
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 
-from cluster import layout, versions
+from cluster.store import layout, versions
 
 DEFAULT_ROOT = "lorafleet-runs"
 
@@ -22,7 +22,7 @@ def storage_root(root: str | None, config: str | None) -> str:
     if root:
         return root
     if config:
-        from cluster.config import load_config, schema_for
+        from cluster.config.load import load_config, schema_for
 
         return load_config(config, [], schema_for(config)).storage.root
     return os.environ.get("LORAFLEET_STORAGE_ROOT") or DEFAULT_ROOT

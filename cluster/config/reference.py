@@ -1,8 +1,8 @@
 """The config reference rows of docs/reference.md, generated from the schemas (tests/test_docs.py
 keeps them in sync).
 
-python -m cluster.config_reference [serve] > /tmp/ref.md
-python -m cluster.config_reference --update docs/reference.md   # rewrite the rows in place
+python -m cluster.config.reference [serve] > /tmp/ref.md
+python -m cluster.config.reference --update docs/reference.md   # rewrite the rows in place
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import sys
 
 from pydantic import BaseModel
 
-from cluster.job_config import JobConfig
-from cluster.serve_config import ServeAppConfig
+from cluster.config.job import JobConfig
+from cluster.config.serve import ServeAppConfig
 
 
 def config_reference(schema: type[BaseModel] = JobConfig, prefix: str = "") -> list[str]:

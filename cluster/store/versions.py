@@ -45,10 +45,10 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from cluster import storage
+from cluster.config.base import NAME_RE, RESERVED_NAMES, name_problem
 from cluster.errors import LorafleetError
-from cluster.layout import ADAPTER_CONFIG, ADAPTER_META
-from cluster.schema_base import NAME_RE, RESERVED_NAMES, name_problem
+from cluster.store import storage
+from cluster.store.layout import ADAPTER_CONFIG, ADAPTER_META
 
 __all__ = ["RESERVED_NAMES", "name_problem"]  # the name rule, kept beside the schema
 

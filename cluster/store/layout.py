@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cluster import storage
+from cluster.store import storage
 
 TINY_SCHEME = "tiny://"
 ADAPTER_CONFIG = "adapter_config.json"

@@ -8,9 +8,9 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from cluster.config.base import Section
+from cluster.config.validation import with_overrides
 from cluster.errors import ConfigError
-from cluster.schema_base import Section
-from cluster.validation import with_overrides
 
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice", "grid")
 

@@ -49,7 +49,7 @@ def _part_problem(part) -> str | None:
 def join(root: str, *parts: str) -> str:
     """`root` and `parts` as one URI or path. Every part must stay below the root: an absolute
     part, a `..` segment or a NUL raises UnsafePath, whoever the caller is (the adapter store's
-    names are checked again against the name rule in cluster/versions.py)."""
+    names are checked again against the name rule in cluster/store/versions.py)."""
     for part in parts:
         problem = _part_problem(part)
         if problem:

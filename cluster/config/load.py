@@ -1,10 +1,10 @@
 """Loading config files: a YAML file plus dotted command-line overrides, validated against its
-schema (a job: `cluster.job_config`; a serve file: `cluster.serve_config`).
+schema (a job: `cluster.config.job`; a serve file: `cluster.config.serve`).
 
     lorafleet validate configs/demo.yaml training.learning_rate=1e-4
 
 Every problem in a file is reported at once, each naming the key, the value it got and what it
-expects, with a "did you mean" for a mistyped key (`cluster.validation`).
+expects, with a "did you mean" for a mistyped key (`cluster.config.validation`).
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
+from cluster.config.job import JobConfig
+from cluster.config.overrides import deep_merge, parse_overrides
+from cluster.config.serve import ServeAppConfig
+from cluster.config.validation import validate
 from cluster.errors import ConfigError
-from cluster.job_config import JobConfig
-from cluster.overrides import deep_merge, parse_overrides
-from cluster.serve_config import ServeAppConfig
-from cluster.validation import validate
 
 # set on every node of a cluster from cluster.yaml: the storage.root of configs that leave it unset
 STORAGE_ROOT_ENV = "LORAFLEET_STORAGE_ROOT"

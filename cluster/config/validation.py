@@ -9,8 +9,8 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from cluster.config.overrides import deep_merge, parse_overrides, set_dotted
 from cluster.errors import ConfigError
-from cluster.overrides import deep_merge, parse_overrides, set_dotted
 
 
 def _known_keys(model: type[BaseModel], loc: tuple) -> list[str]:
