@@ -10,6 +10,9 @@
   ingress, divided by calling the Serve LLM deployment directly through its handle. Also
   printed: lorafleet's ingress against Ray Serve LLM's stock OpenAI ingress, both over HTTP.
 - adapter load: first-request latency on a cold adapter, divided by the same adapter warm.
+- `--experiment-latency [rounds] [n]`: the p50 of a request for an experiment divided by the
+  same adapter asked for by name through the same ingress, interleaved request by request over
+  rounds (median and spread of the ratio): what experiment routing and its response id cost.
 
 The model is the demo's shape (4 layers, width 128), built locally; the 4 adapters are PEFT LoRA
 adapters (r=16, all-linear) with random weights: speed does not depend on what they learned.
@@ -310,6 +313,16 @@ def tail_demo(argv: list[str]) -> None:
     _write(res, f"tail-{label}")
 
 
+def experiment_latency(argv: list[str]) -> None:
+    """`--experiment-latency [rounds] [n]`: bench/serve_client.py's measurement, in a process of
+    its own with http.mode throughput's environment set before Ray is imported."""
+    from cluster.config.serve import SERVE_MODES
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_SERVE_")}
+    cmd = [sys.executable, "-m", "bench.serve_client", "--experiment-latency", *argv]
+    subprocess.run(cmd, env=env | SERVE_MODES["throughput"], check=True)
+
+
 def _write(report, name: str) -> None:
     out = Path(__file__).resolve().parents[1] / "lorafleet-runs" / "bench"
     out.mkdir(parents=True, exist_ok=True)
@@ -322,6 +335,8 @@ def main(argv: list[str]) -> None:
     reexec_in_netns(["-m", "bench.serve", *argv])
     if argv and argv[0] == "--tail-demo":
         return tail_demo(argv[1:])
+    if argv and argv[0] == "--experiment-latency":
+        return experiment_latency(argv[1:])
     load = os.getloadavg()
     root = Path(tempfile.mkdtemp(prefix="lorafleet-bench-serve-"))
     try:

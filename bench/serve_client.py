@@ -111,3 +111,149 @@ def tail(session, prompts, duration_s, clients=TAIL_CLIENTS, sampler=None):
     if rejected:
         summary["rejected_p99_ms"] = 1000 * pct(rejected, 99)
     return summary, out, samples
+
+
+# --- what the ingress adds to a request for an experiment (python -m bench.serve --experiment-latency)
+
+EXPERIMENT_ROUNDS = 5  # interleaved rounds
+EXPERIMENT_N = 60  # requests of each kind per round
+
+
+def _deploy_experiment_app(root):
+    """The demo-shaped model with the 4 adapters and experiment `bot` (x: a0 80%, y: a1 20%),
+    built by `serve.app.build_app` with an API key, deployed on a local Ray in this process."""
+    from ray import serve
+
+    from bench.serve import model_entry
+    from cluster.config.load import load_config
+    from cluster.config.serve import ServeAppConfig
+    from cluster.ray_connect import ensure_ray
+    from serve.app import build_app, resolve
+
+    variants = [
+        {"name": "x", "model": "tiny", "adapter": "a0", "weight": 80},
+        {"name": "y", "model": "tiny", "adapter": "a1", "weight": 20},
+    ]
+    raw = {
+        "name": "bench",
+        "models": [model_entry(root / "models" / "demo")],
+        "experiments": [{"name": EXPERIMENT, "variants": variants}],
+        "http": {"port": PORT, "mode": "throughput"},
+        "storage": {"root": str(root)},
+        "ray": {"num_cpus": 4},
+    }
+    cfg = load_config(None, raw, ServeAppConfig)
+    ensure_ray(cfg.ray, log=lambda *_: None, serve_mode="throughput")
+    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
+    app = build_app(cfg, resolve(cfg, environ={cfg.http.api_keys_env: BENCH_KEY}))
+    serve.run(app, name="bench", route_prefix="/", blocking=False)
+    session = new_session()
+    deadline = time.time() + 300
+    while not all(_ok(session, m) for m in ("tiny:a0", EXPERIMENT)):
+        if time.time() > deadline:
+            raise RuntimeError("the bench app did not answer within 300 s")
+        time.sleep(1)
+    return session
+
+
+def _ok(session, model) -> bool:
+    try:
+        return post(session, model, "hi", 1, timeout=20)[3] == 200
+    except Exception:
+        return False
+
+
+def _experiment_round(session, users, prompt, n, rng) -> dict:
+    """`n` requests to the experiment and `n` to the anchor, alternating (which goes first
+    alternates too); both p50s and their ratio."""
+    exp, anchor = [], []
+    for i in range(n):
+        pair = [users[rng.randrange(len(users))], None]
+        for user in pair if i % 2 == 0 else pair[::-1]:
+            dt, _, _, status = post(
+                session, EXPERIMENT if user else "tiny:a0", prompt, 4, user=user
+            )
+            if status != 200:
+                raise RuntimeError(f"{EXPERIMENT if user else 'tiny:a0'} answered {status}")
+            (exp if user else anchor).append(1000 * dt)
+    row = {"exp_p50_ms": pct(exp, 50), "anchor_p50_ms": pct(anchor, 50)}
+    return row | {"ratio": row["exp_p50_ms"] / row["anchor_p50_ms"]}
+
+
+def experiment_latency(rounds: int, n: int) -> dict:
+    """What the ingress adds to a request for an experiment. One lorafleet app (http.mode
+    throughput, an API key); in each round, `n` short completions to experiment `bot` (users of
+    its variant x, so adapter a0) alternate, one for one, with `n` to `tiny:a0` by name: the
+    anchor, the same adapter, engine and HTTP path without the experiment's routing and response
+    id. Each round's p50s and their ratio; over the rounds the median ratio with its spread
+    (min-max) and the median difference in ms."""
+    import os
+    import shutil
+    import statistics
+    import tempfile
+    from pathlib import Path
+
+    import ray
+
+    from bench.serve import _build, _prompts
+    from serve.experiments import Table
+
+    table = Table(["x", "y"], [80, 20])  # the app's experiment as configured (never re-weighted)
+    users = [u for u in (f"u{i}" for i in range(400)) if table.assign(EXPERIMENT, u, None) == "x"]
+    prompt = _prompts()[1]
+    root = Path(tempfile.mkdtemp(prefix="lorafleet-bench-exp-"))
+    rows = []
+    try:
+        _build(root)
+        session = _deploy_experiment_app(root)
+        body = {"model": EXPERIMENT, "prompt": prompt, "max_tokens": 1, "user": users[0]}
+        r = session.post(f"{URL}/v1/completions", json=body, timeout=60)
+        rid = r.headers.get("X-Lorafleet-Response-Id", "")  # which code answered: its id's form
+        rng = random.Random(0)
+        _experiment_round(session, users, prompt, 20, rng)  # warm both paths
+        for r in range(rounds):
+            rows.append(_experiment_round(session, users, prompt, n, rng))
+            print(
+                f"[bench.serve] round {r}: experiment p50 {rows[-1]['exp_p50_ms']:.1f} ms, "
+                f"anchor (tiny:a0) p50 {rows[-1]['anchor_p50_ms']:.1f} ms, ratio "
+                f"{rows[-1]['ratio']:.3f}",
+                flush=True,
+            )
+    finally:
+        ray.shutdown()
+        shutil.rmtree(root, ignore_errors=True)
+    ratios = [x["ratio"] for x in rows]
+    med = statistics.median
+    return {
+        "rounds": rounds,
+        "n_per_round": n,
+        "ratio_median": med(ratios),
+        "ratio_min": min(ratios),
+        "ratio_max": max(ratios),
+        "diff_ms_median": med(x["exp_p50_ms"] - x["anchor_p50_ms"] for x in rows),
+        "exp_p50_ms_median": med(x["exp_p50_ms"] for x in rows),
+        "anchor_p50_ms_median": med(x["anchor_p50_ms"] for x in rows),
+        "response_id_example": rid,
+        "loadavg_after": os.getloadavg(),
+        "per_round": rows,
+    }
+
+
+if __name__ == "__main__":
+    import sys
+
+    from bench.serve import _write
+
+    args = sys.argv[1:]
+    if not args or args[0] != "--experiment-latency":
+        raise SystemExit("usage: python -m bench.serve --experiment-latency [rounds] [n]")
+    a = [int(x) for x in args[1:]]
+    s = experiment_latency(a[0] if a else EXPERIMENT_ROUNDS, a[1] if len(a) > 1 else EXPERIMENT_N)
+    print(
+        f"[bench.serve] experiment / anchor p50: median {s['ratio_median']:.3f} (min "
+        f"{s['ratio_min']:.3f}, max {s['ratio_max']:.3f}) over {s['rounds']} rounds of "
+        f"{s['n_per_round']}; median difference {s['diff_ms_median']:.1f} ms; experiment p50 "
+        f"{s['exp_p50_ms_median']:.1f} ms, anchor {s['anchor_p50_ms_median']:.1f} ms; a "
+        f"response id: {s['response_id_example']}"
+    )
+    _write(s, "experiment-latency")
