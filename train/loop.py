@@ -215,7 +215,7 @@ def restore(run: Run) -> None:
     """Ray's checkpoint (a restarted worker group, a resumed run) or training.resume_from."""
     import ray.train
 
-    from cluster import storage
+    from cluster.store import storage
 
     resume = ray.train.get_checkpoint()
     if resume is not None:
