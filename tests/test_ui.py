@@ -1,6 +1,7 @@
 """The /ui page in a real browser: Debian's Chromium, driven by Selenium through Debian's
 chromium-driver (`make browser` installs both), against a real `lorafleet serve` app (Ray Serve,
-vLLM on CPU, the tiny base) deployed the way the CLI deploys it (`serve.app.run`). The page gets
+vLLM on CPU, the tiny base) started by `lorafleet serve CONFIG` itself, in its own process, on the
+session's Ray; the last test stops it with SIGTERM, as `kill`, Docker and systemd do. The page gets
 the key the way a browser does after its Basic prompt (credentials on the first navigation);
 everything it shows comes from polling the app's JSON.
 
@@ -105,35 +106,85 @@ def _serve_config(port: int, base: str, storage_root: str):
 
 @pytest.fixture(scope="module")
 def app(ray_local, tmp_path_factory, tiny_base):
-    """`lorafleet serve`'s app on the tiny base, an inference key and an admin key, experiment
-    `bot` (80/20 between adapters ui-a and ui-b) and adapter ui-rel with a candidate version."""
+    """`lorafleet serve CONFIG` (a subprocess, joined to the session's Ray as a cluster's job
+    would be) on the tiny base: an inference key and an admin key, experiment `bot` (80/20
+    between adapters ui-a and ui-b) and adapter ui-rel with a candidate version. ui-b is
+    published only once the app is up: the command warns that it is missing, and the running
+    app then finds it in the store."""
+    import subprocess
+    import sys
+
     from ray import serve
 
     from cluster.config.load import dump_config
-    from serve.app import run
+    from cluster.ray_connect import state_api_address
 
     tmp = tmp_path_factory.mktemp("ui")
     store = tmp / "store"
     root = layout.adapters_root(str(store))
     for i, name in enumerate(("ui-a", "ui-b", "ui-rel")):
-        _publish(tiny_base, root, name, seed=i)
+        if name != "ui-b":
+            _publish(tiny_base, root, name, seed=i)
     cfg = _serve_config(free_port(), str(tiny_base), str(store))
+    cfg.ray.address = ray_local.get_runtime_context().gcs_address
     cfg_path = tmp / "serve.yaml"
     cfg_path.write_text(dump_config(cfg))
     environ = {cfg.http.api_keys_env: KEY, cfg.http.admin_keys_env: ADMIN_KEY}
+    log = tmp / "serve.log"
     t0 = time.monotonic()
-    run(cfg, blocking=False, log=lambda *_: None, environ=environ)
-    print(f"app up in {time.monotonic() - t0:.1f} s")
-    yield {
-        "url": f"http://127.0.0.1:{cfg.http.port}",
-        "cfg": cfg,
-        "cfg_path": cfg_path,
-        "root": root,
-        "base": tiny_base,
-        "shots": tmp / "screenshots",
-    }
-    serve.delete(APP)
-    serve.shutdown()
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cluster.cli", "serve", str(cfg_path)],
+            cwd=ROOT,
+            env=os.environ | environ | {"RAY_API_SERVER_ADDRESS": state_api_address()},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{cfg.http.port}"
+    try:
+        # a vLLM replica starting beside a busy suite on 2 cores took minutes
+        deadline = time.monotonic() + 500
+        while "[serve] ready at" not in log.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+        said = log.read_text()
+        assert (
+            "[serve] warning: experiment 'bot' variant 'b' names adapter 'ui-b', which is not in "
+            f"{root} yet" in said
+        ), said[-3000:]
+        _publish(tiny_base, root, "ui-b", seed=1)
+        # the running app finds the adapter published after it started (its store refresh)
+        _wait_for(lambda: "tiny:ui-b" in _model_ids(url), 60, "ui-b in /v1/models")
+        print(f"app up in {time.monotonic() - t0:.1f} s")
+        yield {
+            "url": url,
+            "cfg": cfg,
+            "cfg_path": cfg_path,
+            "root": root,
+            "base": tiny_base,
+            "shots": tmp / "screenshots",
+            "proc": proc,
+            "log": log,
+        }
+    finally:
+        if proc.poll() is None:  # the last test stops it; a test that failed first may not have
+            proc.kill()
+            proc.wait(timeout=30)
+        if APP in serve.status().applications:
+            serve.delete(APP)
+        serve.shutdown()
+
+
+def _model_ids(url: str) -> set[str]:
+    r = requests.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {KEY}"}, timeout=30)
+    return {m["id"] for m in r.json()["data"]} if r.status_code == 200 else set()
+
+
+def _wait_for(cond, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.5)
 
 
 # --- the browser ---------------------------------------------------------------------------------
@@ -745,3 +796,29 @@ def test_an_adapter_shows_the_replicas_that_loaded_it(app):
         assert after["cells"] == {old: replica, new: replica, unused: ""}, after
     finally:
         _close(driver)
+
+
+# --- last: the command stops --------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_lorafleet_serve_stops_on_sigterm_and_takes_its_app_with_it(app):
+    """SIGTERM (what `kill`, `docker stop` and systemd send) stops `lorafleet serve` the way
+    Ctrl-C does: it deletes its app, says so, and exits 0; the cluster it joined stays up. (That
+    a command that started its own Ray leaves none of its processes behind is the Ctrl-C test's
+    in tests/test_cli.py: the same `main`.)"""
+    import signal
+
+    from ray import serve
+
+    proc = app["proc"]
+    assert proc.poll() is None, app["log"].read_text()[-3000:]
+    proc.send_signal(signal.SIGTERM)
+    rc = proc.wait(timeout=120)
+    said = app["log"].read_text()
+    assert rc == 0, said[-3000:]
+    assert f"[serve] stopping '{APP}'" in said and "[serve] stopped" in said, said[-3000:]
+    assert "Traceback" not in said, said[-3000:]
+    assert APP not in serve.status().applications
+    r = requests.get(f"{app['url']}/v1/models", timeout=30)
+    assert r.status_code == 404, r.text  # Serve's proxy is up; the app behind it is gone
