@@ -15,6 +15,8 @@ import pytest
 from conftest import ROOT, current_adapter, our_lines
 from test_job_submit import ray_head  # noqa: F401 (the fixture)
 
+from tests.helpers.toolbox import ask_in_subprocess
+
 pytestmark = pytest.mark.slow
 
 
@@ -73,17 +75,7 @@ def test_submit_passes_secrets_by_env_and_ctrl_c_stops_following_not_the_job(
         "print(json.dumps({'status': str(i.status), 'env': i.runtime_env['env_vars'],"
         " 'logs': c.get_job_logs(sys.argv[2])[-5000:]}))\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", probe, address, job_id],
-        env=head_env,
-        capture_output=True,
-        text=True,
-        timeout=420,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    import json
-
-    info = json.loads(done.stdout.strip().splitlines()[-1])
+    info = ask_in_subprocess(probe, address, job_id, env=head_env, timeout_s=420)
     assert info["status"].endswith("SUCCEEDED"), info["logs"]
     assert info["env"]["HF_TOKEN"] == "hf-test-secret" and info["env"]["MY_SETTING"] == "on"
     assert "[done] submitted2" in info["logs"]
