@@ -92,7 +92,10 @@ def _serve_config(port: int, base: str, storage_root: str, keys_file: str | None
                     "max_replicas": 2,
                     "target_ongoing_requests": 6,
                     "upscale_delay_s": 1,
-                    "downscale_delay_s": 3,
+                    # long enough that a dip in the load (requests between proxy and ingress on a
+                    # starved machine) does not stop the replica the load is starting: with 3 s a
+                    # suite run scaled 1 -> 2 -> 1 seven times, a vLLM start thrown away each time
+                    "downscale_delay_s": 15,
                     "metrics_interval_s": 0.5,
                     "look_back_period_s": 2,
                 },
@@ -1781,7 +1784,10 @@ def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(served):
     prompt = _rows(served["tests"]["last"], 1)[0]["prompt"]
     _publish(served, "t-route", "t-reply")
     stop, results = threading.Event(), []
-    threads = [threading.Thread(target=_load, args=(served, stop, results)) for _ in range(16)]
+    # 12 clients of long answers: at least 6 requests (the target per replica) stay at the vLLM
+    # replica at every moment, few are in transit (short answers left many between requests)
+    load = (served, stop, results, 90)  # prompt (25 tokens) + 90 within max_model_len 128
+    threads = [threading.Thread(target=_load, args=load) for _ in range(12)]
     for t in threads:
         t.start()
     try:
