@@ -1,23 +1,30 @@
 """Where a run's metrics go, on rank 0: `<run dir>/metrics.jsonl` (one line per report,
 appended), TensorBoard events in `<run dir>/tensorboard/` (`training.tensorboard`, on by
-default), and MLflow or W&B through Ray's integrations when `tracking.mlflow` /
-`tracking.wandb` is set. Also what the metrics say about the run: peak memory, and whether it
-is overfitting.
+default), and MLflow or W&B when `tracking.mlflow` / `tracking.wandb` is set. Also what the
+metrics say about the run: peak memory, and whether it is overfitting.
 
     tensorboard --logdir lorafleet-runs/runs/<name>      # every run of <name>, offline
 
+One lorafleet run is one MLflow run and one W&B run, a resume included: the MLflow run is found
+again by its `lorafleet.run_dir` tag, the W&B run by an id made of the job's name and the run
+folder's. MLflow gets the config as flat params, every report's numbers as metrics at their step,
+and at the end `metrics.jsonl` and `data_report.json` as artifacts. W&B's local files (its
+offline runs, for `wandb sync`) go to `<run dir>/wandb/`.
+
 On an s3:// or gs:// root, nothing can be appended to: metrics.jsonl is rewritten whole at every
-report there (one small PUT), and TensorBoard writes into a local folder that is uploaded to
-`<run dir>/tensorboard/` at every checkpoint and at the end.
+report there (one small PUT), and TensorBoard and W&B write into local folders that are uploaded
+to `<run dir>/tensorboard/` and `<run dir>/wandb/` at every checkpoint and at the end.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 import resource
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +33,10 @@ import torch
 from cluster.store import storage
 
 METRICS_FILE = "metrics.jsonl"
+DATA_REPORT_FILE = "data_report.json"  # written by the driver (train/trainer.py) before the loop
 TENSORBOARD_DIR = "tensorboard"
+WANDB_DIR = "wandb"
+RUN_DIR_TAG = "lorafleet.run_dir"  # the MLflow tag a resumed run is found by
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -113,7 +123,7 @@ class Tracker:
         self.jsonl = storage.join(run_dir, METRICS_FILE)
         self.lines = [json.dumps(h) + "\n" for h in history]
         self.writer = self.tb_local = None
-        self.mlflow = self.wandb = None
+        self.mlflow = self.wandb = self.wandb_local = None
         if not enabled:
             return
         # the history a checkpoint restored, and nothing a killed run wrote after it: written
@@ -121,7 +131,7 @@ class Tracker:
         storage.write_text(self.jsonl, "".join(self.lines))
         if cfg.training.tensorboard:
             self._open_tensorboard(step)
-        self._open_ray_integrations(cfg)
+        self._open_trackers(cfg)
 
     def _open_tensorboard(self, step: int) -> None:
         try:
@@ -137,26 +147,35 @@ class Tracker:
         # purge_step: events a killed run wrote after the checkpoint are hidden, not doubled
         self.writer = SummaryWriter(self.tb_local or tb_uri, purge_step=step + 1 if step else None)
 
-    def _open_ray_integrations(self, cfg) -> None:
-        params = _flat_params(cfg.model_dump(mode="json"))
+    def _open_trackers(self, cfg) -> None:
+        # where to log is not a hyperparameter (and a tracking URI is no place for a secret)
+        params = {
+            k: v
+            for k, v in _flat_params(cfg.model_dump(mode="json")).items()
+            if not k.startswith("tracking.")
+        }
         name = Path(self.run_dir.rstrip("/")).name
         if cfg.tracking.mlflow is not None:
-            from ray.air.integrations.mlflow import setup_mlflow
-
-            m = cfg.tracking.mlflow
-            self.mlflow = setup_mlflow(
-                params,
-                tracking_uri=m.tracking_uri,
-                experiment_name=m.experiment,
-                run_name=f"{cfg.name}/{name}",
-                create_experiment_if_not_exists=True,
-            )
+            self.mlflow = MlflowRun(cfg.tracking.mlflow, self.run_dir, f"{cfg.name}/{name}", params)
         if cfg.tracking.wandb is not None:
             from ray.air.integrations.wandb import setup_wandb
 
             w = cfg.tracking.wandb
+            if self.remote:  # its run folder uploaded to <run dir>/wandb/ (flush, close)
+                self.wandb_local = tempfile.mkdtemp(prefix="lorafleet-wandb-")
             self.wandb = setup_wandb(
-                params, project=w.project, entity=w.entity, name=f"{cfg.name}/{name}"
+                params,
+                project=w.project,
+                entity=w.entity,
+                name=f"{cfg.name}/{name}",
+                group=cfg.name,
+                # one W&B run per lorafleet run, a resume included (Ray's defaults, no id under
+                # Ray Train and resume="auto", find a crashed run only by a file in the folder
+                # of the node it ran on)
+                id=wandb_run_id(cfg.name, name),
+                resume="allow",
+                reinit="finish_previous",  # what Ray's reinit=True means, without the warning
+                dir=self.wandb_local or self.run_dir,
             )
 
     def log(self, metrics: dict) -> None:
@@ -174,16 +193,21 @@ class Tracker:
             for k, v in values.items():
                 self.writer.add_scalar(k, v, step)
         if self.mlflow is not None:
-            self.mlflow.log_metrics(values, step=step)
+            self.mlflow.log(values, step)
         if self.wandb is not None:
             self.wandb.log(values, step=step)
 
     def flush(self) -> None:
-        if self.writer is None:
-            return
-        self.writer.flush()
-        if self.tb_local:
-            storage.upload_dir(self.tb_local, storage.join(self.run_dir, TENSORBOARD_DIR))
+        """At checkpoints: TensorBoard's events on disk, and on a remote root TensorBoard's and
+        W&B's local folders uploaded (what a killed run leaves there)."""
+        if self.writer is not None:
+            self.writer.flush()
+            if self.tb_local:
+                storage.upload_dir(self.tb_local, storage.join(self.run_dir, TENSORBOARD_DIR))
+        if self.wandb_local:  # this session's run folder (offline-run-* or run-*), no links
+            for run in (Path(self.wandb_local) / WANDB_DIR).glob("*run-*"):
+                if run.is_dir() and not run.is_symlink():
+                    storage.upload_dir(str(run), storage.join(self.run_dir, WANDB_DIR, run.name))
 
     def close(self) -> None:
         self.flush()
@@ -191,9 +215,82 @@ class Tracker:
             self.writer.close()
             self.writer = None
         if self.mlflow is not None:
-            self.mlflow.end_run()
+            self.mlflow.close(self.run_dir)
+            self.mlflow = None
         if self.wandb is not None:
             self.wandb.finish()
+            self.wandb = None
+            self.flush()  # W&B's finished files, on a remote root
+
+
+def wandb_run_id(job: str, run: str) -> str:
+    """The W&B run id of a lorafleet run: the job's name and the run folder's, in the characters
+    W&B allows, at most 64."""
+    return re.sub(r"[^A-Za-z0-9_-]", "-", f"{job}-{run}")[:64]
+
+
+class MlflowRun:
+    """The MLflow run of one lorafleet run, through MlflowClient (no active run kept in the worker
+    process): created with the config as params and tagged with the run folder, or found again by
+    that tag when the run resumes. A resume may change the config (more steps): params cannot
+    change in MLflow, so the new values go to tags named `resumed.<param>`."""
+
+    def __init__(self, section, run_dir: str, run_name: str, params: dict):
+        from mlflow import MlflowClient
+        from mlflow.entities import Param, RunTag
+        from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
+
+        self.client = MlflowClient(tracking_uri=section.tracking_uri)
+        experiment_id = self._experiment_id(section.experiment)
+        params = {k: str(v)[:MAX_PARAM_VAL_LENGTH] for k, v in params.items()}
+        found = None
+        if "'" not in run_dir:  # the filter's quote; such a run folder starts a new run
+            found = self.client.search_runs(
+                [experiment_id], f"tags.`{RUN_DIR_TAG}` = '{run_dir}'", max_results=1
+            )
+        if found:
+            run = found[0]
+            self.run_id = run.info.run_id
+            self.client.update_run(self.run_id, status="RUNNING")
+            had = run.data.params
+            new = [Param(k, v) for k, v in params.items() if k not in had]
+            changed = [RunTag(f"resumed.{k}", v) for k, v in params.items() if had.get(k, v) != v]
+            self.client.log_batch(self.run_id, params=new, tags=changed)
+            print(f"[track] MLflow: resuming run {self.run_id} ({run_name})", flush=True)
+        else:
+            tags = {RUN_DIR_TAG: run_dir}
+            run = self.client.create_run(experiment_id, run_name=run_name, tags=tags)
+            self.run_id = run.info.run_id
+            self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in params.items()])
+
+    def _experiment_id(self, name: str) -> str:
+        from mlflow.exceptions import MlflowException
+
+        experiment = self.client.get_experiment_by_name(name)
+        if experiment is not None:
+            return experiment.experiment_id
+        try:
+            return self.client.create_experiment(name)
+        except MlflowException:  # another run created it just now
+            experiment = self.client.get_experiment_by_name(name)
+            if experiment is None:
+                raise
+            return experiment.experiment_id
+
+    def log(self, values: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, v, now, step) for k, v in values.items()]
+        self.client.log_batch(self.run_id, metrics=metrics)
+
+    def close(self, run_dir: str) -> None:
+        """The run folder's metrics.jsonl and data report as artifacts; the run FINISHED."""
+        for name in (METRICS_FILE, DATA_REPORT_FILE):
+            uri = storage.join(run_dir, name)
+            if storage.exists(uri):
+                self.client.log_text(self.run_id, storage.read_text(uri), name)
+        self.client.set_terminated(self.run_id, "FINISHED")
 
 
 def _flat_params(tree: dict, prefix: str = "") -> dict:

@@ -191,26 +191,50 @@ class TrainingConfig(Section):
 
 class MlflowSection(Section):
     tracking_uri: str | None = Field(
-        None, description="MLflow tracking server or store; null: MLflow's own default."
+        None,
+        description="MLflow tracking server (http://host:5000) or store; null: MLflow's own "
+        "default ($MLFLOW_TRACKING_URI, else a local store in the rank-0 worker's working "
+        "directory). Credentials come from $MLFLOW_TRACKING_USERNAME / $MLFLOW_TRACKING_PASSWORD "
+        "or $MLFLOW_TRACKING_TOKEN.",
     )
     experiment: str = Field("lorafleet", description="MLflow experiment name (created if missing).")
 
+    @field_validator("tracking_uri")
+    @classmethod
+    def _no_password(cls, v):
+        from urllib.parse import urlsplit
+
+        if v and urlsplit(v).password:
+            shown = v.replace(urlsplit(v).password, "***", 1)
+            raise ValueError(
+                "expected no password in the URI: the config is stored with every run and "
+                "version; set $MLFLOW_TRACKING_USERNAME and $MLFLOW_TRACKING_PASSWORD (or "
+                f"$MLFLOW_TRACKING_TOKEN) instead. Got {shown} instead"
+            )
+        return v
+
 
 class WandbSection(Section):
-    project: str = Field(..., description="W&B project; the API key comes from $WANDB_API_KEY.")
+    project: str = Field(
+        ...,
+        description="W&B project; the API key comes from $WANDB_API_KEY (none needed with "
+        "WANDB_MODE=offline).",
+    )
     entity: str | None = Field(None, description="W&B entity (team or user); null: yours.")
 
 
 class TrackingConfig(Section):
     mlflow: MlflowSection | None = Field(
         None,
-        description="Also log to MLflow, through Ray's integration (rank 0 of a run; one MLflow "
-        "run per Tune trial). Needs `pip install mlflow`.",
+        description="Also log to MLflow: one MLflow run per lorafleet run (rank 0; a resume "
+        "continues it) with the config as params, the reports as metrics, metrics.jsonl and "
+        "data_report.json as artifacts; one per Tune trial. Needs `pip install mlflow`.",
     )
     wandb: WandbSection | None = Field(
         None,
-        description="Also log to Weights & Biases, through Ray's integration. Needs `pip install "
-        "wandb` and $WANDB_API_KEY.",
+        description="Also log to Weights & Biases: one W&B run per lorafleet run (rank 0; a "
+        "resume continues it), its local files (offline runs, for `wandb sync`) in "
+        "`<run dir>/wandb/`; one per Tune trial. Needs `pip install wandb`.",
     )
 
     def missing_packages(self) -> list[str]:

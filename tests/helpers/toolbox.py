@@ -96,3 +96,85 @@ def start_s3_server(bucket: str = "fleet"):
         region_name=env["AWS_DEFAULT_REGION"],
     ).create_bucket(Bucket=bucket)
     return server, env
+
+
+def start_mlflow_server(folder) -> tuple[subprocess.Popen, str]:
+    """A real `mlflow server` on a free 127.0.0.1 port, its SQLite store and artifacts in
+    `folder`, its output in `folder`/server.log: (the process, in a session of its own, to stop
+    with `stop_processes(groups=[proc.pid], ...)`; its URL). Returns at once: wait for it with
+    `wait_mlflow_server`. The server's job runner (scorers, not needed here) is left off."""
+    from pathlib import Path
+
+    folder = Path(folder)
+    port = free_port()
+    mlflow = Path(sys.executable).with_name("mlflow")
+    with open(folder / "server.log", "wb") as log:
+        proc = subprocess.Popen(
+            [str(mlflow), *f"server --host 127.0.0.1 --port {port} --workers 1".split()]
+            + ["--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}"]
+            + ["--artifacts-destination", str(folder / "artifacts")],
+            cwd=folder,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=os.environ | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+        )
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def wait_mlflow_server(proc: subprocess.Popen, url: str, folder, timeout_s: float) -> None:
+    """Until `url`/health answers 200; fails with the server's log if it exits or times out."""
+    import time
+    import urllib.request
+    from pathlib import Path
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            break
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.25)
+    log = (Path(folder) / "server.log").read_text(errors="replace")[-3000:]
+    raise AssertionError(f"mlflow server at {url} not up (exit code {proc.poll()}):\n{log}")
+
+
+def read_wandb_run(path) -> list:
+    """The records of a W&B run file (`run-<id>.wandb` in an offline run's folder), as wandb's
+    own protobuf `Record`s (`record.history`, `.run`, `.summary`...). wandb 0.31 ships no Python
+    reader (wandb-core writes the file); its format is LevelDB's log format (32 KiB blocks of
+    CRC32-checked chunks) after a 7-byte `:W&B` header, with one `Record` per logical record."""
+    import struct
+    import zlib
+    from pathlib import Path
+
+    from wandb.proto import wandb_internal_pb2
+
+    data = Path(path).read_bytes()
+    ident, magic, version = struct.unpack("<4sHB", data[:7])
+    assert (ident, magic, version) == (b":W&B", 0xBEE1, 0), (ident, hex(magic), version)
+    block, header = 32768, 7
+    records, pending, pos = [], b"", header
+    while pos + header <= len(data):
+        left = block - pos % block
+        if left < header:  # a block's tail too short for a chunk header is padding
+            pos += left
+            continue
+        crc, length, kind = struct.unpack("<IHB", data[pos : pos + header])
+        if (crc, length, kind) == (0, 0, 0):  # zero padding to the block's end
+            pos += left
+            continue
+        chunk = data[pos + header : pos + header + length]
+        assert zlib.crc32(bytes([kind]) + chunk) == crc, f"bad chunk at byte {pos} of {path}"
+        pos += header + length
+        pending += chunk
+        if kind in (1, 4):  # FULL, or LAST of FIRST/MIDDLE.../LAST
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            records.append(record)
+            pending = b""
+    return records
