@@ -116,7 +116,7 @@ def tail(session, prompts, duration_s, clients=TAIL_CLIENTS, sampler=None):
 # --- what the ingress adds to a request for an experiment (python -m bench.serve --experiment-latency)
 
 EXPERIMENT_ROUNDS = 5  # interleaved rounds
-EXPERIMENT_N = 60  # requests of each kind per round
+EXPERIMENT_N = 100  # requests of each kind per round
 
 
 def _deploy_experiment_app(root):
@@ -164,19 +164,21 @@ def _ok(session, model) -> bool:
 
 
 def _experiment_round(session, users, prompt, n, rng) -> dict:
-    """`n` requests to the experiment and `n` to the anchor, alternating (which goes first
-    alternates too); both p50s and their ratio."""
+    """`n` one-token requests to the experiment and `n` to the anchor, in pairs (which goes
+    first alternates); both p50s, their ratio, and the median of the pairs' differences (what a
+    load that drifts during the round moves least)."""
     exp, anchor = [], []
     for i in range(n):
         pair = [users[rng.randrange(len(users))], None]
         for user in pair if i % 2 == 0 else pair[::-1]:
             dt, _, _, status = post(
-                session, EXPERIMENT if user else "tiny:a0", prompt, 4, user=user
+                session, EXPERIMENT if user else "tiny:a0", prompt, 1, user=user
             )
             if status != 200:
                 raise RuntimeError(f"{EXPERIMENT if user else 'tiny:a0'} answered {status}")
             (exp if user else anchor).append(1000 * dt)
     row = {"exp_p50_ms": pct(exp, 50), "anchor_p50_ms": pct(anchor, 50)}
+    row["paired_diff_ms"] = pct([e - a for e, a in zip(exp, anchor, strict=True)], 50)
     return row | {"ratio": row["exp_p50_ms"] / row["anchor_p50_ms"]}
 
 
@@ -186,7 +188,7 @@ def experiment_latency(rounds: int, n: int) -> dict:
     its variant x, so adapter a0) alternate, one for one, with `n` to `tiny:a0` by name: the
     anchor, the same adapter, engine and HTTP path without the experiment's routing and response
     id. Each round's p50s and their ratio; over the rounds the median ratio with its spread
-    (min-max) and the median difference in ms."""
+    (min-max), the median difference in ms, and the median of the pairs' differences."""
     import os
     import shutil
     import statistics
@@ -216,7 +218,7 @@ def experiment_latency(rounds: int, n: int) -> dict:
             print(
                 f"[bench.serve] round {r}: experiment p50 {rows[-1]['exp_p50_ms']:.1f} ms, "
                 f"anchor (tiny:a0) p50 {rows[-1]['anchor_p50_ms']:.1f} ms, ratio "
-                f"{rows[-1]['ratio']:.3f}",
+                f"{rows[-1]['ratio']:.3f}, paired difference {rows[-1]['paired_diff_ms']:.1f} ms",
                 flush=True,
             )
     finally:
@@ -231,6 +233,9 @@ def experiment_latency(rounds: int, n: int) -> dict:
         "ratio_min": min(ratios),
         "ratio_max": max(ratios),
         "diff_ms_median": med(x["exp_p50_ms"] - x["anchor_p50_ms"] for x in rows),
+        "paired_diff_ms_median": med(x["paired_diff_ms"] for x in rows),
+        "paired_diff_ms_min": min(x["paired_diff_ms"] for x in rows),
+        "paired_diff_ms_max": max(x["paired_diff_ms"] for x in rows),
         "exp_p50_ms_median": med(x["exp_p50_ms"] for x in rows),
         "anchor_p50_ms_median": med(x["anchor_p50_ms"] for x in rows),
         "response_id_example": rid,
@@ -252,7 +257,9 @@ if __name__ == "__main__":
     print(
         f"[bench.serve] experiment / anchor p50: median {s['ratio_median']:.3f} (min "
         f"{s['ratio_min']:.3f}, max {s['ratio_max']:.3f}) over {s['rounds']} rounds of "
-        f"{s['n_per_round']}; median difference {s['diff_ms_median']:.1f} ms; experiment p50 "
+        f"{s['n_per_round']}; median difference {s['diff_ms_median']:.1f} ms; paired difference "
+        f"{s['paired_diff_ms_median']:.1f} ms (min {s['paired_diff_ms_min']:.1f}, max "
+        f"{s['paired_diff_ms_max']:.1f}); experiment p50 "
         f"{s['exp_p50_ms_median']:.1f} ms, anchor {s['anchor_p50_ms_median']:.1f} ms; a "
         f"response id: {s['response_id_example']}"
     )
