@@ -1,7 +1,8 @@
 """Answering an OpenAI request inside the ingress replica: an experiment's name becomes its
 variant's model (sticky per user), an adapter its version (a canary's arm under release), the
 prompt is rendered the way training rendered it, and the answer comes back whole or streamed,
-its tokens and latency counted for the experiment and the release, its id recorded for feedback.
+its tokens and latency counted for the experiment and the release, named with a signed response
+id that carries what feedback needs (serve/feedback_ids.py; no call to the state replica).
 The deadline (`http.request_timeout_s`, or the client's shorter one) answers 504 and cancels
 the engine's call. A mixin of the ingress replica (serve/ingress.py); the routes that call it
 are in serve/routes/openai.py.
@@ -181,10 +182,18 @@ async def _counted(gen, track: bool, wants_usage: bool, done):
         done(ok, prompt, completion)
 
 
+async def _renamed(stream, old: str, new: str):
+    """The stream's SSE text with the engine's response id, a JSON string in every event, as
+    `new` (a JSON string token equal to the id: the id itself, never part of a text)."""
+    old_json, new_json = json.dumps(old), json.dumps(new)
+    async for chunk in stream:
+        yield chunk.replace(old_json, new_json) if isinstance(chunk, str) else chunk
+
+
 class AnswerMixin:
-    """Needs from the ingress: cfg, experiments, tables, rng, metrics, state, max_model_len,
-    store, _check_target (serve/names.py), _record_release (serve/routes/releases.py),
-    _get_response (Ray's OpenAiIngress), _maybe_sync."""
+    """Needs from the ingress: cfg, experiments, tables, rng, metrics, state, feedback_ids,
+    max_model_len, store, _check_target (serve/names.py), _record_release
+    (serve/routes/releases.py), _get_response (Ray's OpenAiIngress), _maybe_sync."""
 
     async def _route(self, body, request: Request) -> tuple[str | None, str | None]:
         """Rewrite an experiment name to its variant's `model[:adapter]`; (experiment, variant)."""
@@ -322,25 +331,44 @@ class AnswerMixin:
             options_cls = typing.get_args(type(body).model_fields["stream_options"].annotation)[0]
             body.stream_options = options_cls(include_usage=True)
         first, head, gen = await self._first_chunk(body, call_method, request, done)
-        if track or release:  # the id feedback names (the response's own, streamed or not)
-            headers[RESPONSE_ID_HEADER] = await self._remember(first, exp, var, release)
+        engine_id = rid = None
+        if track or release:  # the id feedback names, in the header and the body (every chunk)
+            engine_id, rid = self._name_answer(first, exp, var, release, body.model)
+            if rid is None:
+                rid = await self._remember(engine_id, exp, var, release and list(release))
+            headers[RESPONSE_ID_HEADER] = rid
         if isinstance(head, NON_STREAMING_RESPONSE_TYPES):
             done(True, *_usage(head))
-            return JSONResponse(content=head.model_dump(), headers=headers)
-        return StreamingResponse(
-            open_ai_json_wrapper(_counted(gen, track, wants_usage, done)),
-            media_type="text/event-stream",
-            headers=headers,
-        )
+            content = head.model_dump()
+            if rid is not None:
+                content["id"] = rid
+            return JSONResponse(content=content, headers=headers)
+        stream = open_ai_json_wrapper(_counted(gen, track, wants_usage, done))
+        if engine_id and rid and rid != engine_id:
+            stream = _renamed(stream, engine_id, rid)
+        return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
 
-    async def _remember(self, first, exp: str | None, var: str | None, release=None) -> str:
-        """The response's id (OpenAI's `id`, else a new one), told to the experiment state before
-        the client sees it, so feedback sent at once to any ingress replica finds its variant."""
+    def _name_answer(self, first, exp, var, release, model: str):
+        """(the engine's response id, the id feedback names): signed with the app's secret,
+        carrying the experiment and variant, the release arm, the adapter's version and the time
+        (serve/feedback_ids.py); None for the second until this replica holds the secret."""
         ids = [it.get("id") for it in _sse_items(first)]
-        rid = next((i for i in ids if isinstance(i, str) and i), None) or f"lf-{uuid.uuid4().hex}"
+        engine_id = next((i for i in ids if isinstance(i, str) and i), None)
+        if self.feedback_ids is None:
+            return engine_id, None
+        _, _, spec = model.partition(":")
+        adapter, version = split_adapter(spec) if spec else (None, None)
+        arm = release[1] if release else None
+        signed = self.feedback_ids.sign(exp, var, adapter, version, arm)
+        return engine_id, signed
+
+    async def _remember(self, rid: str | None, exp: str | None, var: str | None, release) -> str:
+        """An id told to the experiment state before the client sees it: how a replica names
+        answers before it holds the feedback secret (its first sync, a second after start)."""
+        rid = rid or f"lf-{uuid.uuid4().hex}"
         try:  # bounded: while the state replica restarts, answers go on without it
             for _ in range(2):  # an id already known (a client's reused X-Request-ID): a new one
-                call = self.state.remember.remote(rid, exp, var, release and list(release))
+                call = self.state.remember.remote(rid, exp, var, release)
                 if await asyncio.wait_for(call, REMEMBER_TIMEOUT_S) is not False:
                     break
                 rid = f"lf-{uuid.uuid4().hex}"

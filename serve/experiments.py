@@ -9,7 +9,8 @@ Requests without a user id are assigned at random by weight.
 `ExperimentState` is a small Serve deployment that holds the bucket tables, the request counts and
 the outcomes (feedback) for every ingress replica, so a weight change reaches all of them without a
 redeploy, and keeps them in `<storage.root>/experiments/<app>/state.json` so that a restart keeps
-every user in their bucket.
+every user in their bucket. It also holds the app's feedback secret, which the ingress replicas
+sign response ids with (serve/feedback_ids.py), and the record that each id is rewarded once.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+from cluster.config.serve import HttpConfig
+from serve.feedback_ids import RewardedOnce, load_secret, secret_from_env
 from serve.outcomes import DEFAULT_MIN_SAMPLES, add_reward, parse_reward, summarize
 
 BUCKETS = 10_000
@@ -30,8 +33,10 @@ VARIANT_HEADER = "X-Lorafleet-Variant"
 EXPERIMENT_HEADER = "X-Lorafleet-Experiment"
 RESPONSE_ID_HEADER = "X-Lorafleet-Response-Id"
 SAVE_INTERVAL_S = 2.0  # counts and outcomes reach storage.root at most this often
-MAX_RESPONSES = 200_000  # response ids kept for feedback (about 100 bytes each)
-REMEMBER_TIMEOUT_S = 1.0  # longest an answer waits to record its id (state replica restarting)
+# ids recorded by name (an ingress replica's answers before it holds the feedback secret)
+MAX_RESPONSES = 200_000
+REMEMBER_TIMEOUT_S = 1.0  # longest an ingress waits on the state replica for what answers need
+DEFAULT_FEEDBACK_MAX_AGE_S = HttpConfig.model_fields["feedback_max_age_s"].default
 
 
 def _now_iso() -> str:
@@ -155,12 +160,13 @@ def decode_owners(runs: list[list[int]], n_variants: int) -> list[int]:
 
 class ExperimentState:
     """One per app (a Serve deployment): bucket tables, a version, summed counts and outcomes,
-    and which variant answered each recent response (for feedback from any ingress replica).
+    the feedback secret (`feedback_key`) and which signed response ids were rewarded.
 
-    With `state_uri` (`<storage.root>/experiments/<app>/state.json`) the tables, counts and
-    outcomes are saved there (at once after a weight change; counts at most every SAVE_INTERVAL_S)
-    and restored at start, so a restart keeps every user in their bucket. Serve calls the sync
-    methods from a thread pool: one lock guards everything.
+    With `state_uri` (`<storage.root>/experiments/<app>/state.json`) the tables, counts,
+    outcomes and the record of rewarded ids are saved there (at once after a weight change; the
+    rest at most every SAVE_INTERVAL_S, and when Serve stops the replica) and restored at start,
+    so a restart keeps every user in their bucket. Serve calls the sync methods from a thread
+    pool: one lock guards everything.
     """
 
     def __init__(self, experiments: list[dict], state_uri: str | None = None):
@@ -176,12 +182,23 @@ class ExperimentState:
             e["name"]: {v["name"]: {} for v in e["variants"]} for e in experiments
         }
         self.responses: OrderedDict[str, tuple] = OrderedDict()  # id -> exp, var, release, rewarded
+        self.rewarded = RewardedOnce()  # signed ids rewarded (serve/feedback_ids.py)
         self.rng = random.Random()
         self.state_uri = state_uri
         self._lock = threading.RLock()
         self._dirty, self._saved_at = False, 0.0
+        self._secret = secret_from_env()  # a bad one fails the start, naming what is wrong
         if state_uri:
             self._restore()
+
+    def __del__(self):
+        """Serve calls this when it stops the replica (a redeploy, `lorafleet serve` stopped):
+        what changed since the last save is saved, the record of rewarded ids with it."""
+        import sys
+
+        if getattr(self, "_dirty", False) and not sys.is_finalizing():
+            with self._lock:
+                self._maybe_save(force=True)
 
     # --- durability -----------------------------------------------------------------------
 
@@ -191,15 +208,23 @@ class ExperimentState:
         try:
             if not storage.exists(self.state_uri):
                 return
-            saved = json.loads(storage.read_text(self.state_uri))["experiments"]
+            whole = json.loads(storage.read_text(self.state_uri))
+            saved = whole["experiments"]
         except (OSError, ValueError, KeyError, TypeError) as e:
             print(
-                f"[experiments] warning: cannot read {self.state_uri} ({e!r}); starting from the config"
+                f"[experiments] warning: cannot read {self.state_uri} ({e!r}); starting from the "
+                "config, and refusing feedback for answers given before now"
             )
+            self.rewarded.floor = int(time.time())  # which were rewarded is unknown: none again
             return
         for name in self.tables:
             if name in saved:
                 self._restore_one(name, saved[name])
+        try:
+            self.rewarded = RewardedOnce.from_json(whole.get("rewarded", {"floor": 0, "ids": {}}))
+        except (KeyError, TypeError, ValueError) as e:
+            print(f"[experiments] warning: bad record of rewarded ids ({e}); refusing older ids")
+            self.rewarded.floor = int(time.time())
 
     def _restore_one(self, name: str, saved: dict) -> None:
         names = self.tables[name].variants
@@ -237,6 +262,7 @@ class ExperimentState:
                     }
                     for n, t in self.tables.items()
                 },
+                "rewarded": self.rewarded.to_json(),
             }
         )
 
@@ -293,14 +319,24 @@ class ExperimentState:
             self._dirty = self._dirty or bool(deltas)
             self._maybe_save()
 
+    def feedback_key(self) -> bytes:
+        """The app's feedback secret, for the ingress replicas (each asks once): from the
+        environment, else kept beside state.json, generated there at the first start
+        (serve/feedback_ids.py: load_secret). Never logged."""
+        with self._lock:
+            if self._secret is None:
+                self._secret = load_secret(self.state_uri)
+            return self._secret
+
     def remember(
         self, response_id: str, experiment: str | None, variant: str | None, release=None
     ) -> bool:
         """Which variant answered `response_id`, and which arm of a canary release (`[adapter,
-        arm]`, serve/release.py) if one ran (the newest MAX_RESPONSES are kept). False, and
-        nothing changed, when the id is already known: a client can make vLLM reuse an id (its
-        X-Request-ID becomes the response id), and a second answer must neither clear the first
-        one's reward nor take over its variant; the ingress then names the answer anew."""
+        arm]`) if one ran: for the answers an ingress replica gives before it holds the feedback
+        secret (its first sync); every other answer's id is signed and needs no record. In
+        memory, the newest MAX_RESPONSES. False, and nothing changed, when the id is already
+        known: a client can make vLLM reuse an id (its X-Request-ID), and a second answer must
+        neither clear the first one's reward nor take over its variant."""
         with self._lock:
             if response_id in self.responses:
                 return False
@@ -309,27 +345,72 @@ class ExperimentState:
                 self.responses.popitem(last=False)
             return True
 
-    def feedback(self, body: dict) -> dict:
-        """Record one reward: {"response_id", "reward"} or {"experiment", "user", "reward"}.
-        Returns {"experiment", "variant", "reward"}, or {"error", "status"}. A response id counts
-        once: its first reward is kept and any later one is refused (409), so replaying an id
-        cannot move an outcome, or a release's outcome gate, by more than one reward. The record
-        of which ids were rewarded is bounded with the ids themselves (MAX_RESPONSES): an id
-        evicted from it is unknown (404); an id is only ever remembered again for a new answer. Rewards by experiment and user
-        are events, not answers: each counts, within the caller's rate limit."""
+    def feedback(
+        self, body: dict, answer: dict | None = None, max_age_s=DEFAULT_FEEDBACK_MAX_AGE_S
+    ) -> dict:
+        """Record one reward: {"response_id", "reward"} or {"experiment", "user", "reward"};
+        `answer` is what the ingress read from a signed response id it verified
+        (serve/feedback_ids.py: Answer.as_dict). Returns {"experiment", "variant", "reward"}
+        (and "release", "version" where the id says), or {"error", "status"}.
+
+        A response id is rewarded once: its first reward counts, any later one is refused (409),
+        so replaying an id moves an outcome, or a release's outcome gate, by one reward at most.
+        For signed ids the record is `self.rewarded` (serve/feedback_ids.py: RewardedOnce):
+        bounded by http.feedback_max_age_s and MAX_REWARDED, and an id older than what it still
+        holds is refused (410), never counted again. It is saved in state.json in the same write
+        as the outcomes it guards, so after a restart of this replica or of the whole app:
+        every reward that reached storage (SAVE_INTERVAL_S after it counted, or when Serve
+        stopped the replica) is refused again; a reward lost with a crash before that save is
+        lost from the outcomes too, so the saved outcomes count each id at most once across
+        restarts (a release's outcome gate, kept by the ReleaseManager, may then get it twice);
+        a state.json that cannot be read refuses every id given before the restart. Ids
+        recorded by name (`remember`) live in memory only: after a restart they are unknown
+        (404). Rewards by experiment and user are events, not answers: each counts, within the
+        caller's rate limit."""
         try:
             reward = parse_reward(body.get("reward"))
         except ValueError as e:
             return {"error": str(e), "status": 400}
         with self._lock:
-            found = self._feedback_target(body)
+            if answer is not None:
+                found = self._signed_target(body.get("response_id"), answer, max_age_s)
+            else:
+                found = self._feedback_target(body)
             if "error" in found:
                 return found
             if found["experiment"] is not None:  # None: a release's answer outside experiments
                 add_reward(self.outcomes[found["experiment"]][found["variant"]], reward)
                 self._dirty = True
-                self._maybe_save()
+            self._maybe_save()
         return {**found, "reward": reward}
+
+    def _signed_target(self, rid, answer: dict, max_age_s: float) -> dict:
+        exp, var = answer.get("experiment"), answer.get("variant")
+        if exp is not None and (exp not in self.tables or var not in self.tables[exp].variants):
+            return {
+                "error": f"response {rid!r} was given by variant {var!r} of experiment {exp!r}, "
+                "which this server no longer runs",
+                "status": 404,
+            }
+        refused = self.rewarded.claim(answer["nonce"], answer["issued"], time.time(), max_age_s)
+        if refused == 409:
+            return {
+                "error": f"response {rid!r} was already rewarded; a response counts once, with "
+                "its first reward",
+                "status": 409,
+            }
+        if refused == 410:
+            return {
+                "error": f"response {rid!r} is older than the record of rewarded responses "
+                f"reaches back (the newest {self.rewarded.limit} rewards within "
+                "http.feedback_max_age_s): it can no longer be told from a replay",
+                "status": 410,
+            }
+        self._dirty = True
+        found = {"experiment": exp, "variant": var}
+        if answer.get("arm"):
+            found["release"] = [answer["adapter"], answer["arm"]]
+        return found | ({"version": answer["version"]} if answer.get("version") else {})
 
     def _feedback_target(self, body: dict) -> dict:
         rid, exp, user = body.get("response_id"), body.get("experiment"), body.get("user")

@@ -11,7 +11,8 @@ Every route (`ROUTES` below; a test checks this list against it). [admin]: needs
     PUT  /v1/experiments/{name}          [admin] {"weights": {"a": 50, "b": 50}}: re-weight, no redeploy
     POST /v1/feedback                    {"response_id": ..., "reward": 1 | 0.3 | "up" | "down"}
                                          or {"experiment": ..., "user": ..., "reward": ...}; a
-                                         response id counts once (409 after), rate-limited (429)
+                                         response id is signed (serve/feedback_ids.py) and counts
+                                         once (409 after), rate-limited (429)
     POST /v1/releases                    [admin] start a canary release {adapter, version, steps, gates}
     GET  /v1/releases                    every release: state, step, counts, decision log
     GET  /v1/releases/{adapter}          one release
@@ -44,7 +45,8 @@ from cluster.config.serve import ServeAppConfig
 from serve.answer import AnswerMixin, _RecordedHandle
 from serve.api_checks import ALLOWED_FIELDS, Limits, Rejected
 from serve.auth import SAFE_METHODS, Access, ApiError, RateLimits, current, require_admin
-from serve.experiments import Table, tables_for
+from serve.experiments import REMEMBER_TIMEOUT_S, Table, tables_for
+from serve.feedback_ids import FeedbackIds
 from serve.gate import RequestGate
 from serve.metrics import VariantMetrics
 from serve.names import MISS_TTL_S, NamesMixin
@@ -185,6 +187,7 @@ class FleetIngress(NamesMixin, AnswerMixin, ReleaseRoutingMixin, LoadedMixin, Op
             {"feedback": h.feedback_rate_limit, "admin": h.admin_rate_limit}
         )
         self.state = state
+        self.feedback_ids: FeedbackIds | None = None  # from the state replica's secret, at a sync
         self.tables = tables_for(app_config["experiments"])
         self.version = 0
         self.rng = random.Random()
@@ -219,8 +222,24 @@ class FleetIngress(NamesMixin, AnswerMixin, ReleaseRoutingMixin, LoadedMixin, Op
         """RequestGate's key check (api_checks.Gate): `_auth` on the headers alone."""
         self._auth(Request(scope))
 
+    async def _feedback_signer(self) -> FeedbackIds | None:
+        """What signs and verifies this app's response ids, made once from the secret the state
+        replica holds (every replica, and every restart, gets the same); None while it cannot
+        be asked."""
+        if self.feedback_ids is None:
+            try:
+                call = self.state.feedback_key.remote()
+                secret = await asyncio.wait_for(call, REMEMBER_TIMEOUT_S)
+                self.feedback_ids = FeedbackIds(secret, self.cfg.http.feedback_max_age_s)
+            except Exception as e:  # the state replica restarting: the next sync asks again
+                print(f"[ingress] cannot get the feedback secret yet: {type(e).__name__}: {e}")
+        return self.feedback_ids
+
     async def _sync(self) -> None:
-        """Push this replica's counts to the shared state; pull re-weighted tables."""
+        """Push this replica's counts to the shared state; pull re-weighted tables (and, once,
+        the feedback secret)."""
+        if self.feedback_ids is None:
+            await self._feedback_signer()
         counts = self.metrics.take()
         try:
             await self.state.add_counts.remote(counts)

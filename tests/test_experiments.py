@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 import time
+from pathlib import Path
 
 import pytest
 
@@ -280,6 +282,199 @@ def test_an_experiment_whose_variants_changed_starts_from_the_config(tmp_path, c
     assert fresh.tables["o"].weights == [3.0, 1.0]  # unchanged variants: restored
     err = capsys.readouterr().out
     assert "experiment 'e' changed its variants" in err and "'o' changed" not in err
+
+
+# --- signed response ids: feedback without a lookup (serve/feedback_ids.py) -------------------
+
+SECRET = b"s" * 32
+VERSION = "20261202-003015-123-9f3a"
+
+
+def _ids(secret=SECRET, max_age_s=3600.0):
+    from serve.feedback_ids import FeedbackIds
+
+    return FeedbackIds(secret, max_age_s)
+
+
+def test_a_signed_id_carries_its_answer_is_short_and_url_safe():
+    import re
+
+    from serve.feedback_ids import Answer
+    from serve.release_gates import ARMS
+
+    now = time.time()
+    rid = _ids().sign("bot", "b", "t-reply", VERSION, "candidate", now=now)
+    assert re.fullmatch(r"lf1\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]{22}", rid) and len(rid) < 110, rid
+    got = _ids().verify(rid, now=now + 5)
+    assert isinstance(got, Answer) and got.issued == int(now) and len(got.nonce) == 11
+    assert (got.experiment, got.variant, got.adapter, got.version, got.arm) == (
+        "bot", "b", "t-reply", VERSION, "candidate",
+    )  # fmt: skip
+    base_variant = _ids().verify(_ids().sign("bot", "a"))  # a variant on the base model
+    assert (base_variant.adapter, base_variant.version, base_variant.arm) == (None, None, None)
+    release_only = _ids().verify(_ids().sign(None, None, "t-last", VERSION, "control"))
+    assert release_only.experiment is None and release_only.arm == "control"
+    assert _ids().sign("bot", "a") != _ids().sign("bot", "a")  # each answer its own nonce
+    assert all(arm in __import__("serve.feedback_ids").feedback_ids.ARMS for arm in ARMS)
+    assert "s" * 32 not in repr(_ids())
+
+
+def _flip(text: str, at: int) -> str:
+    return text[:at] + ("A" if text[at] != "A" else "B") + text[at + 1 :]
+
+
+def _bad_ids() -> dict:
+    now = time.time()
+    rid = _ids().sign("bot", "b", "t-reply", VERSION, now=now)
+    head, payload, mac = rid.split(".")
+    return {
+        "tampered payload": (
+            _flip(rid, 4 + len(payload) // 2),
+            400,
+            "does not match its signature",
+        ),
+        "tampered mac": (_flip(rid, len(rid) - 3), 400, "does not match its signature"),
+        "wrong secret": (_ids(b"t" * 32).sign("bot", "b", now=now), 400, "does not match"),
+        "payload swapped in": (
+            f"{head}.{_ids().sign('bot', 'a', now=now).split('.')[1]}.{mac}",
+            400,
+            "does not match its signature",
+        ),
+        "truncated mac": (rid[:-1], 400, "malformed response id"),
+        "truncated payload": (f"{head}.{payload[:-4]}.{mac}", 400, "does not match"),
+        "expired": (_ids().sign("bot", "b", now=now - 3601), 410, "expired"),
+        "from the future": (_ids().sign("bot", "b", now=now + 3600), 400, "in the future"),
+        "garbage": ("lf1.%%%.x", 400, "malformed response id"),
+        "empty parts": ("lf1..", 400, "malformed response id"),
+        "a lone surrogate": ("lf1.\ud800" + "A" * 30 + "." + "A" * 22, 400, "malformed"),
+        "huge": ("lf1." + "A" * 100_000 + "." + "A" * 22, 400, "malformed response id"),
+        "not a string": (12345, 400, "malformed response id 'int'"),
+    }
+
+
+@pytest.mark.parametrize("case", sorted(_bad_ids()))
+def test_a_forged_altered_truncated_or_expired_id_is_refused_with_the_reason(case):
+    from serve.feedback_ids import BadResponseId
+
+    rid, status, says = _bad_ids()[case]
+    with pytest.raises(BadResponseId) as e:
+        _ids().verify(rid)
+    assert e.value.status == status and says in e.value.message, (case, e.value.message)
+
+
+def test_the_record_of_rewarded_ids_is_bounded_and_refuses_what_it_let_go():
+    from serve.feedback_ids import RewardedOnce
+
+    r = RewardedOnce(limit=3)
+    now = 10_000
+    assert [r.claim(f"n{i}", 100 + i, now, 1e9) for i in range(4)] == [None] * 4
+    assert sorted(r.ids) == ["n1", "n2", "n3"] and r.floor == 100  # n0 (the oldest) let go
+    assert r.claim("n0", 100, now, 1e9) == 410  # it cannot be told from a replay: refused
+    assert r.claim("n3", 103, now, 1e9) == 409
+    assert r.claim("n4", 104, now, max_age_s=now - 102) is None  # ids given before 102 leave
+    assert sorted(r.ids) == ["n2", "n3", "n4"] and r.floor == 101
+    again = RewardedOnce.from_json(json.loads(json.dumps(r.to_json())), limit=3)
+    assert (again.ids, again.floor, again.claim("n3", 103, now, 1e9)) == (r.ids, 101, 409)
+    with pytest.raises((TypeError, ValueError)):
+        RewardedOnce.from_json({"floor": 0, "ids": {"x": "soon"}})
+
+
+def _signed_feedback(state, signer, rid, reward=1):
+    from serve.feedback_ids import BadResponseId
+
+    try:
+        answer = signer.verify(rid).as_dict()
+    except BadResponseId as e:
+        return {"status": e.status, "error": e.message}
+    return state.feedback({"response_id": rid, "reward": reward}, answer, signer.max_age_s)
+
+
+def test_a_signed_id_is_rewarded_once_also_after_a_restart(tmp_path, monkeypatch, capsys):
+    """An id counts once; restarted on the same storage, the state keeps the secret (every id
+    still verifies) and the record (a replay is still 409)."""
+    import serve.experiments as ex
+    from serve.feedback_ids import FeedbackIds
+
+    monkeypatch.delenv("LORAFLEET_FEEDBACK_SECRET", raising=False)
+    monkeypatch.setattr(ex, "SAVE_INTERVAL_S", 0.0)
+    uri = ex.state_uri(str(tmp_path / "store"), "app")
+    state = ExperimentState(AB, state_uri=uri)
+    signer = FeedbackIds(state.feedback_key(), 3600)
+    ids = [signer.sign("e", "b", "t-reply", VERSION) for _ in range(3)]
+    first = _signed_feedback(state, signer, ids[0], "up")
+    assert first == {"experiment": "e", "variant": "b", "version": VERSION, "reward": 1.0}
+    assert _signed_feedback(state, signer, ids[0])["status"] == 409
+    rel = signer.sign(None, None, "t-last", VERSION, "candidate")
+    assert _signed_feedback(state, signer, rel)["release"] == ["t-last", "candidate"]
+    secret_file = tmp_path / "store" / "experiments" / "app" / "feedback-secret"
+    assert secret_file.stat().st_mode & 0o077 == 0  # only its owner reads it
+    assert secret_file.read_text().strip() not in capsys.readouterr().out  # never logged
+    fresh = ExperimentState(AB, state_uri=uri)
+    assert fresh.feedback_key() == state.feedback_key()
+    resigner = FeedbackIds(fresh.feedback_key(), 3600)
+    for rid in (ids[0], rel):
+        replay = _signed_feedback(fresh, resigner, rid)
+        assert replay["status"] == 409 and "already rewarded" in replay["error"]
+    assert _signed_feedback(fresh, resigner, ids[1])["variant"] == "b"
+    assert fresh.outcomes["e"]["b"]["n"] == 2
+    gone = ExperimentState([{"name": "other", "variants": AB[0]["variants"]}], state_uri=uri)
+    assert _signed_feedback(gone, resigner, ids[2])["status"] == 404  # its experiment is gone
+
+
+def test_a_stopping_state_saves_the_rewards_it_took_and_an_unreadable_one_refuses_older_ids(
+    tmp_path, monkeypatch
+):
+    import serve.experiments as ex
+
+    monkeypatch.delenv("LORAFLEET_FEEDBACK_SECRET", raising=False)
+    uri = ex.state_uri(str(tmp_path), "app")
+    state = ExperimentState(AB, state_uri=uri)
+    signer = _ids(state.feedback_key())
+    first, rid = (signer.sign("e", "a", now=time.time() - 5) for _ in range(2))
+    assert _signed_feedback(state, signer, first)["variant"] == "a"  # saved (the first change)
+    assert _signed_feedback(state, signer, rid)["variant"] == "a"  # not yet: 2 s after that
+    nonce = signer.verify(rid).nonce
+    assert nonce not in Path(uri).read_text()
+    state.__del__()  # what Serve calls when it stops the replica
+    assert nonce in Path(uri).read_text()
+    assert _signed_feedback(ExperimentState(AB, state_uri=uri), signer, rid)["status"] == 409
+    Path(uri).write_text("{not json")
+    blind = ExperimentState(AB, state_uri=uri)
+    later = _signed_feedback(blind, signer, signer.sign("e", "a", now=time.time() - 5))
+    assert later["status"] == 410  # which were rewarded is unknown: none is counted again
+    assert _signed_feedback(blind, signer, signer.sign("e", "a", now=time.time() + 2))["variant"]
+
+
+def test_the_feedback_secret_comes_from_the_environment_or_one_kept_beside_the_state(tmp_path):
+    from serve.feedback_ids import load_secret
+
+    key = "k" * 40
+    assert load_secret(None, {"LORAFLEET_FEEDBACK_SECRET": key}) == key.encode()
+    (tmp_path / "secret").write_text(key + "\n")
+    env = {"LORAFLEET_FEEDBACK_SECRET_FILE": str(tmp_path / "secret")}
+    assert load_secret(None, env) == key.encode()
+    with pytest.raises(ValueError, match="needs 32 or more") as e:
+        load_secret(None, {"LORAFLEET_FEEDBACK_SECRET": "short-secret"})
+    assert "short-secret" not in str(e.value)
+    with pytest.raises(ValueError, match="cannot read"):
+        load_secret(None, {"LORAFLEET_FEEDBACK_SECRET_FILE": str(tmp_path / "nope")})
+    uri = str(tmp_path / "store" / "experiments" / "app" / "state.json")
+    made = load_secret(uri, {}, log=lambda *_: None)
+    assert len(made) == 32 and load_secret(uri, {}) == made  # generated once, then read
+    assert load_secret(None, {}) != load_secret(None, {})  # in memory only: one per start
+
+
+def test_a_reward_for_an_earlier_release_of_the_adapter_does_not_reach_this_ones_gate():
+    from serve.routes.experiments import release_current
+
+    running = {"t-last": ("v-control", "v-candidate", None)}
+    result = {"release": ["t-last", "candidate"], "version": "v-candidate"}
+    assert release_current(running, result)
+    assert not release_current(running, result | {"version": "v-older"})
+    assert release_current(
+        running, result | {"release": ["t-last", "control"], "version": "v-control"}
+    )
+    assert release_current({}, result)  # not routed here: the manager decides
 
 
 # --- admin scope: which key may change experiments --------------------------------------------

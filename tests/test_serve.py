@@ -855,16 +855,17 @@ def _feedback(served, body, key=KEY, raw=None):
 
 
 def test_feedback_joins_responses_to_variants_and_compares_them_with_the_control(served):
-    """Answers from experiment `bot` carry their id (the OpenAI id, streamed too) and variant;
-    feedback by id and by user lands on that variant, in /v1/experiments and in Prometheus; bad
-    feedback gets 400/404 with the reason and the server stays up."""
+    """Answers from experiment `bot` carry their id (signed: the header and the OpenAI id, in
+    every streamed chunk too) and variant; feedback by id and by user lands on that variant, in
+    /v1/experiments and in Prometheus; bad feedback (a garbage, tampered or truncated id, a bad
+    reward, bad JSON) gets 400/404 with the reason and the server stays up."""
     start = {v: s["outcome"] for v, s in _experiments(served)["bot"]["variants"].items()}
     prom_start = _prometheus_feedback("bot")
     want = {"a": [], "b": []}
     for i in range(8):
         r = _complete(served, "bot", "last: a b\n", max_tokens=1, user=f"fb-{i}")
         rid, var = r.headers["X-Lorafleet-Response-Id"], r.headers["X-Lorafleet-Variant"]
-        assert rid == r.json()["id"]
+        assert rid == r.json()["id"] and rid.startswith("lf1."), rid
         reward = ["up", "down", 1, 0.5][i % 4]
         f = _feedback(served, {"response_id": rid, "reward": reward})  # at once, no wait
         assert f.status_code == 200 and f.json()["variant"] == var, f.text
@@ -873,12 +874,16 @@ def test_feedback_joins_responses_to_variants_and_compares_them_with_the_control
         served, "/v1/completions", {"model": "bot", "prompt": "x", "max_tokens": 2, "stream": True}
     )
     chunks = [json.loads(x[5:]) for x in stream.text.splitlines() if x.startswith("data: {")]
-    assert stream.headers["X-Lorafleet-Response-Id"] == chunks[0]["id"]
+    assert {c["id"] for c in chunks} == {stream.headers["X-Lorafleet-Response-Id"]}, chunks
+    signed = stream.headers["X-Lorafleet-Response-Id"]
     by_user = _feedback(served, {"experiment": "bot", "user": "fb-0", "reward": "down"}).json()
     assert by_user["variant"] == _variant(served, user="fb-0")
     want[by_user["variant"]].append(0.0)
     for body, raw, status, says in [
         ({"response_id": "cmpl-nope", "reward": 1}, None, 404, "unknown response id"),
+        ({"response_id": signed[:-1], "reward": 1}, None, 400, "malformed response id"),
+        ({"response_id": signed[:9] + signed[10:], "reward": 1}, None, 400, "does not match"),
+        ({"response_id": signed, "reward": "great"}, None, 400, "reward must be"),
         ({"experiment": "bot", "user": "x", "reward": "great"}, None, 400, "reward must be"),
         ({"reward": 1}, None, 400, "expected"),
         (None, "{oops", 400, "not valid JSON"),
@@ -903,15 +908,51 @@ def test_feedback_joins_responses_to_variants_and_compares_them_with_the_control
     _wait(prom_caught_up, 60, f"Prometheus feedback counts {want_prom}")
 
 
-def test_weights_counts_and_buckets_survive_a_restart_of_the_experiment_state(served):
-    """Re-weight `ab` to 35/65 (a keeps buckets 0-3499), send traffic, kill the ExperimentState
-    replica: Serve starts a new one, which restores weights, counts and every user's bucket from
-    `<storage.root>/experiments/t-serve/state.json` (from the config it would give a 0-7999)."""
-    import ray
+def _outcome_counts(served, experiment="ab") -> dict[str, int]:
+    return {
+        v: s["outcome"]["count"] for v, s in _experiments(served)[experiment]["variants"].items()
+    }
+
+
+def _serve_actors(deployment: str) -> list:
     from ray.util.state import list_actors
 
     from cluster.ray_connect import state_api_address
 
+    alive = list_actors(address=state_api_address(), filters=[("state", "=", "ALIVE")])
+    return [a for a in alive if a.class_name.startswith(f"ServeReplica:{APP}:{deployment}")]
+
+
+def _kill_and_wait(served, deployments: list[str]) -> None:
+    """Kill every replica of `deployments` at once; return when Serve's new ones answer."""
+    import ray
+
+    victims = {a.actor_id for d in deployments for a in _serve_actors(d)}
+    assert victims, deployments
+    for d in deployments:
+        for a in _serve_actors(d):
+            ray.kill(ray.get_actor(a.name, namespace="serve"))
+    for d in deployments:
+        _wait(lambda d=d: [a for a in _serve_actors(d) if a.actor_id not in victims], 90, d)
+
+    def answers():
+        try:
+            return _experiments(served) is not None
+        except (AssertionError, requests.RequestException):
+            return False
+
+    _wait(answers, 90, "the new replicas to answer")
+
+
+def test_weights_counts_buckets_and_feedback_survive_restarts_of_the_state_and_the_ingress(served):
+    """Re-weight `ab` to 35/65 (a keeps buckets 0-3499), send traffic, kill the ExperimentState
+    replica: Serve starts a new one, which restores weights, counts and every user's bucket from
+    `<storage.root>/experiments/t-serve/state.json` (from the config it would give a 0-7999).
+    Feedback (#20): answers given before any restart carry signed ids that need no record of
+    answers. Rewarded before the state's restart, an id is 409 after it; the others are counted
+    after it, and after the ingress and the state are killed together (all that a `lorafleet
+    serve` restart starts anew but vLLM: the secret and the record of rewarded ids come back from
+    storage); a tampered id is 400 and a replay 409 there too."""
     assert _put_weights(served, {"a": 35, "b": 65}, key=ADMIN_KEY).status_code == 200
     time.sleep(1.5)  # every ingress replica re-reads the tables within a second
     # users b holds now whom the config's table (a: 0-7999) would give to a: a restart that
@@ -922,20 +963,34 @@ def test_weights_counts_and_buckets_survive_a_restart_of_the_experiment_state(se
     assert len(users) == 6, users
     seen = [_variant(served, user=u, experiment="ab") for u in users]
     assert seen == ["b"] * len(users)
-    time.sleep(2.5)  # counts reach storage at most every 2 s
+    answers = [
+        _complete(served, "ab", "last: a b\n", max_tokens=1, user=f"fb-keep-{i}") for i in range(3)
+    ]
+    ids = [r.headers["X-Lorafleet-Response-Id"] for r in answers]
+    var = [r.headers["X-Lorafleet-Variant"] for r in answers]
+    for r in answers:  # signed, in the header and the body alike
+        assert r.headers["X-Lorafleet-Response-Id"].startswith("lf1.")
+        assert r.headers["X-Lorafleet-Response-Id"] == r.json()["id"]
+    assert _feedback(served, {"response_id": ids[0], "reward": 1}).status_code == 200
+    time.sleep(2.5)  # counts and the record of rewarded ids reach storage at most every 2 s
     before = _experiments(served)["ab"]["variants"]
-    assert storage.exists(storage.join(served["bucket_root"], "experiments", APP, "state.json"))
+    outcomes = {v: s["outcome"]["count"] for v, s in before.items()}
+    state_dir = storage.join(served["bucket_root"], "experiments", APP)
+    assert storage.exists(storage.join(state_dir, "state.json"))
+    assert storage.exists(storage.join(state_dir, "feedback-secret"))
 
-    def state_actors():
-        alive = list_actors(address=state_api_address(), filters=[("state", "=", "ALIVE")])
-        return [a for a in alive if a.class_name.startswith(f"ServeReplica:{APP}:ExperimentState")]
+    (victim,) = _serve_actors("ExperimentState")
+    import ray
 
-    (victim,) = state_actors()
     ray.kill(ray.get_actor(victim.name, namespace="serve"))
     sent = time.time()  # answers go on while the state is down: routing needs no state call
     assert _variant(served, user=users[0], experiment="ab") == "b"
     assert time.time() - sent < 5
-    _wait(lambda: [a for a in state_actors() if a.actor_id != victim.actor_id], 60, "a new state")
+    _wait(
+        lambda: [a for a in _serve_actors("ExperimentState") if a.actor_id != victim.actor_id],
+        60,
+        "a new state",
+    )
 
     def restored():
         try:
@@ -950,6 +1005,28 @@ def test_weights_counts_and_buckets_survive_a_restart_of_the_experiment_state(se
     want = [before["a"].get("requests", 0), before["b"]["requests"] + 1]
     assert [after[v].get("requests", 0) for v in "ab"] == want
     assert [_variant(served, user=u, experiment="ab") for u in users] == seen
+    assert _outcome_counts(served) == outcomes
+    replay = _feedback(served, {"response_id": ids[0], "reward": 0})
+    assert replay.status_code == 409 and "already rewarded" in replay.text, replay.text
+    r = _feedback(served, {"response_id": ids[1], "reward": "up"})
+    assert r.status_code == 200 and r.json()["variant"] == var[1], r.text
+    outcomes[var[1]] += 1
+    assert _outcome_counts(served) == outcomes
+    time.sleep(2.5)
+    _experiments(served)  # saves what changed 2 s after the last save
+
+    _kill_and_wait(served, ["LorafleetIngress", "ExperimentState"])
+    assert _outcome_counts(served) == outcomes
+    assert _feedback(served, {"response_id": ids[1], "reward": 1}).status_code == 409
+    tampered = ids[2][:-2] + ("AA" if not ids[2].endswith("AA") else "BB")
+    bad = _feedback(served, {"response_id": tampered, "reward": 1})
+    assert bad.status_code == 400 and "does not match its signature" in bad.text, bad.text
+    r = _feedback(served, {"response_id": ids[2], "reward": 0})
+    assert r.status_code == 200 and r.json()["variant"] == var[2], r.text
+    outcomes[var[2]] += 1
+    assert _outcome_counts(served) == outcomes
+    fresh = _complete(served, "ab", "last: a b\n", max_tokens=1, user="fb-keep-new")
+    assert fresh.headers["X-Lorafleet-Response-Id"].startswith("lf1.")
 
 
 # --- who may do what (#19: serve/auth.py) --------------------------------------------------------
@@ -1108,7 +1185,8 @@ def test_a_release_routes_adapter_and_experiment_requests_by_arm_and_says_which(
     """While t-reply's candidate is under release at 50%: a request for `tiny:t-reply` and an
     experiment request whose variant is t-reply both name the arm that answered in
     X-Lorafleet-Release-Arm, get that arm's version, and keep it on the next request (sticky).
-    Aborted, the adapter answers with its current version and no arm again."""
+    Feedback for an answer names its arm and version. Aborted, the adapter answers with its
+    current version and no arm again."""
     root = layout.adapters_root(served["bucket_root"])
     control = versions_current(served, "t-reply")
     src = Path(current_adapter(served["store"], "t-reply"))
@@ -1135,6 +1213,11 @@ def test_a_release_routes_adapter_and_experiment_requests_by_arm_and_says_which(
                 assert r.json()["model"] == f"tiny:t-reply@{want[arm]}", (arm, r.json()["model"])
                 assert arms.setdefault(user, arm) == arm, user
         assert set(arms.values()) == {"control", "candidate"}, arms
+        # its signed response id names the arm and the version that answered (#20)
+        rid = r.headers["X-Lorafleet-Response-Id"]
+        fb = _feedback(served, {"response_id": rid, "reward": 1})
+        assert fb.status_code == 200, fb.text
+        assert fb.json()["release"] == ["t-reply", arm] and fb.json()["version"] == want[arm]
         seen = set()
         for i in range(60):  # experiment `bot`'s variant b is t-reply
             r = _post(

@@ -215,6 +215,15 @@ class HttpConfig(Section):
         "and per ingress replica, over a moving window; more get 429 with Retry-After. Written "
         "as `N/second`, `N/minute` or `N/hour`.",
     )
+    feedback_max_age_s: float = Field(
+        7 * 86400,
+        gt=0,
+        description="How long an answer takes feedback by its response id (POST /v1/feedback); "
+        "an older id gets 410. Response ids are signed (HMAC-SHA256 with the app's feedback "
+        "secret) and carry their variant and time, so feedback needs no lookup and survives a "
+        "restart; this bounds how long a leaked id stays usable and what the record of rewarded "
+        "ids must hold. Default: 7 days.",
+    )
     admin_rate_limit: str = Field(
         "10/second",
         description="Most admin requests (weights, releases, promote, rollback) per key and per "
