@@ -131,6 +131,7 @@ def setup(loop_config: dict) -> Run:
     """Config, data, quantized model + adapter, optimizer; restored from a checkpoint if any."""
     import ray.train
     import ray.train.torch
+
     from cluster.config.job import JobConfig
 
     cfg = JobConfig.model_validate(loop_config["cfg"])
