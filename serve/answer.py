@@ -193,7 +193,8 @@ async def _renamed(stream, old: str, new: str):
 class AnswerMixin:
     """Needs from the ingress: cfg, experiments, tables, rng, metrics, state, feedback_ids,
     max_model_len, store, _check_target (serve/names.py), _record_release
-    (serve/routes/releases.py), _get_response (Ray's OpenAiIngress), _maybe_sync."""
+    (serve/routes/releases.py), _shadow_copy and _mirror (serve/shadow.py), _get_response
+    (Ray's OpenAiIngress), _maybe_sync."""
 
     async def _route(self, body, request: Request) -> tuple[str | None, str | None]:
         """Rewrite an experiment name to its variant's `model[:adapter]`; (experiment, variant)."""
@@ -301,9 +302,10 @@ class AnswerMixin:
     async def _answer(self, body, call_method: str, request: Request) -> Response:
         exp, var = await self._route(body, request)
         base_id = body.model.partition(":")[0]
+        release = getattr(request.state, "release", None)  # (adapter, arm) of a canary
+        shadow = self._shadow_copy(body, release)  # the candidate's too, in a shadow step
         await self._render_prompt(body, call_method)
         check_context(body, base_id, self.max_model_len.get(base_id))
-        release = getattr(request.state, "release", None)  # (adapter, arm) of a canary
         track = exp is not None
         t0 = time.perf_counter()
         headers = {VARIANT_HEADER: var, EXPERIMENT_HEADER: exp} if track else {}
@@ -340,9 +342,11 @@ class AnswerMixin:
         if isinstance(head, NON_STREAMING_RESPONSE_TYPES):
             done(True, *_usage(head))
             content = head.model_dump()
+            self._mirror(shadow, call_method, release and release[0], content)
             if rid is not None:
                 content["id"] = rid
             return JSONResponse(content=content, headers=headers)
+        self._mirror(shadow, call_method, release and release[0], None)
         stream = open_ai_json_wrapper(_counted(gen, track, wants_usage, done))
         if engine_id and rid and rid != engine_id:
             stream = _renamed(stream, engine_id, rid)

@@ -28,26 +28,30 @@ class RowFailed(LorafleetError):
 
 def read_rows(path: str | Path, limit: int | None = None) -> list[dict]:
     """Completion rows from a JSONL file; a bad row raises ValueError naming the file and row."""
-    rows = []
     with open(path) as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: row {i}: not JSON ({e.msg})") from None
-            if not (
-                isinstance(row, dict)
-                and isinstance(row.get("prompt"), str)
-                and isinstance(row.get("completion"), str)
-            ):
-                raise ValueError(
-                    f"{path}: row {i}: expected string fields 'prompt' and 'completion'"
-                )
-            rows.append(row)
-            if limit and len(rows) >= limit:
-                break
+        return parse_rows(f, path, limit)
+
+
+def parse_rows(lines, path: str | Path, limit: int | None = None) -> list[dict]:
+    """Completion rows from the JSONL `lines` of `path`; a bad row raises ValueError naming the
+    file and row."""
+    rows = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: row {i}: not JSON ({e.msg})") from None
+        if not (
+            isinstance(row, dict)
+            and isinstance(row.get("prompt"), str)
+            and isinstance(row.get("completion"), str)
+        ):
+            raise ValueError(f"{path}: row {i}: expected string fields 'prompt' and 'completion'")
+        rows.append(row)
+        if limit and len(rows) >= limit:
+            break
     if not rows:
         raise ValueError(f"{path}: no rows")
     return rows

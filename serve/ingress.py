@@ -13,7 +13,8 @@ Every route (`ROUTES` below; a test checks this list against it). [admin]: needs
                                          or {"experiment": ..., "user": ..., "reward": ...}; a
                                          response id is signed (serve/feedback_ids.py) and counts
                                          once (409 after), rate-limited (429)
-    POST /v1/releases                    [admin] start a canary release {adapter, version, steps, gates}
+    POST /v1/releases                    [admin] start a canary release {adapter, version, steps, gates,
+                                         eval, shadow}
     GET  /v1/releases                    every release: state, step, counts, decision log
     GET  /v1/releases/{adapter}          one release
     POST /v1/releases/{adapter}/abort    [admin] roll it back now
@@ -54,6 +55,7 @@ from serve.ray_internal import ChatCompletionRequest, CompletionRequest, OpenAiI
 from serve.routes import adapters, experiments, openai, releases, ui
 from serve.routes.adapters import LOADED_TTL_S, LoadedMixin
 from serve.routes.releases import ReleaseRoutingMixin
+from serve.shadow import ShadowMixin
 from serve.store import AdapterStore
 
 __all__ = ["MISS_TTL_S", "ApiError", "FleetIngress", "make_app"]
@@ -149,7 +151,9 @@ def _allowed_fields() -> dict[str, frozenset]:
     return {k: ALLOWED_FIELDS[k] & frozenset(m.model_fields) for k, m in engine.items()}
 
 
-class FleetIngress(NamesMixin, AnswerMixin, ReleaseRoutingMixin, LoadedMixin, OpenAiIngress):
+class FleetIngress(
+    NamesMixin, AnswerMixin, ShadowMixin, ReleaseRoutingMixin, LoadedMixin, OpenAiIngress
+):
     """One ingress replica's state: the config, the store, the keys, the experiments' tables and
     counts, the releases' tables; and the plumbing that keeps them in step with the app's
     ExperimentState and ReleaseManager replicas. The routes are in serve/routes/."""
@@ -199,6 +203,7 @@ class FleetIngress(NamesMixin, AnswerMixin, ReleaseRoutingMixin, LoadedMixin, Op
         self.release_version = -1
         self.release_counts: dict[str, dict[str, dict[str, float]]] = {}
         self.pending_outcomes: list[tuple[str, str, float]] = []  # (adapter, arm, reward)
+        self.background: set[asyncio.Task] = set()  # shadow answers and eval gates running
         self.limits = Limits(
             max_body_bytes=h.max_body_bytes, max_n=h.max_n, max_prompts=h.max_prompts
         )

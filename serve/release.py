@@ -11,6 +11,14 @@ restarted `lorafleet serve`, carries on where the release stood.
 
 An admin can pause a running release (`Releases.pause`) and resume it (`Releases.resume`); what
 a pause keeps and what a resume starts afresh is said there.
+
+Two optional gates come before any user sees the candidate. `release.eval`: the release starts
+"evaluating"; the ingress replica that took the start scores both versions on held-out rows
+(serve/shadow.py) and reports back (`Releases.eval_result`): a drop beyond `max_drop` ends the
+release there, with both scores in its log. `release.shadow`: a first step (`phase: shadow`) in
+which every user stays on the control and the ingress mirrors `percent` of the control's requests
+to the candidate, discarding its answers; its errors and latency pass the step's gates as a ramp
+step's would, and the ramp starts when they do.
 """
 
 from __future__ import annotations
@@ -30,6 +38,8 @@ from serve.experiments import Table
 from serve.release_gates import (  # noqa: F401 (re-exported: the ingress, the UI, the tests)
     ARMS,
     LATENCY_BOUNDS,
+    current_step,
+    in_shadow,
     judge,
     latency_bucket,
     p99,
@@ -39,6 +49,7 @@ from serve.release_gates import (  # noqa: F401 (re-exported: the ingress, the U
 )
 
 LIVE = ("running", "paused")  # a release in these states routes its adapter's users
+BUSY = (*LIVE, "evaluating")  # ... and in these, no other release of the adapter may start
 RELEASE_PREFIX = "release:"  # how a release's arms appear among the experiments' metrics
 
 SAVE_EVERY_S = 2.0
@@ -55,7 +66,7 @@ def running_candidates(uri: str) -> dict[str, str]:
         releases = json.loads(storage.read_text(uri))
     except (FileNotFoundError, OSError, ValueError):
         return {}
-    return {a: r["candidate"] for a, r in releases.items() if r.get("state") in LIVE}
+    return {a: r["candidate"] for a, r in releases.items() if r.get("state") in BUSY}
 
 
 def _now() -> str:
@@ -63,13 +74,21 @@ def _now() -> str:
 
 
 def new_release(spec: ReleaseConfig, control: str, candidate: str) -> dict:
-    table = Table(list(ARMS), [100 - spec.steps[0].percent or 1e-9, spec.steps[0].percent])
+    """A release's state: evaluating (`release.eval`), else in its shadow step
+    (`release.shadow`), else at its first ramp step."""
+    before = spec.eval is not None or spec.shadow is not None  # nobody on the candidate yet
+    first = 0.0 if before else spec.steps[0].percent
+    table = Table(list(ARMS), [100 - first or 1e-9, first or 1e-9])
+    state = "evaluating" if spec.eval is not None else "running"
+    phase = "eval" if spec.eval is not None else "shadow" if spec.shadow is not None else "ramp"
+    decision = "evaluating" if phase == "eval" else "started"
     return {
         "adapter": spec.adapter,
         "control": control,
         "candidate": candidate,
         "spec": spec.model_dump(mode="json"),
-        "state": "running",
+        "state": state,
+        "phase": phase,
         "step": 0,
         "step_started": time.time(),
         "held": 0,
@@ -80,8 +99,35 @@ def new_release(spec: ReleaseConfig, control: str, candidate: str) -> dict:
         "outcomes": {a: {} for a in ARMS},
         "started_at": _now(),
         "ended_at": None,
-        "log": [{"at": _now(), "step": 0, "percent": spec.steps[0].percent, "decision": "started"}],
+        "log": [_entry(spec.model_dump(mode="json"), 0, phase, decision)],
     }
+
+
+def _entry(spec: dict, step: int, phase: str, decision: str, numbers: dict | None = None) -> dict:
+    """One line of a release's decision log: where it stood (a ramp step and its share, the
+    shadow step, the eval) and what was decided."""
+    entry = {"at": _now(), "step": step, "percent": 0.0, "decision": decision}
+    if phase == "ramp":
+        entry["percent"] = spec["steps"][step]["percent"]
+    else:
+        entry["phase"] = phase
+    if phase == "shadow":
+        entry["mirrored"] = spec["shadow"]["percent"]
+    if numbers is not None:
+        entry["numbers"] = numbers
+    return entry
+
+
+def percent_of(r: dict) -> float:
+    """The candidate's share of users, in percent, by its table's weights."""
+    return r["weights"][1] * 100 / sum(r["weights"])
+
+
+def mirrored(r: dict) -> float:
+    """Percent of the control's requests mirrored to the candidate: its shadow step's, running."""
+    if r["state"] != "running" or not in_shadow(r):
+        return 0.0
+    return float(r["spec"]["shadow"]["percent"])
 
 
 def _locked(method):
@@ -128,7 +174,7 @@ class Releases:
         except ValueError as e:
             return {"error": str(e), "status": 400}
         r = self.releases.get(cfg.adapter)
-        if r and r["state"] in LIVE:
+        if r and r["state"] in BUSY:
             return {"error": f"adapter {cfg.adapter!r} is already being released", "status": 409}
         control = versions.current(self.adapter_root, cfg.adapter)
         if control is None:
@@ -149,7 +195,7 @@ class Releases:
     @_locked
     def abort(self, adapter: str) -> dict:
         r = self.releases.get(adapter)
-        if not r or r["state"] not in LIVE:
+        if not r or r["state"] not in BUSY:
             return {"error": f"no running or paused release of {adapter!r}", "status": 404}
         self._end(r, "rolled_back", "aborted", {"by": "admin"})
         return self.status(adapter)
@@ -161,6 +207,12 @@ class Releases:
             return {"error": f"no release of {adapter!r}", "status": 404}
         if r["state"] == want:
             return None
+        if r["state"] == "evaluating":
+            return {
+                "error": f"the release of {adapter!r} is being evaluated (release.eval): abort "
+                "it, or wait for its ramp to start",
+                "status": 409,
+            }
         if r["state"] in LIVE:
             verb = "pause" if want == "running" else "resume"
             return {
@@ -182,7 +234,7 @@ class Releases:
         r = self.releases[adapter]
         now = time.time()
         if r.get("waiting"):  # the wait for outcome evidence so far counts, in whole holds
-            hold_s = release_spec(r).steps[r["step"]].hold_s
+            hold_s = current_step(r, release_spec(r)).hold_s
             r["held"] += int(max(now - r["step_started"] - hold_s, 0) // hold_s)
         r["state"], r["paused_at"] = "paused", now
         step_s = round(now - r["step_started"], 1)
@@ -226,10 +278,10 @@ class Releases:
                 "log",
             )
             spec = r["spec"]
+            live = r["state"] in LIVE
             return {k: r[k] for k in keep} | {
-                "percent": r["weights"][1] * 100 / sum(r["weights"])
-                if r["state"] in LIVE
-                else None,
+                "phase": r.get("phase", "ramp"),  # a release saved before phases: its ramp
+                "percent": (0.0 if r.get("phase") == "shadow" else percent_of(r)) if live else None,
                 "paused_at": r.get("paused_at"),
                 "steps": len(spec["steps"]),
                 "total": r["total"],
@@ -242,12 +294,13 @@ class Releases:
 
     @_locked
     def snapshot(self, have_version: int = -1):
-        """(version, {adapter: (control, candidate, weights, owners)} of running or paused
-        releases: a paused one keeps routing by its table)."""
+        """(version, {adapter: (control, candidate, weights, owners, mirrored percent)} of
+        running or paused releases: a paused one keeps routing by its table; one in its shadow
+        step mirrors that share of its control's requests to the candidate, a paused one none)."""
         if have_version == self.version:
             return self.version, None
         running = {
-            a: (r["control"], r["candidate"], r["weights"], r["owners"])
+            a: (r["control"], r["candidate"], r["weights"], r["owners"], mirrored(r))
             for a, r in self.releases.items()
             if r["state"] in LIVE
         }
@@ -255,16 +308,25 @@ class Releases:
 
     @_locked
     def add_counts(self, deltas: dict) -> None:
-        """{adapter: {arm: {stat: n}}} from an ingress replica, into the step's window and total."""
+        """{adapter: {arm: {stat: n}}} from an ingress replica, into the step's window and total.
+        Arm "shadow" is the candidate's mirrored answers: they count as the candidate's in the
+        shadow step's window (and under "shadow" in the total), and not at all once the ramp
+        has started (answers mirrored just before the ingress saw the step end)."""
         for adapter, arms in deltas.items():
             r = self.releases.get(adapter)
-            if r and r["state"] in LIVE:
-                for arm, stats in arms.items():
-                    if arm in ARMS:
-                        for into in (r["window"], r["total"]):
-                            c = into.setdefault(arm, {})
-                            for k, v in stats.items():
-                                c[k] = c.get(k, 0) + v
+            if not r or r["state"] not in LIVE:
+                continue
+            for arm, stats in arms.items():
+                if arm == "shadow" and in_shadow(r):
+                    into = [(r["window"], "candidate"), (r["total"], "shadow")]
+                elif arm in ARMS and not (arm == "candidate" and in_shadow(r)):
+                    into = [(r["window"], arm), (r["total"], arm)]
+                else:
+                    continue
+                for where, key in into:
+                    c = where.setdefault(key, {})
+                    for k, v in stats.items():
+                        c[k] = c.get(k, 0) + v
 
     # --- the loop ------------------------------------------------------------------------------
 
@@ -273,16 +335,7 @@ class Releases:
         self._save()
 
     def _log(self, r: dict, decision: str, numbers: dict) -> None:
-        step = r["spec"]["steps"][r["step"]]
-        r["log"].append(
-            {
-                "at": _now(),
-                "step": r["step"],
-                "percent": step["percent"],
-                "decision": decision,
-                "numbers": numbers,
-            }
-        )
+        r["log"].append(_entry(r["spec"], r["step"], r.get("phase", "ramp"), decision, numbers))
         print(log_line(self.status(r["adapter"]), r["log"][-1]))
 
     def _end(self, r: dict, state: str, decision: str, numbers: dict) -> None:
@@ -295,12 +348,19 @@ class Releases:
 
     def _advance(self, r: dict, numbers: dict, now: float | None = None) -> None:
         steps = r["spec"]["steps"]
-        if r["step"] == len(steps) - 1:
+        if r["step"] == len(steps) - 1 and not in_shadow(r):
             self._end(r, "promoted", "promoted", numbers)
             return
         self._log(r, "advanced", numbers)
-        r["step"] += 1
-        pct = steps[r["step"]]["percent"]
+        if in_shadow(r):  # the shadow step passed: the ramp's first step, with real users
+            r["phase"] = "ramp"
+        else:
+            r["step"] += 1
+        self._ramp_to(r, now)
+
+    def _ramp_to(self, r: dict, now: float | None = None) -> None:
+        """Route r's ramp step (its share of users on the candidate, a fresh window)."""
+        pct = r["spec"]["steps"][r["step"]]["percent"]
         table = Table(list(ARMS), r["weights"], r["owners"]).reweight(
             {"control": max(100 - pct, 1e-9), "candidate": pct}
         )
@@ -323,11 +383,52 @@ class Releases:
         return True
 
     @_locked
+    def eval_result(self, adapter: str, candidate: str, result: dict) -> dict:
+        """The eval gate's scores from the ingress replica that ran them: {metric, control,
+        candidate, rows} or {error}. A drop beyond `max_drop`, or an error, ends the release
+        before any traffic, with both scores (or the error) in its log; otherwise the shadow
+        step or the ramp starts."""
+        r = self.releases.get(adapter)
+        if not r or r["state"] != "evaluating" or r["candidate"] != candidate:
+            return {"error": f"no release of {adapter!r} {candidate} is evaluating", "status": 409}
+        g = release_spec(r).eval
+        if "error" in result:
+            self._end(r, "rolled_back", "rolled back", {"gate": f"eval: {result['error']}"})
+            return self.status(adapter)
+        drop = result["control"] - result["candidate"]
+        numbers = {
+            "metric": g.metric,
+            "control_score": round(result["control"], 4),
+            "candidate_score": round(result["candidate"], 4),
+            "eval_rows": result["rows"],
+            "max_drop": g.max_drop,
+        }
+        if drop > g.max_drop + 1e-12:
+            numbers["gate"] = f"eval: {g.metric} dropped {drop:.3f} > max_drop {g.max_drop:g}"
+            self._end(r, "rolled_back", "rolled back", numbers)
+            return self.status(adapter)
+        self._log(r, "evaluated", numbers)
+        r["state"] = "running"
+        r["phase"] = "shadow" if r["spec"].get("shadow") else "ramp"
+        if r["phase"] == "shadow":
+            r["step_started"], r["window"] = time.time(), {a: {} for a in ARMS}
+        else:
+            self._ramp_to(r)
+        self._log(r, "started", {})
+        self._changed()
+        return self.status(adapter)
+
+    @_locked
     def tick(self, now: float | None = None) -> None:
         now = time.time() if now is None else now
         for r in list(self.releases.values()):
             if r["state"] == "running":
                 self._tick_one(r, now)
+            elif r["state"] == "evaluating":
+                timeout_s = release_spec(r).eval.timeout_s
+                if now - r["step_started"] > timeout_s:  # the replica scoring it went away
+                    gate = f"eval: no scores within {timeout_s:g} s (release.eval.timeout_s)"
+                    self._end(r, "rolled_back", "rolled back", {"gate": gate})
         if time.monotonic() - self._saved_at > SAVE_EVERY_S:
             self._save()
 
@@ -337,9 +438,9 @@ class Releases:
         if decision is None:
             return
         spec = release_spec(r)
-        step = spec.steps[r["step"]]
+        step = current_step(r, spec)
         waited_s = r["held"] * step.hold_s + now - r["step_started"] - step.hold_s
-        last = r["step"] == len(spec.steps) - 1
+        last = r["step"] == len(spec.steps) - 1 and not in_shadow(r)
         g = spec.gates
         action = str(
             step_action(

@@ -105,9 +105,10 @@ def outcome_gate(release: dict, g) -> tuple[int, dict]:
 
 
 def window_numbers(release: dict) -> dict:
-    """Requests, error rates and p99 of each arm in this step's counts."""
+    """Requests, error rates and p99 of each arm in this step's counts (in a shadow step the
+    candidate's are its mirrored answers', with their agreement with the control's)."""
     ctl, cand = release["window"]["control"], release["window"]["candidate"]
-    return {
+    numbers = {
         "candidate_requests": cand.get("requests", 0),
         "control_requests": ctl.get("requests", 0),
         "candidate_error_rate": round(_rate(cand, "errors"), 4),
@@ -115,6 +116,25 @@ def window_numbers(release: dict) -> dict:
         "candidate_p99_s": p99(cand),
         "control_p99_s": p99(ctl),
     }
+    if cand.get("compared"):
+        numbers["shadow_compared"] = cand["compared"]
+        numbers["shadow_agreement"] = round(cand.get("agreed", 0) / cand["compared"], 4)
+    return numbers
+
+
+def in_shadow(release: dict) -> bool:
+    """Whether the release is in its shadow step (before the ramp: no user on the candidate)."""
+    return release.get("phase") == "shadow"
+
+
+def current_step(release: dict, spec: ReleaseConfig):
+    """The step being judged: the shadow step's settings, or the ramp step's."""
+    return spec.shadow if in_shadow(release) else spec.steps[release["step"]]
+
+
+def tests_per_release(spec: ReleaseConfig) -> int:
+    """How many steps each sequential test runs in (its alpha is split over them)."""
+    return len(spec.steps) + (1 if spec.shadow else 0)
 
 
 GATE_SAYS = {
@@ -168,15 +188,16 @@ def judge(release: dict, now: float | None = None) -> tuple[str | None, dict]:
     """(a `gate_decision`, or None inside the hold; numbers): the gates at time `now`."""
     now = time.time() if now is None else now
     spec = release_spec(release)
-    g, step = spec.gates, spec.steps[release["step"]]
+    g, step = spec.gates, current_step(release, spec)
     ctl, cand = release["window"]["control"], release["window"]["candidate"]
     numbers = window_numbers(release)
     requests = cand.get("requests", 0)
-    a_errors = g.alpha / len(spec.steps)  # one test per step: alpha over the release
+    a_errors = g.alpha / tests_per_release(spec)  # one test per step: alpha over the release
     errors_high = bool(
         error_rate_exceeds(cand.get("errors", 0), requests, g.max_error_rate, a_errors)
     )
-    active, verdict = outcome_on(release, g), UNDECIDED
+    # no user sees a shadow answer, so none rewards one: the outcome gate starts with the ramp
+    active, verdict = outcome_on(release, g) and not in_shadow(release), UNDECIDED
     if active:
         verdict, more = outcome_gate(release, g)
         numbers |= more

@@ -56,19 +56,33 @@ def _arms(rel: Releases) -> dict[str, str]:
     _, snap = rel.snapshot()
     if "bot" not in snap:
         return {}
-    _, _, weights, owners = snap["bot"]
+    _, _, weights, owners, _ = snap["bot"]
     table = Table(list(ARMS), weights, owners)
     return {u: table.assign("release:bot", u, random.Random(0)) for u in USERS}
 
 
 def _traffic(rel: Releases, arms: dict, error_arm=None, slow_arm=None) -> None:
-    counts = {a: {} for a in ARMS}
-    for arm in arms.values():
+    """One request per user, counted as an ingress replica counts it; in a shadow step a share
+    of the control's requests is mirrored to the candidate (its answers agree 3 times in 4)."""
+    counts = {a: {} for a in (*ARMS, "shadow")}
+    _, snap = rel.snapshot()
+    mirrored = snap["bot"][4] if "bot" in snap else 0.0
+    rng = random.Random(len(arms))
+
+    def count(arm, **more):
         c = counts[arm]
-        failed = arm == error_arm
-        latency = 0.5 if arm == slow_arm else 0.05
+        answered_by = "candidate" if arm == "shadow" else arm  # a mirrored answer is its
+        failed = answered_by == error_arm
+        latency = 0.5 if answered_by == slow_arm else 0.05
         for k, v in (("requests", 1), ("errors", int(failed)), (latency_bucket(latency), 1)):
             c[k] = c.get(k, 0) + v
+        for k, v in more.items():
+            c[k] = c.get(k, 0) + v
+
+    for i, arm in enumerate(arms.values()):
+        count(arm)
+        if arm == "control" and rng.random() * 100 < mirrored:
+            count("shadow", compared=1, agreed=int(i % 4 != 0))
     rel.add_counts({"bot": counts})
 
 
@@ -543,3 +557,147 @@ def test_a_reward_the_restarting_manager_missed_reaches_its_gate_with_the_next_s
     rel.add_outcome = real_add
     assert ing.release_counts == {} and rel.releases["bot"]["total"]["control"]["requests"] == 5
     assert ing.pending_outcomes == [("bot", "control", 0.0)]
+
+
+# --- before users see the candidate: the eval gate and the shadow step (#20 part 4) ---------
+
+
+def _spec_before(**more) -> dict:
+    return _spec() | more
+
+
+def test_a_shadow_step_mirrors_requests_no_user_sees_then_ramps(tmp_path):
+    """In the shadow step every user stays on the control; the candidate's mirrored answers pass
+    the error and latency gates, their agreement is logged, and the ramp starts at its first
+    step's share."""
+    root, (v1, v2) = _store(tmp_path)
+    rel = _releases(tmp_path, root)
+    status = _started(rel.start(_spec_before(shadow={"percent": 50, "hold_s": 0.3})))
+    assert (status["state"], status["phase"], status["percent"]) == ("running", "shadow", 0.0)
+    assert rel.snapshot()[1]["bot"][4] == 50  # the share the ingress mirrors
+    steps = _run(rel)
+    r = rel.releases["bot"]
+    assert r["state"] == "promoted" and versions.current(root, "bot") == v2
+    assert [e["decision"] for e in r["log"]] == [
+        "started",
+        "advanced",
+        "advanced",
+        "advanced",
+        "promoted",
+    ]
+    shadow = r["log"][1]
+    assert shadow["phase"] == "shadow" and shadow["mirrored"] == 50 and shadow["percent"] == 0
+    n = shadow["numbers"]
+    assert n["candidate_requests"] >= 5 and n["candidate_error_rate"] == 0
+    assert n["shadow_compared"] == n["candidate_requests"] and 0.6 < n["shadow_agreement"] < 0.9
+    assert "phase" not in r["log"][2] and r["log"][2]["percent"] == 10
+    assert "shadow_compared" not in r["log"][2]["numbers"]  # the ramp counts users' answers only
+    assert r["total"]["shadow"]["requests"] == n["candidate_requests"]
+    # no user was on the candidate during the shadow step; then 10%, 50%, 100%
+    assert len(steps) == 4 and set(steps[0].values()) == {"control"}
+    for arms, share in zip(steps[1:], (0.10, 0.50, 1.0), strict=True):
+        assert abs(sum(a == "candidate" for a in arms.values()) / len(arms) - share) < 0.06
+
+
+@pytest.mark.parametrize("failing", ["errors", "slow"])
+def test_a_candidate_that_fails_its_shadow_is_rolled_back_before_any_user_sees_it(
+    tmp_path, failing
+):
+    root, (v1, _) = _store(tmp_path)
+    rel = _releases(tmp_path, root)
+    gates = {"max_error_rate": 0.05, "max_p99_ratio": 1.5}
+    _started(rel.start(_spec(**gates) | {"shadow": {"percent": 100, "hold_s": 0.3}}))
+    traffic = {"error_arm": "candidate"} if failing == "errors" else {"slow_arm": "candidate"}
+    steps = _run(rel, **traffic)
+    r = rel.releases["bot"]
+    assert r["state"] == "rolled_back" and versions.current(root, "bot") == v1
+    assert r["log"][-1]["phase"] == "shadow"
+    assert ("error rate" if failing == "errors" else "p99") in r["log"][-1]["numbers"]["gate"]
+    assert all(set(arms.values()) == {"control"} for arms in steps)
+
+
+def _eval_spec(**more) -> dict:
+    gate = {"path": "s3://unused/rows.jsonl", "metric": "exact_match", "max_drop": 0.05}
+    return _spec() | {"eval": gate | more}
+
+
+def test_an_eval_gate_holds_the_release_until_both_scores_are_in(tmp_path):
+    root, (v1, v2) = _store(tmp_path)
+    rel = _releases(tmp_path, root)
+    status = _started(rel.start(_eval_spec()))
+    assert (status["state"], status["phase"], status["percent"]) == ("evaluating", "eval", None)
+    rel.tick()
+    assert rel.snapshot()[1] == {}  # nobody is routed by the release while it is scored
+    assert rel.start(_spec())["status"] == 409  # and no second release of the adapter starts
+    assert rel.pause("bot")["status"] == 409
+    assert rel.eval_result("bot", v1, {"metric": "exact_match"})["status"] == 409  # not it
+    result = {"metric": "exact_match", "control": 0.80, "candidate": 0.78, "rows": 40}
+    status = rel.eval_result("bot", v2, result)
+    assert (status["state"], status["phase"], status["percent"]) == ("running", "ramp", 10)
+    evaluated = rel.releases["bot"]["log"][1]
+    assert evaluated["decision"] == "evaluated" and evaluated["phase"] == "eval"
+    n = evaluated["numbers"]
+    assert (n["control_score"], n["candidate_score"], n["eval_rows"]) == (0.8, 0.78, 40)
+    _run(rel)
+    assert rel.releases["bot"]["state"] == "promoted"
+
+
+@pytest.mark.parametrize(
+    "result, says",
+    [
+        (
+            {"metric": "exact_match", "control": 0.80, "candidate": 0.70, "rows": 40},
+            "dropped 0.100",
+        ),
+        (
+            {"error": "'tiny:bot@x' cannot be served: rank 16"},
+            "eval: 'tiny:bot@x' cannot be served",
+        ),
+    ],
+)
+def test_an_eval_gate_that_fails_ends_the_release_before_it_starts(tmp_path, result, says):
+    from cluster.cli.releases import log_line
+
+    root, (v1, v2) = _store(tmp_path)
+    rel = _releases(tmp_path, root)
+    _started(rel.start(_eval_spec(max_drop=0.05) | {"shadow": {"percent": 10, "hold_s": 1}}))
+    status = rel.eval_result("bot", v2, result)
+    r = rel.releases["bot"]
+    assert status["state"] == r["state"] == "rolled_back" and versions.current(root, "bot") == v1
+    assert says in r["log"][-1]["numbers"]["gate"]
+    line = log_line(status, r["log"][-1])
+    assert line.startswith(f"[release] bot {v2}: eval rolled back (") and says in line, line
+    if "control" in result:  # both scores in the log
+        assert "exact_match 0.700 vs control 0.800 on 40 rows" in line, line
+
+
+def test_an_eval_no_replica_reports_rolls_back_after_its_timeout(tmp_path):
+    root, (v1, _) = _store(tmp_path)
+    rel = _releases(tmp_path, root)
+    _started(rel.start(_eval_spec(timeout_s=60)))
+    rel.tick(now=time.time() + 30)
+    assert rel.releases["bot"]["state"] == "evaluating"
+    rel.tick(now=time.time() + 61)
+    r = rel.releases["bot"]
+    assert (
+        r["state"] == "rolled_back" and "no scores within 60 s" in r["log"][-1]["numbers"]["gate"]
+    )
+    assert rel.abort("bot")["status"] == 404 and versions.current(root, "bot") == v1
+
+
+def test_mirrored_answers_count_only_while_the_shadow_step_lasts(tmp_path):
+    """A mirrored answer is counted as the candidate's in the shadow step; one that reaches the
+    manager after the ramp started (mirrored before the ingress saw the step end) counts
+    nowhere, and a candidate answer during the shadow step (none should exist) neither."""
+    root, _ = _store(tmp_path)
+    rel = _releases(tmp_path, root)
+    _started(rel.start(_spec_before(shadow={"percent": 50, "hold_s": 60})))
+    rel.add_counts({"bot": {"shadow": {"requests": 6, "errors": 1}, "candidate": {"requests": 9}}})
+    r = rel.releases["bot"]
+    assert r["window"]["candidate"] == {"requests": 6, "errors": 1}
+    assert r["total"]["shadow"] == {"requests": 6, "errors": 1} and r["total"]["candidate"] == {}
+    rel._advance(r, {})  # the shadow step passed
+    assert (r["phase"], r["window"]["candidate"]) == ("ramp", {})
+    rel.add_counts({"bot": {"shadow": {"requests": 4}, "candidate": {"requests": 2}}})
+    assert r["window"]["candidate"] == {"requests": 2}
+    assert r["total"]["shadow"] == {"requests": 6, "errors": 1}

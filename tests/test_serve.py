@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import string
@@ -1260,9 +1261,10 @@ def test_rolling_back_past_the_first_version_is_409_and_moves_nothing(served):
 RELEASE_STEPS = [{"percent": p, "hold_s": 2} for p in (20, 60, 100)]
 
 
-def _release_config(served, tmp_path, adapter: str, version: str, **gates) -> str:
+def _release_config(served, tmp_path, adapter: str, version: str, before=None, **gates) -> str:
     """The served app's own config file, with a `release:` section (what `lorafleet release`
-    reads: the server's address, the keys' sources and the release)."""
+    reads: the server's address, the keys' sources and the release); `before`: its `eval` and
+    `shadow` settings."""
     from cluster.config.load import dump_config
     from cluster.config.release import ReleaseConfig
 
@@ -1272,6 +1274,7 @@ def _release_config(served, tmp_path, adapter: str, version: str, **gates) -> st
             "version": version,
             "steps": RELEASE_STEPS,
             "gates": {"min_requests": 4, "max_p99_ratio": 50, **gates},
+            **(before or {}),
         }
     )
     path = tmp_path / "release.yaml"
@@ -1326,17 +1329,35 @@ def test_a_good_candidate_is_ramped_with_sticky_users_and_promoted(
     # an API key cannot start a release: it changes the server
     r = _post(served, "/v1/releases", {"adapter": "t-rel"})
     assert r.status_code == 403, r.text
-    cfg = _release_config(served, tmp_path, "t-rel", v2)
+    # first scored offline on the 'reply' rows (the candidate learned them: no drop), then a
+    # shadow step that mirrors every control request to it, then the ramp
+    before = {
+        "eval": {"path": str(served["tests"]["reply"]), "metric": "exact_match", "max_drop": 0.1},
+        "shadow": {"percent": 100, "hold_s": 2},
+    }
+    cfg = _release_config(served, tmp_path, "t-rel", v2, before)
     t0 = time.monotonic()
     code, out, rounds = _run_release(served, monkeypatch, capsys, ["release", cfg], "t-rel")
-    print(out, f"release of 3 steps x 2 s took {time.monotonic() - t0:.1f} s")
+    print(out, f"release of eval, shadow and 3 steps x 2 s took {time.monotonic() - t0:.1f} s")
     assert code == 0, out
     said = [x.split(": ", 1)[1] for x in out.splitlines() if x.startswith("[release] t-rel ")]
-    decisions = [x.split(") ", 1)[1].split(" (")[0] for x in said]
+    decisions = [x.split(") ", 1)[-1].split(" (")[0].split(" ", 1)[-1] for x in said]
     # a step that got fewer than min_requests in its hold is held, not judged (a loaded machine)
-    assert [d for d in decisions if d != "held"] == ["started", "advanced", "advanced", "promoted"]
-    first = next(x for x in said if " advanced " in x)
-    assert first.startswith("step 1/3 (20%) advanced (candidate ") and " req, 0.0% errors" in first
+    assert [d for d in decisions if d != "held"] == [
+        "evaluating",
+        "evaluated",
+        "started",
+        "advanced",
+        "advanced",
+        "advanced",
+        "promoted",
+    ], said
+    evaluated = next(x for x in said if x.startswith("eval evaluated"))
+    assert "exact_match " in evaluated and " on 40 rows, max drop 0.1" in evaluated, evaluated
+    shadow = next(x for x in said if x.startswith("shadow (100% mirrored) advanced"))
+    assert " req, 0.0% errors" in shadow and "agreed with the control on " in shadow, shadow
+    first = next(x for x in said if x.startswith("step 1/3 (20%) advanced"))
+    assert " req, 0.0% errors" in first, first
     assert versions.current(root, "t-rel") == v2
     # sticky: a user moves from v1 to v2 once, never back; every answer came from v1 or v2
     assert all(status == 200 for rnd in rounds for status, _ in rnd.values())
@@ -1346,6 +1367,38 @@ def test_a_good_candidate_is_ramped_with_sticky_users_and_promoted(
         first = seq.index(v2) if v2 in seq else len(seq)
         assert all(v == v2 for v in seq[first:]), (user, seq)
     assert {v for v in rounds[0].values()} != {(200, v2)}  # the ramp started below 100%
+    # nobody got the candidate before the ramp: the first rounds (the eval, the shadow) are v1's
+    assert {v for v in rounds[0].values()} == {(200, v1)}
+
+
+def test_a_candidate_that_scores_worse_offline_never_reaches_a_user(
+    served, tmp_path, monkeypatch, capsys
+):
+    """`release.eval`: t-reply's control against a candidate with t-last's weights, scored on
+    the 'reply' rows, drops by more than max_drop: the release ends before any traffic, with
+    both scores in its log, and every user is answered by the control throughout."""
+    root = layout.adapters_root(served["bucket_root"])
+    v1 = _publish(served, "t-ev", "t-reply")
+    v2 = _publish(served, "t-ev", "t-last")
+    versions.promote(root, "t-ev", v1)
+    gate = {"path": str(served["tests"]["reply"]), "metric": "exact_match", "max_drop": 0.05}
+    cfg = _release_config(served, tmp_path, "t-ev", v2, {"eval": gate})
+    code, out, rounds = _run_release(served, monkeypatch, capsys, ["release", cfg], "t-ev")
+    print(out)
+    assert code == 1, out
+    last = [x for x in out.splitlines() if x.startswith(f"[release] t-ev {v2}: eval ")][-1]
+    assert (
+        " eval rolled back (exact_match " in last
+        and "failed gate: eval: exact_match dropped" in last
+    )
+    scores = re.search(r"exact_match ([\d.]+) vs control ([\d.]+) on 40 rows", last)
+    assert scores and float(scores[2]) - float(scores[1]) > 0.05, last
+    assert versions.current(root, "t-ev") == v1
+    assert {v for rnd in rounds for v in rnd.values()} == {(200, v1)}
+    # a file the app cannot read: 400 naming it, and no release starts
+    bad = {"adapter": "t-ev", "version": v2, "eval": gate | {"path": str(tmp_path / "none.jsonl")}}
+    r = _call(served, "POST", "/v1/releases", key=ADMIN_KEY, body=bad)
+    assert r.status_code == 400 and "release.eval.path" in r.text and "none.jsonl" in r.text, r.text
 
 
 def test_a_candidate_that_fails_is_rolled_back_and_the_release_runs_without_the_cli(
@@ -1414,7 +1467,8 @@ def test_train_with_release_runs_the_loop_from_one_yaml(
     )
     job_path = tmp_path / "job.yaml"
     job_path.write_text(dump_config(job))
-    release = _release_config(served, tmp_path, "t-loop", None)
+    shadow = {"shadow": {"percent": 50, "hold_s": 2}}  # `--release` goes through it too
+    release = _release_config(served, tmp_path, "t-loop", None, shadow)
     # users ask once the run has published (traffic during training would scale vLLM up)
     published = lambda: len(versions.version_ids(root, "t-loop")) > 1  # noqa: E731
     argv = ["train", str(job_path), "--release", release]
@@ -1425,6 +1479,7 @@ def test_train_with_release_runs_the_loop_from_one_yaml(
         trained != v1 and versions.read_meta(root, "t-loop", trained)["source"]["kind"] == "train"
     )
     assert "current stays" in out and "promoted" in out, out
+    assert "shadow (50% mirrored) advanced" in out, out
     assert {v for rnd in rounds for _, v in rnd.values()} == {v1, trained}  # both arms served
 
 

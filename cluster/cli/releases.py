@@ -51,6 +51,16 @@ def _numbers(n: dict) -> str:
         parts.append(
             f"reward {n.get('candidate_mean')} vs {n.get('control_mean')}, p={n['p_value']:.3g}"
         )
+    if n.get("shadow_compared"):
+        parts.append(
+            f"agreed with the control on {n['shadow_agreement']:.1%} of "
+            f"{n['shadow_compared']} answers"
+        )
+    if n.get("control_score") is not None:
+        parts.append(
+            f"{n['metric']} {n['candidate_score']:.3f} vs control {n['control_score']:.3f} on "
+            f"{n['eval_rows']} rows, max drop {n['max_drop']:g}"
+        )
     if n.get("gate"):
         parts.append(f"failed gate: {n['gate']}")
     if n.get("on_timeout"):
@@ -64,10 +74,14 @@ def _numbers(n: dict) -> str:
 
 def log_line(release: dict, entry: dict) -> str:
     steps = release["steps"]
-    head = (
-        f"[release] {release['adapter']} {release['candidate']}: step {entry['step'] + 1}/{steps} "
-        f"({entry['percent']:g}%) {entry['decision']}"
-    )
+    phase = entry.get("phase")
+    if phase == "eval":
+        where = "eval"
+    elif phase == "shadow":
+        where = f"shadow ({entry.get('mirrored', 0):g}% mirrored)"
+    else:
+        where = f"step {entry['step'] + 1}/{steps} ({entry['percent']:g}%)"
+    head = f"[release] {release['adapter']} {release['candidate']}: {where} {entry['decision']}"
     detail = _numbers(entry.get("numbers") or {})
     return f"{head} ({detail})" if detail else head
 

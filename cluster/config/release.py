@@ -8,6 +8,12 @@ inside the Serve app).
       steps: [{percent: 10, hold_s: 300}, {percent: 25, hold_s: 300}, {percent: 50, hold_s: 300},
               {percent: 100, hold_s: 300}]
       gates: {max_error_rate: 0.02, max_p99_ratio: 1.5, min_requests: 50, max_reward_drop: 0.1}
+      eval: {path: s3://bucket/held-out.jsonl, metric: exact_match, max_drop: 0.02}  # offline first
+      shadow: {percent: 20, hold_s: 600}   # then mirrored traffic no user sees
+
+Before any user sees the candidate: `eval` scores it and the control on held-out rows (a larger
+drop than max_drop ends the release), then `shadow` mirrors a share of the control's requests to
+it, discards its answers, and gates its errors and latency against the control's.
 """
 
 from __future__ import annotations
@@ -93,6 +99,51 @@ class GatesConfig(Section):
     )
 
 
+class ShadowConfig(Section):
+    percent: float = Field(
+        ...,
+        gt=0,
+        le=100,
+        description="Share of the control's requests the candidate also answers, unseen: its "
+        "answers are discarded, its errors and latency gated against the control's (the "
+        "error-rate and p99 gates, min_requests of its own), its agreement with the control's "
+        "answer logged.",
+    )
+    hold_s: float = Field(
+        ..., gt=0, description="Seconds of shadow traffic before the gates are read."
+    )
+
+
+METRICS = ("exact_match", "f1", "rouge_l", "bleu")
+
+
+class EvalGateConfig(Section):
+    path: str = Field(
+        ...,
+        min_length=1,
+        description="Held-out completion rows (JSONL of {prompt, completion}: a local path on "
+        "the serving nodes, or a storage URI such as s3://...), read by the app.",
+    )
+    metric: Literal["exact_match", "f1", "rouge_l", "bleu"] = Field(
+        "exact_match", description="The `lorafleet eval` metric both versions are scored by."
+    )
+    max_drop: float = Field(
+        ...,
+        ge=0,
+        le=1,
+        description="Largest drop of the candidate's score below the control's (absolute, in "
+        "the metric's 0-1 units) that still lets the release start.",
+    )
+    model: str | None = Field(
+        None, description="The served model (base) to score on; null: the first that fits."
+    )
+    max_rows: int = Field(200, ge=1, description="Rows scored (the file's first ones).")
+    max_tokens: int = Field(32, ge=1, description="Greedy tokens per answer.")
+    timeout_s: float = Field(
+        1800, gt=0, description="Longest the scoring may take; then the release rolls back."
+    )
+
+
 def default_steps() -> list[RampStep]:
     # 10% first, not 5%: at 0.5 rewards/s a 5% step cannot show a 0.1 margin within max_wait_s
     # for one identical candidate in ten (bench/release_sim.py); 10% does for 98 in 100
@@ -113,6 +164,16 @@ class ReleaseConfig(Section):
     )
     gates: GatesConfig = Field(
         default_factory=GatesConfig, description="What must hold at each step."
+    )
+    eval: EvalGateConfig | None = Field(
+        None,
+        description="Score the candidate and the control offline on held-out rows before any "
+        "traffic; null: no eval gate.",
+    )
+    shadow: ShadowConfig | None = Field(
+        None,
+        description="A step before the ramp in which the candidate answers mirrored requests "
+        "that no user sees; null: no shadow step.",
     )
 
     @field_validator("adapter")

@@ -41,7 +41,7 @@ class ReleaseRoutingMixin:
         rel = self.releases.get(name)
         if rel is None:
             return None
-        control, candidate, table = rel
+        control, candidate, table, _ = rel
         arm = table.assign(f"{RELEASE_PREFIX}{name}", user, self.rng)
         return arm, candidate if arm == "candidate" else control
 
@@ -66,8 +66,8 @@ class ReleaseRoutingMixin:
             if set(self.releases) - set(snap):  # ended: a promote moved `current`; read it
                 await self.store.current(refresh=True)  # before the release stops routing
             self.releases = {
-                a: (ctl, cand, Table(list(RELEASE_ARMS), w, o))
-                for a, (ctl, cand, w, o) in snap.items()
+                a: (ctl, cand, Table(list(RELEASE_ARMS), w, o), mirrored)
+                for a, (ctl, cand, w, o, mirrored) in snap.items()
             }
             self.release_version = version
 
@@ -80,7 +80,7 @@ class ReleaseRoutingMixin:
         for k, v in (("requests", 1), ("errors", 0 if ok else 1), (latency_bucket(latency_s), 1)):
             c[k] = c.get(k, 0) + v
 
-    async def _release_call(self, method: str, *args) -> JSONResponse:
+    async def _release_result(self, method: str, *args) -> dict:
         if self.release is None:
             raise ApiError(404, "this app runs no release manager", "not_found")
         result = await getattr(self.release, method).remote(*args)
@@ -89,17 +89,25 @@ class ReleaseRoutingMixin:
             raise ApiError(
                 status, result["error"], "not_found" if status == 404 else "invalid_request_error"
             )
-        return JSONResponse(result)
+        return result
+
+    async def _release_call(self, method: str, *args) -> JSONResponse:
+        return JSONResponse(await self._release_result(method, *args))
 
 
 @admin.post("/v1/releases")
 async def start_release(request: Request):
-    """POST /v1/releases {adapter, version, steps, gates}: start a canary (admin)."""
+    """POST /v1/releases {adapter, version, steps, gates, eval, shadow}: start a canary
+    (admin). With `eval`, its rows are read first (400 if they cannot be) and this replica
+    scores both versions in the background (serve/shadow.py)."""
     ing = current()
     spec = await json_object(request, "expected a JSON object: {adapter, version, steps, gates}")
-    response = await ing._release_call("start", spec)
+    rows = await ing._eval_rows(spec)
+    status = await ing._release_result("start", spec)
+    if rows is not None and status.get("state") == "evaluating":
+        ing._start_eval(status, rows)
     await ing._sync_releases()
-    return response
+    return JSONResponse(status)
 
 
 @router.get("/v1/releases")

@@ -87,6 +87,13 @@ function card(section, id, build) {
   return state.cards[id];
 }
 
+// where a release stands: scored offline (release.eval), its shadow step, or a ramp step
+function where(r, steps) {
+  if (r.state === "evaluating") return "eval: scoring both versions";
+  if (r.phase === "shadow" && (r.state === "running" || r.state === "paused")) return `shadow: ${r.spec.shadow.percent}% of the control's requests mirrored`;
+  return `step ${r.step + 1}/${steps.length}`;
+}
+
 function lineChart(canvas, title, yTitle, datasets, stepped = false) {
   if (typeof Chart === "undefined") return null; // chart.umd.min.js missing: `make setup`
   return new Chart(canvas, {
@@ -268,12 +275,13 @@ function renderRelease(r) {
   node.dataset.step = r.step;
   node.querySelector("h3").replaceChildren(r.adapter,
     el("span", { class: `state state-${r.state}`, text: r.state.replace("_", " ") }),
-    el("span", { class: "step muted", text: `step ${r.step + 1}/${steps.length}${r.percent !== null ? ` · candidate ${num(r.percent, 1)}%` : ""}` }),
+    el("span", { class: "step muted", text: `${where(r, steps)}${r.percent !== null ? ` · candidate ${num(r.percent, 1)}%` : ""}` }),
     el("span", { class: "muted", text: `${r.control} → ${r.candidate}` }));
   const chart = state.charts[`rel-${r.adapter}`];
   if (chart) {
     // a point at the start of each step, and one at the end: the line steps up at each start
-    const reachedUpTo = done ? steps.length : r.state === "running" || r.state === "paused" ? r.step + 1 : r.step;
+    const before = r.state === "evaluating" || (r.phase === "shadow" && r.state !== "rolled_back");
+    const reachedUpTo = done ? steps.length : before ? 0 : r.state === "running" || r.state === "paused" ? r.step + 1 : r.step;
     const planned = [...steps.map((s) => s.percent), steps[steps.length - 1].percent];
     chart.data.labels = [...steps.map((s, i) => `step ${i + 1}: ${s.percent}% (${s.hold_s}s)`), "end"];
     chart.data.datasets[0].data = planned;
@@ -295,8 +303,8 @@ function renderRelease(r) {
     table(["gate", "value", "threshold", ""], gateRows));
   node.querySelector(".log").replaceChildren(table(["at", "step", "share", "decision", "numbers"],
     [...r.log].reverse().map((e) => el("tr", { class: "decision" },
-      el("td", { text: e.at.replace("T", " ").replace("+00:00", "Z") }), el("td", { text: e.step + 1 }),
-      el("td", { text: `${e.percent}%` }), el("td", { class: "decision-name", text: e.decision }),
+      el("td", { text: e.at.replace("T", " ").replace("+00:00", "Z") }), el("td", { text: e.phase || e.step + 1 }),
+      el("td", { text: e.phase === "shadow" ? `${e.mirrored}% mirrored` : `${e.percent}%` }), el("td", { class: "decision-name", text: e.decision }),
       el("td", { class: "muted", text: Object.entries(e.numbers || {}).map(([k, v]) => `${k}=${typeof v === "number" ? num(v, 4) : v}`).join(" ") }))),
     { class: "release-log" }));
   const actions = node.querySelector(".actions");
@@ -316,7 +324,7 @@ function renderRelease(r) {
         "POST", path("resume"), undefined, (x) => `resumed the release of ${x.adapter} at step ${x.step + 1}`),
     }));
   }
-  if (ADMIN && (r.state === "running" || r.state === "paused")) {
+  if (ADMIN && ["running", "paused", "evaluating"].includes(r.state)) {
     actions.append(el("button", {
       class: "danger abort", "data-adapter": r.adapter, text: "Abort release",
       onclick: () => act(`Abort the release of ${r.adapter}? Its candidate ${r.candidate} gets no more traffic; current stays ${r.control}.`,
