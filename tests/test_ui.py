@@ -15,6 +15,7 @@ import itertools
 import json
 import os
 import shutil
+import signal
 import tempfile
 import threading
 import time
@@ -111,13 +112,10 @@ def app(ray_local, tmp_path_factory, tiny_base):
     between adapters ui-a and ui-b) and adapter ui-rel with a candidate version. ui-b is
     published only once the app is up: the command warns that it is missing, and the running
     app then finds it in the store."""
-    import subprocess
-    import sys
 
     from ray import serve
 
     from cluster.config.load import dump_config
-    from cluster.ray_connect import state_api_address
 
     tmp = tmp_path_factory.mktemp("ui")
     store = tmp / "store"
@@ -129,24 +127,12 @@ def app(ray_local, tmp_path_factory, tiny_base):
     cfg.ray.address = ray_local.get_runtime_context().gcs_address
     cfg_path = tmp / "serve.yaml"
     cfg_path.write_text(dump_config(cfg))
-    environ = {cfg.http.api_keys_env: KEY, cfg.http.admin_keys_env: ADMIN_KEY}
     log = tmp / "serve.log"
     t0 = time.monotonic()
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "cluster.cli", "serve", str(cfg_path)],
-            cwd=ROOT,
-            env=os.environ | environ | {"RAY_API_SERVER_ADDRESS": state_api_address()},
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+    proc = _start_serve(cfg, cfg_path, log)
     url = f"http://127.0.0.1:{cfg.http.port}"
     try:
-        # a vLLM replica starting beside a busy suite on 2 cores took minutes
-        deadline = time.monotonic() + 500
-        while "[serve] ready at" not in log.read_text():
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.5)
+        _wait_ready(proc, log)
         said = log.read_text()
         assert (
             "[serve] warning: experiment 'bot' variant 'b' names adapter 'ui-b', which is not in "
@@ -173,6 +159,32 @@ def app(ray_local, tmp_path_factory, tiny_base):
         if APP in serve.status().applications:
             serve.delete(APP)
         serve.shutdown()
+
+
+def _start_serve(cfg, cfg_path: Path, log: Path):
+    """`lorafleet serve CONFIG` in a subprocess joined to the session's Ray, its output in `log`."""
+    import subprocess
+    import sys
+
+    from cluster.ray_connect import state_api_address
+
+    environ = {cfg.http.api_keys_env: KEY, cfg.http.admin_keys_env: ADMIN_KEY}
+    with log.open("w") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "cluster.cli", "serve", str(cfg_path)],
+            cwd=ROOT,
+            env=os.environ | environ | {"RAY_API_SERVER_ADDRESS": state_api_address()},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def _wait_ready(proc, log: Path) -> None:
+    # a vLLM replica starting beside a busy suite on 2 cores took minutes
+    deadline = time.monotonic() + 500
+    while "[serve] ready at" not in log.read_text():
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.5)
 
 
 def _model_ids(url: str) -> set[str]:
@@ -801,14 +813,23 @@ def test_an_adapter_shows_the_replicas_that_loaded_it(app):
 # --- last: the command stops --------------------------------------------------------------------
 
 
+@pytest.fixture(scope="module")
+def answered(app) -> list[tuple[str, str]]:
+    """(response id, variant) of answers experiment `bot` gave, not yet rewarded."""
+    out = []
+    for i in range(4):
+        r = _ask(app, "bot", f"before-restart-{i}")
+        assert r.status_code == 200, r.text
+        out.append((r.headers["X-Lorafleet-Response-Id"], r.headers["X-Lorafleet-Variant"]))
+    return out
+
+
 @pytest.mark.slow
-def test_lorafleet_serve_stops_on_sigterm_and_takes_its_app_with_it(app):
+def test_lorafleet_serve_stops_on_sigterm_and_takes_its_app_with_it(app, answered):
     """SIGTERM (what `kill`, `docker stop` and systemd send) stops `lorafleet serve` the way
     Ctrl-C does: it deletes its app, says so, and exits 0; the cluster it joined stays up. (That
     a command that started its own Ray leaves none of its processes behind is the Ctrl-C test's
     in tests/test_cli.py: the same `main`.)"""
-    import signal
-
     from ray import serve
 
     proc = app["proc"]
@@ -822,3 +843,50 @@ def test_lorafleet_serve_stops_on_sigterm_and_takes_its_app_with_it(app):
     assert APP not in serve.status().applications
     r = requests.get(f"{app['url']}/v1/models", timeout=30)
     assert r.status_code == 404, r.text  # Serve's proxy is up; the app behind it is gone
+
+
+def _outcome_counts(app) -> dict[str, int]:
+    r = requests.get(
+        f"{app['url']}/v1/experiments", headers={"Authorization": f"Bearer {KEY}"}, timeout=60
+    )
+    assert r.status_code == 200, r.text
+    variants = r.json()["experiments"]["bot"]["variants"]
+    return {v: s["outcome"]["count"] for v, s in variants.items()}
+
+
+def _send_feedback(app, response_id: str, reward: float) -> requests.Response:
+    return requests.post(
+        f"{app['url']}/v1/feedback",
+        json={"response_id": response_id, "reward": reward},
+        headers={"Authorization": f"Bearer {KEY}"},
+        timeout=60,
+    )
+
+
+@pytest.mark.slow
+def test_feedback_on_answers_given_before_a_lorafleet_serve_restart_is_counted(app, answered):
+    """The command stopped above (SIGTERM) and started again on the same config and storage:
+    feedback for the answers the first run gave is counted (the signed ids need no record of
+    them, the secret comes back from storage), a tampered id gets 400, a second reward 409."""
+    log = app["log"].with_name("serve-again.log")
+    proc = _start_serve(app["cfg"], app["cfg_path"], log)
+    try:
+        _wait_ready(proc, log)
+        before = _outcome_counts(app)
+        for rid, _ in answered:
+            r = _send_feedback(app, rid, 1)
+            assert r.status_code == 200, r.text
+        after = _outcome_counts(app)
+        for variant in {v for _, v in answered}:
+            n = sum(v == variant for _, v in answered)
+            assert after[variant] == before.get(variant, 0) + n, (before, after, answered)
+        rid = answered[0][0]
+        assert _send_feedback(app, rid, 0).status_code == 409  # rewarded once
+        head, payload, mac = rid.split(".")
+        tampered = f"{head}.{payload}.{mac[:-2]}{'AA' if mac[-2:] != 'AA' else 'BB'}"
+        r = _send_feedback(app, tampered, 1)
+        assert r.status_code == 400, r.text
+        assert _outcome_counts(app) == after
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0, log.read_text()[-3000:]
