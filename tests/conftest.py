@@ -6,6 +6,7 @@ Everything here is real: Ray, bitsandbytes 4-bit, PEFT, transformers. Models are
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -17,6 +18,11 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # nothing here can reach the Hugging Face hub: say so, so a hub id fails at once, not after retries
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# W&B never goes online from the tests, and a key in the environment must never reach a log or
+# a file (tests/test_tracking.py looks for this one): set here, before any test starts Ray, whose
+# workers inherit this environment, whichever test file is imported first
+os.environ["WANDB_MODE"] = "offline"
+WANDB_KEY = os.environ.setdefault("WANDB_API_KEY", "lorafleet-test-key-never-logged-0123456789")
 
 
 @pytest.fixture(scope="session")
@@ -24,12 +30,35 @@ def session_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("lorafleet")
 
 
+def once_per_session(tmp_path_factory, name: str, build):
+    """`build(folder)` once per test session, not once per pytest-xdist worker: the first worker
+    to get here builds it, under a file lock, in the folder the workers share; the others wait
+    for it and read its JSON result. (`make test` runs two workers, and both need the same tiny
+    base and reference run: built twice, they cost the two cores minutes.)"""
+    from filelock import FileLock
+
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        return build(tmp_path_factory.mktemp(name))
+    folder = tmp_path_factory.getbasetemp().parent / f"shared-{name}"
+    with FileLock(f"{folder}.lock"):
+        done = folder / "result.json"
+        if done.exists():
+            return json.loads(done.read_text())
+        folder.mkdir(exist_ok=True)
+        result = build(folder)
+        done.write_text(json.dumps(result))
+        return result
+
+
 @pytest.fixture(scope="session")
-def tiny_base(session_dir) -> Path:
+def tiny_base(tmp_path_factory) -> Path:
     """tiny://test (2 layers, width 64) with a short copy pretraining, built the way users get it."""
     from train.tiny import ensure_tiny_base
 
-    return ensure_tiny_base("test", session_dir / "models" / "test", pretrain_steps=200)
+    def build(folder: Path) -> str:
+        return str(ensure_tiny_base("test", folder / "models" / "test", pretrain_steps=200))
+
+    return Path(once_per_session(tmp_path_factory, "tiny-base", build))
 
 
 @pytest.fixture(scope="session")
@@ -66,6 +95,19 @@ def s3_bucket():
 
 
 @pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` (SQLite store, on 127.0.0.1) for the session, shared by the files
+    that track to MLflow, each under an experiment of its own. Yielded while it starts (~12 s of
+    a loaded CPU; MLflow's client retries meanwhile): `.wait()` returns at once when it is up,
+    and fails with the server's log when it is not."""
+    from tests.helpers.toolbox import MlflowServer, stop_processes
+
+    server = MlflowServer.start(tmp_path_factory.mktemp("mlflow"))
+    yield server
+    stop_processes(groups=[server.proc.pid], timeout_s=10)
+
+
+@pytest.fixture(scope="session")
 def ray_local(s3_bucket):
     """One local Ray for the whole session, stopped at the end (only the one we started). It
     starts after the session's S3 server, so its workers inherit that server's endpoint."""
@@ -89,17 +131,23 @@ def ray_local(s3_bucket):
 def two_worker_run(ray_local, tmp_path_factory, tiny_base, task_data):
     """A real 2-worker QLoRA run on the 'last' task, published as adapter `t-last`: the training
     tests inspect it and the serve tests serve it."""
+    from cluster.config.job import JobConfig
     from train.trainer import train
 
-    tmp = tmp_path_factory.mktemp("run2")
-    cfg = job_config(
-        tmp,
-        tiny_base,
-        task_data["train"],
-        name="t-last",
-        **{"scaling.num_workers": 2, "training.max_steps": 30, "training.eval_every_steps": 10},
-    )
-    return cfg, train(cfg, log=lambda *_: None)
+    def build(folder: Path) -> dict:
+        cfg = job_config(
+            folder,
+            tiny_base,
+            task_data["train"],
+            name="t-last",
+            **{"scaling.num_workers": 2, "training.max_steps": 30, "training.eval_every_steps": 10},
+        )
+        summary = train(cfg, log=lambda *_: None)
+        return {"cfg": cfg.model_dump(mode="json"), "summary": summary}
+
+    # built once for both xdist workers (the training and the serve tests): read-only after
+    run = once_per_session(tmp_path_factory, "two-worker-run", build)
+    return JobConfig.model_validate(run["cfg"]), run["summary"]
 
 
 # Ray Train's own control actors log their internal retries with tracebacks (a placement-group

@@ -1,7 +1,9 @@
 """Tracking and training details on a real Ray Train run: TensorBoard events, metrics.jsonl
 appended across a resume, peak memory, overfitting said once, fp16 with a GradScaler, epochs
 turned into steps, and the data report in the run folder; the same run logged to a real
-`mlflow server` (SQLite store, on 127.0.0.1) and to W&B in offline mode, both read back."""
+`mlflow server` (SQLite store, on 127.0.0.1; conftest's `mlflow_server`) and to W&B in offline
+mode, both read back. conftest.py sets WANDB_MODE=offline and a WANDB_API_KEY that must leak
+nowhere."""
 
 from __future__ import annotations
 
@@ -15,23 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import job_config
+from conftest import WANDB_KEY, job_config
 
 from cluster.cli import main as cli
 from cluster.config.job import JobConfig
 from cluster.config.load import dump_config
 from cluster.errors import ConfigError
-from tests.helpers.toolbox import (
-    read_wandb_run,
-    start_mlflow_server,
-    stop_processes,
-    wait_mlflow_server,
-)
-
-# W&B never goes online from the tests, and a key in the environment must never reach a log or
-# a file: set at import, before any test starts Ray, whose workers inherit this environment
-os.environ["WANDB_MODE"] = "offline"
-WANDB_KEY = os.environ.setdefault("WANDB_API_KEY", "lorafleet-test-key-never-logged-0123456789")
+from tests.helpers.toolbox import read_wandb_run
 
 # 16 training rows memorized at lr 1e-2 (the in-process probe this was sized on: from step 35
 # to 50 the training loss went 1.15 -> 1.06 -> 0.98 -> 0.95 while the eval loss went
@@ -91,65 +83,83 @@ class Tracked:
     resumed_out: str
     resumed: list[dict]  # metrics.jsonl after the resume
     mlflow_url: str
+    # the adapter versions each phase published, read from the store, and the MLflow run's
+    # adapter tags after the first phase
+    adapters: str  # the store's adapters root
+    published: list[str]
+    first_tags: dict[str, str]
 
 
 @pytest.fixture(scope="module")
-def tracked(ray_local, tmp_path_factory, tiny_base, task_data) -> Tracked:
+def tracked(mlflow_server, ray_local, tmp_path_factory, tiny_base, task_data) -> Tracked:
+    from cluster.store import layout, versions
+
     tmp = tmp_path_factory.mktemp("track")
-    server_dir = tmp / "mlflow"
-    server_dir.mkdir()
-    server, url = start_mlflow_server(server_dir)
-    try:
-        train = _rows(task_data["train"], TRAIN_ROWS)
-        data = _jsonl(tmp / "train.jsonl", train + train[:2])  # two exact duplicates
-        held = _jsonl(tmp / "eval.jsonl", _rows(task_data["test"], 40) + train[5:6])
-        cfg = job_config(
-            tmp,
-            tiny_base,
-            data,
-            name="track",
-            **{
-                "data.eval_path": str(held),
-                "data.eval_ratio": 0.0,
-                "training.max_steps": None,
-                "training.epochs": EPOCHS,
-                "training.precision": "fp16",
-                "training.learning_rate": 1e-2,
-                "training.log_every_steps": 5,
-                "training.eval_every_steps": 5,
-                "training.eval_max_batches": None,
-                "training.overfit_patience": 2,
-                "tracking.mlflow": {"tracking_uri": url, "experiment": EXPERIMENT},
-                "tracking.wandb": {"project": "lorafleet-test"},
-            },
-        )
-        path = tmp / "track.yaml"
-        path.write_text(dump_config(cfg))
-        try:  # MLflow's client retries while the server starts: both start at once
-            out = _train(["train", str(path)])
-        finally:  # at once when it is up; its log, with the training's error, when it died
-            wait_mlflow_server(server, url, server_dir, timeout_s=300)
-        [run_dir] = (Path(cfg.storage.root) / "runs" / "track").iterdir()
-        history = _read_jsonl(run_dir / "metrics.jsonl")
-        tb = _scalars(run_dir / "tensorboard", "loss")
-        # a killed run may have appended a line after its last checkpoint: the resume drops it
-        with (run_dir / "metrics.jsonl").open("a") as f:
-            f.write(json.dumps({"step": STEPS + 1, "loss": 99.0}) + "\n")
-        more = ["training.epochs=null", f"training.max_steps={STEPS + MORE}"]
-        resumed_out = _train(["train", str(path), "--resume", *more])
-        yield Tracked(
-            run_dir=run_dir,
-            base=Path(tiny_base),
-            out=out,
-            history=history,
-            tb_steps=[s for s, _ in tb],
-            tb_losses=[v for _, v in tb],
-            resumed_out=resumed_out,
-            resumed=_read_jsonl(run_dir / "metrics.jsonl"),
-            mlflow_url=url,
-        )
-    finally:
-        stop_processes(groups=[server.pid], timeout_s=10)
+    train = _rows(task_data["train"], TRAIN_ROWS)
+    data = _jsonl(tmp / "train.jsonl", train + train[:2])  # two exact duplicates
+    held = _jsonl(tmp / "eval.jsonl", _rows(task_data["test"], 40) + train[5:6])
+    cfg = job_config(
+        tmp,
+        tiny_base,
+        data,
+        name="track",
+        **{
+            "data.eval_path": str(held),
+            "data.eval_ratio": 0.0,
+            "training.max_steps": None,
+            "training.epochs": EPOCHS,
+            "training.precision": "fp16",
+            "training.learning_rate": 1e-2,
+            "training.log_every_steps": 5,
+            "training.eval_every_steps": 5,
+            "training.eval_max_batches": None,
+            "training.overfit_patience": 2,
+            "tracking.mlflow": {"tracking_uri": mlflow_server.url, "experiment": EXPERIMENT},
+            "tracking.wandb": {"project": "lorafleet-test"},
+        },
+    )
+    path = tmp / "track.yaml"
+    path.write_text(dump_config(cfg))
+    adapters = layout.adapters_root(cfg.storage.root)
+    try:  # MLflow's client retries while the server starts: both start at once
+        out = _train(["train", str(path)])
+    finally:  # at once when it is up; its log, with the training's error, when it died
+        mlflow_server.wait()
+    [run_dir] = (Path(cfg.storage.root) / "runs" / "track").iterdir()
+    first = versions.current(adapters, "track")
+    history = _read_jsonl(run_dir / "metrics.jsonl")
+    tb = _scalars(run_dir / "tensorboard", "loss")
+    first_tags = _mlflow_run(mlflow_server.url).data.tags
+    # a killed run may have appended a line after its last checkpoint: the resume drops it
+    with (run_dir / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps({"step": STEPS + 1, "loss": 99.0}) + "\n")
+    more = ["training.epochs=null", f"training.max_steps={STEPS + MORE}"]
+    resumed_out = _train(["train", str(path), "--resume", *more])
+    return Tracked(
+        run_dir=run_dir,
+        base=Path(tiny_base),
+        out=out,
+        history=history,
+        tb_steps=[s for s, _ in tb],
+        tb_losses=[v for _, v in tb],
+        resumed_out=resumed_out,
+        resumed=_read_jsonl(run_dir / "metrics.jsonl"),
+        mlflow_url=mlflow_server.url,
+        adapters=adapters,
+        published=[first, versions.current(adapters, "track")],
+        first_tags={k: v for k, v in first_tags.items() if k.startswith("lorafleet.adapter")},
+    )
+
+
+def _mlflow_run(url: str):
+    """The one MLflow run under EXPERIMENT."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=url)
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    assert experiment is not None
+    [run] = client.search_runs([experiment.experiment_id])
+    return run
 
 
 @pytest.mark.slow
@@ -191,14 +201,13 @@ def test_fp16_epochs_run_tracks_tensorboard_memory_overfitting_and_resumes_witho
 @pytest.mark.slow
 def test_mlflow_server_holds_one_run_with_params_loss_history_and_artifacts(tracked, tmp_path):
     """What a user opening the MLflow UI expects: the run under the configured experiment, its
-    hyperparameters, a loss curve point for every report that fell, the run folder's files; the
-    resume continued the same MLflow run rather than starting a second one."""
+    hyperparameters, a loss curve point for every report that fell, the run folder's files, the
+    adapter version it published; the resume continued the same MLflow run rather than starting a
+    second one."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=tracked.mlflow_url)
-    experiment = client.get_experiment_by_name(EXPERIMENT)
-    assert experiment is not None
-    [run] = client.search_runs([experiment.experiment_id])
+    run = _mlflow_run(tracked.mlflow_url)
     assert run.info.run_name == f"track/{tracked.run_dir.name}"
     assert run.info.status == "FINISHED"
     assert run.data.tags["lorafleet.run_dir"] == str(tracked.run_dir)
@@ -243,6 +252,25 @@ def test_mlflow_server_holds_one_run_with_params_loss_history_and_artifacts(trac
 
     # the API key in the environment is nowhere in what MLflow holds
     assert WANDB_KEY not in json.dumps([params, run.data.tags])
+
+    # the adapter each phase published, as the store has it, tagged on the run once published:
+    # the first version after the first phase, the resume's new version after the resume
+    from cluster.store import versions
+
+    first, last = tracked.published
+    assert first and last and first != last
+    assert versions.version_ids(tracked.adapters, "track")[-2:] == [first, last]
+    assert (
+        versions.read_meta(tracked.adapters, "track", last)["source"]["run"] == tracked.run_dir.name
+    )
+    for version, tags in ((first, tracked.first_tags), (last, run.data.tags)):
+        assert {k: tags.get(k) for k in ("lorafleet.adapter", "lorafleet.adapter_version")} == {
+            "lorafleet.adapter": "track",
+            "lorafleet.adapter_version": version,
+        }
+        assert tags["lorafleet.adapter_uri"] == versions.version_uri(
+            tracked.adapters, "track", version
+        )
 
 
 @pytest.mark.slow
@@ -290,6 +318,26 @@ def test_wandb_offline_runs_land_in_the_run_folder_with_every_report_and_no_key(
         if p.is_file() and WANDB_KEY.encode() in p.read_bytes()
     ]
     assert not leaked and WANDB_KEY not in tracked.out + tracked.resumed_out
+
+
+def test_an_mlflow_server_gone_by_the_publish_costs_one_warning_line(monkeypatch):
+    """The adapter is published by the time its run is tagged: a tracker that fails there (no
+    server on the port any more) is one warning line, not a failed job."""
+    from cluster.config.load import load_config
+    from tests.helpers.toolbox import free_port
+    from train.tracking import tag_published
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # not minutes of retries
+    uri = f"http://127.0.0.1:{free_port()}"
+    raw = {
+        "name": "gone",
+        "data": {"path": "d.jsonl"},
+        "tracking": {"mlflow": {"tracking_uri": uri}},
+    }
+    said: list[str] = []
+    tag_published(load_config(None, raw), "/runs/gone/run-1", "/a/gone/versions/v-1", said.append)
+    assert len(said) == 1 and "\n" not in said[0], said
+    assert said[0].startswith("[track] warning: MLflow run not tagged with gone version v-1: ")
 
 
 def test_mlflow_or_wandb_configured_but_not_installed_is_a_config_error(tmp_path, monkeypatch):

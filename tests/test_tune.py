@@ -1,5 +1,6 @@
 """Real Ray Tune over real training on the tiny model: ASHA stops weak trials, outputs exist,
-the best adapter is published and loads in PEFT, the best YAML validates and runs."""
+the best adapter is published and loads in PEFT, the best YAML validates and runs, and each trial
+is one run on a real `mlflow server` (conftest's `mlflow_server`)."""
 
 from __future__ import annotations
 
@@ -17,11 +18,16 @@ from cluster.errors import ConfigError
 
 pytestmark = pytest.mark.slow
 
+EXPERIMENT = "lorafleet-tune-test"
+
 
 @pytest.fixture(scope="module")
-def search(ray_local, tmp_path_factory, tiny_base, task_data):
+def search(mlflow_server, ray_local, tmp_path_factory, tiny_base, task_data):
     from tune.tuner import tune_job
 
+    # started before Ray (fixtures start in argument order), so it is up or nearly by now; its
+    # log if it did not start, rather than a search that logged nothing
+    mlflow_server.wait()
     tmp = tmp_path_factory.mktemp("tune")
     cfg = job_config(
         tmp,
@@ -42,6 +48,7 @@ def search(ray_local, tmp_path_factory, tiny_base, task_data):
             "tune.space": {
                 "training.learning_rate": {"grid": [3e-3, 1e-5, 2e-5, 4e-5, 8e-5, 1.6e-4]}
             },
+            "tracking.mlflow": {"tracking_uri": mlflow_server.url, "experiment": EXPERIMENT},
         },
     )
     lines = []
@@ -71,6 +78,58 @@ def test_early_stopped_trials_stopped_at_an_asha_rung(search):
     stopped = [r for r in out["rows"] if r["stopped_early"]]
     assert stopped and all(r["steps"] in rungs for r in stopped), out["table"]
     assert any(r["steps"] == t.grace_period_steps for r in stopped), out["table"]
+
+
+def test_each_trial_is_one_mlflow_run_with_its_sampled_values_and_reports(search):
+    """One MLflow run per trial, logged by the search's driver: named and tagged by the trial,
+    its config (the sampled learning rate included) as params, every report Tune got from it at
+    its training step, FINISHED whether it ran to the end or ASHA stopped it; the best trial's
+    run carries the version the search published (as the store has it)."""
+    from mlflow.tracking import MlflowClient
+
+    from cluster.store import layout, versions
+
+    cfg, out, lines = search
+    client = MlflowClient(tracking_uri=cfg.tracking.mlflow.tracking_uri)
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    assert experiment is not None
+    runs = {
+        r.data.tags["lorafleet.trial_id"]: r for r in client.search_runs([experiment.experiment_id])
+    }
+    rows = {r["trial"]: r for r in out["rows"]}
+    assert len(runs) == len(rows) == 6 and runs.keys() == rows.keys()
+    assert not [x for x in lines if "MLflow" in x]  # no warning: it was never turned off
+    for trial, run in runs.items():
+        row, run_dir = rows[trial], Path(cfg.storage.root, "runs", f"search-{trial}", "run")
+        assert run.info.run_name == f"search/{trial}" and run.info.status == "FINISHED"
+        assert run.data.tags["lorafleet.run_dir"] == str(run_dir)
+        assert run.data.tags["lorafleet.search"] == "search"
+        params = run.data.params
+        lr = row["overrides"]["training.learning_rate"]
+        assert float(params["training.learning_rate"]) == lr
+        assert params["name"] == f"search-{trial}" and params["training.max_steps"] == "27"
+        assert not [k for k in params if k.startswith(("tracking.", "_base", "training__"))]
+        # Tune's history of the trial, point for point, with the trial's own metrics.jsonl values
+        evals = client.get_metric_history(run.info.run_id, "eval_loss")
+        evals = sorted((p.step, p.value) for p in evals)
+        assert [s for s, _ in evals] == [s for s, _ in row["curve"]]
+        assert [v for _, v in evals] == pytest.approx([v for _, v in row["curve"]])
+        jsonl = (run_dir / "metrics.jsonl").read_text().splitlines()
+        reports = {h["step"]: h for h in map(json.loads, jsonl)}
+        loss = sorted((p.step, p.value) for p in client.get_metric_history(run.info.run_id, "loss"))
+        assert [s for s, _ in loss] == [s for s, _ in row["curve"]]
+        assert [v for _, v in loss] == pytest.approx([reports[s]["loss"] for s, _ in loss])
+        if lr == 3e-3:  # the good learning rate ran to the end, and learned
+            assert loss[-1][0] == 27 and loss[-1][1] < loss[0][1] * 0.9, loss
+        # the trial's reports, none of Tune's own bookkeeping (time_this_iter_s, done, ...)
+        assert set(run.data.metrics) <= {k for h in reports.values() for k in h} - {"step"}
+        assert "metrics.jsonl" in {a.path for a in client.list_artifacts(run.info.run_id)}
+
+    adapters = layout.adapters_root(cfg.storage.root)
+    tagged = {t: r.data.tags.get("lorafleet.adapter_version") for t, r in runs.items()}
+    assert tagged == {t: None for t in runs} | {
+        out["best"]["trial"]: versions.current(adapters, "search")
+    }
 
 
 def _trial_evals(cfg) -> list[tuple[float, str, int]]:

@@ -8,8 +8,10 @@ metrics say about the run: peak memory, and whether it is overfitting.
 One lorafleet run is one MLflow run and one W&B run, a resume included: the MLflow run is found
 again by its `lorafleet.run_dir` tag, the W&B run by an id made of the job's name and the run
 folder's. MLflow gets the config as flat params, every report's numbers as metrics at their step,
-and at the end `metrics.jsonl` and `data_report.json` as artifacts. W&B's local files (its
-offline runs, for `wandb sync`) go to `<run dir>/wandb/`.
+and at the end `metrics.jsonl` and `data_report.json` as artifacts; once the driver has published
+the adapter, the run is tagged with its name, version and URI (`tag_published`). W&B's local files
+(its offline runs, for `wandb sync`) go to `<run dir>/wandb/`. A Tune search logs each trial's
+MLflow run from its driver instead (tune/tracking.py), with the same `MlflowRun`.
 
 On an s3:// or gs:// root, nothing can be appended to: metrics.jsonl is rewritten whole at every
 report there (one small PUT), and TensorBoard and W&B write into local folders that are uploaded
@@ -37,6 +39,12 @@ DATA_REPORT_FILE = "data_report.json"  # written by the driver (train/trainer.py
 TENSORBOARD_DIR = "tensorboard"
 WANDB_DIR = "wandb"
 RUN_DIR_TAG = "lorafleet.run_dir"  # the MLflow tag a resumed run is found by
+# the MLflow tags a run gets once its adapter is published (tag_published)
+ADAPTER_TAG, VERSION_TAG, ADAPTER_URI_TAG = (
+    "lorafleet.adapter",
+    "lorafleet.adapter_version",
+    "lorafleet.adapter_uri",
+)
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -104,7 +112,7 @@ class OverfitWatch:
 # Sinks
 
 
-def _numbers(metrics: dict) -> dict[str, float]:
+def metric_values(metrics: dict) -> dict[str, float]:
     return {
         k: float(v)
         for k, v in metrics.items()
@@ -148,12 +156,7 @@ class Tracker:
         self.writer = SummaryWriter(self.tb_local or tb_uri, purge_step=step + 1 if step else None)
 
     def _open_trackers(self, cfg) -> None:
-        # where to log is not a hyperparameter (and a tracking URI is no place for a secret)
-        params = {
-            k: v
-            for k, v in _flat_params(cfg.model_dump(mode="json")).items()
-            if not k.startswith("tracking.")
-        }
+        params = config_params(cfg)
         name = Path(self.run_dir.rstrip("/")).name
         if cfg.tracking.mlflow is not None:
             self.mlflow = MlflowRun(cfg.tracking.mlflow, self.run_dir, f"{cfg.name}/{name}", params)
@@ -188,7 +191,7 @@ class Tracker:
         else:
             with open(self.jsonl, "a", encoding="utf-8") as f:
                 f.write(line)
-        step, values = metrics["step"], _numbers(metrics)
+        step, values = metrics["step"], metric_values(metrics)
         if self.writer is not None:
             for k, v in values.items():
                 self.writer.add_scalar(k, v, step)
@@ -235,7 +238,9 @@ class MlflowRun:
     that tag when the run resumes. A resume may change the config (more steps): params cannot
     change in MLflow, so the new values go to tags named `resumed.<param>`."""
 
-    def __init__(self, section, run_dir: str, run_name: str, params: dict):
+    def __init__(
+        self, section, run_dir: str, run_name: str, params: dict, tags: dict | None = None
+    ):
         from mlflow import MlflowClient
         from mlflow.entities import Param, RunTag
         from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
@@ -243,13 +248,8 @@ class MlflowRun:
         self.client = MlflowClient(tracking_uri=section.tracking_uri)
         experiment_id = self._experiment_id(section.experiment)
         params = {k: str(v)[:MAX_PARAM_VAL_LENGTH] for k, v in params.items()}
-        found = None
-        if "'" not in run_dir:  # the filter's quote; such a run folder starts a new run
-            found = self.client.search_runs(
-                [experiment_id], f"tags.`{RUN_DIR_TAG}` = '{run_dir}'", max_results=1
-            )
-        if found:
-            run = found[0]
+        run = _find_run(self.client, experiment_id, run_dir)
+        if run is not None:
             self.run_id = run.info.run_id
             self.client.update_run(self.run_id, status="RUNNING")
             had = run.data.params
@@ -258,7 +258,7 @@ class MlflowRun:
             self.client.log_batch(self.run_id, params=new, tags=changed)
             print(f"[track] MLflow: resuming run {self.run_id} ({run_name})", flush=True)
         else:
-            tags = {RUN_DIR_TAG: run_dir}
+            tags = {**(tags or {}), RUN_DIR_TAG: run_dir}
             run = self.client.create_run(experiment_id, run_name=run_name, tags=tags)
             self.run_id = run.info.run_id
             self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in params.items()])
@@ -284,13 +284,65 @@ class MlflowRun:
         metrics = [Metric(k, v, now, step) for k, v in values.items()]
         self.client.log_batch(self.run_id, metrics=metrics)
 
-    def close(self, run_dir: str) -> None:
-        """The run folder's metrics.jsonl and data report as artifacts; the run FINISHED."""
+    def close(self, run_dir: str, status: str = "FINISHED") -> None:
+        """The run folder's metrics.jsonl and data report as artifacts; the run FINISHED (or
+        `status`)."""
         for name in (METRICS_FILE, DATA_REPORT_FILE):
             uri = storage.join(run_dir, name)
             if storage.exists(uri):
                 self.client.log_text(self.run_id, storage.read_text(uri), name)
-        self.client.set_terminated(self.run_id, "FINISHED")
+        self.client.set_terminated(self.run_id, status)
+
+
+def _find_run(client, experiment_id: str, run_dir: str):
+    """The MLflow run tagged with this run folder, or None."""
+    if "'" in run_dir:  # the filter's quote; such a run folder is never found (a new run starts)
+        return None
+    found = client.search_runs(
+        [experiment_id], f"tags.`{RUN_DIR_TAG}` = '{run_dir}'", max_results=1
+    )
+    return found[0] if found else None
+
+
+def tag_published(cfg, run_dir: str, adapter_uri: str, log=print) -> None:
+    """After a publish, on the driver: the adapter's name, version and URI as tags on the MLflow
+    run of `run_dir` (found by its `lorafleet.run_dir` tag), when tracking.mlflow is set. The
+    adapter is published by then: a tracker that fails here costs one warning line, not the job."""
+    if cfg.tracking.mlflow is None:
+        return
+    m = cfg.tracking.mlflow
+    version = adapter_uri.rstrip("/").rsplit("/", 1)[-1]
+    tags = {ADAPTER_TAG: cfg.name, VERSION_TAG: version, ADAPTER_URI_TAG: adapter_uri}
+    try:
+        from mlflow import MlflowClient
+        from mlflow.entities import RunTag
+
+        client = MlflowClient(tracking_uri=m.tracking_uri)
+        experiment = client.get_experiment_by_name(m.experiment)
+        run = experiment and _find_run(client, experiment.experiment_id, run_dir)
+        if run:
+            client.log_batch(run.info.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+            return
+        why = f"no run tagged {RUN_DIR_TAG}={run_dir} in experiment {m.experiment!r}"
+    except Exception as e:  # the server down, a permission: any of them, in one line
+        why = one_line(e)
+    log(f"[track] warning: MLflow run not tagged with {cfg.name} version {version}: {why}")
+
+
+def one_line(error: BaseException) -> str:
+    """An exception as `Type: first line` (a tracker's errors run to pages of HTTP detail)."""
+    first = next((x.strip() for x in str(error).splitlines() if x.strip()), "")
+    return f"{type(error).__name__}: {first}"[:300]
+
+
+def config_params(cfg) -> dict:
+    """The config as a run's flat params; where to log is not a hyperparameter (and a tracking
+    URI is no place for a secret), so the `tracking.*` keys are left out."""
+    return {
+        k: v
+        for k, v in _flat_params(cfg.model_dump(mode="json")).items()
+        if not k.startswith("tracking.")
+    }
 
 
 def _flat_params(tree: dict, prefix: str = "") -> dict:
@@ -302,22 +354,3 @@ def _flat_params(tree: dict, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{k}"] = v
     return out
-
-
-def tune_callbacks(cfg) -> list:
-    """Tune's logger callbacks for tracking.mlflow / tracking.wandb: one MLflow or W&B run per
-    trial, fed every result the trial reports (the trials' own loops leave them off)."""
-    callbacks = []
-    if cfg.tracking.mlflow is not None:
-        from ray.air.integrations.mlflow import MLflowLoggerCallback
-
-        m = cfg.tracking.mlflow
-        callbacks.append(
-            MLflowLoggerCallback(tracking_uri=m.tracking_uri, experiment_name=m.experiment)
-        )
-    if cfg.tracking.wandb is not None:
-        from ray.air.integrations.wandb import WandbLoggerCallback
-
-        w = cfg.tracking.wandb
-        callbacks.append(WandbLoggerCallback(project=w.project, entity=w.entity))
-    return callbacks

@@ -17,6 +17,7 @@ from cluster.store import layout, storage
 from train.checkpoint import ADAPTER_DIR, CHECKPOINT_META
 from train.export import check_adapter
 from train.loop import train_loop_per_worker
+from train.tracking import tag_published
 from train.zero import load_override
 
 
@@ -299,6 +300,7 @@ def train(cfg, resume: bool = False, log=print, make_current: bool = True) -> di
         raise TrainingError("training finished without a checkpoint; nothing to publish")
     source = {"kind": "train", "run": run_id}
     dest = publish_adapter(checkpoint, cfg, source, log=log, make_current=make_current)
+    tag_published(cfg, storage.join(runs_root(cfg), run_id), dest, log=log)
     history_uri = storage.join(runs_root(cfg), run_id, "metrics.jsonl")
     history = [json.loads(x) for x in storage.read_text(history_uri).splitlines() if x.strip()]
     return {

@@ -24,22 +24,22 @@ from cluster.config.load import dump_config
 from cluster.config.validation import with_overrides
 from cluster.errors import ConfigError, LorafleetError
 from cluster.store import storage
+from tune.trials import (
+    BASE,
+    RUN_ID,
+    param_name,
+    sampled,
+    trial_config,
+    trial_name,
+    trial_run_dir,
+)
 
-SEP = "__"  # dotted keys become Tune parameter names without dots
 # how often, at most, Tune saves the search state that `--resume` continues from (seconds)
 STATE_SAVE_S = 5
 
 
 class NothingToPublish(LorafleetError):
     """The search ended without a trial checkpoint (every trial errored, or none reported)."""
-
-
-def _param(key: str) -> str:
-    return key.replace(".", SEP)
-
-
-def _key(param: str) -> str:
-    return param.replace(SEP, ".")
 
 
 def tune_root(cfg) -> str:
@@ -53,29 +53,16 @@ def param_space(cfg) -> dict:
     for key, dist in cfg.tune.space.items():
         kind, args = next(iter(dist.items()))
         if kind == "loguniform":
-            space[_param(key)] = tune.loguniform(*args)
+            space[param_name(key)] = tune.loguniform(*args)
         elif kind == "uniform":
-            space[_param(key)] = tune.uniform(*args)
+            space[param_name(key)] = tune.uniform(*args)
         elif kind == "randint":
-            space[_param(key)] = tune.randint(*args)
+            space[param_name(key)] = tune.randint(*args)
         elif kind == "choice" and cfg.tune.search != "grid":
-            space[_param(key)] = tune.choice(args)
+            space[param_name(key)] = tune.choice(args)
         else:  # grid, or choice under grid search: every value is run
-            space[_param(key)] = tune.grid_search(args)
+            space[param_name(key)] = tune.grid_search(args)
     return space
-
-
-def trial_config(base: JobConfig, params: dict, trial_name: str) -> JobConfig:
-    """Base config + this trial's overrides; a trial reports (and checkpoints) at every eval."""
-    over = {_key(k): v for k, v in params.items()}
-    over |= {
-        "name": trial_name,
-        "training.log_every_steps": base.training.eval_every_steps,
-        "tune.space": {},
-        # MLflow / W&B get trials through Tune's logger callbacks (train/tracking.py), not twice
-        "tracking": {"mlflow": None, "wandb": None},
-    }
-    return with_overrides(base, over)
 
 
 def _trial_fn(params: dict) -> None:
@@ -85,11 +72,10 @@ def _trial_fn(params: dict) -> None:
 
     from train.trainer import build_trainer
 
-    base = JobConfig.model_validate(params.pop("_base"))
-    ctx = tune.get_context()
-    cfg = trial_config(base, params, f"{base.name}-{ctx.get_trial_id()}")
+    base = JobConfig.model_validate(params.pop(BASE))
+    cfg = trial_config(base, params, trial_name(base, tune.get_context().get_trial_id()))
     keep_by = (cfg.tune.metric, cfg.tune.mode)
-    build_trainer(cfg, run_id="run", callbacks=[TuneReportCallback()], keep_by=keep_by).fit()
+    build_trainer(cfg, run_id=RUN_ID, callbacks=[TuneReportCallback()], keep_by=keep_by).fit()
 
 
 def _scheduler(cfg):
@@ -226,9 +212,9 @@ def build_tuner(cfg, restore: bool = False, log=say):
         return tune.Tuner.restore(
             search_path(cfg), trainable=trainable, resume_errored=True, storage_filesystem=fs
         )
-    from train.tracking import tune_callbacks
+    from tune.tracking import tune_callbacks
 
-    space = param_space(cfg) | {"_base": cfg.model_dump(mode="json")}
+    space = param_space(cfg) | {BASE: cfg.model_dump(mode="json")}
     return tune.Tuner(
         trainable,
         param_space=space,
@@ -245,7 +231,7 @@ def build_tuner(cfg, restore: bool = False, log=say):
             storage_path=path,
             storage_filesystem=fs,
             verbose=0,
-            callbacks=[_progress_callback(cfg, log), *tune_callbacks(cfg)],
+            callbacks=[_progress_callback(cfg, log), *tune_callbacks(cfg, log)],
         ),
     )
 
@@ -263,7 +249,7 @@ def summarize(cfg, grid) -> list[dict]:
             if isinstance(h.get(cfg.tune.metric), int | float)
             and not math.isnan(h[cfg.tune.metric])
         ]
-        params = {_key(k): v for k, v in (result.config or {}).items() if k != "_base"}
+        params = sampled(result.config or {})
         steps = int(max((h.get("step", 0) for h in history), default=0))
         best = better(evals, key=lambda h: h[cfg.tune.metric]) if evals else None
         rows.append(
@@ -403,6 +389,7 @@ def tune_job(cfg, resume: bool = False, log=say, make_current: bool = True) -> d
     """Run the search, write its outputs, publish the best adapter. Returns a summary."""
     import tempfile
 
+    from train.tracking import tag_published
     from train.trainer import prepare_run, publish_adapter
 
     if not cfg.tune.space:
@@ -449,6 +436,8 @@ def tune_job(cfg, resume: bool = False, log=say, make_current: bool = True) -> d
     source = {"kind": "tune", "trial": best["trial"], "search": search_path(cfg)}
     best_ckpt = best_checkpoint(cfg, best)
     out["adapter"] = publish_adapter(best_ckpt, best_cfg, source, log, make_current)
+    # the published version on the best trial's MLflow run (tune/tracking.py made one per trial)
+    tag_published(best_cfg, trial_run_dir(cfg, best["trial"]), out["adapter"], log)
     out["version"] = out["adapter"].rstrip("/").rsplit("/", 1)[-1]
     out["best"] = best
     log(

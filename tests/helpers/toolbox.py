@@ -10,6 +10,8 @@ import socket
 import subprocess
 import sys
 from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
 
 S3_CREDENTIALS = {
     "AWS_ACCESS_KEY_ID": "test",
@@ -141,6 +143,23 @@ def wait_mlflow_server(proc: subprocess.Popen, url: str, folder, timeout_s: floa
         time.sleep(0.25)
     log = (Path(folder) / "server.log").read_text(errors="replace")[-3000:]
     raise AssertionError(f"mlflow server at {url} not up (exit code {proc.poll()}):\n{log}")
+
+
+@dataclass
+class MlflowServer:
+    """A started `mlflow server`: its process, URL and folder (store, artifacts, server.log)."""
+
+    proc: subprocess.Popen
+    url: str
+    folder: Path
+
+    @classmethod
+    def start(cls, folder) -> MlflowServer:
+        proc, url = start_mlflow_server(folder)
+        return cls(proc, url, Path(folder))
+
+    def wait(self, timeout_s: float = 300) -> None:
+        wait_mlflow_server(self.proc, self.url, self.folder, timeout_s=timeout_s)
 
 
 def read_wandb_run(path) -> list:
