@@ -467,7 +467,7 @@ def test_the_feedback_secret_comes_from_the_environment_or_one_kept_beside_the_s
 def test_a_reward_for_an_earlier_release_of_the_adapter_does_not_reach_this_ones_gate():
     from serve.routes.experiments import release_current
 
-    running = {"t-last": ("v-control", "v-candidate", None)}
+    running = {"t-last": ("v-control", "v-candidate", None, 0.0)}  # as the ingress holds it
     result = {"release": ["t-last", "candidate"], "version": "v-candidate"}
     assert release_current(running, result)
     assert not release_current(running, result | {"version": "v-older"})

@@ -104,5 +104,5 @@ def release_current(releases: dict, result: dict) -> bool:
     running, version = releases.get(adapter), result.get("version")
     if running is None or version is None:
         return True
-    control, candidate, _ = running
+    control, candidate = running[0], running[1]  # (control, candidate, table, mirrored)
     return version == (candidate if arm == "candidate" else control)
