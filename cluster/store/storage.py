@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -120,7 +121,144 @@ def write_text(uri: str, text: str) -> None:
         f.write(text.encode())
 
 
+# --- conditional reads and writes (compare-and-swap) ----------------------------------------
+#
+# A tag names one stored state of a small file: on S3 its ETag, on a local disk its inode, size
+# and mtime (a write renames a new file into place, so every write changes the inode). `write_if`
+# writes only when the file still has the tag its writer read (None: only when there is no file):
+# S3 conditional writes (PUT with `If-Match: <etag>` / `If-None-Match: *`, answered 412 when
+# lost); on a local disk an flock beside the file around a re-check and the rename. gs:// is not
+# covered: pyarrow's GcsFileSystem exposes no generation preconditions (`supports_cas` is False
+# there, and the callers say what they do instead).
+
+
+class ConditionalWritesUnsupported(LorafleetError):
+    """A compare-and-swap asked of a storage root that cannot do one (gs://, for now)."""
+
+
+def supports_cas(uri: str) -> bool:
+    """Whether `write_if` is a real compare-and-swap on `uri`: a local disk and s3://."""
+    return not is_remote(uri) or str(uri).startswith("s3://")
+
+
+_s3_clients: dict = {}
+_s3_lock = threading.Lock()
+
+
+def _s3(uri: str):
+    """(boto3 S3 client, bucket, key) for an s3:// URI: the endpoint and region `_fs` uses.
+    boto3, not pyarrow: pyarrow's S3FileSystem sends no If-Match / If-None-Match."""
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    region = os.environ.get("AWS_DEFAULT_REGION", "us-east-1")
+    with _s3_lock:
+        client = _s3_clients.get((endpoint, region))
+        if client is None:
+            import boto3
+
+            client = boto3.client("s3", endpoint_url=endpoint or None, region_name=region)
+            _s3_clients[(endpoint, region)] = client
+    bucket, _, key = str(uri)[len("s3://") :].partition("/")
+    return client, bucket, key
+
+
+def _s3_code(error) -> str:
+    return str(error.response.get("Error", {}).get("Code", ""))
+
+
+def _local_tag(path: Path) -> str | None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return f"{st.st_ino}-{st.st_size}-{st.st_mtime_ns}"
+
+
+def read_tagged(uri: str, if_changed_from: str | None = None) -> tuple[str | None, str | None]:
+    """(text, tag) of a small file; (None, None) when there is none. With `if_changed_from`, a
+    file still at that tag answers (None, that tag) without its content: one conditional GET on
+    S3 (`If-None-Match`, answered 304), one stat on a local disk."""
+    if not is_remote(uri):
+        path = Path(uri).expanduser()
+        tag = _local_tag(path)
+        if tag is None or tag == if_changed_from:
+            return None, tag
+        for _ in range(5):  # a rename between the stat and the read: read the new one
+            try:
+                with open(path, "rb") as f:
+                    st = os.fstat(f.fileno())
+                    text = f.read().decode()
+            except FileNotFoundError:
+                return None, None
+            return text, f"{st.st_ino}-{st.st_size}-{st.st_mtime_ns}"
+    if not str(uri).startswith("s3://"):  # gs://: the modification time stands in for a tag
+        fs, path = _fs(uri)
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.NotFound:
+            return None, None
+        tag = f"{info.size}-{info.mtime_ns}"
+        if tag == if_changed_from:
+            return None, tag
+        return read_text(uri), tag
+    from botocore.exceptions import ClientError
+
+    client, bucket, key = _s3(uri)
+    kw = {"IfNoneMatch": if_changed_from} if if_changed_from else {}
+    try:
+        got = client.get_object(Bucket=bucket, Key=key, **kw)
+    except ClientError as e:
+        code = _s3_code(e)
+        if code == "304":
+            return None, if_changed_from
+        if code in ("NoSuchKey", "404"):
+            return None, None
+        raise
+    return got["Body"].read().decode(), got["ETag"]
+
+
+def write_if(uri: str, text: str, tag: str | None) -> bool:
+    """Write `text` to `uri` only if the file is still at `tag` (None: only if there is no file);
+    False when another writer got there first (nothing written: re-read and decide again).
+    Raises ConditionalWritesUnsupported where `supports_cas` is False."""
+    if not is_remote(uri):
+        import fcntl
+
+        dst = Path(uri).expanduser()
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        with open(dst.with_name(f".{dst.name}.lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                if _local_tag(dst) != tag:
+                    return False
+                write_text(uri, text)
+                return True
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+    if not str(uri).startswith("s3://"):
+        raise ConditionalWritesUnsupported(
+            f"{uri}: conditional writes are implemented for s3:// and local roots only"
+        )
+    from botocore.exceptions import ClientError
+
+    client, bucket, key = _s3(uri)
+    cond = {"IfMatch": tag} if tag else {"IfNoneMatch": "*"}
+    try:
+        client.put_object(Bucket=bucket, Key=key, Body=text.encode(), **cond)
+    except ClientError as e:
+        # 412: the precondition failed; 409: a racing conditional write on the same key (S3)
+        if _s3_code(e) in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
+            return False
+        if _s3_code(e) in ("NoSuchKey", "404") and tag:  # If-Match on a file deleted since
+            return False
+        raise
+    return True
+
+
 def read_text(uri: str) -> str:
+    if str(uri).startswith("s3://"):  # one GET (pyarrow's input stream asks with a HEAD first)
+        text, _ = read_tagged(uri)
+        if text is None:
+            raise FileNotFoundError(f"{uri}: not found")
+        return text
     fs, path = _fs(uri)
     with fs.open_input_stream(path) as f:
         return f.read().decode()

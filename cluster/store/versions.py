@@ -23,6 +23,14 @@ it left, and `promote` is the only way forward again. A pointer written before `
 existed is read as one: if it was last moved by a rollback, the version that rollback left
 (the head of its old history) is taken off `history` and put in `rolled_back`.
 
+Every move is a compare-and-swap on what the mover read (`_put`): on s3:// a conditional PUT
+(`If-Match` on the pointer's ETag, `If-None-Match: *` for a first one); on a local disk an flock
+beside the pointer. A publish that loses re-reads and retries (forward only); a promote or a
+rollback that loses raises PointerConflict and writes nothing, so neither undoes the other
+silently. gs:// has no conditional writes here (pyarrow exposes no generation preconditions): the
+last writer wins there, and a publish looks again after it (`_settle`). After the pointer, each
+move records itself in the store's index (cluster/store/index.py), which is what readers poll.
+
 Containment: every entry point that takes an adapter `name` or a `version` checks it before
 building any path, whoever calls it: a name must pass `name_problem` (the name rule, one path
 segment, not reserved) and a version must be a version id. The readers that answer "not found"
@@ -56,6 +64,7 @@ VERSIONS = "versions"
 CURRENT = "current"
 VERSION_RE = re.compile(r"\d{8}-\d{6}-\d{3}-[0-9a-f]{4}", re.ASCII)  # ASCII digits only
 HISTORY_KEPT = 20
+MOVE_TRIES = 60  # a publish's pointer move, retried after each lost compare-and-swap
 # an incomplete version younger than this may be a publish still copying: pruning leaves it
 INCOMPLETE_GRACE_S = 3600
 
@@ -66,6 +75,11 @@ class VersionError(LorafleetError):
 
 class NothingToRollBack(VersionError):
     """A rollback with no complete version behind the current one (`promote` moves forward)."""
+
+
+class PointerConflict(VersionError):
+    """A promote or rollback that lost a race: the pointer moved between its read and its
+    write, so nothing was written (on S3, its conditional write was refused)."""
 
 
 def is_version_id(version: str) -> bool:
@@ -132,16 +146,20 @@ def pointer(root: str, name: str) -> dict | None:
     """The `current` pointer of adapter `name`, or None: {"version", "history" (the versions
     behind it, newest first: what `rollback` walks back), "rolled_back" (the versions rollbacks
     left since the last forward move, newest first), "at", "by"}."""
-    if not _ok(name):
-        return None
-    uri = storage.join(root, name, CURRENT)
+    return _read_pointer(root, name)[0] if _ok(name) else None
+
+
+def _read_pointer(root: str, name: str) -> tuple[dict | None, str | None]:
+    """(the pointer or None, the tag of what is stored there, None when nothing is): what a
+    move compares against when it writes (`storage.write_if`)."""
     try:
-        data = json.loads(storage.read_text(uri))
+        text, tag = storage.read_tagged(storage.join(root, name, CURRENT))
+        data = json.loads(text) if text is not None else None
     except (FileNotFoundError, OSError, ValueError):
-        return None
+        return None, None
     if not (isinstance(data, dict) and is_version_id(data.get("version"))):
-        return None
-    return _normalized(data)
+        return None, tag
+    return _normalized(data), tag
 
 
 def _ids(value) -> list[str]:
@@ -204,7 +222,8 @@ def versions(root: str, name: str) -> list[dict]:
 
 
 def names(root: str) -> list[str]:
-    """Adapters with a served version (a `current` pointer), sorted."""
+    """Adapters with a served version (a `current` pointer), sorted: every folder looked at
+    (O(adapters); `cluster.store.index.listing` reads the index instead)."""
     return [
         n
         for n in storage.listdir(root)
@@ -218,7 +237,7 @@ def names(root: str) -> list[str]:
 @contextlib.contextmanager
 def _pointer_lock(root: str, name: str):
     """Serializes pointer moves on a local disk (an flock beside the pointer). An object store
-    has no lock; a PUT is atomic, so racing movers leave one whole pointer, the last one's."""
+    has no lock: there every move is a compare-and-swap instead (`_put`)."""
     if storage.is_remote(root):
         yield
         return
@@ -234,37 +253,66 @@ def _pointer_lock(root: str, name: str):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _write_pointer(root: str, name: str, version: str, history, rolled_back, by: str) -> dict:
+def _put(root: str, name: str, old: dict | None, tag, version, history, rolled_back, by):
+    """Write the pointer if it is still what the mover read (`tag`): the new pointer, or None
+    when another move got there first. `moves` counts every move the pointer has taken, so a
+    move written over by another would show as a count too low. On s3:// a conditional PUT
+    (If-Match / If-None-Match), on a local disk the flock the mover holds plus a re-check; gs://
+    has no conditional writes here, so the last writer wins there (publishes settle, below)."""
     new = {
         "version": version,
         "history": [v for v in history if v != version][:HISTORY_KEPT],
         "rolled_back": [v for v in rolled_back if v != version][:HISTORY_KEPT],
         "at": datetime.now(UTC).isoformat(timespec="seconds"),
         "by": by,
+        "moves": int((old or {}).get("moves", 0) or 0) + 1,
     }
-    storage.write_text(storage.join(root, name, CURRENT), json.dumps(new, indent=2))
+    uri, text = storage.join(root, name, CURRENT), json.dumps(new, indent=2)
+    if not storage.supports_cas(root):
+        storage.write_text(uri, text)
+    elif not storage.write_if(uri, text, tag):
+        return None
+    from cluster.store import index
+
+    index.record(root, name)  # after the pointer: readers poll the index (cluster/store/index.py)
     return new
+
+
+def _conflict(root: str, name: str, what: str) -> PointerConflict:
+    now = pointer(root, name) or {}
+    return PointerConflict(
+        f"adapter {name!r}: its pointer moved while {what} (now {now.get('version')}, by "
+        f"{now.get('by')!r} at {now.get('at')}); nothing was changed: look again "
+        f"(lorafleet adapters show {name}) and retry if it still should"
+    )
 
 
 def set_current(root: str, name: str, version: str, by: str, forward_only: bool = False) -> dict:
     """Move `name` forward to `version` (a complete one): the version it leaves goes on top of
     the history that `rollback` walks back. With `forward_only` (a publish), a pointer already
-    at a later version stays. Returns the pointer as written (or as left)."""
+    at a later version stays, and a lost race is read again and retried; otherwise (a promote)
+    a lost race raises PointerConflict. Returns the pointer as written (or as left)."""
     _check(name, version, with_version=True)
     if read_meta(root, name, version) is None:
         raise VersionError(f"adapter {name!r} has no complete version {version!r} in {root}")
     with _pointer_lock(root, name):
-        old = pointer(root, name)
-        if old and forward_only and old["version"] >= version:
-            return old
-        history = [old["version"], *old["history"]] if old else []
-        return _write_pointer(root, name, version, history, [], by)
+        for _ in range(MOVE_TRIES):
+            old, tag = _read_pointer(root, name)
+            if old and forward_only and old["version"] >= version:
+                return old
+            history = [old["version"], *old["history"]] if old else []
+            new = _put(root, name, old, tag, version, history, [], by)
+            if new is not None:
+                return new
+            if not forward_only:
+                raise _conflict(root, name, f"{by} to {version} read it")
+    raise _conflict(root, name, f"{by} to {version} tried {MOVE_TRIES} times")
 
 
 def _settle(root: str, name: str, version: str) -> None:
-    """An object store has no lock: a publish that read the pointer before a later publish wrote
-    it may write over it. Each publish looks again shortly after and puts the later version back,
-    so racing publishes end with the later one current (read-after-write is consistent on S3)."""
+    """gs:// has no conditional writes here: a publish that read the pointer before a later
+    publish wrote it may write over it. Each publish looks again shortly after and puts the later
+    version back, so racing publishes end with the later one current."""
     for delay in (0.1, 0.2, 0.4):
         time.sleep(delay)
         now = current(root, name)
@@ -321,7 +369,7 @@ def publish(
     _write_version(local_dir, version_uri(root, name, version), meta)
     if make_current or current(root, name) is None:
         set_current(root, name, version, by="publish", forward_only=True)
-        if storage.is_remote(root):
+        if not storage.supports_cas(root):
             _settle(root, name, version)
     if keep:
         prune(root, name, keep)
@@ -347,16 +395,18 @@ def rollback(root: str, name: str) -> dict:
     (NothingToRollBack): `promote` is the way forward."""
     _check(name)
     with _pointer_lock(root, name):
-        p = pointer(root, name)
+        p, tag = _read_pointer(root, name)
         if p is None:
             raise VersionError(f"adapter {name!r} is not in {root}")
         behind = p["history"]
         for i, v in enumerate(behind):
             if read_meta(root, name, v) is not None:
                 left = [p["version"], *p["rolled_back"]]
-                return _write_pointer(
-                    root, name, v, behind[i + 1 :], left, by=f"rollback from {p['version']}"
-                )
+                by = f"rollback from {p['version']}"
+                new = _put(root, name, p, tag, v, behind[i + 1 :], left, by)
+                if new is None:
+                    raise _conflict(root, name, f"rolling back from {p['version']}")
+                return new
     undone = f" (rolled back from {', '.join(p['rolled_back'])})" if p["rolled_back"] else ""
     raise NothingToRollBack(
         f"adapter {name!r}: nothing to roll back to: no complete version was served before "
