@@ -264,8 +264,11 @@ def check_servable(cfg: ServeAppConfig, log=print) -> None:
     if cfg.release:
         named.add(cfg.release.adapter)
     refused, others = [], []
-    for name in sorted(set(versions.names(root)) | named):
-        version = versions.current(root, name) if is_adapter_name(name) else None
+    listed = versions.listing(root)  # the store's index: one read, not one per adapter
+    for name in sorted(set(listed) | named):
+        version = listed.get(name) or (
+            versions.current(root, name) if is_adapter_name(name) else None
+        )
         why = version_refusal(root, name, version) if version else None
         if why:
             (refused if name in named else others).append(why)

@@ -21,6 +21,45 @@ from serve.store import Served, split_adapter
 # an unknown adapter re-lists the store at most this often (a publish is seen within it)
 MISS_TTL_S = 2.0
 MAX_MISSES = 4096
+# GET /v1/models?limit=N&after=ID (serve/routes/openai.py)
+MAX_PAGE = 1000
+DEFAULT_PAGE = 100
+
+
+def page(cards: list[dict], limit: str | None, after: str | None) -> dict:
+    """One page of `cards` (in /v1/models order): the `limit` cards after the card `after`."""
+    if limit is None:
+        n = DEFAULT_PAGE
+    else:
+        try:
+            n = int(limit)
+        except ValueError:
+            n = 0
+        if not 1 <= n <= MAX_PAGE or not limit.strip().isdigit():
+            raise ApiError(
+                400,
+                f"limit: expected an integer from 1 to {MAX_PAGE}, got {limit!r}",
+                param="limit",
+            )
+    start = 0
+    if after is not None:
+        ids = [c["id"] for c in cards]
+        if after not in ids:
+            raise ApiError(
+                400,
+                f"after: {after!r} is not a model id in the list (pass the last_id of the page "
+                "before)",
+                param="after",
+            )
+        start = ids.index(after) + 1
+    data = cards[start : start + n]
+    return {
+        "object": "list",
+        "data": data,
+        "first_id": data[0]["id"] if data else None,
+        "last_id": data[-1]["id"] if data else None,
+        "has_more": start + n < len(cards),
+    }
 
 
 class NamesMixin:

@@ -1,5 +1,7 @@
 """The adapter store as the server sees it: `<storage.root>/adapters/<name>/` with its immutable
-versions and the `current` pointer (`cluster.store.versions`), written by training.
+versions and the `current` pointer (`cluster.store.versions`), written by training. Which version
+of each adapter is current comes from the store's index (`cluster.store.index`): a refresh that
+finds nothing changed costs one conditional request, whatever the number of adapters.
 
 The root is a local directory on one node, or `s3://` / `gs://` on a cluster. Ray Serve LLM's own
 `dynamic_lora_loading_path` takes only cloud URIs, so lorafleet plugs its own loader into
@@ -22,16 +24,19 @@ import os
 import tempfile
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from cluster.config.base import name_problem
 from cluster.errors import LorafleetError
-from cluster.store import storage, versions
+from cluster.store import index, storage, versions
 from cluster.store.layout import ADAPTER_CONFIG, TINY_MARKER, tiny_dir, tiny_name
 from cluster.text.prompt_format import Recorded
 
 VERSION_SEP = "@"
+# a name missing from the listing asks the index again at most this often (publish to served)
+MISS_REFRESH_S = 0.2
 
 
 def split_adapter(spec: str) -> tuple[str, str | None]:
@@ -112,15 +117,19 @@ def version_refusal(root: str, name: str, version: str) -> str | None:
 
 
 class AdapterStore:
-    """Each adapter's current version (re-read every `ttl_s`, so a publish or promote is served
-    within seconds, with no redeploy) and each version's metadata (read once: versions never
-    change)."""
+    """Each adapter's current version and each version's metadata (read once: versions never
+    change). The current versions come from the store's index (cluster/store/index.py), asked
+    again every `ttl_s` with the tag of the copy held: one conditional request when nothing
+    changed, and only the adapters whose version changed are read again. A root without an index
+    (no lorafleet with one has moved a pointer there yet) is listed the old way: every pointer."""
 
-    def __init__(self, root: str, ttl_s: float = 2.0):
+    def __init__(self, root: str, ttl_s: float = 1.0):
         self.root = root
         self.ttl_s = ttl_s
         self._listed_at = -1e9
         self._current: dict[str, str] = {}
+        self._tag: str | None = None  # the index's tag when last read; None: not read, or none
+        self._indexed = False  # the root has an index: it answers "unknown name" too
         self._meta: dict[tuple[str, str], Served] = {}
         self._refusals: dict[tuple[str, str], str | None] = {}  # vLLM cannot serve: why
 
@@ -155,17 +164,34 @@ class AdapterStore:
         return self._refusals[key]
 
     def _list(self) -> dict[str, str]:
-        out = {}
-        for name in storage.listdir(self.root):  # one read of each pointer (no exists() first)
-            version = versions.current(self.root, name) if is_adapter_name(name) else None
-            if version and self._describe(name, version) is not None:
-                out[name] = version
-        return out
+        """A root without an index: every adapter's pointer, read one by one."""
+        found = {n: v for n, v in versions.scan(self.root).items() if is_adapter_name(n)}
+        return self._described(found)
+
+    def _described(self, found: dict[str, str]) -> dict[str, str]:
+        """`found` less the versions that cannot be read; the metadata of versions not held yet
+        read in parallel (a replica's first listing reads every adapter's, later ones only what
+        changed)."""
+        new = [(n, v) for n, v in found.items() if (n, v) not in self._meta]
+        if len(new) > 8:
+            with ThreadPoolExecutor(8) as pool:
+                list(pool.map(lambda nv: self._describe(*nv), new))
+        return {n: v for n, v in found.items() if self._describe(n, v) is not None}
+
+    def _refresh(self) -> tuple[dict[str, str], str | None, bool]:
+        """(current versions, the index's tag, whether the root has an index), from one
+        conditional read of the index when nothing changed."""
+        state, found, tag = index.read(self.root, self._tag if self._indexed else None)
+        if state == "same":
+            return self._current, tag, True
+        if state == "missing":
+            return self._list(), None, False
+        return self._described({n: v for n, v in found.items() if is_adapter_name(n)}), tag, True
 
     async def _fresh(self, refresh: bool = False) -> dict[str, str]:
-        """{name: current version}, listed again when `refresh` or older than `ttl_s`."""
+        """{name: current version}, read again when `refresh` or older than `ttl_s`."""
         if refresh or time.monotonic() - self._listed_at > self.ttl_s:
-            self._current = await asyncio.to_thread(self._list)
+            self._current, self._tag, self._indexed = await asyncio.to_thread(self._refresh)
             self._listed_at = time.monotonic()
         return self._current
 
@@ -178,9 +204,14 @@ class AdapterStore:
         return version, (self._describe(name, version) if version else None)
 
     async def lookup(self, name: str) -> Served | None:
-        """`name`'s current version read from the store now (its pointer alone, not a listing of
-        every adapter): what a name missing from the last listing gets, so an adapter published
-        a moment ago is served on its first request."""
+        """`name`'s current version, for a name missing from the last listing: with an index,
+        the index asked again (one conditional read, at most every MISS_REFRESH_S), so an adapter
+        published a moment ago is served on its first request and an unknown one costs no read
+        of its own; without one, its own pointer (not a listing of every adapter)."""
+        if self._indexed:
+            await self._fresh(refresh=time.monotonic() - self._listed_at > MISS_REFRESH_S)
+            version = self._current.get(name)
+            return self._meta.get((name, version)) if version else None
         version, served = await asyncio.to_thread(self._read, name)
         if served is not None:  # on the event loop, where current() iterates the same dict
             self._current[name] = version

@@ -1,6 +1,7 @@
-"""`lorafleet adapters list | show NAME | promote NAME VERSION | rollback NAME`: the adapter store's
-versions, read and moved in storage itself (`cluster.store.versions`). A running `lorafleet serve` reads
-the `current` pointers every few seconds, so a promote or rollback is served without a restart.
+"""`lorafleet adapters list | show NAME | promote NAME VERSION | rollback NAME | reindex`: the
+adapter store's versions, read and moved in storage itself (`cluster.store.versions`). A running
+`lorafleet serve` polls the store's index (`cluster.store.index`) every second, so a promote or
+rollback is served without a restart; `reindex` rebuilds that index from the pointers.
 
     lorafleet adapters list
     lorafleet adapters show demo-last --root s3://bucket/fleet
@@ -49,13 +50,12 @@ def _table(rows: list[list[str]]) -> str:
 
 def list_adapters(root: str, out=print) -> int:
     adapters = layout.adapters_root(root)
-    names = versions.names(adapters)
-    if not names:
+    listed = versions.listing(adapters)  # the index: one read for every name and version
+    if not listed:
         out(f"no adapters in {adapters}")
         return 0
     rows = [["NAME", "CURRENT", "VERSIONS", "PUBLISHED", "EVAL_LOSS", "SOURCE"]]
-    for name in names:
-        cur = versions.current(adapters, name)
+    for name, cur in listed.items():
         meta = versions.read_meta(adapters, name, cur) or {}
         count = len(versions.versions(adapters, name))
         rows.append(
@@ -69,6 +69,15 @@ def list_adapters(root: str, out=print) -> int:
             ]
         )
     out(_table(rows))
+    return 0
+
+
+def reindex(root: str, out=print) -> int:
+    """Rebuild the store's index from every pointer: for a root an older lorafleet moved
+    pointers in after the index existed, or a move killed between its pointer and the index."""
+    adapters = layout.adapters_root(root)
+    found = versions.rebuild_index(adapters)
+    out(f"[adapters] indexed {len(found)} adapter(s) in {adapters}")
     return 0
 
 

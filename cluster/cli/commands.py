@@ -103,6 +103,8 @@ def run_adapters(
         return ac.list_adapters(root)
     if action == "show":
         return ac.show_adapter(root, name)
+    if action == "reindex":
+        return ac.reindex(root)
     return ac.move(root, name, version if action == "promote" else None)
 
 

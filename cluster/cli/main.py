@@ -6,7 +6,7 @@
     lorafleet eval configs/demo.yaml                 # base vs adapters: held-out + forgetting
     lorafleet validate configs/*.yaml
     lorafleet merge lorafleet-runs/adapters/demo-last --out merged/
-    lorafleet adapters list | show NAME | promote NAME VERSION | rollback NAME  [--root ROOT]
+    lorafleet adapters list | show NAME | promote NAME VERSION | rollback NAME | reindex  [--root ROOT]
     lorafleet release configs/serve-demo.yaml        # canary: ramp, promote or roll back
     lorafleet release status | abort | pause | resume configs/serve-demo.yaml [ADAPTER]
     lorafleet serve configs/serve-demo.yaml          # OpenAI-compatible HTTP on 127.0.0.1:8000
@@ -41,6 +41,7 @@ ADAPTER_ACTIONS = {
     "show": ("NAME",),
     "promote": ("NAME", "VERSION"),
     "rollback": ("NAME",),
+    "reindex": (),
 }
 
 
@@ -151,7 +152,7 @@ def _store_parsers(sub) -> dict[str, argparse.ArgumentParser]:
         "adapters",
         help="list adapter versions; promote one or roll back (served within seconds)",
         description="lorafleet adapters list | show NAME | promote NAME VERSION | rollback NAME "
-        "[--root ROOT | --config CONFIG]",
+        "| reindex [--root ROOT | --config CONFIG]",
     )
     ad.add_argument("action", choices=ADAPTER_ACTIONS)
     ad.add_argument("args", nargs="*", metavar="NAME [VERSION]")

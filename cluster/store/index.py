@@ -37,13 +37,32 @@ from __future__ import annotations
 import json
 import random
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 
+from cluster.config.base import NAME_RE, name_problem
+from cluster.errors import LorafleetError
 from cluster.store import storage
+from cluster.store.layout import VERSION_RE
 
 INDEX = "_index.json"
 FORMAT = 1
 MAX_TRIES = 60
+# every function that reads pointers takes `current_of(name) -> version | None` (versions.current
+# on the same root): this module sits below cluster/store/versions.py, which imports it
+CurrentOf = Callable[[str], "str | None"]
+
+
+class IndexConflict(LorafleetError):
+    """An index write that kept losing its compare-and-swap (the pointer itself did move)."""
+
+
+def _is_name(name) -> bool:
+    return isinstance(name, str) and bool(NAME_RE.fullmatch(name)) and name_problem(name) is None
+
+
+def _is_version(version) -> bool:
+    return isinstance(version, str) and bool(VERSION_RE.fullmatch(version))
 
 
 def index_uri(root: str) -> str:
@@ -52,8 +71,6 @@ def index_uri(root: str) -> str:
 
 def _parse(text: str | None) -> dict | None:
     """{name: version} from the stored text, or None when it is not an index of this format."""
-    from cluster.store.versions import _ok, is_version_id
-
     try:
         data = json.loads(text) if text else None
     except ValueError:
@@ -63,7 +80,7 @@ def _parse(text: str | None) -> dict | None:
     adapters = data.get("adapters")
     if not isinstance(adapters, dict):
         return None
-    return {n: v for n, v in adapters.items() if _ok(n) and is_version_id(v)}
+    return {n: v for n, v in adapters.items() if _is_name(n) and _is_version(v)}
 
 
 def _text(adapters: dict[str, str], generation: int) -> str:
@@ -91,23 +108,21 @@ def read(root: str, tag: str | None = None) -> tuple[str, dict | None, str | Non
     return ("missing", None, None) if found is None else ("new", found, new_tag)
 
 
-def scan(root: str) -> dict[str, str]:
+def scan(root: str, current_of: CurrentOf) -> dict[str, str]:
     """{name: current version} the old way: list the root, read every pointer (O(adapters))."""
-    from cluster.store.versions import current, name_problem
-
     out = {}
     for name in storage.listdir(root):
-        version = current(root, name) if name_problem(name) is None else None
+        version = current_of(name) if _is_name(name) else None
         if version:
             out[name] = version
     return out
 
 
-def listing(root: str) -> dict[str, str]:
+def listing(root: str, current_of: CurrentOf) -> dict[str, str]:
     """{name: current version} for every adapter with a served version: from the index (one
     read), else from the pointers (a root no lorafleet with an index has written yet)."""
     state, found, _ = read(root)
-    return dict(sorted((found if state == "new" else scan(root)).items()))
+    return dict(sorted((found if state == "new" else scan(root, current_of)).items()))
 
 
 def _generation(text: str | None) -> int:
@@ -117,20 +132,18 @@ def _generation(text: str | None) -> int:
         return 0
 
 
-def record(root: str, name: str) -> None:
+def record(root: str, name: str, current_of: CurrentOf) -> None:
     """Put `name`'s current version (its pointer, read now) into the index: a compare-and-swap,
     retried with a fresh read of both until it lands. A root with no index gets one, built from
     every pointer (migration on first write)."""
-    from cluster.store.versions import VersionError, current
-
     uri = index_uri(root)
     cas = storage.supports_cas(root)
     for attempt in range(MAX_TRIES):
         text, tag = storage.read_tagged(uri)  # the index first, then the pointer: see above
         parsed = _parse(text)
         # no index yet (or not one this lorafleet reads): build it from every pointer
-        found = dict(parsed) if parsed is not None else scan(root)
-        version = current(root, name)
+        found = dict(parsed) if parsed is not None else scan(root, current_of)
+        version = current_of(name)
         if parsed is not None and parsed.get(name) == version:
             return  # already says so (a racing writer recorded the same move)
         if version is None:
@@ -140,38 +153,36 @@ def record(root: str, name: str) -> None:
         new = _text(found, _generation(text) + 1)
         if not cas:
             storage.write_text(uri, new)
-            return _settle(root, name)
+            return _settle(root, name, current_of)
         if storage.write_if(uri, new, tag):  # tag None: create it, only if still absent
             return
         time.sleep(random.uniform(0, 0.005 * 2 ** min(attempt, 6)))  # lost: read again
-    raise VersionError(
+    raise IndexConflict(
         f"the index of {root} did not take {name!r}'s move after {MAX_TRIES} tries (the pointer "
         "did move); `lorafleet adapters reindex` rebuilds it"
     )
 
 
-def _settle(root: str, name: str) -> None:
+def _settle(root: str, name: str, current_of: CurrentOf) -> None:
     """gs:// (no conditional writes): look once more after a pause and put back an entry a
     racing blind write left out."""
-    from cluster.store.versions import current
-
     time.sleep(0.2)
     state, found, _ = read(root)
-    version = current(root, name)
+    version = current_of(name)
     if state != "new" or found.get(name) != version:
-        found = dict(found or scan(root))
+        found = dict(found or scan(root, current_of))
         if version:
             found[name] = version
         storage.write_text(index_uri(root), _text(found, int(time.time())))
 
 
-def rebuild(root: str) -> dict[str, str]:
+def rebuild(root: str, current_of: CurrentOf) -> dict[str, str]:
     """Rewrite the index from every pointer (a compare-and-swap against what was there), and
     return it. What `lorafleet adapters reindex` runs."""
     uri = index_uri(root)
     for attempt in range(MAX_TRIES):
         text, tag = storage.read_tagged(uri)
-        found = scan(root)
+        found = scan(root, current_of)
         new = _text(found, _generation(text) + 1)
         if not storage.supports_cas(root):
             storage.write_text(uri, new)
@@ -179,6 +190,4 @@ def rebuild(root: str) -> dict[str, str]:
         if storage.write_if(uri, new, tag):
             return found
         time.sleep(random.uniform(0, 0.005 * 2 ** min(attempt, 6)))
-    from cluster.store.versions import VersionError
-
-    raise VersionError(f"the index of {root} kept changing while it was rebuilt; try again")
+    raise IndexConflict(f"the index of {root} kept changing while it was rebuilt; try again")

@@ -8,6 +8,7 @@ adapter: one rule each, read by training (which writes them) and serving (which 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from cluster.store import storage
@@ -18,6 +19,8 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS)
 # what lorafleet adds beside PEFT's files: base, metrics, config, publish id
 ADAPTER_META = "lorafleet.json"
+# an adapter version's id (cluster/store/versions.py); ASCII digits only
+VERSION_RE = re.compile(r"\d{8}-\d{6}-\d{3}-[0-9a-f]{4}", re.ASCII)
 # what ensure_tiny_base writes last, so a half-built tiny base is never taken for a whole one
 TINY_MARKER = "lorafleet-tiny.json"
 

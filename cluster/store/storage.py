@@ -303,6 +303,16 @@ def delete_dir(uri: str) -> None:
         fs.delete_dir(path)
 
 
+def delete_file(uri: str) -> None:
+    """Remove the file at `uri` (nothing there: nothing to do)."""
+    if not is_remote(uri):
+        Path(uri).expanduser().unlink(missing_ok=True)
+        return
+    fs, path = _fs(uri)
+    if fs.get_file_info(path).type == pafs.FileType.File:
+        fs.delete_file(path)
+
+
 def listdir(uri: str) -> list[str]:
     fs, path = _fs(uri)
     info = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))

@@ -45,7 +45,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import secrets
 import shutil
 import threading
@@ -55,14 +54,13 @@ from pathlib import Path
 
 from cluster.config.base import NAME_RE, RESERVED_NAMES, name_problem
 from cluster.errors import LorafleetError
-from cluster.store import storage
-from cluster.store.layout import ADAPTER_CONFIG, ADAPTER_META
+from cluster.store import index, storage
+from cluster.store.layout import ADAPTER_CONFIG, ADAPTER_META, VERSION_RE
 
 __all__ = ["RESERVED_NAMES", "name_problem"]  # the name rule, kept beside the schema
 
 VERSIONS = "versions"
 CURRENT = "current"
-VERSION_RE = re.compile(r"\d{8}-\d{6}-\d{3}-[0-9a-f]{4}", re.ASCII)  # ASCII digits only
 HISTORY_KEPT = 20
 MOVE_TRIES = 60  # a publish's pointer move, retried after each lost compare-and-swap
 # an incomplete version younger than this may be a publish still copying: pruning leaves it
@@ -231,6 +229,22 @@ def names(root: str) -> list[str]:
     ]
 
 
+def scan(root: str) -> dict[str, str]:
+    """{name: current version} of every adapter, read from every pointer (O(adapters))."""
+    return index.scan(root, lambda n: current(root, n))
+
+
+def listing(root: str) -> dict[str, str]:
+    """{name: current version} of every adapter, from the store's index when it has one (one
+    read), else from every pointer (a root no lorafleet with an index has moved a pointer in)."""
+    return index.listing(root, lambda n: current(root, n))
+
+
+def rebuild_index(root: str) -> dict[str, str]:
+    """Rewrite the store's index from every pointer (`lorafleet adapters reindex`)."""
+    return index.rebuild(root, lambda n: current(root, n))
+
+
 # --- writing --------------------------------------------------------------------------------
 
 
@@ -272,9 +286,8 @@ def _put(root: str, name: str, old: dict | None, tag, version, history, rolled_b
         storage.write_text(uri, text)
     elif not storage.write_if(uri, text, tag):
         return None
-    from cluster.store import index
-
-    index.record(root, name)  # after the pointer: readers poll the index (cluster/store/index.py)
+    # after the pointer: readers poll the index (cluster/store/index.py)
+    index.record(root, name, lambda n: current(root, n))
     return new
 
 

@@ -197,3 +197,76 @@ def read_wandb_run(path) -> list:
             records.append(record)
             pending = b""
     return records
+
+
+class S3RequestLog:
+    """The requests an in-process S3 server (start_s3_server) logs, as werkzeug writes them
+    ('"GET /fleet/<key> HTTP/1.1" 200 -'), kept when they name `token` (a prefix of the caller's
+    own, so other clients of the same server are not counted). Use as a context manager."""
+
+    def __init__(self, token: str):
+        import logging
+
+        self.token = token
+        self.lines: list[str] = []
+        log = self
+
+        class _Keep(logging.Handler):
+            def emit(self, record):
+                line = record.getMessage()
+                if log.token in line:
+                    log.lines.append(line)
+
+        self._handler = _Keep(logging.INFO)
+        self._logger = logging.getLogger("werkzeug")
+
+    def __enter__(self):
+        self._level = self._logger.level
+        self._logger.setLevel(self._handler.level)
+        self._logger.addHandler(self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        self._logger.removeHandler(self._handler)
+        self._logger.setLevel(self._level)
+
+    def count(self, fn) -> tuple[int, list[str]]:
+        """(requests `fn()` made, their log lines). werkzeug logs a request as it sends the
+        response's status line, so every request is logged before `fn` returns."""
+        start = len(self.lines)
+        fn()
+        return len(self.lines) - start, self.lines[start:]
+
+
+def fake_adapters(root: str, names: Iterable[str], version: str, index: bool = True) -> None:
+    """Adapters at `root` (an adapters root, local or s3://) the cheap way, for scale tests and
+    benches: each one version holding only its lorafleet.json (what the store's readers read), and
+    its `current` pointer; with `index`, the store's index naming them all (else a root as an
+    older lorafleet left it). Written 16 at a time, one PUT each on S3."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from cluster.store import index as store_index
+    from cluster.store import storage, versions
+
+    names = list(names)
+
+    def put(uri: str, text: str) -> None:
+        if storage.is_remote(uri):
+            client, bucket, key = storage._s3(uri)
+            client.put_object(Bucket=bucket, Key=key, Body=text.encode())
+        else:
+            storage.write_text(uri, text)
+
+    def one(name: str) -> None:
+        meta = {"name": name, "version": version, "base_model": "org/base", "fake": True}
+        put(
+            storage.join(versions.version_uri(root, name, version), "lorafleet.json"),
+            json.dumps(meta),
+        )
+        pointer = {"version": version, "history": [], "rolled_back": [], "at": "", "by": "fake"}
+        put(storage.join(root, name, versions.CURRENT), json.dumps(pointer))
+
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(one, names))
+    if index:
+        put(store_index.index_uri(root), store_index._text(dict.fromkeys(names, version), 1))
