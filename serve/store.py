@@ -35,8 +35,6 @@ from cluster.store.layout import ADAPTER_CONFIG, TINY_MARKER, tiny_dir, tiny_nam
 from cluster.text.prompt_format import Recorded
 
 VERSION_SEP = "@"
-# a name missing from the listing asks the index again at most this often (publish to served)
-MISS_REFRESH_S = 0.2
 
 
 def split_adapter(spec: str) -> tuple[str, str | None]:
@@ -205,11 +203,11 @@ class AdapterStore:
 
     async def lookup(self, name: str) -> Served | None:
         """`name`'s current version, for a name missing from the last listing: with an index,
-        the index asked again (one conditional read, at most every MISS_REFRESH_S), so an adapter
-        published a moment ago is served on its first request and an unknown one costs no read
-        of its own; without one, its own pointer (not a listing of every adapter)."""
+        the index asked again (one conditional read; serve/names.py remembers a miss for
+        MISS_TTL_S), so an adapter published a moment ago is served on its first request and an
+        unknown one costs no read of its own; without one, its own pointer (not a listing of every adapter)."""
         if self._indexed:
-            await self._fresh(refresh=time.monotonic() - self._listed_at > MISS_REFRESH_S)
+            await self._fresh(refresh=True)
             version = self._current.get(name)
             return self._meta.get((name, version)) if version else None
         version, served = await asyncio.to_thread(self._read, name)

@@ -1782,9 +1782,10 @@ def test_an_adapter_published_after_a_404_is_served_within_seconds(served):
 
 def test_an_unknown_adapter_does_not_list_the_store_on_every_request(tmp_path, monkeypatch):
     """FleetIngress's adapter lookup, in process on a local store: a name missing from the last
-    listing reads its own pointer, never a listing of the store; 50 requests for one unknown
-    adapter read its pointer once (a miss is remembered for MISS_TTL_S); an adapter published
-    a moment ago is served on its first request, one that 404'd once MISS_TTL_S has passed."""
+    listing asks the store's index again (one conditional read), never a listing of the store
+    nor its own pointer; 50 requests for one unknown adapter ask once (a miss is remembered for
+    MISS_TTL_S); an adapter published a moment ago is served on its first request, one that
+    404'd once MISS_TTL_S has passed."""
     from cluster.store import storage
     from serve.ingress import MISS_TTL_S, ApiError, FleetIngress
 
@@ -1792,8 +1793,8 @@ def test_an_unknown_adapter_does_not_list_the_store_on_every_request(tmp_path, m
     src = tmp_path / "src"
     src.mkdir()
     (src / "adapter_config.json").write_text("{}")
-    listed, pointers = [], []
-    real_listdir, real_current = storage.listdir, versions.current
+    listed, pointers, index_reads = [], [], []
+    real_listdir, real_current, real_tagged = storage.listdir, versions.current, storage.read_tagged
 
     def counting_listdir(uri):
         if uri == root:
@@ -1804,8 +1805,13 @@ def test_an_unknown_adapter_does_not_list_the_store_on_every_request(tmp_path, m
         pointers.append(name)
         return real_current(root_, name)
 
+    def counting_tagged(uri, *a, **k):
+        index_reads.append(uri)
+        return real_tagged(uri, *a, **k)
+
     monkeypatch.setattr(storage, "listdir", counting_listdir)
     monkeypatch.setattr(versions, "current", counting_current)
+    monkeypatch.setattr(storage, "read_tagged", counting_tagged)
     cfg = {"models": [{"id": "tiny", "base": "/nowhere"}], "experiments": []}
 
     async def scenario():
@@ -1819,15 +1825,21 @@ def test_an_unknown_adapter_does_not_list_the_store_on_every_request(tmp_path, m
         )
         v = versions.publish(src, root, "known", {})
         assert await ing._check_target("tiny:known") == f"tiny:known@{v}"
-        before, pointers[:] = len(listed), []
-        for i in range(100):
+        before, pointers[:], index_reads[:] = len(listed), [], []
+        for _ in range(50):
             with pytest.raises(ApiError) as e:
-                await ing._check_target("tiny:nosuch" if i < 50 else f"tiny:other{i}")
+                await ing._check_target("tiny:nosuch")
             assert e.value.status == 404 and "not in the adapter store" in e.value.message
+        # once, or twice if the 50 lookups outlasted MISS_TTL_S on a loaded machine
+        asked = [u for u in index_reads if u.endswith("_index.json")]
+        assert 1 <= len(asked) <= 2, index_reads
+        for i in range(50, 100):
+            with pytest.raises(ApiError) as e:
+                await ing._check_target(f"tiny:other{i}")
+            assert e.value.status == 404
         forced = len(listed) - before
-        assert forced <= 1, forced  # the store's own refresh, if 2 s passed; no listing per miss
-        # once, or twice if the 100 lookups outlasted MISS_TTL_S on a loaded machine
-        assert 1 <= pointers.count("nosuch") <= 2, pointers
+        assert forced == 0, forced  # the index answers: no listing of the store, ever
+        assert pointers == [], pointers  # nor any unknown name's pointer
         # published a moment ago, never asked for: served on its first request
         fresh = versions.publish(src, root, "fresh", {})
         assert await ing._check_target("tiny:fresh") == f"tiny:fresh@{fresh}"
