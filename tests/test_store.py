@@ -177,7 +177,7 @@ def test_concurrent_publishes_of_one_name_all_land_and_current_names_the_latest(
     """Two publishes of one name, in threads, held by a barrier right before each moves the
     pointer and released together: their pointer moves overlap (each reads the pointer the other
     is about to replace). Both versions land and `current` names the later id, in every round,
-    on a local disk (the lock) and on S3 (no lock: the settle step)."""
+    on a local disk (the lock) and on S3 (conditional writes: the loser re-reads and retries)."""
     real_set_current = versions.set_current
     barrier, first, released = threading.Barrier(2, timeout=60), threading.local(), []
 

@@ -182,14 +182,13 @@ def read_tagged(uri: str, if_changed_from: str | None = None) -> tuple[str | Non
         tag = _local_tag(path)
         if tag is None or tag == if_changed_from:
             return None, tag
-        for _ in range(5):  # a rename between the stat and the read: read the new one
-            try:
-                with open(path, "rb") as f:
-                    st = os.fstat(f.fileno())
-                    text = f.read().decode()
-            except FileNotFoundError:
-                return None, None
-            return text, f"{st.st_ino}-{st.st_size}-{st.st_mtime_ns}"
+        try:  # the tag of the file opened, whatever a rename did since the stat
+            with open(path, "rb") as f:
+                st = os.fstat(f.fileno())
+                text = f.read().decode()
+        except FileNotFoundError:
+            return None, None
+        return text, f"{st.st_ino}-{st.st_size}-{st.st_mtime_ns}"
     if not str(uri).startswith("s3://"):  # gs://: the modification time stands in for a tag
         fs, path = _fs(uri)
         info = fs.get_file_info(path)
