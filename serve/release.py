@@ -343,7 +343,13 @@ class Releases:
         r["state"], r["ended_at"] = state, _now()
         r.pop("paused_at", None)
         if state == "promoted":
-            versions.set_current(self.adapter_root, r["adapter"], r["candidate"], by="release")
+            try:
+                versions.set_current(self.adapter_root, r["adapter"], r["candidate"], by="release")
+            except versions.PointerConflict as e:  # a publish landed between read and write:
+                print(f"[release] {e}; promoting {r['candidate']} on top of it")  # it stays in
+                versions.set_current(  # the history; the release's decision stands
+                    self.adapter_root, r["adapter"], r["candidate"], by="release"
+                )
         self._changed()
 
     def _advance(self, r: dict, numbers: dict, now: float | None = None) -> None:

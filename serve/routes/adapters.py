@@ -122,8 +122,8 @@ async def move_adapter(name: str, action: str, request: Request):
             pointer = await asyncio.to_thread(versions.promote, ing.store.root, name, version)
         else:
             pointer = await asyncio.to_thread(versions.rollback, ing.store.root, name)
-    except versions.NothingToRollBack as e:  # the adapter is there; the move is not
-        raise ApiError(409, str(e), "conflict") from None
+    except (versions.NothingToRollBack, versions.PointerConflict) as e:  # the adapter is
+        raise ApiError(409, str(e), "conflict") from None  # there; the move is not, or raced
     except versions.VersionError as e:
         raise ApiError(404, str(e), "not_found") from None
     await ing.store.current(refresh=True)
