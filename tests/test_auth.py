@@ -338,3 +338,120 @@ def test_a_state_changing_route_on_an_open_router_stops_the_app_from_starting():
 
     with pytest.raises(RuntimeError, match="changes the server but is not on an admin router"):
         ingress.check_admin_routes([*ingress.ROUTERS, stray])
+
+
+# --- the ingress's own FastAPI app over real HTTP, without keys --------------------------------
+
+
+@pytest.fixture(scope="module")
+def open_server(tmp_path_factory):
+    """The ingress's real app (serve/ingress.make_app: the request gate, every router,
+    require_admin, a real FleetIngress with its AdapterStore) served by uvicorn on 127.0.0.1
+    without keys and with http.open_admin_on_loopback, adapter `ab` at two versions in its store.
+    No Ray Serve and no vLLM (none of these routes calls an engine): the routes find their
+    FleetIngress through Serve's replica context, which here names the one built in this process.
+    The served app with Serve and vLLM: tests/test_serve.py."""
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    import ray.serve
+    import uvicorn
+
+    from cluster.config.serve import ServeAppConfig
+    from cluster.store import layout, versions
+    from serve.ingress import FleetIngress, make_app
+    from tests.helpers.toolbox import free_port
+
+    tmp = tmp_path_factory.mktemp("open-server")
+    root = layout.adapters_root(str(tmp / "store"))
+    folder = tmp / "plain"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 4}')
+    first = versions.publish(folder, root, "ab", {"source": {"kind": "test"}})
+    second = versions.publish(folder, root, "ab", {"source": {"kind": "test"}})
+    cfg = ServeAppConfig.model_validate(
+        {
+            "models": [{"id": "m", "base": "org/m"}],
+            "http": {"host": "127.0.0.1", "open_admin_on_loopback": True},
+            "storage": {"root": str(tmp / "store")},
+        }
+    )
+    ingress = FleetIngress(
+        {},
+        {},
+        app_config=cfg.model_dump(mode="json"),
+        adapter_root=root,
+        key_hashes=[],
+        state=None,
+    )
+    replica = SimpleNamespace(servable_object=ingress)
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(make_app(), host="127.0.0.1", port=port, lifespan="off", log_level="error")
+    )
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ray.serve, "get_replica_context", lambda: replica)
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 30
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert server.started, "uvicorn did not start"
+        yield {
+            "url": f"http://127.0.0.1:{port}",
+            "port": port,
+            "root": root,
+            "versions": (first, second),
+            "ingress": ingress,
+        }
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def _current(open_server, name="ab") -> str:
+    from cluster.store import versions
+
+    return versions.current(open_server["root"], name)
+
+
+def test_a_cross_origin_form_post_over_http_is_403_and_changes_nothing(open_server):
+    """What a page on another site can make a browser send to 127.0.0.1: a form POST (urlencoded,
+    Origin: that site). Refused with the reason, and `current` does not move; the same rollback
+    from curl or lorafleet's CLI (no browser headers) and from the /ui page (same origin, JSON)
+    goes through."""
+    import requests
+
+    url = open_server["url"] + "/v1/adapters/ab/rollback"
+    first, second = open_server["versions"]
+    assert _current(open_server) == second
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    attacks = [
+        {**form, "Origin": "http://evil.example"},
+        {**form, "Origin": "http://evil.example", "Sec-Fetch-Site": "cross-site"},
+        {**form, "Origin": "null"},  # a sandboxed frame or a file:// page
+        form,  # a browser that sends no Origin: the form's content type gives it away
+        # DNS rebinding: the page's own name re-pointed at 127.0.0.1 is same-origin to the browser
+        {
+            "Host": f"evil.example:{open_server['port']}",
+            "Origin": f"http://evil.example:{open_server['port']}",
+            "Sec-Fetch-Site": "same-origin",
+            "Content-Type": "application/json",
+        },
+    ]
+    for headers in attacks:
+        r = requests.post(url, data="x=1", headers=headers, timeout=30)
+        assert r.status_code == 403, (headers, r.status_code, r.text)
+        said = r.json()["error"]["message"]
+        why = ("without a key", "what another site's form can send", "not this machine's loopback")
+        assert any(w in said for w in why), said
+        assert _current(open_server) == second, headers
+    # the same-origin page (serve/ui/static/app.js: its own origin, JSON when it sends a body)
+    own = {"Origin": open_server["url"], "Sec-Fetch-Site": "same-origin", "X-Lorafleet-UI": "1"}
+    r = requests.post(url, headers=own, timeout=30)
+    assert r.status_code == 200 and r.json()["version"] == first, r.text
+    # the CLI's client (cluster/cli/http_client.py) and curl: no browser headers
+    from cluster.cli.http_client import Client
+
+    r = Client(open_server["url"]).post("/v1/adapters/ab/promote", {"version": second})
+    assert r.json()["version"] == second and _current(open_server) == second
