@@ -455,3 +455,28 @@ def test_a_cross_origin_form_post_over_http_is_403_and_changes_nothing(open_serv
 
     r = Client(open_server["url"]).post("/v1/adapters/ab/promote", {"version": second})
     assert r.json()["version"] == second and _current(open_server) == second
+
+
+def test_the_exposure_check_reads_the_mode_the_running_ray_uses():
+    """A YAML at `throughput` on loopback without keys passes on its own, and is refused once the
+    running Ray is in HAProxy mode (its processes' environment: cluster.ray_connect.mode_of);
+    keys make either fine. On a joined cluster: tests/test_job_submit.py -k haproxy."""
+    from cluster.config.serve import HttpConfig
+    from cluster.errors import LorafleetError
+    from cluster.ray_connect import mode_of
+    from serve.app import check_exposed
+
+    assert mode_of({"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}) == (
+        "haproxy"
+    )
+    assert mode_of({"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "0"}) == (
+        "throughput"
+    )
+    assert mode_of({}) == "proxy"
+    http = HttpConfig(host="127.0.0.1", mode="throughput")
+    check_exposed(http, [])
+    check_exposed(http, [], running_mode="throughput")
+    with pytest.raises(LorafleetError, match="runs Serve in HAProxy mode") as e:
+        check_exposed(http, [], running_mode="haproxy")
+    assert "http.mode says 'throughput'" in str(e.value) and "$LORAFLEET_API_KEYS" in str(e.value)
+    check_exposed(http, _hashes([API]), running_mode="haproxy")
