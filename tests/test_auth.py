@@ -9,6 +9,7 @@ carrying the one admin dependency. End to end on the served app: tests/test_serv
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import pytest
@@ -268,6 +269,7 @@ def test_every_state_changing_route_but_inference_carries_the_admin_dependency()
         "pause_release",
         "resume_release",
         "move_adapter",
+        "import_version",
     }
 
 
@@ -370,9 +372,12 @@ def open_server(tmp_path_factory):
     (folder / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 4}')
     first = versions.publish(folder, root, "ab", {"source": {"kind": "test"}})
     second = versions.publish(folder, root, "ab", {"source": {"kind": "test"}})
+    from cluster.store.fingerprint import base_fingerprint
+
+    base = _llama_base(tmp / "base", width=64)
     cfg = ServeAppConfig.model_validate(
         {
-            "models": [{"id": "m", "base": "org/m"}],
+            "models": [{"id": "m", "base": str(base), "max_lora_rank": 8}],
             "http": {"host": "127.0.0.1", "open_admin_on_loopback": True},
             "storage": {"root": str(tmp / "store")},
         }
@@ -384,6 +389,7 @@ def open_server(tmp_path_factory):
         adapter_root=root,
         key_hashes=[],
         state=None,
+        base_ids={"m": base_fingerprint(str(base))},
     )
     replica = SimpleNamespace(servable_object=ingress)
     port = free_port()
@@ -404,9 +410,27 @@ def open_server(tmp_path_factory):
             "root": root,
             "versions": (first, second),
             "ingress": ingress,
+            "base": base,
+            "tmp": tmp,
         }
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def _llama_base(out: Path, width: int) -> Path:
+    """A random Llama-shaped base (no tokenizer: nothing here generates)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    conf = LlamaConfig(
+        vocab_size=259,
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+    )
+    LlamaForCausalLM(conf).save_pretrained(out)
+    return out
 
 
 def _current(open_server, name="ab") -> str:
@@ -480,3 +504,51 @@ def test_the_exposure_check_reads_the_mode_the_running_ray_uses():
         check_exposed(http, [], running_mode="haproxy")
     assert "http.mode says 'throughput'" in str(e.value) and "$LORAFLEET_API_KEYS" in str(e.value)
     check_exposed(http, _hashes([API]), running_mode="haproxy")
+
+
+def test_an_admin_imports_a_plain_peft_folder_over_http_and_bad_ones_get_400(open_server):
+    """POST /v1/adapters/{name}/versions: a folder PEFT wrote on the served base is published
+    (201, its provenance), listed by GET /v1/adapters/{name} and current; a folder without a
+    config, one made on another base, a rank over the model's max_lora_rank, an unknown model or
+    a bad name get 400 naming the problem, and nothing is published for them."""
+    import requests
+    from test_store import _plain_peft
+
+    url, tmp = open_server["url"], open_server["tmp"]
+    good = tmp / "import-good"
+    _plain_peft(open_server["base"], good)
+    r = requests.post(f"{url}/v1/adapters/imp/versions", json={"source": str(good)}, timeout=60)
+    assert r.status_code == 201, r.text
+    out = r.json()
+    assert out["current"] == out["version"] and out["source"]["kind"] == "import", out
+    assert out["source"]["by"] == "http" and out["source"]["from"] == str(good)
+    listed = requests.get(f"{url}/v1/adapters/imp", timeout=30).json()
+    assert listed["current"] == out["version"]
+    assert listed["versions"][0]["source"]["kind"] == "import"
+    assert listed["versions"][0]["base_fingerprint"] == out["base_fingerprint"]
+
+    wrong = tmp / "import-wrong-base"
+    _plain_peft(_llama_base(tmp / "other-base", width=32), wrong)
+    no_config = tmp / "import-no-config"
+    no_config.mkdir()
+    (no_config / "adapter_model.safetensors").write_bytes(
+        (good / "adapter_model.safetensors").read_bytes()
+    )
+    big = tmp / "import-big-rank"
+    big.mkdir()
+    conf = json.loads((good / "adapter_config.json").read_text())
+    (big / "adapter_config.json").write_text(json.dumps({**conf, "r": 32}))
+    (big / "adapter_model.safetensors").write_bytes(
+        (good / "adapter_model.safetensors").read_bytes()
+    )
+    for name, body, says in [
+        ("bad", {"source": str(wrong)}, "its matrices do not fit base"),
+        ("bad", {"source": str(no_config)}, "no adapter_config.json"),
+        ("bad", {"source": str(big)}, "r=32 is over the served model's max_lora_rank 8"),
+        ("bad", {"source": str(good), "model": "nope"}, "model: expected one of ['m']"),
+        ("bad", {}, "source: expected"),
+        ("..evil", {"source": str(good)}, "invalid"),
+    ]:
+        r = requests.post(f"{url}/v1/adapters/{name}/versions", json=body, timeout=60)
+        assert r.status_code == 400 and says in r.json()["error"]["message"], (body, r.text)
+    assert requests.get(f"{url}/v1/adapters/bad", timeout=30).status_code == 404

@@ -1055,7 +1055,7 @@ def test_every_admin_route_refuses_an_inference_key_on_the_served_app(served):
         r = _call(served, method, path, key=KEY, body={"weights": {"a": 1, "b": 99}})
         assert r.status_code == 403 and "admin key" in r.json()["error"]["message"], (path, r.text)
         assert _call(served, method, path).status_code == 401, path
-    assert admin == 6
+    assert admin == 7
     after = versions_current(served, "t-last"), _experiments(served)["ab"]["variants"]
     assert after[0] == before[0]
     assert {v: s["weight"] for v, s in after[1].items()} == {
