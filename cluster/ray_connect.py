@@ -199,5 +199,13 @@ def running_serve_mode(timeout_s: float = 60.0) -> str:
         for n in ray.nodes()
         if n.get("Alive")
     ]
-    modes = {mode_of(env) for env in ray.get(calls, timeout=timeout_s)}
+    try:
+        modes = {mode_of(env) for env in ray.get(calls, timeout=timeout_s)}
+    except ray.exceptions.GetTimeoutError:
+        from cluster.errors import LorafleetError
+
+        raise LorafleetError(
+            f"cannot read the Serve mode the cluster's {len(calls)} node(s) run in: a zero-CPU "
+            f"task did not answer within {timeout_s:g} s"
+        ) from None
     return next(m for m in ("haproxy", "throughput", "proxy") if m in modes)

@@ -302,7 +302,13 @@ def run(cfg: ServeAppConfig, blocking: bool = True, log=print, environ=None):
     check_store(cfg, log)
     check_servable(cfg, log)  # an adapter vLLM cannot load is refused before anything starts
     ensure_ray(cfg.ray, log=log, serve_mode=cfg.http.mode)
-    mode = running_serve_mode()  # the running Ray's, which a YAML cannot change
+    try:
+        mode = running_serve_mode()  # the running Ray's, which a YAML cannot change
+    except LorafleetError as e:
+        if not resolved.key_hashes:  # open only where the mode is known to be safe
+            raise LorafleetError(f"{e}; with no API key set, lorafleet serve needs it") from None
+        log(f"[serve] warning: {e}; the API keys protect it whatever the mode")
+        mode = cfg.http.mode
     check_exposed(cfg.http, resolved.key_hashes, running_mode=mode)
     serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port})
     app = build_app(cfg, resolved)
