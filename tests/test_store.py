@@ -632,3 +632,20 @@ def test_a_folder_that_cannot_be_served_is_refused_naming_what_is_wrong(
         err = capsys.readouterr().err
         assert code == 2 and says in err, (source, err)
     assert versions.names(str(store / "adapters")) == []
+
+
+def test_an_adapter_in_a_bucket_is_imported_from_its_uri(tmp_path, tiny_base, s3_bucket, capsys):
+    """`lorafleet adapters import NAME s3://...`: fetched through the node cache, checked, and
+    published into a store in the bucket, recording the URI it came from."""
+    from cluster.cli import main as cli
+
+    folder = tmp_path / "plain"
+    _plain_peft(tiny_base, folder)
+    uri = f"{s3_bucket}/import-src/plain"
+    storage.upload_dir(folder, uri)
+    store = f"{s3_bucket}/import-store"
+    argv = ["adapters", "import", "from-bucket", uri, "--root", store, "--base", str(tiny_base)]
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    root = f"{store}/adapters"
+    meta = versions.read_meta(root, "from-bucket", versions.current(root, "from-bucket"))
+    assert meta["source"]["from"] == uri and meta["source"]["kind"] == "import"
