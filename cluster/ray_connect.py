@@ -160,3 +160,52 @@ def stop_local_ray(grace_s: float = 15.0) -> list[int]:
             pass
     psutil.wait_procs(alive, timeout=5)
     return killed
+
+
+def mode_of(env: dict[str, str | None]) -> str:
+    """The Serve HTTP mode (SERVE_MODES) that a process with Serve's variables `env` runs in."""
+    from cluster.config.serve import SERVE_MODES
+
+    for mode in ("haproxy", "throughput"):  # the one that sets the most, first
+        if all(env.get(k) == v for k, v in SERVE_MODES[mode].items()):
+            return mode
+    return "proxy"
+
+
+def running_serve_mode(timeout_s: float = 60.0) -> str:
+    """The Serve HTTP mode the Ray this process is connected to actually runs in, not what a
+    YAML says: the mode this process started its local Ray in, else the one the cluster's own
+    processes run in. Serve reads it from each Ray process's environment, which a cluster's
+    nodes get from their `ray start` (cluster.yaml exports HAProxy's): a zero-CPU task on each
+    alive node reads it there, and the most exposed mode found is the answer (HAProxy on any
+    node binds that node's replica ports on all interfaces)."""
+    import ray
+
+    from cluster.config.serve import SERVE_MODES
+
+    if _local_serve_mode is not None:
+        return _local_serve_mode
+    names = sorted({k for env in SERVE_MODES.values() for k in env})
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    @ray.remote(num_cpus=0)
+    def serve_env() -> dict:
+        return {k: os.environ.get(k) for k in names}
+
+    calls = [
+        serve_env.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
+        ).remote()
+        for n in ray.nodes()
+        if n.get("Alive")
+    ]
+    try:
+        modes = {mode_of(env) for env in ray.get(calls, timeout=timeout_s)}
+    except ray.exceptions.GetTimeoutError:
+        from cluster.errors import LorafleetError
+
+        raise LorafleetError(
+            f"cannot read the Serve mode the cluster's {len(calls)} node(s) run in: a zero-CPU "
+            f"task did not answer within {timeout_s:g} s"
+        ) from None
+    return next(m for m in ("haproxy", "throughput", "proxy") if m in modes)

@@ -49,19 +49,7 @@ def resolve(cfg: ServeAppConfig, environ: Mapping[str, str]) -> Resolved:
     `environ` and the key file). Raises a LorafleetError for a base never built or a missing
     key file, before anything starts."""
     key_hashes = api_key_hashes(cfg, environ)
-    h = cfg.http
-    if h.exposed() and not key_hashes:
-        where = (
-            "http.mode: 'haproxy' binds the ingress replicas' HTTP ports on all interfaces"
-            if h.mode == "haproxy"
-            else f"http.host: {h.host!r} is reachable from other machines"
-        )
-        raise LorafleetError(
-            f"{where}, and no API key is set, so anyone who can reach the port could use the "
-            f"models: set ${h.api_keys_env} or http.api_keys_file (and ${h.admin_keys_env} for "
-            "admin actions), or serve on http.host: 127.0.0.1"
-            + (" with http.mode: throughput" if h.mode == "haproxy" else "")
-        )
+    check_exposed(cfg.http, key_hashes)
     return Resolved(
         model_sources={m.id: resolve_base(m.base, cfg.storage.root) for m in cfg.models},
         adapter_root=adapters_root(cfg.storage.root),
@@ -69,6 +57,33 @@ def resolve(cfg: ServeAppConfig, environ: Mapping[str, str]) -> Resolved:
         base_ids={m.id: base_identity(m.base, cfg.storage.root, m.revision) for m in cfg.models},
         admin_key_hashes=tuple(api_key_hashes(cfg, environ, admin=True)),
         state_uri=state_uri(cfg.storage.root, cfg.name),
+    )
+
+
+def check_exposed(h, key_hashes: list[str], running_mode: str | None = None) -> None:
+    """Refuse an API reachable from other machines without keys: a host other than loopback, or
+    HAProxy, in `running_mode` (what the running Ray serves in: cluster.ray_connect.
+    running_serve_mode) when given, else in the YAML's `http.mode`."""
+    mode = running_mode or h.mode
+    if key_hashes or not h.model_copy(update={"mode": mode}).exposed():
+        return
+    if mode != "haproxy":
+        where = f"http.host: {h.host!r} is reachable from other machines"
+    elif running_mode and h.mode != "haproxy":
+        where = (
+            f"the Ray this app deploys on runs Serve in HAProxy mode (its processes' "
+            f"RAY_SERVE_ENABLE_HA_PROXY=1, as cluster.yaml starts nodes; http.mode says "
+            f"{h.mode!r}, which cannot change a running Ray), which binds the ingress replicas' "
+            "HTTP ports on all interfaces"
+        )
+    else:
+        where = "http.mode: 'haproxy' binds the ingress replicas' HTTP ports on all interfaces"
+    raise LorafleetError(
+        f"{where}, and no API key is set, so anyone who can reach the port could use the "
+        f"models: set ${h.api_keys_env} or http.api_keys_file (and ${h.admin_keys_env} for "
+        "admin actions)"
+        + ("" if mode == "haproxy" else ", or serve on http.host: 127.0.0.1")
+        + (" with http.mode: throughput on a Ray started in that mode" if mode == "haproxy" else "")
     )
 
 
@@ -283,19 +298,27 @@ def run(cfg: ServeAppConfig, blocking: bool = True, log=print, environ=None):
     keys come from `environ` (default: os.environ) and the key file."""
     from ray import serve
 
-    from cluster.ray_connect import ensure_ray
+    from cluster.ray_connect import ensure_ray, running_serve_mode
     from serve import ray_internal  # noqa: F401  (checks Ray's version before anything starts)
 
     resolved = resolve(cfg, os.environ if environ is None else environ)  # fails before Ray starts
     check_store(cfg, log)
     check_servable(cfg, log)  # an adapter vLLM cannot load is refused before anything starts
     ensure_ray(cfg.ray, log=log, serve_mode=cfg.http.mode)
+    try:
+        mode = running_serve_mode()  # the running Ray's, which a YAML cannot change
+    except LorafleetError as e:
+        if not resolved.key_hashes:  # open only where the mode is known to be safe
+            raise LorafleetError(f"{e}; with no API key set, lorafleet serve needs it") from None
+        log(f"[serve] warning: {e}; the API keys protect it whatever the mode")
+        mode = cfg.http.mode
+    check_exposed(cfg.http, resolved.key_hashes, running_mode=mode)
     serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port})
     app = build_app(cfg, resolved)
     url = f"http://{cfg.http.host}:{cfg.http.port}"
     log(
         f"[serve] deploying {cfg.name!r}: {len(cfg.models)} model(s), http.mode "
-        f"{cfg.http.mode}; vLLM start takes a minute"
+        f"{mode}; vLLM start takes a minute"
     )
     handle = serve.run(app, name=cfg.name, route_prefix="/", blocking=False)
     names = [m.id for m in cfg.models] + [e.name for e in cfg.experiments]

@@ -12,7 +12,8 @@ on every state-changing route except the few inference writes named in `INFERENC
 (serve/ingress.py: `ENDPOINTS`), so a new route is admin unless someone says otherwise.
 
 A request without a key (an open local server) that changes anything must not come from another
-site: a page the user visits could otherwise post a form to 127.0.0.1 (`cross_site`).
+site: a page the user visits could otherwise post a form to 127.0.0.1 (`keyless_change_problem`:
+another Origin, a non-loopback Host, a form's content type).
 """
 
 from __future__ import annotations
@@ -83,6 +84,52 @@ def cross_site(request) -> bool:
     )
 
 
+# the content types an HTML form can post without a CORS preflight: a keyless change sent as one
+# may be another site's form in a browser that sends no Origin (older ones, some extensions)
+FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data", "text/plain")
+LOOPBACK_NAMES = ("localhost", "::1", "[::1]")
+
+
+def _loopback_host(request) -> bool:
+    """True when the request's Host names this machine's loopback (or there is no Host: HTTP/1.0
+    clients). A page whose own name was re-pointed at 127.0.0.1 (DNS rebinding) is same-origin
+    to the browser; its Host is still its own name."""
+    host = request.headers.get("host")
+    if not host:
+        return True
+    name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+    name = name.lower()
+    return name in LOOPBACK_NAMES or name.endswith(".localhost") or _is_127(name)
+
+
+def _is_127(name: str) -> bool:
+    parts = name.split(".")
+    return len(parts) == 4 and parts[0] == "127" and all(p.isdigit() for p in parts)
+
+
+def keyless_change_problem(request) -> str | None:
+    """Why a state-changing request without a valid key must be refused, or None. It must come
+    from this server's own page (same origin) or from a client that is not a browser (curl, the
+    openai SDK, lorafleet's CLI: no Origin, no Sec-Fetch-Site, JSON or no body); a form that another
+    site posts to 127.0.0.1 is neither."""
+    if cross_site(request):
+        started = request.headers.get("origin") or request.headers.get("sec-fetch-site")
+        return f"a request from another site ({started}) cannot change this server without a key"
+    if not _loopback_host(request):
+        return (
+            f"Host {request.headers.get('host')!r} is not this machine's loopback name, and a "
+            "server without keys takes changes only at 127.0.0.1 or localhost (a page whose name "
+            "was re-pointed at this machine could otherwise change it)"
+        )
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind in FORM_TYPES:
+        return (
+            f"Content-Type {kind!r} is what another site's form can send: send "
+            "`Content-Type: application/json` (or a key)"
+        )
+    return None
+
+
 class Access:
     """The keys one ingress replica accepts (as SHA-256 digests: keys never travel in Ray's
     deployment config) and the rules above."""
@@ -118,13 +165,13 @@ class Access:
         another site started. With no API key configured, a request's own Authorization header
         is ignored on non-admin routes (the openai SDK always sends one, often a dummy)."""
         role = self._role(request)
-        if role is None and request.method not in SAFE_METHODS and cross_site(request):
-            raise ApiError(
-                403,
-                "a request from another site cannot change this server without a key (send "
-                "`Authorization: Bearer <key>`)",
-                "permission_error",
-            )
+        # a change that no key is asked for (an open server): only from this machine's own
+        # clients; where a key is needed, the 401 below answers first
+        needs_key = bool(self.key_hashes) or (admin and self.has_keys)
+        keyless = role is None and not needs_key and request.method not in SAFE_METHODS
+        why = keyless_change_problem(request) if keyless else None
+        if why:
+            raise ApiError(403, f"{why} (send `Authorization: Bearer <key>`)", "permission_error")
         if admin:
             return self._admin(role)
         if role is None and self.key_hashes:

@@ -21,6 +21,8 @@ Every route (`ROUTES` below; a test checks this list against it). [admin]: needs
     POST /v1/releases/{adapter}/pause    [admin] hold it at its step
     POST /v1/releases/{adapter}/resume   [admin] its step again, on fresh counts
     GET  /v1/adapters/{name}             versions, current, history, replicas holding it
+    POST /v1/adapters/{name}/versions    [admin] {"source": folder | s3://... | hub id, "model": ...}:
+                                         import a PEFT folder as a new version (checked first)
     POST /v1/adapters/{name}/{action}    [admin] promote {"version": ...}: move `current` to it;
                                          rollback: `current` back one version
     GET  /ui                             the experiments and releases page (serve/ui.py; the key

@@ -9,6 +9,7 @@ carrying the one admin dependency. End to end on the served app: tests/test_serv
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import pytest
@@ -268,6 +269,7 @@ def test_every_state_changing_route_but_inference_carries_the_admin_dependency()
         "pause_release",
         "resume_release",
         "move_adapter",
+        "import_version",
     }
 
 
@@ -338,3 +340,215 @@ def test_a_state_changing_route_on_an_open_router_stops_the_app_from_starting():
 
     with pytest.raises(RuntimeError, match="changes the server but is not on an admin router"):
         ingress.check_admin_routes([*ingress.ROUTERS, stray])
+
+
+# --- the ingress's own FastAPI app over real HTTP, without keys --------------------------------
+
+
+@pytest.fixture(scope="module")
+def open_server(tmp_path_factory):
+    """The ingress's real app (serve/ingress.make_app: the request gate, every router,
+    require_admin, a real FleetIngress with its AdapterStore) served by uvicorn on 127.0.0.1
+    without keys and with http.open_admin_on_loopback, adapter `ab` at two versions in its store.
+    No Ray Serve and no vLLM (none of these routes calls an engine): the routes find their
+    FleetIngress through Serve's replica context, which here names the one built in this process.
+    The served app with Serve and vLLM: tests/test_serve.py."""
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    import ray.serve
+    import uvicorn
+
+    from cluster.config.serve import ServeAppConfig
+    from cluster.store import layout, versions
+    from serve.ingress import FleetIngress, make_app
+    from tests.helpers.toolbox import free_port
+
+    tmp = tmp_path_factory.mktemp("open-server")
+    root = layout.adapters_root(str(tmp / "store"))
+    folder = tmp / "plain"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 4}')
+    first = versions.publish(folder, root, "ab", {"source": {"kind": "test"}})
+    second = versions.publish(folder, root, "ab", {"source": {"kind": "test"}})
+    from cluster.store.fingerprint import base_fingerprint
+
+    base = _llama_base(tmp / "base", width=64)
+    cfg = ServeAppConfig.model_validate(
+        {
+            "models": [{"id": "m", "base": str(base), "max_lora_rank": 8}],
+            "http": {"host": "127.0.0.1", "open_admin_on_loopback": True},
+            "storage": {"root": str(tmp / "store")},
+        }
+    )
+    ingress = FleetIngress(
+        {},
+        {},
+        app_config=cfg.model_dump(mode="json"),
+        adapter_root=root,
+        key_hashes=[],
+        state=None,
+        base_ids={"m": base_fingerprint(str(base))},
+    )
+    replica = SimpleNamespace(servable_object=ingress)
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(make_app(), host="127.0.0.1", port=port, lifespan="off", log_level="error")
+    )
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ray.serve, "get_replica_context", lambda: replica)
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 30
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert server.started, "uvicorn did not start"
+        yield {
+            "url": f"http://127.0.0.1:{port}",
+            "port": port,
+            "root": root,
+            "versions": (first, second),
+            "ingress": ingress,
+            "base": base,
+            "tmp": tmp,
+        }
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def _llama_base(out: Path, width: int) -> Path:
+    """A random Llama-shaped base (no tokenizer: nothing here generates)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    conf = LlamaConfig(
+        vocab_size=259,
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+    )
+    LlamaForCausalLM(conf).save_pretrained(out)
+    return out
+
+
+def _current(open_server, name="ab") -> str:
+    from cluster.store import versions
+
+    return versions.current(open_server["root"], name)
+
+
+def test_a_cross_origin_form_post_over_http_is_403_and_changes_nothing(open_server):
+    """What a page on another site can make a browser send to 127.0.0.1: a form POST (urlencoded,
+    Origin: that site). Refused with the reason, and `current` does not move; the same rollback
+    from curl or lorafleet's CLI (no browser headers) and from the /ui page (same origin, JSON)
+    goes through."""
+    import requests
+
+    url = open_server["url"] + "/v1/adapters/ab/rollback"
+    first, second = open_server["versions"]
+    assert _current(open_server) == second
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    attacks = [
+        {**form, "Origin": "http://evil.example"},
+        {**form, "Origin": "http://evil.example", "Sec-Fetch-Site": "cross-site"},
+        {**form, "Origin": "null"},  # a sandboxed frame or a file:// page
+        form,  # a browser that sends no Origin: the form's content type gives it away
+        # DNS rebinding: the page's own name re-pointed at 127.0.0.1 is same-origin to the browser
+        {
+            "Host": f"evil.example:{open_server['port']}",
+            "Origin": f"http://evil.example:{open_server['port']}",
+            "Sec-Fetch-Site": "same-origin",
+            "Content-Type": "application/json",
+        },
+    ]
+    for headers in attacks:
+        r = requests.post(url, data="x=1", headers=headers, timeout=30)
+        assert r.status_code == 403, (headers, r.status_code, r.text)
+        said = r.json()["error"]["message"]
+        why = ("without a key", "what another site's form can send", "not this machine's loopback")
+        assert any(w in said for w in why), said
+        assert _current(open_server) == second, headers
+    # the same-origin page (serve/ui/static/app.js: its own origin, JSON when it sends a body)
+    own = {"Origin": open_server["url"], "Sec-Fetch-Site": "same-origin", "X-Lorafleet-UI": "1"}
+    r = requests.post(url, headers=own, timeout=30)
+    assert r.status_code == 200 and r.json()["version"] == first, r.text
+    # the CLI's client (cluster/cli/http_client.py) and curl: no browser headers
+    from cluster.cli.http_client import Client
+
+    r = Client(open_server["url"]).post("/v1/adapters/ab/promote", {"version": second})
+    assert r.json()["version"] == second and _current(open_server) == second
+
+
+def test_the_exposure_check_reads_the_mode_the_running_ray_uses():
+    """A YAML at `throughput` on loopback without keys passes on its own, and is refused once the
+    running Ray is in HAProxy mode (its processes' environment: cluster.ray_connect.mode_of);
+    keys make either fine. On a joined cluster: tests/test_job_submit.py -k haproxy."""
+    from cluster.config.serve import HttpConfig
+    from cluster.errors import LorafleetError
+    from cluster.ray_connect import mode_of
+    from serve.app import check_exposed
+
+    assert mode_of({"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}) == (
+        "haproxy"
+    )
+    assert mode_of({"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "0"}) == (
+        "throughput"
+    )
+    assert mode_of({}) == "proxy"
+    http = HttpConfig(host="127.0.0.1", mode="throughput")
+    check_exposed(http, [])
+    check_exposed(http, [], running_mode="throughput")
+    with pytest.raises(LorafleetError, match="runs Serve in HAProxy mode") as e:
+        check_exposed(http, [], running_mode="haproxy")
+    assert "http.mode says 'throughput'" in str(e.value) and "$LORAFLEET_API_KEYS" in str(e.value)
+    check_exposed(http, _hashes([API]), running_mode="haproxy")
+
+
+def test_an_admin_imports_a_plain_peft_folder_over_http_and_bad_ones_get_400(open_server):
+    """POST /v1/adapters/{name}/versions: a folder PEFT wrote on the served base is published
+    (201, its provenance), listed by GET /v1/adapters/{name} and current; a folder without a
+    config, one made on another base, a rank over the model's max_lora_rank, an unknown model or
+    a bad name get 400 naming the problem, and nothing is published for them."""
+    import requests
+    from test_store import _plain_peft
+
+    url, tmp = open_server["url"], open_server["tmp"]
+    good = tmp / "import-good"
+    _plain_peft(open_server["base"], good)
+    r = requests.post(f"{url}/v1/adapters/imp/versions", json={"source": str(good)}, timeout=60)
+    assert r.status_code == 201, r.text
+    out = r.json()
+    assert out["current"] == out["version"] and out["source"]["kind"] == "import", out
+    assert out["source"]["by"] == "http" and out["source"]["from"] == str(good)
+    listed = requests.get(f"{url}/v1/adapters/imp", timeout=30).json()
+    assert listed["current"] == out["version"]
+    assert listed["versions"][0]["source"]["kind"] == "import"
+    assert listed["versions"][0]["base_fingerprint"] == out["base_fingerprint"]
+
+    wrong = tmp / "import-wrong-base"
+    _plain_peft(_llama_base(tmp / "other-base", width=32), wrong)
+    no_config = tmp / "import-no-config"
+    no_config.mkdir()
+    (no_config / "adapter_model.safetensors").write_bytes(
+        (good / "adapter_model.safetensors").read_bytes()
+    )
+    big = tmp / "import-big-rank"
+    big.mkdir()
+    conf = json.loads((good / "adapter_config.json").read_text())
+    (big / "adapter_config.json").write_text(json.dumps({**conf, "r": 32}))
+    (big / "adapter_model.safetensors").write_bytes(
+        (good / "adapter_model.safetensors").read_bytes()
+    )
+    for name, body, says in [
+        ("bad", {"source": str(wrong)}, "its matrices do not fit base"),
+        ("bad", {"source": str(no_config)}, "no adapter_config.json"),
+        ("bad", {"source": str(big)}, "r=32 is over the served model's max_lora_rank 8"),
+        ("bad", {"source": str(good), "model": "nope"}, "model: expected one of ['m']"),
+        ("bad", {}, "source: expected"),
+        ("..evil", {"source": str(good)}, "invalid"),
+    ]:
+        r = requests.post(f"{url}/v1/adapters/{name}/versions", json=body, timeout=60)
+        assert r.status_code == 400 and says in r.json()["error"]["message"], (body, r.text)
+    assert requests.get(f"{url}/v1/adapters/bad", timeout=30).status_code == 404

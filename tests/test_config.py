@@ -322,3 +322,28 @@ def _settings(dumped: dict, written: dict) -> dict:
         k: _settings(dumped.get(k) or {}, v) if isinstance(v, dict) else dumped.get(k)
         for k, v in written.items()
     }
+
+
+def test_optuna_with_a_grid_entry_is_refused_at_validation_naming_the_key(tmp_path):
+    """Ray's OptunaSearch refuses a grid_search only inside Ray, after the cluster started: the
+    config refuses it first, naming the key, why, and what works (choice)."""
+    text = """
+data: {path: x.jsonl}
+tune:
+  search: optuna
+  space:
+    adapter.r: {grid: [4, 8]}
+    training.learning_rate: {loguniform: [1.0e-4, 1.0e-2]}
+    adapter.dropout: {choice: [0.0, 0.1]}
+"""
+    problems = _problems(text, tmp_path)
+    assert len(problems) == 1, problems
+    assert problems[0].startswith("tune.space.adapter.r: grid cannot be searched by tune.search:")
+    assert "expected choice" in problems[0] and "Got {grid: [4, 8]} instead" in problems[0]
+    # grid under random or grid search is Ray's grid_search, which those run
+    for ok in (
+        text.replace("optuna", "random"),
+        text.replace("{grid: [4, 8]}", "{choice: [4, 8]}"),
+    ):
+        (tmp_path / "ok.yaml").write_text(ok)
+        assert load_config(tmp_path / "ok.yaml").tune.space["adapter.r"]

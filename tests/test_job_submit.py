@@ -21,6 +21,10 @@ BIN = Path(sys.executable).parent
 
 @pytest.fixture
 def ray_head():
+    yield from _ray_head({})
+
+
+def _ray_head(extra_env: dict):
     import shutil
     import tempfile
 
@@ -35,13 +39,15 @@ def ray_head():
         # on the machine it must be told which dashboard is this head's
         "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dash}",
         "RAY_ADDRESS": "",
+        **extra_env,
     }
     env.pop("RAY_ADDRESS")
+    gcs_port = free_port()
     cmd = [
         str(BIN / "ray"),
         "start",
         "--head",
-        f"--port={free_port()}",
+        f"--port={gcs_port}",
         "--node-ip-address=127.0.0.1",
         "--dashboard-host=127.0.0.1",
         f"--dashboard-port={dash}",
@@ -64,6 +70,7 @@ def ray_head():
             # once took longer ("The current node timed out during startup"): clean up, once more
             stop_processes(naming=[temp_dir], timeout_s=5)
         assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
+        env["LORAFLEET_TEST_GCS"] = f"127.0.0.1:{gcs_port}"
         yield f"http://127.0.0.1:{dash}", env
     finally:
         stop_processes(naming=[temp_dir], timeout_s=5)
@@ -109,3 +116,40 @@ def test_ray_job_submit_trains_and_publishes(ray_head, tmp_path, tiny_base, task
     assert "succeeded" in out and "[done] submitted" in out
     assert Path(current_adapter(store, "submitted"), "adapter_model.safetensors").is_file()
     print(f"job submit round trip: {time.time() - start:.1f}s")
+
+
+@pytest.fixture
+def haproxy_head():
+    """A head started the way cluster.yaml starts nodes: Serve's HAProxy mode in its environment."""
+    yield from _ray_head({"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"})
+
+
+def test_a_throughput_yaml_without_keys_is_refused_on_a_cluster_running_haproxy(
+    haproxy_head, tmp_path
+):
+    """The YAML says `http.mode: throughput` (loopback, no keys: fine on its own), but the cluster
+    it joins runs HAProxy, which binds the replicas' ports on all interfaces: `lorafleet serve`
+    reads the mode from the cluster's processes and refuses before anything is deployed."""
+    _, env = haproxy_head
+    cfg = tmp_path / "serve.yaml"
+    cfg.write_text(
+        "models: [{id: m, base: org/m}]\n"
+        "http: {host: 127.0.0.1, mode: throughput}\n"
+        f"storage: {{root: {tmp_path / 'store'}}}\n"
+        f"ray: {{address: '{env['LORAFLEET_TEST_GCS']}'}}\n"
+    )
+    no_keys = {k: v for k, v in env.items() if not k.startswith("LORAFLEET_") or "GCS" in k}
+    no_keys.pop("RAY_SERVE_ENABLE_HA_PROXY")  # the client's own environment says nothing
+    no_keys.pop("RAY_SERVE_THROUGHPUT_OPTIMIZED")
+    proc = subprocess.run(
+        [sys.executable, "-m", "cluster.cli", "serve", str(cfg)],
+        cwd=ROOT,
+        env=no_keys,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out[-3000:]
+    assert "runs Serve in HAProxy mode" in out and "http.mode says 'throughput'" in out, out[-3000:]
+    assert "$LORAFLEET_API_KEYS" in out and "[serve] deploying" not in out, out[-3000:]

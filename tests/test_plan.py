@@ -245,3 +245,28 @@ def test_estimate_holds_against_the_loops_measured_tensor_peak(tmp_path, task_da
     for *_, e, m, rss in rows:
         assert abs(e / m - 1) <= ERROR_BOUND, table
         assert rss >= m, table  # what training reports on CPU contains the tensors
+
+
+def test_use_rslora_reaches_peft_and_scales_by_alpha_over_sqrt_r(tmp_path):
+    """adapter.use_rslora is PEFT's rank-stabilized LoRA: the LoraConfig carries it, and the
+    model PEFT builds scales each update by alpha/sqrt(r) instead of alpha/r."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from train.model import peft_config
+
+    base = llama_folder(tmp_path, 2, 64, 128)
+    scales = {}
+    for rs in (True, False):
+        over = {"adapter.r": 16, "adapter.alpha": 32, "adapter.use_rslora": rs}
+        cfg = job_config(tmp_path, base, tmp_path / "d.jsonl", **over)
+        conf = peft_config(cfg)
+        assert conf.use_rslora is rs
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), conf)
+        found = {
+            m.scaling["default"]
+            for m in model.modules()
+            if isinstance(getattr(m, "scaling", 0), dict)
+        }
+        (scales[rs],) = found
+    assert scales == {True: 32 / 16**0.5, False: 32 / 16}

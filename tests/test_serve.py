@@ -574,6 +574,48 @@ def test_an_adapter_published_after_start_is_served_without_a_redeploy(served):
     print(f"publish to served: {time.monotonic() - t0:.2f} s (first answer after {took:.2f} s)")
 
 
+def test_an_adapter_made_by_plain_peft_is_imported_over_http_and_served_as_peft_answers(
+    served, tiny_base, tokenizer, tmp_path
+):
+    """A PEFT folder lorafleet did not write (get_peft_model with random, nonzero B, then
+    save_pretrained), imported by an admin with POST /v1/adapters/{name}/versions into the
+    served bucket: listed with its provenance, and vLLM answers with it as PEFT does."""
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(7)
+    lora = LoraConfig(
+        r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+    )
+    folder = tmp_path / "plain-peft"
+    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_base), lora).save_pretrained(folder)
+    r = _post(
+        served,
+        "/v1/adapters/t-plain/versions",
+        {"source": str(folder), "model": "tiny"},
+        key=ADMIN_KEY,
+    )
+    assert r.status_code == 201, r.text
+    assert r.json()["source"]["kind"] == "import" and r.json()["current"] == r.json()["version"]
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base), folder)
+    rows = _rows(served["tests"]["last"], 4)
+    want = [_greedy(peft, tokenizer, row["prompt"], max_new_tokens=8) for row in rows]
+    got, base = [], []
+    for row in rows:
+        for model, out in (("tiny:t-plain", got), ("tiny", base)):
+            r = _complete(served, model, row["prompt"], max_tokens=8)
+            out.append(r.json()["choices"][0]["text"])
+    assert sum(a == b for a, b in zip(got, want, strict=True)) >= 3, (got, want)
+    assert got != base, (got, base)
+    listed = requests.get(
+        f"{served['url']}/v1/adapters/t-plain",
+        headers={"Authorization": f"Bearer {KEY}"},
+        timeout=30,
+    ).json()
+    assert listed["versions"][0]["source"]["from"] == str(folder)
+
+
 # long enough to fill two 32-token KV blocks: vLLM's prefix cache reuses whole blocks
 LONG_PROMPT = "last: " + " ".join(["alpha", "beta", "gamma", "delta", "omega"] * 3) + "\n"
 
@@ -1055,7 +1097,7 @@ def test_every_admin_route_refuses_an_inference_key_on_the_served_app(served):
         r = _call(served, method, path, key=KEY, body={"weights": {"a": 1, "b": 99}})
         assert r.status_code == 403 and "admin key" in r.json()["error"]["message"], (path, r.text)
         assert _call(served, method, path).status_code == 401, path
-    assert admin == 6
+    assert admin == 7
     after = versions_current(served, "t-last"), _experiments(served)["ab"]["variants"]
     assert after[0] == before[0]
     assert {v: s["weight"] for v, s in after[1].items()} == {

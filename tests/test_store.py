@@ -473,3 +473,179 @@ def test_the_store_refuses_hostile_names_and_versions_whoever_calls_it(root, tmp
     assert _snapshot(box) == before  # nothing written, inside the root or out
     assert all("invalid" in m or "reserved" in m for m in refused), set(refused) - {""}
     assert versions.current(root, "good") == good and versions.names(root) == ["good"]
+
+
+# --- adapters lorafleet did not train (cluster/store/importing.py) -----------------------------
+
+
+def _plain_peft(base: Path, out: Path, seed: int = 0) -> dict:
+    """An adapter made with PEFT alone, outside lorafleet: LoRA on the base, two plain torch
+    optimizer steps (B starts at zero), save_pretrained. Its tensors, by name."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(base),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
+    )
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    ids = torch.randint(0, model.config.vocab_size, (2, 16))
+    for _ in range(2):
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.save_pretrained(out)
+    return load_file(out / "adapter_model.safetensors")
+
+
+def test_a_plain_peft_adapter_is_imported_listed_with_provenance_and_loads_back(
+    tmp_path, tiny_base, capsys
+):
+    """`lorafleet adapters import`: a folder PEFT wrote is checked, published as a version that
+    records where it came from, listed, and its weights are the same tensors; the server's store
+    reader serves it as the current version, fitted to the tiny base by fingerprint."""
+    import hashlib
+
+    import torch
+    from safetensors.torch import load_file
+
+    from cluster.cli import main as cli
+    from cluster.store.fingerprint import base_fingerprint
+
+    folder = tmp_path / "plain"
+    tensors = _plain_peft(tiny_base, folder)
+    assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in tensors.items())
+    (folder / "notes.txt").write_text("not an adapter file")  # left behind, not published
+    store = tmp_path / "runs"
+    argv = ["adapters", "import", "plain-bot", str(folder), "--root", str(store)]
+    assert cli.main([*argv, "--base", str(tiny_base)]) == 0
+    said = capsys.readouterr().out
+    root = str(store / "adapters")
+    version = versions.current(root, "plain-bot")
+    assert f"imported {folder} as version {version}" in said, said
+    meta = versions.read_meta(root, "plain-bot", version)
+    assert meta["base_fingerprint"] == base_fingerprint(str(tiny_base))
+    src = meta["source"]
+    assert src["kind"] == "import" and src["from"] == str(folder) and src["by"] == "cli"
+    assert src["peft_type"] == "LORA" and src["r"] == 4
+    weights = Path(versions.version_uri(root, "plain-bot", version), "adapter_model.safetensors")
+    assert (
+        src["sha256"]["adapter_model.safetensors"]
+        == hashlib.sha256(weights.read_bytes()).hexdigest()
+    )
+    assert sorted(p.name for p in weights.parent.iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "lorafleet.json",
+    ]
+    back = load_file(weights)
+    assert back.keys() == tensors.keys()
+    assert all(torch.equal(back[k], tensors[k]) for k in tensors)
+    assert cli.main(["adapters", "list", "--root", str(store)]) == 0
+    row = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("plain-bot"))
+    assert version in row and f"import {folder}" in row, row
+    served = run(AdapterStore(root).get("plain-bot"))
+    assert served.version == version and served.fingerprint == base_fingerprint(str(tiny_base))
+    # --candidate: a second version, published without moving `current` (a release moves it)
+    assert cli.main([*argv, "--candidate"]) == 0  # no --base: the base the adapter names
+    assert versions.current(root, "plain-bot") == version
+    assert len(versions.versions(root, "plain-bot")) == 2
+
+
+def _other_base(tmp_path: Path) -> Path:
+    """A Llama-shaped base of another width than the tiny one."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    conf = LlamaConfig(
+        vocab_size=259,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+    )
+    out = tmp_path / "other-base"
+    LlamaForCausalLM(conf).save_pretrained(out)
+    return out
+
+
+def test_a_folder_that_cannot_be_served_is_refused_naming_what_is_wrong(
+    tmp_path, tiny_base, capsys
+):
+    """Missing config, NaN weights, pickle-only weights, the wrong base, a DoRA adapter, a name
+    that leaves the store, a hub id that cannot be fetched offline: each refused with its reason
+    (exit 2), nothing published."""
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+
+    from cluster.cli import main as cli
+
+    good = tmp_path / "good"
+    tensors = _plain_peft(tiny_base, good)
+    cases = {}
+
+    def case(name: str) -> Path:
+        cases[name] = tmp_path / name
+        shutil.copytree(good, cases[name])
+        return cases[name]
+
+    (case("no-config") / "adapter_config.json").unlink()
+    nan = {k: v.clone() for k, v in tensors.items()}
+    key = sorted(nan)[0]
+    nan[key][0, 0] = float("nan")
+    save_file(nan, case("nan") / "adapter_model.safetensors")
+    pickle = case("pickle")
+    (pickle / "adapter_model.safetensors").unlink()
+    torch.save(tensors, pickle / "adapter_model.bin")
+    dora = case("dora")
+    conf = json.loads((dora / "adapter_config.json").read_text())
+    (dora / "adapter_config.json").write_text(json.dumps({**conf, "use_dora": True}))
+    other = _other_base(tmp_path)
+    store = tmp_path / "runs"
+    expect = {
+        "no-config": "no adapter_config.json: not a PEFT adapter folder",
+        "nan": f"NaN or infinite values in 1 tensor(s): ['{key}']",
+        "pickle": "only adapter_model.bin (a pickle), and lorafleet loads no pickle from storage",
+        "dora": "vLLM cannot serve it: it is a DoRA adapter (use_dora: true)",
+    }
+    for name, says in expect.items():
+        code = cli.main(["adapters", "import", "x", str(cases[name]), "--root", str(store)])
+        err = capsys.readouterr().err
+        assert code == 2 and says in err, (name, err)
+    code = cli.main(
+        ["adapters", "import", "x", str(good), "--root", str(store), "--base", str(other)]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and f"it was trained on base {str(tiny_base)!r}" in err, err
+    assert "its matrices do not fit base" in err and "lora_A" in err, err
+    for name, source, says in [
+        ("../evil", str(good), "invalid adapter name '../evil'"),
+        ("x", "org/not-here", "cannot fetch it from the hub"),  # HF_HUB_OFFLINE in the tests
+        ("x", str(tmp_path / "nowhere"), "not a folder here, an s3:// or gs:// URI, or a hub id"),
+    ]:
+        code = cli.main(["adapters", "import", name, source, "--root", str(store)])
+        err = capsys.readouterr().err
+        assert code == 2 and says in err, (source, err)
+    assert versions.names(str(store / "adapters")) == []
+
+
+def test_an_adapter_in_a_bucket_is_imported_from_its_uri(tmp_path, tiny_base, s3_bucket, capsys):
+    """`lorafleet adapters import NAME s3://...`: fetched through the node cache, checked, and
+    published into a store in the bucket, recording the URI it came from."""
+    from cluster.cli import main as cli
+
+    folder = tmp_path / "plain"
+    _plain_peft(tiny_base, folder)
+    uri = f"{s3_bucket}/import-src/plain"
+    storage.upload_dir(folder, uri)
+    store = f"{s3_bucket}/import-store"
+    argv = ["adapters", "import", "from-bucket", uri, "--root", store, "--base", str(tiny_base)]
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    root = f"{store}/adapters"
+    meta = versions.read_meta(root, "from-bucket", versions.current(root, "from-bucket"))
+    assert meta["source"]["from"] == uri and meta["source"]["kind"] == "import"

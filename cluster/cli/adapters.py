@@ -7,6 +7,7 @@ rollback is served without a restart; `reindex` rebuilds that index from the poi
     lorafleet adapters show demo-last --root s3://bucket/fleet
     lorafleet adapters promote demo-last 20261202-003015-123-9f3a
     lorafleet adapters rollback demo-last
+    lorafleet adapters import support-bot ./peft-folder --base tiny://demo   (cluster/store/importing.py)
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def _fmt(value) -> str:
 def _source(meta: dict) -> str:
     src = meta.get("source") or {}
     kind = src.get("kind", "-")
-    return f"{kind} {src.get('run') or src.get('trial') or ''}".strip()
+    return f"{kind} {src.get('run') or src.get('trial') or src.get('from') or ''}".strip()
 
 
 def _table(rows: list[list[str]]) -> str:
@@ -120,5 +121,41 @@ def move(root: str, name: str, version: str | None, out=print) -> int:
     out(
         f"[adapters] {name}: {verb}; current {p['version']} (was {before}). A running "
         "`lorafleet serve` serves it within seconds."
+    )
+    return 0
+
+
+def import_adapter(
+    name: str,
+    source: str,
+    root: str | None,
+    config: str | None,
+    base: str | None,
+    candidate: bool = False,
+    out=print,
+) -> int:
+    """Check the PEFT folder at `source` and publish it as a version of `name`: fitted to
+    `--base`, else to the --config serve file's one model, else to the base the adapter names."""
+    from cluster.store.importing import base_for, import_adapter
+
+    storage_root_ = storage_root(root, config)
+    revision = None
+    if base is None and config:
+        from cluster.config.load import load_config, schema_for
+        from cluster.config.serve import ServeAppConfig
+
+        cfg = load_config(config, [], schema_for(config))
+        if isinstance(cfg, ServeAppConfig) and len(cfg.models) == 1:
+            base, revision = cfg.models[0].base, cfg.models[0].revision
+    fit = base_for(base, storage_root_, revision) if base else None
+    adapters = layout.adapters_root(storage_root_)
+    meta = import_adapter(
+        name, source, adapters, fit, by="cli", make_current=not candidate, log=out
+    )
+    now = versions.current(adapters, name)
+    out(
+        f"[adapters] {name}: imported {source} as version {meta['version']} (base "
+        f"{meta['base_model']}, fingerprint {meta['base_fingerprint']}); current {now}."
+        + ("" if now == meta["version"] else " Release it with `lorafleet release`.")
     )
     return 0

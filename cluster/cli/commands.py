@@ -94,10 +94,19 @@ def run_merge(adapter: str, out: str, dtype: str) -> int:
 
 
 def run_adapters(
-    action: str, name: str | None, version: str | None, root: str | None, config: str | None
+    action: str,
+    name: str | None,
+    version: str | None,
+    root: str | None,
+    config: str | None,
+    source: str | None = None,
+    base: str | None = None,
+    candidate: bool = False,
 ) -> int:
     from cluster.cli import adapters as ac
 
+    if action == "import":
+        return ac.import_adapter(name, source, root, config, base, candidate)
     root = ac.storage_root(root, config)
     if action == "list":
         return ac.list_adapters(root)

@@ -7,6 +7,7 @@
     lorafleet validate configs/*.yaml
     lorafleet merge lorafleet-runs/adapters/demo-last --out merged/
     lorafleet adapters list | show NAME | promote NAME VERSION | rollback NAME | reindex  [--root ROOT]
+    lorafleet adapters import NAME ./peft-folder|s3://...|org/hub-id --base BASE    # checked, published
     lorafleet release configs/serve-demo.yaml        # canary: ramp, promote or roll back
     lorafleet release status | abort | pause | resume configs/serve-demo.yaml [ADAPTER]
     lorafleet serve configs/serve-demo.yaml          # OpenAI-compatible HTTP on 127.0.0.1:8000
@@ -42,6 +43,7 @@ ADAPTER_ACTIONS = {
     "promote": ("NAME", "VERSION"),
     "rollback": ("NAME",),
     "reindex": (),
+    "import": ("NAME", "SOURCE"),
 }
 
 
@@ -152,10 +154,21 @@ def _store_parsers(sub) -> dict[str, argparse.ArgumentParser]:
         "adapters",
         help="list adapter versions; promote one or roll back (served within seconds)",
         description="lorafleet adapters list | show NAME | promote NAME VERSION | rollback NAME "
-        "| reindex [--root ROOT | --config CONFIG]",
+        "| reindex | import NAME PATH|s3://...|HUB_ID [--base BASE] [--candidate] "
+        "[--root ROOT | --config CONFIG]",
     )
     ad.add_argument("action", choices=ADAPTER_ACTIONS)
-    ad.add_argument("args", nargs="*", metavar="NAME [VERSION]")
+    ad.add_argument("args", nargs="*", metavar="NAME [VERSION|SOURCE]")
+    ad.add_argument(
+        "--base",
+        help="import: the base it will be served on (a folder, tiny://NAME, a hub id; default: "
+        "the --config serve file's one model, else the base the adapter names)",
+    )
+    ad.add_argument(
+        "--candidate",
+        action="store_true",
+        help="import: publish without moving `current` (for `lorafleet release`)",
+    )
     ad.add_argument(
         "--root", help="storage root (default: $LORAFLEET_STORAGE_ROOT, else lorafleet-runs)"
     )
@@ -331,6 +344,8 @@ def parse(argv: list[str] | None = None) -> Invocation:
             p.error(f"usage: lorafleet adapters {' '.join((a.action, *want))} [--root ROOT]")
         words = dict(zip(want, a.args, strict=True))
         params = {"action": a.action, "name": words.get("NAME"), "version": words.get("VERSION")}
+        if a.action == "import":
+            params |= {"source": words["SOURCE"], "base": a.base, "candidate": a.candidate}
         return Invocation("adapters", params | {"root": a.root, "config": a.config})
     if command == "merge":
         return Invocation("merge", {"adapter": a.adapter, "out": a.out, "dtype": a.dtype})

@@ -179,4 +179,14 @@ def check_space(cfg) -> list[str]:
         and any(k not in ("grid", "choice") for d in cfg.tune.space.values() for k in d)
     ):
         problems.append("tune.search: grid needs every tune.space entry to be grid or choice")
+    if cfg.tune.search == "optuna":
+        # Ray's OptunaSearch refuses a grid_search inside Ray ("Grid search parameters cannot be
+        # automatically converted"), after the cluster has started: refuse it here instead
+        problems += [
+            f"tune.space.{key}: grid cannot be searched by tune.search: optuna (Optuna proposes "
+            "each trial; Ray's OptunaSearch refuses grid_search); expected choice with these "
+            f"values, or tune.search: grid or random. Got {{grid: {dist['grid']!r}}} instead"
+            for key, dist in cfg.tune.space.items()
+            if "grid" in dist
+        ]
     return problems

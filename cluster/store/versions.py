@@ -97,6 +97,9 @@ def _name_error(name) -> str | None:
     return name_problem(name)
 
 
+name_error = _name_error  # for callers that check a name before they fetch or build anything
+
+
 def _version_error(version) -> str | None:
     if is_version_id(version):
         return None

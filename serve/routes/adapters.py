@@ -1,17 +1,19 @@
 """The adapter store over HTTP: an adapter's versions, its current one and history, and which
 vLLM replicas hold each version (from Serve's controller: `LoadedMixin`); promote and rollback
-(admin) move its `current` pointer (cluster/store/versions.py)."""
+(admin) move its `current` pointer (cluster/store/versions.py); an import (admin) publishes a PEFT
+folder lorafleet did not train (cluster/store/importing.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 
 from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse
 
 from cluster.config.base import name_problem
-from cluster.store import versions
+from cluster.store import storage, versions
 from cluster.store.versions import is_version_id
 from serve.auth import ApiError, admin_router, current
 from serve.gate import json_object
@@ -100,6 +102,67 @@ async def adapter_versions(name: str, request: Request):
             "versions": [{k: m.get(k) for k in keep} for m in found],
             "loaded_on": await ing._loaded_on(name),
         }
+    )
+
+
+@admin.post("/v1/adapters/{name}/versions")
+async def import_version(name: str, request: Request):
+    """POST /v1/adapters/{name}/versions {"source": PATH | s3://... | HUB_ID, "model": ID,
+    "candidate": false} (admin): check a PEFT folder the server can read against model ID's base
+    and publish it as a new version (cluster/store/importing.py); 201 with the version and its
+    provenance, 400 naming every problem."""
+    from cluster.errors import LorafleetError
+    from cluster.store import importing
+    from serve.store import resolve_base
+
+    ing = current()
+    if name_problem(name):
+        raise ApiError(400, name_problem(name), param="name")
+    expected = 'expected {"source": "<folder | s3://... | org/hub-id>", "model": "<model id>"}'
+    body = await json_object(request, expected)
+    source, candidate = body.get("source"), body.get("candidate", False)
+    if not isinstance(source, str) or not source.strip():
+        raise ApiError(400, f"source: {expected}. Got {source!r} instead", param="source")
+    if not isinstance(candidate, bool):
+        raise ApiError(
+            400, f"candidate: expected true or false. Got {candidate!r}", param="candidate"
+        )
+    model = body.get("model") or (next(iter(ing.bases)) if len(ing.bases) == 1 else None)
+    if model not in ing.bases:
+        why = f"model: expected one of {sorted(ing.bases)} (the base it will be served on)"
+        raise ApiError(400, f"{why}. Got {model!r} instead", param="model")
+    m = next(m for m in ing.cfg.models if m.id == model)
+
+    def run() -> dict:
+        where = resolve_base(m.base, ing.cfg.storage.root)
+        local = Path(where) if not storage.is_remote(where) and Path(where).is_dir() else None
+        fingerprint = (
+            ing.base_ids.get(model) or importing.base_for(m.base, ing.cfg.storage.root).fingerprint
+        )
+        base = importing.Base(m.base, local, fingerprint)
+        return importing.import_adapter(
+            name,
+            source,
+            ing.store.root,
+            base,
+            by="http",
+            make_current=not candidate,
+            max_rank=m.max_lora_rank,
+        )
+
+    try:
+        meta = await asyncio.to_thread(run)
+    except importing.ImportRefused as e:
+        raise ApiError(
+            400, f"cannot import {source}: " + "; ".join(e.problems), param="source"
+        ) from None
+    except LorafleetError as e:
+        raise ApiError(400, str(e), param="source") from None
+    await ing.store.current(refresh=True)
+    keep = ("version", "published_at", "source", "base_model", "base_fingerprint")
+    now = await asyncio.to_thread(versions.current, ing.store.root, name)
+    return JSONResponse(
+        {"adapter": name, "current": now, **{k: meta.get(k) for k in keep}}, status_code=201
     )
 
 
