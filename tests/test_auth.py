@@ -398,6 +398,9 @@ def open_server(tmp_path_factory):
     )
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(ray.serve, "get_replica_context", lambda: replica)
+        # no Ray here: a route that asked Ray for something would otherwise start one (on the
+        # outward address, from this thread), and its death 60 s later takes the process with it
+        mp.setattr("ray._private.auto_init_hook.enable_auto_connect", False)
         thread = threading.Thread(target=server.run, daemon=True)
         thread.start()
         deadline = time.monotonic() + 30

@@ -43,8 +43,8 @@ class LoadedMixin:
             deployments = {
                 mid: (h.app_name, h.deployment_name) for mid, h in self.llm_handles.items()
             }
-            try:
-                found = await loaded_model_ids(deployments, LOADED_TIMEOUT_S)
+            try:  # no vLLM deployment (an ingress without engines): nothing to ask
+                found = await loaded_model_ids(deployments, LOADED_TIMEOUT_S) if deployments else {}
             except Exception as e:  # the controller restarting: the page says "unknown"
                 print(f"[ingress] cannot read the replicas' loaded adapters: {e!r}")
                 found = None
