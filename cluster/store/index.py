@@ -43,7 +43,7 @@ from datetime import UTC, datetime
 from cluster.config.base import NAME_RE, name_problem
 from cluster.errors import LorafleetError
 from cluster.store import storage
-from cluster.store.layout import VERSION_RE
+from cluster.store.layout import is_version_id
 
 INDEX = "_index.json"
 FORMAT = 1
@@ -61,10 +61,6 @@ def _is_name(name) -> bool:
     return isinstance(name, str) and bool(NAME_RE.fullmatch(name)) and name_problem(name) is None
 
 
-def _is_version(version) -> bool:
-    return isinstance(version, str) and bool(VERSION_RE.fullmatch(version))
-
-
 def index_uri(root: str) -> str:
     return storage.join(root, INDEX)
 
@@ -80,7 +76,7 @@ def _parse(text: str | None) -> dict | None:
     adapters = data.get("adapters")
     if not isinstance(adapters, dict):
         return None
-    return {n: v for n, v in adapters.items() if _is_name(n) and _is_version(v)}
+    return {n: v for n, v in adapters.items() if _is_name(n) and is_version_id(v)}
 
 
 def _text(adapters: dict[str, str], generation: int) -> str:
@@ -132,35 +128,50 @@ def _generation(text: str | None) -> int:
         return 0
 
 
+def _swap(root: str, make: Callable[[str | None], str | None], failed: str) -> bool:
+    """Replace the index with `make(the text read)` (None: leave it) as a compare-and-swap on the
+    tag read with it, reading again after each lost race. Returns True when the root has no
+    conditional writes (gs://) and it was written blindly. IndexConflict(`failed`) when it kept
+    losing."""
+    uri = index_uri(root)
+    for attempt in range(MAX_TRIES):
+        text, tag = storage.read_tagged(uri)  # the index first, then what `make` reads
+        new = make(text)
+        if new is None:
+            return False
+        if not storage.supports_cas(root):
+            storage.write_text(uri, new)
+            return True
+        if storage.write_if(uri, new, tag):  # tag None: create it, only if still absent
+            return False
+        time.sleep(random.uniform(0, 0.005 * 2 ** min(attempt, 6)))  # lost: read again
+    raise IndexConflict(failed)
+
+
 def record(root: str, name: str, current_of: CurrentOf) -> None:
     """Put `name`'s current version (its pointer, read now) into the index: a compare-and-swap,
     retried with a fresh read of both until it lands. A root with no index gets one, built from
     every pointer (migration on first write)."""
-    uri = index_uri(root)
-    cas = storage.supports_cas(root)
-    for attempt in range(MAX_TRIES):
-        text, tag = storage.read_tagged(uri)  # the index first, then the pointer: see above
+
+    def make(text: str | None) -> str | None:
         parsed = _parse(text)
         # no index yet (or not one this lorafleet reads): build it from every pointer
         found = dict(parsed) if parsed is not None else scan(root, current_of)
-        version = current_of(name)
+        version = current_of(name)  # read after the index: see above
         if parsed is not None and parsed.get(name) == version:
-            return  # already says so (a racing writer recorded the same move)
+            return None  # already says so (a racing writer recorded the same move)
         if version is None:
             found.pop(name, None)
         else:
             found[name] = version
-        new = _text(found, _generation(text) + 1)
-        if not cas:
-            storage.write_text(uri, new)
-            return _settle(root, name, current_of)
-        if storage.write_if(uri, new, tag):  # tag None: create it, only if still absent
-            return
-        time.sleep(random.uniform(0, 0.005 * 2 ** min(attempt, 6)))  # lost: read again
-    raise IndexConflict(
+        return _text(found, _generation(text) + 1)
+
+    failed = (
         f"the index of {root} did not take {name!r}'s move after {MAX_TRIES} tries (the pointer "
         "did move); `lorafleet adapters reindex` rebuilds it"
     )
+    if _swap(root, make, failed):
+        _settle(root, name, current_of)
 
 
 def _settle(root: str, name: str, current_of: CurrentOf) -> None:
@@ -179,15 +190,12 @@ def _settle(root: str, name: str, current_of: CurrentOf) -> None:
 def rebuild(root: str, current_of: CurrentOf) -> dict[str, str]:
     """Rewrite the index from every pointer (a compare-and-swap against what was there), and
     return it. What `lorafleet adapters reindex` runs."""
-    uri = index_uri(root)
-    for attempt in range(MAX_TRIES):
-        text, tag = storage.read_tagged(uri)
-        found = scan(root, current_of)
-        new = _text(found, _generation(text) + 1)
-        if not storage.supports_cas(root):
-            storage.write_text(uri, new)
-            return found
-        if storage.write_if(uri, new, tag):
-            return found
-        time.sleep(random.uniform(0, 0.005 * 2 ** min(attempt, 6)))
-    raise IndexConflict(f"the index of {root} kept changing while it was rebuilt; try again")
+    found: dict[str, str] = {}
+
+    def make(text: str | None) -> str:
+        found.clear()
+        found.update(scan(root, current_of))
+        return _text(found, _generation(text) + 1)
+
+    _swap(root, make, f"the index of {root} kept changing while it was rebuilt; try again")
+    return found

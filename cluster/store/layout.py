@@ -21,6 +21,13 @@ ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS)
 ADAPTER_META = "lorafleet.json"
 # an adapter version's id (cluster/store/versions.py); ASCII digits only
 VERSION_RE = re.compile(r"\d{8}-\d{6}-\d{3}-[0-9a-f]{4}", re.ASCII)
+
+
+def is_version_id(version) -> bool:
+    """A version id (VERSION_RE, whole: `$` would let a trailing newline through)."""
+    return isinstance(version, str) and bool(VERSION_RE.fullmatch(version))
+
+
 # what ensure_tiny_base writes last, so a half-built tiny base is never taken for a whole one
 TINY_MARKER = "lorafleet-tiny.json"
 

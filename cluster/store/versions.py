@@ -55,7 +55,7 @@ from pathlib import Path
 from cluster.config.base import NAME_RE, RESERVED_NAMES, name_problem
 from cluster.errors import LorafleetError
 from cluster.store import index, storage
-from cluster.store.layout import ADAPTER_CONFIG, ADAPTER_META, VERSION_RE
+from cluster.store.layout import ADAPTER_CONFIG, ADAPTER_META, is_version_id
 
 __all__ = ["RESERVED_NAMES", "name_problem"]  # the name rule, kept beside the schema
 
@@ -78,11 +78,6 @@ class NothingToRollBack(VersionError):
 class PointerConflict(VersionError):
     """A promote or rollback that lost a race: the pointer moved between its read and its
     write, so nothing was written (on S3, its conditional write was refused)."""
-
-
-def is_version_id(version: str) -> bool:
-    # fullmatch: `$` would let a trailing newline through
-    return isinstance(version, str) and bool(VERSION_RE.fullmatch(version))
 
 
 def _name_error(name) -> str | None:
