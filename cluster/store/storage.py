@@ -65,16 +65,23 @@ def absolute(uri: str) -> str:
     return uri if is_remote(uri) else str(Path(uri).expanduser().resolve())
 
 
+def _s3_endpoint() -> tuple[str | None, str]:
+    """(the S3 endpoint URL the environment names, or None for AWS's own; the region): what
+    pyarrow's filesystem (`_fs`) and the boto3 client (`_s3`) both talk to."""
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    return endpoint or None, os.environ.get("AWS_DEFAULT_REGION", "us-east-1")
+
+
 def _fs(uri: str) -> tuple[pafs.FileSystem, str]:
     if is_remote(uri):
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        endpoint, region = _s3_endpoint()
         if uri.startswith("s3://") and endpoint:
             bucket_path = uri[len("s3://") :]
             scheme, _, host = endpoint.partition("://")
             fs = pafs.S3FileSystem(
                 endpoint_override=host or endpoint,
                 scheme=scheme if host else "https",
-                region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
+                region=region,
             )
             return fs, bucket_path
         return pafs.FileSystem.from_uri(uri)
@@ -148,14 +155,13 @@ _s3_lock = threading.Lock()
 def _s3(uri: str):
     """(boto3 S3 client, bucket, key) for an s3:// URI: the endpoint and region `_fs` uses.
     boto3, not pyarrow: pyarrow's S3FileSystem sends no If-Match / If-None-Match."""
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    region = os.environ.get("AWS_DEFAULT_REGION", "us-east-1")
+    endpoint, region = _s3_endpoint()
     with _s3_lock:
         client = _s3_clients.get((endpoint, region))
         if client is None:
             import boto3
 
-            client = boto3.client("s3", endpoint_url=endpoint or None, region_name=region)
+            client = boto3.client("s3", endpoint_url=endpoint, region_name=region)
             _s3_clients[(endpoint, region)] = client
     bucket, _, key = str(uri)[len("s3://") :].partition("/")
     return client, bucket, key
@@ -165,12 +171,15 @@ def _s3_code(error) -> str:
     return str(error.response.get("Error", {}).get("Code", ""))
 
 
+def _stat_tag(st: os.stat_result) -> str:
+    return f"{st.st_ino}-{st.st_size}-{st.st_mtime_ns}"
+
+
 def _local_tag(path: Path) -> str | None:
     try:
-        st = path.stat()
+        return _stat_tag(path.stat())
     except FileNotFoundError:
         return None
-    return f"{st.st_ino}-{st.st_size}-{st.st_mtime_ns}"
 
 
 def read_tagged(uri: str, if_changed_from: str | None = None) -> tuple[str | None, str | None]:
@@ -188,7 +197,7 @@ def read_tagged(uri: str, if_changed_from: str | None = None) -> tuple[str | Non
                 text = f.read().decode()
         except FileNotFoundError:
             return None, None
-        return text, f"{st.st_ino}-{st.st_size}-{st.st_mtime_ns}"
+        return text, _stat_tag(st)
     if not str(uri).startswith("s3://"):  # gs://: the modification time stands in for a tag
         fs, path = _fs(uri)
         info = fs.get_file_info(path)
