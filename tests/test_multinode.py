@@ -27,9 +27,14 @@ pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
 
 
-def _node_ports() -> list[str]:
+# each node's window of worker ports: 200 ports between Ray's default window (10002-19999, the
+# session's local Rays) and the OS's ephemeral range (32768 up, where free_port() and every
+# other node port come from; a window there once took a port the same node had been given)
+WORKER_PORT_WINDOWS = range(20000, 32768 - 200, 200)
+
+
+def _node_ports(low: int) -> list[str]:
     """Every port one node opens, its own: free ports now, and a worker-port window of its own."""
-    low = random.randrange(20000, 60000, 200)
     flags = [
         "--node-manager-port",
         "--object-manager-port",
@@ -77,6 +82,7 @@ def two_nodes(s3_bucket, tmp_path):
     env.pop("RAY_ADDRESS", None)
     common = ["--node-ip-address=127.0.0.1", "--num-cpus=2", "--disable-usage-stats"]
     groups: list[int] = []
+    windows = random.sample(WORKER_PORT_WINDOWS, 2)  # one for each node, never the same
     try:
         head = [
             "--head",
@@ -86,9 +92,9 @@ def two_nodes(s3_bucket, tmp_path):
             f"--ray-client-server-port={free_port()}",
             f"--temp-dir={temp_dirs[0]}",
         ]
-        _ray_start(head + common + _node_ports(), env, groups)
+        _ray_start(head + common + _node_ports(windows[0]), env, groups)
         second = [f"--address=127.0.0.1:{gcs}", f"--temp-dir={temp_dirs[1]}"]
-        _ray_start(second + common + _node_ports(), env, groups)
+        _ray_start(second + common + _node_ports(windows[1]), env, groups)
         yield f"http://127.0.0.1:{dash}", env
     finally:
         # Ray's daemons may leave the group: also every process naming our temp dirs
