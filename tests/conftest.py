@@ -225,24 +225,31 @@ def job_config(tmp_path: Path, base: Path, data: Path, **overrides):
 
 
 # the files that take longest, longest first: `make test` runs files on 2 pytest-xdist workers
-# (`--dist loadfile`), and starting the long ones first keeps the two busy to the end
-LONGEST_FIRST = [  # seconds per file in a full run on a loaded 2-core machine, 4 December
-    "test_serve.py",  # 1100
-    "test_tune.py",  # 700
-    "test_faults.py",  # 460
-    "test_train.py",  # 450
-    "test_deepspeed.py",  # 420
-    "test_ui.py",  # 300 (with the `lorafleet serve` command's start and stop)
-    "test_demo.py",  # 250
-    "test_methods.py",  # 180
-    "test_job_submit.py",  # 160
-    "test_multinode.py",  # 160
-    "test_tracking.py",  # 150
-    "test_submit.py",  # 140
-    "test_eval.py",  # 130
-    "test_multitask.py",  # 70
-    "test_cli.py",  # 70
-    "test_golden.py",  # 65
+# (`--dist loadfile`), each worker taking the next file in this order when it is nearly done with
+# its own, so the long ones start first and the short ones even out the end. pytest-xdist would
+# reorder files by their number of tests instead (longest files with few tests, like the demo's,
+# came last and one worker ran on alone): pyproject's addopts turn that off (--no-loadscope-reorder)
+LONGEST_FIRST = [  # seconds per file in a full run on an idle 2-core machine, 4 December
+    "test_serve.py",  # 680
+    "test_tune.py",  # 420
+    "test_ui.py",  # 320
+    "test_train.py",  # 180
+    "test_methods.py",  # 150
+    "test_demo.py",  # 135
+    "test_faults.py",  # 135
+    "test_deepspeed.py",  # 110
+    "test_job_submit.py",  # 95
+    "test_cli.py",  # 80
+    "test_submit.py",  # 70
+    "test_eval.py",  # 65
+    "test_tracking.py",  # 60
+    "test_multinode.py",  # 55
+    "test_multitask.py",  # 50
+    "test_release.py",  # 22
+    "test_store_index.py",  # 19
+    "test_golden.py",  # 18
+    "test_store.py",  # 13
+    "test_release_sim.py",  # 12
 ]
 
 

@@ -370,7 +370,8 @@ def test_a_search_interrupted_mid_way_continues_with_resume(
             "tune.search": "grid",
             "tune.num_samples": 1,
             "tune.max_concurrent_trials": 1,
-            "tune.space": {"training.learning_rate": {"grid": [3e-3, 1e-3, 3e-4]}},
+            # two trials: one finished before the Ctrl-C, one interrupted past a checkpoint
+            "tune.space": {"training.learning_rate": {"grid": [3e-3, 1e-3]}},
             "ray.address": ray_local.get_runtime_context().gcs_address,
         },
     )
@@ -437,7 +438,7 @@ def test_a_search_interrupted_mid_way_continues_with_resume(
     assert second.returncode == 0, text[-3000:]
     assert "[tune] resuming" in text, text[-3000:]
     final = _trial_steps(runs)
-    assert len(final) == 3 and set(final.values()) == {16}, final
+    assert len(final) == 2 and set(final.values()) == {16}, final
     # the finished trial was left alone; the interrupted one went on from a checkpoint
     assert {
         n: (runs / n / "run" / "metrics.jsonl").stat().st_mtime_ns for n in finished
