@@ -11,12 +11,6 @@ WORKER_ENV_VARS = {
     "TOKENIZERS_PARALLELISM": "false",
     # Train V2 tees worker print() to stdout and to its logger: each line came out twice
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
-    # Train V2's controller takes a worker's report (metrics, checkpoint) only when it polls the
-    # workers, every 2 s by default, and a worker blocks on its next report until then: a run
-    # that reports more often waited out the poll at each report (100 tiny steps with a report
-    # each: 220 s, 38 s at 0.2 s), and every run start, end and Tune trial waited a poll or two.
-    # A poll is one small remote call per worker. `bench/run.py report_wait` measures it.
-    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2"),
 }
 # set by Ray in the driver of a submitted job (`ray job submit`, `lorafleet submit`)
 IN_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
