@@ -1,7 +1,7 @@
 """Benchmarks of the training spine. Each prints a ratio against its anchor, measured side by
 side in this one run (the machine is shared and noisy: absolute numbers mean little).
 
-    make bench            # = python -m bench.run [ray_overhead hf_trainer packing nf4_bits report_wait tune_asha]
+    make bench            # = python -m bench.run [ray_overhead hf_trainer packing nf4_bits tune_asha]
 
 - ray_overhead: training tokens/s of `lorafleet train` (1 Ray Train worker) / a plain
   single-process transformers+peft loop on the same model, data, batch and steps. Target >= 0.95.
@@ -13,10 +13,6 @@ side in this one run (the machine is shared and noisy: absolute numbers mean lit
   skewed lengths. Target >= 2.
 - nf4_bits: storage bits per parameter of NF4 + double-quant linear layers / the QLoRA paper's
   4.127. Target within 3%.
-- report_wait: wall seconds of a whole `lorafleet train` run (its own local Ray, 1 worker, a
-  report every 2 steps) with Ray Train's default controller poll (2 s) / with lorafleet's (0.2 s,
-  cluster/ray_connect.py), interleaved over 3 repeats. Target >= 1.5 (a worker waits for the
-  poll at each report; see the comment there).
 - tune_asha: total training steps of a search run to completion / the same search (space, seed)
   under ASHA, and the best eval loss of each. Target >= 3x less compute, best within 2%.
   `python -m bench.tune_asha` runs the same search under several scheduler settings against one
@@ -366,51 +362,6 @@ def main(names: list[str]) -> int:
     return 0
 
 
-def _train_wall_s(path: Path, poll_s: str | None) -> float:
-    """Seconds of `lorafleet train path` in a process of its own (its own local Ray), with Ray
-    Train's controller poll at `poll_s` (None: lorafleet's default)."""
-    import os
-    import subprocess
-
-    from bench.common import ROOT
-
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", POLL_ENV)}
-    if poll_s is not None:
-        env[POLL_ENV] = poll_s
-    t0 = time.perf_counter()
-    cmd = [sys.executable, "-m", "cluster.cli", "train", str(path)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    if proc.returncode != 0:
-        raise RuntimeError(f"lorafleet train failed:\n{proc.stderr[-3000:]}")
-    return time.perf_counter() - t0
-
-
-POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
-
-
-def bench_report_wait(repeats: int = 3) -> float:
-    from cluster.config.load import dump_config
-
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg = demo_cfg(
-            Path(tmp), **{"training.log_every_steps": 2, "training.eval_every_steps": 20}
-        )
-        path = Path(tmp) / "job.yaml"
-        path.write_text(dump_config(cfg))
-        default, ours = [], []
-        for _ in range(repeats):  # interleaved: drift in machine load hits both alike
-            default.append(_train_wall_s(path, "2"))
-            ours.append(_train_wall_s(path, None))
-    ratios = sorted(d / o for d, o in zip(default, ours, strict=True))
-    d, o = statistics.median(default), statistics.median(ours)
-    print(
-        f"report_wait: lorafleet train ({STEPS} steps, a report every 2) {d:.1f}s with Ray's 2 s "
-        f"controller poll vs {o:.1f}s with lorafleet's -> ratio {d / o:.2f} (target >= 1.5); "
-        f"per-repeat ratios {', '.join(f'{r:.2f}' for r in ratios)}"
-    )
-    return d / o
-
-
 def bench_tune_asha(grace_steps: int = 5) -> float:
     """The same space and seed searched twice: ASHA, then every trial run to completion (FIFO).
     Compute is total training steps across trials; the best eval loss of each is printed."""
@@ -448,7 +399,6 @@ BENCHES = {
     "hf_trainer": bench_hf_trainer,
     "packing": bench_packing,
     "nf4_bits": bench_nf4_bits,
-    "report_wait": bench_report_wait,
     "tune_asha": bench_tune_asha,
 }
 
