@@ -1,7 +1,7 @@
 """Benchmarks of the training spine. Each prints a ratio against its anchor, measured side by
 side in this one run (the machine is shared and noisy: absolute numbers mean little).
 
-    make bench            # = python -m bench.run [ray_overhead hf_trainer packing nf4_bits tune_asha]
+    make bench            # = python -m bench.run [ray_overhead hf_trainer packing nf4_bits report_wait tune_asha]
 
 - ray_overhead: training tokens/s of `lorafleet train` (1 Ray Train worker) / a plain
   single-process transformers+peft loop on the same model, data, batch and steps. Target >= 0.95.
@@ -13,6 +13,10 @@ side in this one run (the machine is shared and noisy: absolute numbers mean lit
   skewed lengths. Target >= 2.
 - nf4_bits: storage bits per parameter of NF4 + double-quant linear layers / the QLoRA paper's
   4.127. Target within 3%.
+- report_wait: wall seconds of a whole 1-worker training run (Ray Train, one local Ray) that sends
+  Ray Train a report at every log step (every 2 steps; what lorafleet did before, and what a Tune
+  trial does) / the same run reporting at checkpoints only (lorafleet's plain runs), interleaved
+  over 3 repeats. A report waits for Train's controller to poll, every 2 s. Target >= 1.5.
 - tune_asha: total training steps of a search run to completion / the same search (space, seed)
   under ASHA, and the best eval loss of each. Target >= 3x less compute, best within 2%.
   `python -m bench.tune_asha` runs the same search under several scheduler settings against one
@@ -362,6 +366,36 @@ def main(names: list[str]) -> int:
     return 0
 
 
+def _run_wall_s(cfg, name: str, report_logs: bool) -> float:
+    from train.trainer import build_trainer
+
+    t0 = time.perf_counter()
+    build_trainer(cfg.model_copy(update={"name": name}), run_id=name, report_logs=report_logs).fit()
+    return time.perf_counter() - t0
+
+
+def bench_report_wait(repeats: int = 3) -> float:
+    from cluster.config.validation import with_overrides
+    from cluster.ray_connect import ensure_ray
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = demo_cfg(Path(tmp))
+        cfg = with_overrides(cfg, {"training.log_every_steps": 2, "training.eval_every_steps": 20})
+        ensure_ray(cfg.ray, log=lambda *_: None)
+        every, ckpt = [], []
+        for i in range(repeats):  # interleaved: drift in machine load hits both alike
+            every.append(_run_wall_s(cfg, f"every{i}", report_logs=True))
+            ckpt.append(_run_wall_s(cfg, f"ckpt{i}", report_logs=False))
+    ratios = sorted(e / c for e, c in zip(every, ckpt, strict=True))
+    e, c = statistics.median(every), statistics.median(ckpt)
+    print(
+        f"report_wait: a {STEPS}-step run reporting every 2 steps {e:.1f}s vs at its "
+        f"{STEPS // 20} checkpoints only {c:.1f}s -> ratio {e / c:.2f} (target >= 1.5); "
+        f"per-repeat ratios {', '.join(f'{r:.2f}' for r in ratios)}"
+    )
+    return e / c
+
+
 def bench_tune_asha(grace_steps: int = 5) -> float:
     """The same space and seed searched twice: ASHA, then every trial run to completion (FIFO).
     Compute is total training steps across trials; the best eval loss of each is printed."""
@@ -399,6 +433,7 @@ BENCHES = {
     "hf_trainer": bench_hf_trainer,
     "packing": bench_packing,
     "nf4_bits": bench_nf4_bits,
+    "report_wait": bench_report_wait,
     "tune_asha": bench_tune_asha,
 }
 

@@ -98,6 +98,10 @@ class Run:
     stop_early: bool = False
     history: list[dict] = field(default_factory=list)
     scaler: object = None  # torch's GradScaler under precision fp16
+    # a Ray Train report at every log step, not only at checkpoints: Tune's schedulers decide on
+    # them. Each report waits for Train's controller to poll (every 2 s): a plain run logs
+    # through its tracker instead, and its fast steps are not held to that pace
+    report_logs: bool = False
     tracker: object = None  # train/tracking.py: metrics.jsonl, TensorBoard, MLflow / W&B
     overfit: object = None  # train/tracking.py OverfitWatch
 
@@ -138,6 +142,7 @@ def setup(loop_config: dict) -> Run:
     ctx = ray.train.get_context()
     device = ray.train.torch.get_device()
     run = build_run(cfg, ctx.get_world_rank(), ctx.get_world_size(), device, loop_config["run_dir"])
+    run.report_logs = bool(loop_config.get("report_logs"))
     if cfg.scaling.strategy == "deepspeed":
         _wrap_deepspeed(run, loop_config.get("deepspeed"))
         restore(run)  # into the engine: ZeRO's partitions exist only after initialize
@@ -368,7 +373,7 @@ def fit(run: Run) -> None:
             _track(run, metrics)
             if is_eval:
                 save(run, metrics)
-            else:
+            elif run.report_logs:
                 import ray.train
 
                 ray.train.report(metrics)

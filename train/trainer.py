@@ -39,11 +39,16 @@ def latest_run_id(cfg) -> str | None:
 
 
 def build_trainer(
-    cfg, run_id: str, callbacks: list | None = None, keep_by: tuple[str, str] = ("eval_loss", "min")
+    cfg,
+    run_id: str,
+    callbacks: list | None = None,
+    keep_by: tuple[str, str] = ("eval_loss", "min"),
+    report_logs: bool = False,
 ):
     """A TorchTrainer for this config; nothing runs until `.fit()`. A run with the same run_id
     (same storage path and name) resumes where it stopped: that is how a crashed driver resumes.
-    Pure: the caller names the run (`new_run_id(time.time())` for a new one)."""
+    Pure: the caller names the run (`new_run_id(time.time())` for a new one). `report_logs`: a
+    Ray Train report at every log step (Tune's schedulers need them), not only at checkpoints."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -57,6 +62,7 @@ def build_trainer(
         train_loop_config={
             "cfg": cfg.model_dump(mode="json"),
             "run_dir": storage.join(runs_root(cfg), run_id),
+            "report_logs": report_logs,
             # scaling.deepspeed.config, read here so workers on other nodes need not see the file
             "deepspeed": load_override(cfg),
         },

@@ -75,7 +75,10 @@ def _trial_fn(params: dict) -> None:
     base = JobConfig.model_validate(params.pop(BASE))
     cfg = trial_config(base, params, trial_name(base, tune.get_context().get_trial_id()))
     keep_by = (cfg.tune.metric, cfg.tune.mode)
-    build_trainer(cfg, run_id=RUN_ID, callbacks=[TuneReportCallback()], keep_by=keep_by).fit()
+    trainer = build_trainer(
+        cfg, run_id=RUN_ID, callbacks=[TuneReportCallback()], keep_by=keep_by, report_logs=True
+    )
+    trainer.fit()
 
 
 def _scheduler(cfg):
