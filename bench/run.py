@@ -374,13 +374,12 @@ def _run_wall_s(cfg, name: str, report_logs: bool) -> float:
     return time.perf_counter() - t0
 
 
-def bench_report_wait(repeats: int = 3) -> float:
-    from cluster.config.validation import with_overrides
+def bench_report_wait(repeats: int = 3, eval_every: int = 20) -> float:
     from cluster.ray_connect import ensure_ray
 
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = demo_cfg(Path(tmp))
-        cfg = with_overrides(cfg, {"training.log_every_steps": 2, "training.eval_every_steps": 20})
+        over = {"training.log_every_steps": 2, "training.eval_every_steps": eval_every}
+        cfg = demo_cfg(Path(tmp), **over)
         ensure_ray(cfg.ray, log=lambda *_: None)
         every, ckpt = [], []
         for i in range(repeats):  # interleaved: drift in machine load hits both alike
@@ -390,7 +389,7 @@ def bench_report_wait(repeats: int = 3) -> float:
     e, c = statistics.median(every), statistics.median(ckpt)
     print(
         f"report_wait: a {STEPS}-step run reporting every 2 steps {e:.1f}s vs at its "
-        f"{STEPS // 20} checkpoints only {c:.1f}s -> ratio {e / c:.2f} (target >= 1.5); "
+        f"{STEPS // eval_every} checkpoints only {c:.1f}s -> ratio {e / c:.2f} (target >= 1.5); "
         f"per-repeat ratios {', '.join(f'{r:.2f}' for r in ratios)}"
     )
     return e / c
