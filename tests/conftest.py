@@ -16,12 +16,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# one torch thread per process: the suite's many processes (two pytest workers, Ray's workers,
-# vLLM engines, CLI subprocesses) share 2 cores, and a second OpenMP thread in each spun in its
-# parallel regions' barriers. Measured on a tiny-model generate + train loop: 2 threads used
-# 5.5 CPU-s for a 2.8 s run where 1 thread used 3.1 CPU-s for 3.1 s, and the suite is CPU-bound.
-# (Ray's own workers already default to one thread per CPU they reserve; vLLM sets its own.)
-os.environ.setdefault("OMP_NUM_THREADS", "1")
 # nothing here can reach the Hugging Face hub: say so, so a hub id fails at once, not after retries
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # W&B never goes online from the tests, and a key in the environment must never reach a log or
