@@ -440,7 +440,7 @@ def test_sticky_split_of_300_users_follows_the_80_20_weights(served):
         anon = list(pool.map(lambda _: _variant(served), range(100)))
     assert again == first[:100]
     share_a = first.count("a") / len(first)
-    assert abs(share_a - 0.8) < 4 * (0.8 * 0.2 / 300) ** 0.5, share_a  # within 4 sd (9.2 points)
+    assert abs(share_a - 0.8) < 4 * (0.8 * 0.2 / len(first)) ** 0.5, share_a  # 4 sd (9.2 points)
     assert set(anon) == {"a", "b"} and abs(anon.count("a") / 100 - 0.8) < 0.16  # 4 sd
 
 
