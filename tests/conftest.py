@@ -129,8 +129,9 @@ def ray_local(s3_bucket):
 
 @pytest.fixture(scope="session")
 def two_worker_run(ray_local, tmp_path_factory, tiny_base, task_data):
-    """A real 2-worker QLoRA run on the 'last' task, published as adapter `t-last`: the training
-    tests inspect it and the serve tests serve it."""
+    """A real 2-worker QLoRA run on the 'last' task, published as adapter `t-last`, with
+    generation eval (exact match, F1) on 8 held-out rows at its eval steps: the training tests
+    inspect it, the evaluation tests score it and the serve tests serve it."""
     from cluster.config.job import JobConfig
     from train.trainer import train
 
@@ -140,12 +141,18 @@ def two_worker_run(ray_local, tmp_path_factory, tiny_base, task_data):
             tiny_base,
             task_data["train"],
             name="t-last",
-            **{"scaling.num_workers": 2, "training.max_steps": 30, "training.eval_every_steps": 10},
+            **{
+                "scaling.num_workers": 2,
+                "training.max_steps": 30,
+                "training.eval_every_steps": 10,
+                "training.generation_eval_rows": 8,
+            },
         )
         summary = train(cfg, log=lambda *_: None)
         return {"cfg": cfg.model_dump(mode="json"), "summary": summary}
 
-    # built once for both xdist workers (the training and the serve tests): read-only after
+    # built once for both xdist workers: the adapter and checkpoints are read-only after (the
+    # evaluation tests add their report folders beside the run)
     run = once_per_session(tmp_path_factory, "two-worker-run", build)
     return JobConfig.model_validate(run["cfg"]), run["summary"]
 

@@ -1,9 +1,9 @@
 """`lorafleet eval` and the generation eval during training (#9, part 3).
 
 Quick: the metrics on strings whose scores are worked out by hand, the config checks, prompts and
-answers recovered from packed eval sequences. Slow: one real training run with generation eval
-at its eval steps (Ray Train, 4-bit tiny base), then `lorafleet eval` on its adapter, with vLLM
-in the command's own process.
+answers recovered from packed eval sequences. Slow: a real training run with generation eval
+at its eval steps (the session's shared 2-worker run: Ray Train, 4-bit tiny base), then
+`lorafleet eval` on its adapter, with vLLM in the command's own process.
 """
 
 from __future__ import annotations
@@ -156,18 +156,13 @@ def test_generation_eval_scores_the_models_own_answers(tiny_base, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def gen_run(ray_local, tmp_path_factory, tiny_base, task_data):
-    from train.trainer import train
-
-    tmp = tmp_path_factory.mktemp("eval")
-    cfg = job_config(
-        tmp,
-        tiny_base,
-        task_data["train"],
-        name="t-eval",
-        **{"training.max_steps": 30, "training.generation_eval_rows": 8},
-    )
-    return cfg, train(cfg, log=lambda *_: None)
+def gen_run(two_worker_run):
+    """The session's shared 2-worker run (tests/conftest.py `two_worker_run`, adapter t-last):
+    it asks for generation eval on 8 held-out rows at its eval steps, so its adapter serves the
+    training, serving and evaluation tests alike and is trained once per session."""
+    cfg, summary = two_worker_run
+    assert cfg.training.generation_eval_rows == 8
+    return cfg, summary
 
 
 @pytest.mark.slow
@@ -187,7 +182,7 @@ def test_generation_eval_reports_exact_match_at_eval_steps_and_training_goes_on(
     # training (`lorafleet eval`'s HF path loads base and adapter afresh and scores with
     # cluster.text.scoring); one answer of 8 may differ (fresh 4-bit load vs the training layout)
     cfg, _ = gen_run
-    check = _hf_eval(cfg, summary, limit=8)["results"]["task"][f"t-eval@{summary['version']}"]
+    check = _hf_eval(cfg, summary, limit=8)["results"]["task"][f"{cfg.name}@{summary['version']}"]
     print(f"training: {evals[-1]}; apart: {check}")
     assert summary["metrics"]["eval_exact_match"] == evals[-1]["eval_exact_match"]
     assert abs(evals[-1]["eval_exact_match"] - check["exact_match"]) <= 1 / 8 + 1e-9
@@ -201,12 +196,12 @@ def _hf_eval(cfg, summary, limit: int, general=None) -> dict:
 
     cfg = cfg.model_copy(
         update={
-            "name": "t-eval-hf",  # its own report folder; the adapter is named in full
+            "name": f"{cfg.name}-hf",  # its own report folder; the adapter is named in full
             "eval": cfg.eval.model_copy(
                 update={
                     "engine": "hf",
                     "limit": limit,
-                    "adapters": [f"t-eval@{summary['version']}"],
+                    "adapters": [f"{cfg.name}@{summary['version']}"],
                     "general_path": str(general) if general else None,
                 }
             ),
@@ -232,9 +227,9 @@ def test_lorafleet_eval_table_json_chart_and_forgetting(gen_run, tmp_path):
         cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    label = f"t-eval@{summary['version']}"
+    label = f"{cfg.name}@{summary['version']}"
     assert "| base | vllm |" in proc.stdout and f"| {label} | vllm |" in proc.stdout
-    out = Path(cfg.storage.root) / "runs" / "t-eval"
+    out = Path(cfg.storage.root) / "runs" / cfg.name
     (folder,) = [p for p in out.iterdir() if p.name.startswith("eval-")]
     report = json.loads((folder / "eval.json").read_text())
     metrics = {"loss", "perplexity", "exact_match", "f1", "rouge_l", "bleu"}
@@ -286,6 +281,6 @@ def test_lorafleet_eval_names_an_adapter_that_is_not_there(gen_run, tmp_path, ca
     cfg, _ = gen_run
     config = tmp_path / "job.json"
     config.write_text(json.dumps(cfg.model_dump(mode="json")))
-    assert main(["eval", str(config), "eval.adapters=[t-eval, nope]"]) == 2
+    assert main(["eval", str(config), f"eval.adapters=[{cfg.name}, nope]"]) == 2
     err = capsys.readouterr().err
     assert "eval.adapters: expected a published adapter" in err and "Got 'nope' instead" in err

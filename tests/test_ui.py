@@ -865,11 +865,19 @@ def _send_feedback(app, response_id: str, reward: float) -> requests.Response:
 
 @pytest.mark.slow
 def test_feedback_on_answers_given_before_a_lorafleet_serve_restart_is_counted(app, answered):
-    """The command stopped above (SIGTERM) and started again on the same config and storage:
-    feedback for the answers the first run gave is counted (the signed ids need no record of
-    them, the secret comes back from storage), a tampered id gets 400, a second reward 409."""
+    """The command stopped above (SIGTERM) and started again on the same storage: feedback for
+    the answers the first run gave is counted (the signed ids need no record of them, the secret
+    comes back from storage), a tampered id gets 400, a second reward 409. The second start
+    scales its model to zero (`min_replicas: 0`): feedback and the experiment counts are the
+    ingress's and the experiment state's, so no vLLM engine starts for them."""
+    from cluster.config.load import dump_config
+
+    cfg = app["cfg"].model_copy(deep=True)
+    cfg.models[0].autoscaling.min_replicas = cfg.models[0].autoscaling.initial_replicas = 0
+    cfg_path = app["cfg_path"].with_name("serve-again.yaml")
+    cfg_path.write_text(dump_config(cfg))
     log = app["log"].with_name("serve-again.log")
-    proc = _start_serve(app["cfg"], app["cfg_path"], log)
+    proc = _start_serve(cfg, cfg_path, log)
     try:
         _wait_ready(proc, log)
         before = _outcome_counts(app)
