@@ -77,6 +77,7 @@ def ensure_ray(ray_cfg=None, log=print, serve_mode: str | None = None):
         dashboard_port = _free_port()
         _local_state_api = f"http://127.0.0.1:{dashboard_port}"
         env["env_vars"]["RAY_API_SERVER_ADDRESS"] = _local_state_api
+        env["env_vars"].update(_local_train_env())
         ray.init(
             address="local",
             num_cpus=num_cpus,
@@ -86,6 +87,21 @@ def ensure_ray(ray_cfg=None, log=print, serve_mode: str | None = None):
             runtime_env=env,
         )
     return ray
+
+
+# Ray Train's preemption watcher (one more actor process per run, polling every 5 s) waits for
+# an autoscaler to drain a node, so a run can checkpoint before a spot node is reclaimed. A local
+# Ray lorafleet starts is one machine that nothing drains: the watcher is off there, unless the
+# user set this variable. On a cluster (`ray.address`, `ray job submit`) Ray's default stays on.
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+
+
+def _local_train_env() -> dict[str, str]:
+    """Ray Train settings for a local Ray, put into this process's environment too (the raylet,
+    and so every job that joins this Ray later, inherits it)."""
+    values = {PREEMPTION_WATCHER_ENV: os.environ.get(PREEMPTION_WATCHER_ENV, "0")}
+    os.environ.update(values)
+    return values
 
 
 def _set_serve_mode(mode: str | None) -> dict[str, str]:

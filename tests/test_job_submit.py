@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, current_adapter
 
+from cluster.ray_connect import PREEMPTION_WATCHER_ENV
 from tests.helpers.toolbox import free_port, stop_processes
 
 pytestmark = pytest.mark.slow
@@ -42,6 +43,9 @@ def _ray_head(extra_env: dict):
         **extra_env,
     }
     env.pop("RAY_ADDRESS")
+    # the session's local Ray turned Train's preemption watcher off (cluster/ray_connect.py): a
+    # cluster head keeps Ray's default
+    env.pop(PREEMPTION_WATCHER_ENV, None)
     gcs_port = free_port()
     cmd = [
         str(BIN / "ray"),

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, current_adapter
 
+from cluster.ray_connect import PREEMPTION_WATCHER_ENV
 from cluster.store import storage
 from tests.helpers.toolbox import ask_in_subprocess, free_port, stop_processes
 
@@ -80,6 +81,8 @@ def two_nodes(s3_bucket, tmp_path):
         "LORAFLEET_CACHE": str(tmp_path / "node-cache"),
     }
     env.pop("RAY_ADDRESS", None)
+    # ... and this one to 0 (a local Ray has no node to drain): a cluster keeps Ray's default
+    env.pop(PREEMPTION_WATCHER_ENV, None)
     common = ["--node-ip-address=127.0.0.1", "--num-cpus=2", "--disable-usage-stats"]
     groups: list[int] = []
     windows = random.sample(WORKER_PORT_WINDOWS, 2)  # one for each node, never the same

@@ -226,6 +226,25 @@ def test_early_stopping_and_best_k_checkpoints(ray_local, tmp_path, tiny_base, t
     assert (
         json.loads((Path(summary["adapter"]) / "lorafleet.json").read_text())["step"] == best_step
     )
+    # one process per run fewer, twice: the session's local Ray (cluster/ray_connect.py) has no
+    # node an autoscaler can drain, so no preemption watcher; a run without Ray Datasets gets no
+    # DatasetManager (train/internals.py `lean_torch_trainer`)
+    from ray.util.state import list_actors
+
+    from cluster.ray_connect import state_api_address
+
+    started = {a.class_name for a in list_actors(address=state_api_address(), limit=10_000)}
+    assert "TrainController" in started, started
+    assert not {"PreemptionWatcher", "DatasetManager"} & started, started
+
+
+def test_a_local_ray_keeps_a_preemption_watcher_setting_the_user_made(monkeypatch):
+    from cluster.ray_connect import PREEMPTION_WATCHER_ENV, _local_train_env
+
+    monkeypatch.delenv(PREEMPTION_WATCHER_ENV, raising=False)
+    assert _local_train_env() == {PREEMPTION_WATCHER_ENV: "0"}
+    monkeypatch.setenv(PREEMPTION_WATCHER_ENV, "1")
+    assert _local_train_env() == {PREEMPTION_WATCHER_ENV: "1"}
 
 
 def test_bad_row_stops_the_cli_before_any_worker_starts(tmp_path, tiny_base):

@@ -50,14 +50,16 @@ def build_trainer(
     Pure: the caller names the run (`new_run_id(time.time())` for a new one). `report_logs`: a
     Ray Train report at every log step (Tune's schedulers need them), not only at checkpoints."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
+
+    from train.internals import lean_torch_trainer
 
     s = cfg.scaling
     resources = dict(s.resources_per_worker)
     if s.use_gpu:
         resources.setdefault("GPU", 1)
     fs, path = storage.filesystem(runs_root(cfg))
-    return TorchTrainer(
+    return lean_torch_trainer()(
         train_loop_per_worker=train_loop_per_worker,
         train_loop_config={
             "cfg": cfg.model_dump(mode="json"),
