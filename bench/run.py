@@ -1,7 +1,7 @@
 """Benchmarks of the training spine. Each prints a ratio against its anchor, measured side by
 side in this one run (the machine is shared and noisy: absolute numbers mean little).
 
-    make bench            # = python -m bench.run [ray_overhead hf_trainer packing nf4_bits report_wait tune_asha]
+    make bench            # = python -m bench.run [ray_overhead hf_trainer packing nf4_bits report_wait tune_asha train_actors]
 
 - ray_overhead: training tokens/s of `lorafleet train` (1 Ray Train worker) / a plain
   single-process transformers+peft loop on the same model, data, batch and steps. Target >= 0.95.
@@ -21,6 +21,9 @@ side in this one run (the machine is shared and noisy: absolute numbers mean lit
   under ASHA, and the best eval loss of each. Target >= 3x less compute, best within 2%.
   `python -m bench.tune_asha` runs the same search under several scheduler settings against one
   FIFO anchor and prints the table (bench/results/tune_asha.txt).
+- train_actors: the whole machine's CPU-seconds per short 1-worker run with Ray Train's stock
+  actors (a DatasetManager and a preemption watcher per run) / lorafleet's local runs, which start
+  neither (bench/train_actors.py; each side in a local Ray of its own, interleaved). Target > 1.
 """
 
 from __future__ import annotations
@@ -427,6 +430,12 @@ def bench_tune_asha(grace_steps: int = 5) -> float:
     return ratio
 
 
+def bench_train_actors() -> float:
+    from bench.train_actors import bench_train_actors as run
+
+    return run()
+
+
 BENCHES = {
     "ray_overhead": bench_ray_overhead,
     "hf_trainer": bench_hf_trainer,
@@ -434,6 +443,7 @@ BENCHES = {
     "nf4_bits": bench_nf4_bits,
     "report_wait": bench_report_wait,
     "tune_asha": bench_tune_asha,
+    "train_actors": bench_train_actors,
 }
 
 if __name__ == "__main__":
