@@ -125,7 +125,9 @@ class TrainingConfig(Section):
     )
     seed: int = Field(42, description="Seed for weights of the adapter, dropout and data order.")
     log_every_steps: int = Field(
-        10, gt=0, description="Log loss, lr, grad norm, tokens/s every N steps (console, "
+        10,
+        gt=0,
+        description="Log loss, lr, grad norm, tokens/s every N steps (console, "
         "metrics.jsonl, TensorBoard/MLflow/W&B; to Ray Tune under `tune`).",
     )
     eval_every_steps: int = Field(
