@@ -46,7 +46,8 @@ def lean_torch_trainer():
     """Ray's TorchTrainer, less the DatasetManager actor when the run passes no Ray Dataset
     (lorafleet's workers read their own data, train/data.py). Ray Train starts that actor for
     every run, to hand out dataset shards; without datasets it hands out nothing, and it costs a
-    process start per run (about 1.5 CPU-s; ~70 CPU-s of a test suite's 2-core budget)."""
+    process start per run (`python -m bench.train_actors`: with the preemption watcher that a
+    local Ray leaves out too, 2.8 of a short run's 18.8 CPU-seconds)."""
     global _LEAN_TRAINER
     if _LEAN_TRAINER is not None:
         return _LEAN_TRAINER
