@@ -14,6 +14,7 @@ from conftest import job_config, vllm_greedy
 METHOD_CONFIGS = {
     "lora": {},
     "dora": {"adapter.use_dora": True},
+    "rslora": {"adapter.use_rslora": True},
     "adalora": {"adapter.method": "adalora", "adapter.adalora_init_r": 8, "adapter.r": 4},
     "ia3": {"adapter.method": "ia3", "training.learning_rate": 5e-2},
     "prompt_tuning": {
@@ -86,6 +87,72 @@ def test_each_method_trains_in_the_loop_and_its_loss_falls(name, tmp_path, tiny_
         n for n, p in run.model.named_parameters() if n in frozen and not torch.equal(p, frozen[n])
     ]
     assert not changed, changed[:3]
+
+
+def test_rslora_scales_every_lora_layer_by_alpha_over_sqrt_r(tmp_path, tiny_base, task_data):
+    """adapter.use_rslora reaches PEFT: each LoRA layer scales by alpha/sqrt(r) (16/sqrt(8)),
+    not plain LoRA's alpha/r (2)."""
+    run = _in_process_run(tmp_path, tiny_base, task_data, **METHOD_CONFIGS["rslora"])
+    scales = [m.scaling["default"] for m in run.model.modules() if hasattr(m, "lora_A")]
+    assert scales and scales == pytest.approx([16 / 8**0.5] * len(scales)), scales
+
+
+def _micro_batches(run, n: int) -> list[dict]:
+    out = [run.batches.batch(i) for i in range(n)]
+    for b in out:
+        b.pop("num_tokens")
+    return out
+
+
+def test_grad_accum_steps_averages_the_micro_batches_gradients_in_one_step(
+    tmp_path, tiny_base, task_data
+):
+    """training.grad_accum_steps=2: one optimizer step takes the next two micro-batches, and
+    its loss and gradient are the mean of theirs, each computed on its own beforehand (not the
+    last micro-batch's alone, nor their sum)."""
+    from train.loop import forward_loss, train_step
+
+    run = _in_process_run(
+        tmp_path, tiny_base, task_data, **{"training.batch_size": 2, "training.grad_accum_steps": 2}
+    )
+    losses, grads = [], []
+    for b in _micro_batches(run, 2):
+        run.optimizer.zero_grad(set_to_none=True)
+        loss = forward_loss(run, b)
+        loss.backward()
+        losses.append(loss.item())
+        grads.append(torch.cat([p.grad.flatten() for p in run.params]))
+    run.optimizer.zero_grad(set_to_none=True)
+    want_norm = ((grads[0] + grads[1]) / 2).norm().item()
+    assert (
+        abs(want_norm - grads[1].norm().item()) > 1e-3 * want_norm
+    )  # the test can tell them apart
+    loss, norm, tokens = train_step(run)
+    assert run.step == 1 and run.position == 2
+    assert loss == pytest.approx(sum(losses) / 2, rel=1e-5)
+    assert norm == pytest.approx(want_norm, rel=1e-4)
+    assert tokens == sum(int(run.batches.batch(i)["num_tokens"]) for i in range(2))
+
+
+def test_gradient_checkpointing_the_default_gives_the_same_step_as_without_it(
+    tmp_path, tiny_base, task_data
+):
+    """training.gradient_checkpointing is on by default (it recomputes activations in backward):
+    the default is what trains here, and its steps match a run without it."""
+    from cluster.config.sections import TrainingConfig
+    from train.loop import train_step
+
+    assert TrainingConfig().gradient_checkpointing  # the default this test runs
+    on = _in_process_run(
+        tmp_path / "on", tiny_base, task_data, **{"training.gradient_checkpointing": True}
+    )
+    off = _in_process_run(tmp_path / "off", tiny_base, task_data)
+    assert on.model.base_model.model.is_gradient_checkpointing
+    assert not off.model.base_model.model.is_gradient_checkpointing
+    for _ in range(2):
+        (loss_on, norm_on, _), (loss_off, norm_off, _) = train_step(on), train_step(off)
+        assert loss_on == pytest.approx(loss_off, rel=1e-5)
+        assert norm_on == pytest.approx(norm_off, rel=1e-4)
 
 
 @pytest.mark.parametrize("name", ["adalora", "full", "partial", "prefix_tuning", "p_tuning"])

@@ -57,7 +57,10 @@ def test_base_is_really_4bit_nf4_with_a_lora_adapter(tmp_path, tiny_base, task_d
 
 
 def test_two_worker_qlora_eval_loss_falls(two_worker_run):
+    """Two DDP workers, with gradient checkpointing (the default) and 2 micro-batches per step."""
     cfg, summary = two_worker_run
+    t = cfg.training
+    assert t.gradient_checkpointing and t.grad_accum_steps == 2 and cfg.scaling.num_workers == 2
     evals = [h for h in summary["history"] if "eval_loss" in h]
     assert evals[0]["step"] == 0 and evals[-1]["step"] == 30
     # the 'last' task on the tiny base: 30 steps must cut eval loss by at least 25%
