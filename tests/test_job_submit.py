@@ -75,6 +75,7 @@ def _ray_head(extra_env: dict):
             stop_processes(naming=[temp_dir], timeout_s=5)
         assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
         env["LORAFLEET_TEST_GCS"] = f"127.0.0.1:{gcs_port}"
+        env["LORAFLEET_TEST_DASHBOARD"] = f"http://127.0.0.1:{dash}"
         yield f"http://127.0.0.1:{dash}", env
     finally:
         stop_processes(naming=[temp_dir], timeout_s=5)
@@ -128,32 +129,66 @@ def haproxy_head():
     yield from _ray_head({"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"})
 
 
-def test_a_throughput_yaml_without_keys_is_refused_on_a_cluster_running_haproxy(
-    haproxy_head, tmp_path
-):
-    """The YAML says `http.mode: throughput` (loopback, no keys: fine on its own), but the cluster
-    it joins runs HAProxy, which binds the replicas' ports on all interfaces: `lorafleet serve`
-    reads the mode from the cluster's processes and refuses before anything is deployed."""
+def _submit_serve(cfg: Path, env: dict, until: str | None = None) -> tuple[int | None, str]:
+    """`lorafleet submit serve CFG` from the checkout; follows the job's logs to its end, or
+    until a line contains `until`, then Ctrl-C (the job runs on): (exit code, what it printed)."""
+    import signal
+
+    cmd = [sys.executable, "-m", "cluster.cli", "submit", "serve", str(cfg)]
+    cmd += ["--address", env["LORAFLEET_TEST_DASHBOARD"]]
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    out, deadline = [], time.time() + 300
+    try:
+        while time.time() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            out.append(line)
+            if until and until in line:
+                proc.send_signal(signal.SIGINT)
+                break
+        rest, _ = proc.communicate(timeout=60)
+        return proc.returncode, "".join(out) + rest
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_submit_serve_follows_the_clusters_haproxy_binding(haproxy_head, tmp_path, tiny_base):
+    """`lorafleet submit serve` to a head started the way cluster.yaml starts nodes (Serve's
+    HAProxy mode, which binds the replicas' ports on all interfaces). The YAML says
+    `http.mode: throughput` (loopback, no keys: fine on its own), so the job's `lorafleet serve`
+    reads the mode from the cluster's processes and refuses before anything is deployed. With
+    $LORAFLEET_API_KEYS in the caller's environment (passed to the job, never in the YAML) the
+    same file deploys on the cluster and answers only with a key. The model is scaled to zero
+    (`min_replicas: 0`): the ingress answers /v1/models without a vLLM engine."""
+    import requests
+
     _, env = haproxy_head
+    port = free_port()
     cfg = tmp_path / "serve.yaml"
     cfg.write_text(
-        "models: [{id: m, base: org/m}]\n"
-        "http: {host: 127.0.0.1, mode: throughput}\n"
+        f"models: [{{id: m, base: {tiny_base}, dtype: float32, max_model_len: 128,"
+        " autoscaling: {min_replicas: 0, initial_replicas: 0, max_replicas: 1}}]\n"
+        f"http: {{host: 127.0.0.1, port: {port}, mode: throughput}}\n"
         f"storage: {{root: {tmp_path / 'store'}}}\n"
         f"ray: {{address: '{env['LORAFLEET_TEST_GCS']}'}}\n"
     )
-    no_keys = {k: v for k, v in env.items() if not k.startswith("LORAFLEET_") or "GCS" in k}
+    no_keys = {k: v for k, v in env.items() if not k.startswith("LORAFLEET_") or "_TEST_" in k}
     no_keys.pop("RAY_SERVE_ENABLE_HA_PROXY")  # the client's own environment says nothing
     no_keys.pop("RAY_SERVE_THROUGHPUT_OPTIMIZED")
-    proc = subprocess.run(
-        [sys.executable, "-m", "cluster.cli", "serve", str(cfg)],
-        cwd=ROOT,
-        env=no_keys,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    out = proc.stdout + proc.stderr
-    assert proc.returncode != 0, out[-3000:]
+    code, out = _submit_serve(cfg, no_keys)
+    assert code == 1 and "failed" in out, out[-3000:]
     assert "runs Serve in HAProxy mode" in out and "http.mode says 'throughput'" in out, out[-3000:]
     assert "$LORAFLEET_API_KEYS" in out and "[serve] deploying" not in out, out[-3000:]
+
+    key = secrets.token_hex(8)
+    code, out = _submit_serve(cfg, no_keys | {"LORAFLEET_API_KEYS": key}, until="[serve] ready at")
+    assert code == 130 and "[serve] ready at" in out, out[-3000:]
+    assert key not in out  # named, never printed
+    url = f"http://127.0.0.1:{port}/v1/models"
+    assert requests.get(url, timeout=30).status_code == 401
+    r = requests.get(url, headers={"Authorization": f"Bearer {key}"}, timeout=30)
+    assert r.status_code == 200 and [m["id"] for m in r.json()["data"]] == ["m"], r.text

@@ -5,6 +5,7 @@ and Ctrl-C stops following the logs while the job runs on to the end."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -30,12 +31,15 @@ def test_submit_passes_secrets_by_env_and_ctrl_c_stops_following_not_the_job(
     env = {k: v for k, v in head_env.items() if k != "RAY_AUTH_MODE"}  # the user sets no mode
     env |= {"HF_TOKEN": "hf-test-secret", "MY_SETTING": "on"}
     store = tmp_path / "store"
+    # a search (`submit tune`; `ray job submit ... lorafleet train` is test_job_submit's): two
+    # trials at once, like the shipped tune config's, and the best one published
     cmd = [
-        sys.executable, "-m", "cluster.cli", "submit", "train", "configs/demo.yaml",
+        sys.executable, "-m", "cluster.cli", "submit", "tune", "configs/tune-demo.yaml",
         "name=submitted2", f"storage.root={store}", f"model.base={tiny_base}",
-        f"data.path={task_data['train']}", "data.max_length=64", "training.max_steps=40",
-        "training.warmup_steps=1", "training.eval_every_steps=20", "training.batch_size=4",
-        "ray.num_cpus=null", "--address", address, "--env", "MY_SETTING",
+        f"data.path={task_data['train']}", "data.max_length=64", "training.max_steps=12",
+        "training.warmup_steps=1", "training.eval_every_steps=6", "training.batch_size=4",
+        "tune.num_samples=2", "tune.grace_period_steps=6", "ray.num_cpus=null",
+        "--address", address, "--env", "MY_SETTING",
     ]  # fmt: skip
     proc = subprocess.Popen(
         cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
@@ -49,7 +53,7 @@ def test_submit_passes_secrets_by_env_and_ctrl_c_stops_following_not_the_job(
         out.append(line)
         if line.startswith("[submit] job ") and job_id is None:
             job_id = line.split()[2]
-        if "[train] step" in line:  # the job is training: stop following now
+        if re.match(r"\[tune\] \d running", line):  # the job is searching: stop following now
             break
     assert job_id, "".join(out)[-3000:]
     proc.send_signal(signal.SIGINT)
@@ -78,7 +82,10 @@ def test_submit_passes_secrets_by_env_and_ctrl_c_stops_following_not_the_job(
     info = ask_in_subprocess(probe, address, job_id, env=head_env, timeout_s=420)
     assert info["status"].endswith("SUCCEEDED"), info["logs"]
     assert info["env"]["HF_TOKEN"] == "hf-test-secret" and info["env"]["MY_SETTING"] == "on"
-    assert "[done] submitted2" in info["logs"]
+    assert "[tune] best trial" in info["logs"], info["logs"]
+    assert re.search(
+        r"\[tune\] 0 running, \d finished, \d stopped early, 0 errored of 2", info["logs"]
+    )
     assert Path(current_adapter(store, "submitted2"), "adapter_model.safetensors").is_file()
     assert "hf-test-secret" not in (ROOT / "configs" / "demo.yaml").read_text()
 
