@@ -54,7 +54,12 @@ def resolve(cfg: ServeAppConfig, environ: Mapping[str, str]) -> Resolved:
         model_sources={m.id: resolve_base(m.base, cfg.storage.root) for m in cfg.models},
         adapter_root=adapters_root(cfg.storage.root),
         key_hashes=key_hashes,
-        base_ids={m.id: base_identity(m.base, cfg.storage.root, m.revision) for m in cfg.models},
+        base_ids={
+            m.id: base_identity(m.adapters_base, cfg.storage.root)
+            if m.adapters_base
+            else base_identity(m.base, cfg.storage.root, m.revision)
+            for m in cfg.models
+        },
         admin_key_hashes=tuple(api_key_hashes(cfg, environ, admin=True)),
         state_uri=state_uri(cfg.storage.root, cfg.name),
     )
@@ -87,6 +92,17 @@ def check_exposed(h, key_hashes: list[str], running_mode: str | None = None) -> 
     )
 
 
+def gpu_placement(m: ServeModelConfig) -> dict:
+    """One bundle per vLLM worker (tensor_parallel_size x pipeline_parallel_size GPUs), the
+    replica's CPUs in the first, where its engine process runs. Tensor parallelism alone is
+    packed on one node (STRICT_PACK: its all-reduce runs every layer); pipeline stages may be
+    spread over nodes (PACK), as vLLM on Ray allows."""
+    gpus = m.tensor_parallel_size * m.pipeline_parallel_size
+    bundles = [{"GPU": 1, "CPU": m.cpus_per_replica}] + [{"GPU": 1} for _ in range(gpus - 1)]
+    strategy = "PACK" if m.pipeline_parallel_size > 1 else "STRICT_PACK"
+    return {"bundles": bundles, "strategy": strategy}
+
+
 def llm_config_for(m: ServeModelConfig, model_source: str):
     """Ray Serve LLM's `LLMConfig` for one base model, loaded from `model_source` (what
     `resolve` found for it: a directory or a hub id)."""
@@ -107,6 +123,11 @@ def llm_config_for(m: ServeModelConfig, model_source: str):
     }
     if m.max_model_len:
         engine["max_model_len"] = m.max_model_len
+    if m.quantization:
+        engine["quantization"] = m.quantization
+    if m.tensor_parallel_size > 1 or m.pipeline_parallel_size > 1:
+        engine["tensor_parallel_size"] = m.tensor_parallel_size
+        engine["pipeline_parallel_size"] = m.pipeline_parallel_size
     if m.revision:
         engine["revision"] = m.revision
     engine.update(m.engine_kwargs)
@@ -133,7 +154,7 @@ def llm_config_for(m: ServeModelConfig, model_source: str):
     env = {"TOKENIZERS_PARALLELISM": "false"}
     kwargs: dict[str, Any] = {}
     if m.use_gpu:
-        kwargs["placement_group_config"] = {"bundles": [{"GPU": 1, "CPU": m.cpus_per_replica}]}
+        kwargs["placement_group_config"] = gpu_placement(m)
     else:
         env["VLLM_CPU_KVCACHE_SPACE"] = f"{m.kv_cache_gib:g}"
         env["VLLM_TARGET_DEVICE"] = "cpu"

@@ -55,6 +55,98 @@ experiments:
     assert "experiments.0.variants.0.weight: Input should be greater than 0. Got 0" in text
 
 
+def test_serve_parallelism_and_quantization_name_the_key_and_what_vllm_takes(tmp_path):
+    p = tmp_path / "s.yaml"
+    p.write_text(
+        """
+models:
+  - {id: a, base: x, tensor_parallel_size: 2}
+  - {id: b, base: x, use_gpu: true, engine_kwargs: {tensor_parallel_size: 4}}
+  - {id: c, base: x, use_gpu: true, quantization: bitsandbytes}
+  - {id: d, base: x, use_gpu: true, quantization: nf4}
+"""
+    )
+    with pytest.raises(ConfigError) as e:
+        load_config(p, schema=ServeAppConfig)
+    text = "\n".join(e.value.problems)
+    assert len(e.value.problems) == 4, text
+    assert "models.0: tensor_parallel_size x pipeline_parallel_size: 2 x 1" in text
+    assert "needs use_gpu: true" in text and "Got use_gpu: false" in text
+    assert "models.1: engine_kwargs.tensor_parallel_size: set models[].tensor_parallel_size" in text
+    assert "models.2.quantization: expected one of ['awq'," in text
+    assert "no bitsandbytes loader" in text and "Got 'bitsandbytes'" in text
+    assert "models.3.quantization" in text and "training's quantization.mode" in text
+
+
+def test_every_serve_quantization_is_one_the_pinned_vllm_knows():
+    from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS
+
+    from cluster.config.serve import NOT_SERVED_QUANTIZATIONS, SERVE_QUANTIZATIONS
+
+    assert set(SERVE_QUANTIZATIONS) <= set(QUANTIZATION_METHODS)
+    assert not set(NOT_SERVED_QUANTIZATIONS) & set(QUANTIZATION_METHODS)
+
+
+def test_a_quantized_base_checks_adapters_against_the_base_they_were_trained_on(tmp_path):
+    """An AWQ checkpoint is not the 16-bit base's files, so its fingerprint differs: with
+    `adapters_base`, adapters trained on the 16-bit base are checked against that one's, while
+    vLLM loads the quantized checkpoint."""
+    from serve.app import resolve
+
+    cfg = load_config(
+        None,
+        {
+            "models": [
+                {"id": "m", "base": "org/llama-8b-awq", "use_gpu": True, "quantization": "awq"},
+                {
+                    "id": "q",
+                    "base": "org/llama-8b-awq",
+                    "use_gpu": True,
+                    "quantization": "awq",
+                    "adapters_base": "org/llama-8b",
+                },
+            ],
+            "storage": {"root": str(tmp_path)},
+        },
+        ServeAppConfig,
+    )
+    got = resolve(cfg, {})
+    assert got.model_sources == {"m": "org/llama-8b-awq", "q": "org/llama-8b-awq"}
+    assert got.base_ids == {"m": "hub:org/llama-8b-awq@main", "q": "hub:org/llama-8b@main"}
+
+
+@pytest.mark.parametrize(
+    "tp, pp, strategy", [(1, 1, "STRICT_PACK"), (4, 1, "STRICT_PACK"), (2, 2, "PACK")]
+)
+def test_a_sharded_replica_reserves_one_gpu_bundle_per_vllm_worker(tp, pp, strategy):
+    """The deployment `lorafleet serve` builds for a base sharded over GPUs, as Ray Serve LLM
+    reads it: tp x pp bundles of one GPU (the replica's CPUs in the first), the engine told the
+    same sizes and the quantization, tensor parallelism packed on one node."""
+    from ray.llm._internal.serve.engines.vllm.vllm_models import VLLMEngineConfig
+
+    from cluster.config.serve import ServeModelConfig
+    from serve.app import llm_config_for
+
+    m = ServeModelConfig(
+        id="big",
+        base="org/big-awq",
+        use_gpu=True,
+        cpus_per_replica=4,
+        tensor_parallel_size=tp,
+        pipeline_parallel_size=pp,
+        quantization="awq",
+        dtype="float16",
+    )
+    engine = VLLMEngineConfig.from_llm_config(llm_config_for(m, "org/big-awq"))
+    assert engine.num_devices == tp * pp
+    assert engine.placement_bundles == [{"GPU": 1, "CPU": 4}] + [{"GPU": 1}] * (tp * pp - 1)
+    assert engine.placement_strategy == strategy
+    kwargs = engine.engine_kwargs
+    assert kwargs["quantization"] == "awq" and kwargs["enable_lora"]
+    assert kwargs.get("tensor_parallel_size", 1) == tp
+    assert kwargs.get("pipeline_parallel_size", 1) == pp
+
+
 def test_serve_config_cross_checks(tmp_path):
     p = tmp_path / "s.yaml"
     p.write_text(

