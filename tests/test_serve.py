@@ -1491,35 +1491,46 @@ def test_a_candidate_that_fails_is_rolled_back_and_the_release_runs_without_the_
     assert all(x == (200, v1) for x in last.values()), last
 
 
-def test_train_with_release_runs_the_loop_from_one_yaml(
-    served, tiny_base, task_data, tmp_path, monkeypatch, capsys
+# a one-trial search, so that `tune --release` costs what `train --release` does
+_ONE_TRIAL = {
+    "tune.scheduler": "fifo",
+    "tune.search": "grid",
+    "tune.num_samples": 1,
+    "tune.space": {"training.learning_rate": {"grid": [5e-3]}},
+}
+
+
+@pytest.mark.parametrize("command", ["train", "tune"])
+def test_train_or_tune_with_release_runs_the_loop_from_one_yaml(
+    command, served, tiny_base, task_data, tmp_path, monkeypatch, capsys
 ):
-    """`lorafleet train JOB --release SERVE`: the run publishes a version that does not become
-    current, the release ramps it on the live server while users ask, and promotes it."""
+    """`lorafleet train|tune JOB --release SERVE`: the run (or the search's best trial)
+    publishes a version that does not become current, the release ramps it on the live server
+    while users ask, and promotes it."""
     from cluster.config.load import dump_config
 
+    adapter = f"t-loop-{command}"
     root = layout.adapters_root(served["bucket_root"])
-    v1 = _publish(served, "t-loop", "t-last")
+    v1 = _publish(served, adapter, "t-last")
     job = job_config(
         tmp_path,
         tiny_base,
         task_data["train"],
-        name="t-loop",
+        name=adapter,
         **{"storage.root": served["bucket_root"], "training.max_steps": 4},
+        **(_ONE_TRIAL if command == "tune" else {}),
     )
     job_path = tmp_path / "job.yaml"
     job_path.write_text(dump_config(job))
     shadow = {"shadow": {"percent": 50, "hold_s": 2}}  # `--release` goes through it too
-    release = _release_config(served, tmp_path, "t-loop", None, shadow)
+    release = _release_config(served, tmp_path, adapter, None, shadow)
     # users ask once the run has published (traffic during training would scale vLLM up)
-    published = lambda: len(versions.version_ids(root, "t-loop")) > 1  # noqa: E731
-    argv = ["train", str(job_path), "--release", release]
-    code, out, rounds = _run_release(served, monkeypatch, capsys, argv, "t-loop", published)
+    published = lambda: len(versions.version_ids(root, adapter)) > 1  # noqa: E731
+    argv = [command, str(job_path), "--release", release]
+    code, out, rounds = _run_release(served, monkeypatch, capsys, argv, adapter, published)
     assert code == 0, out
-    trained = versions.current(root, "t-loop")
-    assert (
-        trained != v1 and versions.read_meta(root, "t-loop", trained)["source"]["kind"] == "train"
-    )
+    trained = versions.current(root, adapter)
+    assert trained != v1 and versions.read_meta(root, adapter, trained)["source"]["kind"] == command
     assert "current stays" in out and "promoted" in out, out
     assert "shadow (50% mirrored) advanced" in out, out
     assert {v for rnd in rounds for _, v in rnd.values()} == {v1, trained}  # both arms served
