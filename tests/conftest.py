@@ -173,9 +173,12 @@ def our_lines(text: str) -> list[str]:
     return [x for x in text.splitlines() if not any(tag in x for tag in RAY_CONTROL_ACTORS)]
 
 
-def vllm_greedy(base, adapter: str, prompts: list[str], tmp_path: Path, env=None) -> dict:
+def vllm_greedy(
+    base, adapter: str, prompts: list[str], tmp_path: Path, env=None, engine=None
+) -> dict:
     """Real vLLM's greedy answers for the base and with the adapter (`tests/helpers/vllm_lora.py`
-    in its own process): {"base": [...], "lora": [...]}."""
+    in its own process; `engine`: engine arguments over its defaults): {"base": [...],
+    "lora": [...]}."""
     import json
     import subprocess
 
@@ -183,7 +186,7 @@ def vllm_greedy(base, adapter: str, prompts: list[str], tmp_path: Path, env=None
     path.write_text(json.dumps(prompts))
     helper = ROOT / "tests" / "helpers" / "vllm_lora.py"
     proc = subprocess.run(
-        [sys.executable, str(helper), str(base), adapter, str(path)],
+        [sys.executable, str(helper), str(base), adapter, str(path), json.dumps(engine or {})],
         capture_output=True,
         text=True,
         timeout=400,

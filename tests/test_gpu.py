@@ -102,3 +102,58 @@ def test_vllm_on_gpu_serves_the_adapter_as_peft_answers_it(
     peft_answers = [_answer(peft_model, tokenizer, r["prompt"]) for r in rows]
     same = sum(is_exact_match(a, b) for a, b in zip(out["lora"], peft_answers, strict=True))
     assert same >= 10, list(zip(out["lora"], peft_answers, strict=True))
+
+
+@pytest.fixture(scope="module")
+def gpu_adapter(ray_local, tmp_path_factory, tiny_base, task_data):
+    """One bf16 QLoRA adapter trained on the GPU, and 12 held-out prompts of its task."""
+    from train.trainer import train
+
+    tmp = tmp_path_factory.mktemp("gpu-serving")
+    summary = train(_gpu_job(tmp, tiny_base, task_data, "served"), log=lambda *_: None)
+    rows = [json.loads(x) for x in Path(task_data["test"]).read_text().splitlines()[:12]]
+    return summary["adapter"], [r["prompt"] for r in rows], tmp
+
+
+def _agree(a: list[str], b: list[str]) -> int:
+    from cluster.text.scoring import is_exact_match
+
+    return sum(is_exact_match(x, y) for x, y in zip(a, b, strict=True))
+
+
+def test_vllm_serves_the_adapter_on_an_fp8_quantized_base(gpu_adapter, tiny_base):
+    """`models[].quantization: fp8` (vLLM quantizes the 16-bit checkpoint as it loads): the
+    adapter still applies on the quantized base (its answers are not the base's) and gives
+    nearly the answers it gives on the bf16 base."""
+    adapter, prompts, tmp = gpu_adapter
+    cuda = {"VLLM_TARGET_DEVICE": "cuda"}
+    bf16 = vllm_greedy(tiny_base, adapter, prompts, tmp, env=cuda, engine={"dtype": "bfloat16"})
+    fp8 = vllm_greedy(
+        tiny_base,
+        adapter,
+        prompts,
+        tmp,
+        env=cuda,
+        engine={"dtype": "bfloat16", "quantization": "fp8"},
+    )
+    assert _agree(fp8["lora"], fp8["base"]) <= 6, fp8
+    assert _agree(fp8["lora"], bf16["lora"]) >= 9, list(zip(fp8["lora"], bf16["lora"], strict=True))
+
+
+def test_vllm_serves_the_adapter_sharded_over_two_gpus(gpu_adapter, tiny_base):
+    """`models[].tensor_parallel_size: 2`: the adapter's answers sharded over two GPUs are the
+    ones it gives on one."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip(f"tensor parallelism needs 2 GPUs; this node has {torch.cuda.device_count()}")
+    adapter, prompts, tmp = gpu_adapter
+    cuda = {"VLLM_TARGET_DEVICE": "cuda"}
+    one = vllm_greedy(tiny_base, adapter, prompts, tmp, env=cuda, engine={"dtype": "bfloat16"})
+    two = vllm_greedy(
+        tiny_base,
+        adapter,
+        prompts,
+        tmp,
+        env=cuda,
+        engine={"dtype": "bfloat16", "tensor_parallel_size": 2},
+    )
+    assert _agree(two["lora"], one["lora"]) >= 11, list(zip(two["lora"], one["lora"], strict=True))

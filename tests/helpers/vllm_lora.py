@@ -1,8 +1,11 @@
 """Greedy answers from real vLLM for the base and with a LoRA adapter (`LoRARequest`).
 
-    python tests/helpers/vllm_lora.py BASE_DIR ADAPTER_DIR PROMPTS_JSON  -> one JSON line: {"base": [...], "lora": [...]}
+    python tests/helpers/vllm_lora.py BASE_DIR ADAPTER_DIR PROMPTS_JSON [ENGINE_JSON]
+        -> one JSON line: {"base": [...], "lora": [...]}
 
 ADAPTER_DIR `-`: the base alone (a whole fine-tuned model served as a base), "lora" is [].
+
+ENGINE_JSON: engine arguments over the defaults below (a quantization, tensor_parallel_size).
 
 Runs in its own process: vLLM's engine starts worker processes and must own its main module.
 """
@@ -15,21 +18,21 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
 
 
-def main(base: str, adapter: str, prompts_path: str) -> None:
+def main(base: str, adapter: str, prompts_path: str, engine_json: str = "{}") -> None:
     from vllm import LLM, SamplingParams
     from vllm.lora.request import LoRARequest
 
     prompts = json.loads(open(prompts_path).read())
-    llm = LLM(
-        model=base,
-        enable_lora=True,
-        max_lora_rank=16,
-        max_loras=1,
-        max_model_len=256,
-        dtype="float32",
-        enforce_eager=True,
-        seed=0,
-    )
+    engine = {
+        "enable_lora": True,
+        "max_lora_rank": 16,
+        "max_loras": 1,
+        "max_model_len": 256,
+        "dtype": "float32",
+        "enforce_eager": True,
+        "seed": 0,
+    }
+    llm = LLM(model=base, **(engine | json.loads(engine_json)))
     params = SamplingParams(temperature=0.0, max_tokens=32)
     base_out = [o.outputs[0].text for o in llm.generate(prompts, params)]
     lora_out = [
@@ -44,4 +47,4 @@ def main(base: str, adapter: str, prompts_path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:5])
