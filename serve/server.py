@@ -17,7 +17,7 @@ from serve.ray_internal import (
     get_lora_id,
     global_id_manager,
 )
-from serve.store import local_copy
+from serve.store import base_source, local_copy
 
 
 class StoreLoraLoader(LoraModelLoader):
@@ -55,6 +55,13 @@ class LoraStoreServer(LLMServer):
     ):
         self._lora_locks: dict[str, asyncio.Lock] = {}
         self._requests_by_lora: dict[str, int] = {}  # what Serve's multiplexing routed here
+        loading = llm_config.model_loading_config
+        # a base on a bucket: this node's cached copy, fetched before the engine starts
+        local = await asyncio.to_thread(base_source, loading.model_source)
+        if local != loading.model_source:
+            llm_config = llm_config.model_copy(
+                update={"model_loading_config": loading.model_copy(update={"model_source": local})}
+            )
         await super().__init__(
             llm_config,
             model_downloader=functools.partial(StoreLoraLoader, adapter_root=adapter_root),

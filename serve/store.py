@@ -53,8 +53,21 @@ class BaseNotBuilt(LorafleetError):
 
 
 def resolve_base(base: str, storage_root: str) -> str:
-    """`tiny://<name>` is the directory training built; anything else goes to vLLM as given."""
+    """What each replica loads: `tiny://<name>` is the model training built (its directory, or
+    on a bucket root the URI it uploaded there); a local directory its absolute path; anything
+    else (an s3:// or gs:// URI, a hub id) as given. A replica fetches a URI into its node's
+    cache before vLLM starts (`base_source`), so no node needs the driver's files."""
+    from cluster.store.layout import tiny_uri
+
     name = tiny_name(base)
+    if name is not None and storage.is_remote(storage_root):
+        uri = tiny_uri(name, storage_root)
+        if not storage.exists(storage.join(uri, TINY_MARKER)):
+            raise BaseNotBuilt(
+                f"base {base!r} is not built (no model at {uri}); build it first with "
+                f"`lorafleet train` on a config with model.base: {base} and this storage.root"
+            )
+        return uri
     if name is not None:
         path = tiny_dir(name, storage_root)
         if not (path / "config.json").is_file() or not (path / TINY_MARKER).is_file():
@@ -66,6 +79,22 @@ def resolve_base(base: str, storage_root: str) -> str:
     if not storage.is_remote(base) and Path(base).expanduser().exists():
         return storage.absolute(base)
     return base
+
+
+def base_source(source: str, log=print) -> str:
+    """What vLLM loads for `resolve_base`'s answer, on this node: an s3:// or gs:// base as a
+    copy in the node's cache, fetched once per node and per content (as training fetches its
+    base); a directory or hub id as given."""
+    if not storage.is_remote(source):
+        return source
+    try:
+        return str(storage.local_copy(source, log=log))
+    except OSError as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise BaseNotBuilt(
+            f"base {source!r} could not be read ({reason}); expected a model directory "
+            "(config.json, weights, tokenizer files) at that URI"
+        ) from None
 
 
 def base_identity(base: str, storage_root: str, revision: str | None = None) -> str:

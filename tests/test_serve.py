@@ -117,7 +117,8 @@ def _serve_config(port: int, base: str, storage_root: str, keys_file: str | None
 @pytest.fixture(scope="module")
 def served(ray_local, s3_bucket, tmp_path_factory, tiny_base, task_data, two_worker_run):
     """Two adapters trained with lorafleet's trainer, published to the S3 bucket on loopback the
-    way a cluster's runs publish to a bucket, served by `serve.app.run` with three experiments."""
+    way a cluster's runs publish to a bucket, served by `serve.app.run` with three experiments,
+    on a base that lies in the bucket too."""
     from ray import serve
 
     from cluster.config.load import dump_config
@@ -149,12 +150,13 @@ def served(ray_local, s3_bucket, tmp_path_factory, tiny_base, task_data, two_wor
     for name in ("t-last", "t-reply"):
         storage.upload_dir(store / "adapters" / name, storage.join(bucket_root, "adapters", name))
     # served from copies: the bucket root is the local store copied to a new place, and the base
-    # is the tiny base copied elsewhere; adapters fit by what their base is, not where it lies
-    moved_base = tmp / "moved-base"
-    shutil.copytree(tiny_base, moved_base)
+    # is the tiny base uploaded to the bucket, which each vLLM replica fetches into its node's
+    # cache before its engine starts; adapters fit by what their base is, not where it lies
+    moved_base = storage.join(bucket_root, "bases", "moved-base")
+    storage.upload_dir(tiny_base, moved_base)
     keys_file = tmp / "api-keys.txt"
     keys_file.write_text(f"{KEY}\n")
-    cfg = _serve_config(free_port(), str(moved_base), bucket_root, str(keys_file))
+    cfg = _serve_config(free_port(), moved_base, bucket_root, str(keys_file))
     cfg_path = tmp / "serve.yaml"
     cfg_path.write_text(dump_config(cfg))
     environ = {cfg.http.api_keys_env: ENV_KEY, cfg.http.admin_keys_env: ADMIN_KEY}
@@ -222,6 +224,26 @@ def test_serving_a_tiny_base_never_built_is_a_one_line_error(tmp_path, capsys):
     err = _cli_serve_error(tmp_path, capsys, models=[model])
     assert "'tiny://never-built' is not built" in err, err
     assert "`lorafleet demo`" in err and "model.base: tiny://never-built" in err, err
+
+
+def test_a_tiny_base_on_a_bucket_root_is_served_from_its_uri(s3_bucket, tiny_base, tmp_path):
+    """`tiny://<name>` on a bucket root is what training uploaded to `<root>/models/<name>`:
+    every replica fetches that URI, none reads the driver's disk; never built there, it is an
+    error naming the URI, before anything starts."""
+    from cluster.store import layout
+    from serve.store import BaseNotBuilt, base_identity, base_source, resolve_base
+    from train.model import upload_model
+
+    root = f"{s3_bucket}/tiny-serving"
+    with pytest.raises(BaseNotBuilt, match=r"'tiny://t' is not built \(no model at s3://"):
+        resolve_base("tiny://t", root)
+    upload_model(Path(tiny_base), layout.tiny_uri("t", root))
+    uri = resolve_base("tiny://t", root)
+    assert uri == layout.tiny_uri("t", root) and uri.startswith("s3://")
+    local = Path(base_source(uri, log=lambda *_: None))
+    assert (local / "config.json").read_bytes() == Path(tiny_base, "config.json").read_bytes()
+    # the same model as the local one, wherever it lies
+    assert base_identity("tiny://t", root) == base_identity(str(tiny_base), str(tmp_path))
 
 
 def test_a_missing_api_key_file_is_a_one_line_error(tmp_path, capsys):
@@ -644,6 +666,23 @@ def test_a_promoted_version_is_served_within_seconds_and_not_from_the_old_versio
     print(f"promote to served: {_served_within(served, 'tiny:t-swap', LONG_PROMPT, a2):.2f} s")
     r = _complete(served, f"tiny:t-swap@{v2}", LONG_PROMPT)
     assert (r.json()["model"], r.json()["choices"][0]["text"]) == (f"tiny:t-swap@{v2}", a2)
+
+
+def test_the_base_on_the_bucket_is_served_from_a_node_cache_copy(served, tiny_base):
+    """Every answer in this file comes from a base given as an s3:// URI, which vLLM cannot
+    read: the replica loads the node cache's copy (`serve.store.base_source`), the same files
+    as the tiny base."""
+    from serve.store import base_source
+
+    base = served["cfg"].models[0].base
+    assert base.startswith("s3://") and base.endswith("/moved-base"), base
+    local = Path(base_source(base, log=lambda *_: None))
+    assert local.is_relative_to(storage.cache_root())
+    assert (local / "config.json").read_bytes() == Path(tiny_base, "config.json").read_bytes()
+    r = _post(
+        served, "/v1/completions", {"model": "tiny", "prompt": "last: a b\n", "max_tokens": 2}
+    )
+    assert r.status_code == 200, r.text
 
 
 def test_an_adapter_trained_on_another_base_is_refused_naming_both(served):
