@@ -297,27 +297,28 @@ def test_adapters_list_show_promote_rollback_from_the_command_line(tmp_path, cap
 
 
 def test_a_tiny_base_resolves_where_training_builds_it(tmp_path, monkeypatch):
-    """`tiny://NAME` is one directory for training and serving (cluster.store.layout.tiny_dir): under a
-    local root, `<root>/models/NAME`; under a remote root, this machine's cache. A base never built
-    is a one-line error naming the base and the command that builds it."""
+    """`tiny://NAME` is one directory for training and serving (cluster.store.layout.tiny_dir)
+    under a local root: `<root>/models/NAME`. Under a remote root training builds it in this
+    machine's cache and uploads it to `<root>/models/NAME`, which is what serving reads (a
+    bucket's case runs in tests/test_serve.py). A base never built is a one-line error naming
+    the base, where it was looked for, and the command that builds it."""
     from cluster.store.layout import TINY_MARKER, tiny_dir
     from serve.store import resolve_base
 
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     local_root = str(tmp_path / "store")
-    for root in (local_root, "s3://fleet/somewhere"):
-        with pytest.raises(LorafleetError) as e:
-            resolve_base("tiny://toy", root)
-        msg = str(e.value)
-        assert "\n" not in msg and "'tiny://toy' is not built" in msg, msg
-        assert "`lorafleet demo`" in msg and "model.base: tiny://toy" in msg, msg
-        built = tiny_dir("toy", root)
-        built.mkdir(parents=True)
-        (built / "config.json").write_text("{}")
-        with pytest.raises(LorafleetError):  # no marker: a half-built base
-            resolve_base("tiny://toy", root)
-        (built / TINY_MARKER).write_text("{}")
-        assert resolve_base("tiny://toy", root) == str(built)
+    with pytest.raises(LorafleetError) as e:
+        resolve_base("tiny://toy", local_root)
+    msg = str(e.value)
+    assert "\n" not in msg and "'tiny://toy' is not built" in msg, msg
+    assert "`lorafleet demo`" in msg and "model.base: tiny://toy" in msg, msg
+    built = tiny_dir("toy", local_root)
+    built.mkdir(parents=True)
+    (built / "config.json").write_text("{}")
+    with pytest.raises(LorafleetError):  # no marker: a half-built base
+        resolve_base("tiny://toy", local_root)
+    (built / TINY_MARKER).write_text("{}")
+    assert resolve_base("tiny://toy", local_root) == str(built)
     assert tiny_dir("toy", local_root) == tmp_path / "store" / "models" / "toy"
     assert tiny_dir("toy", "s3://fleet/somewhere").is_relative_to(tmp_path / "home")
 
