@@ -87,26 +87,17 @@ def base_source(source: str, log=print) -> str:
     base); a directory or hub id as given."""
     if not storage.is_remote(source):
         return source
-    try:
-        return str(storage.local_copy(source, log=log))
-    except OSError as e:
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise BaseNotBuilt(
-            f"base {source!r} could not be read ({reason}); expected a model directory "
-            "(config.json, weights, tokenizer files) at that URI"
-        ) from None
+    return str(storage.local_model(source, "models[].base", log=log))
 
 
 def base_identity(base: str, storage_root: str, revision: str | None = None) -> str:
     """The fingerprint of the base a model serves (`cluster.store.fingerprint`): what adapters are
-    checked against, so any copy of the same base fits and a different base does not."""
+    checked against, so any copy of the same base fits and a different base does not. A base on
+    a bucket is hashed from this node's cached copy (`base_source`), so one that cannot be read
+    is a one-line error here, before anything starts."""
     from cluster.store.fingerprint import base_fingerprint
-    from cluster.store.layout import tiny_uri
 
-    name = tiny_name(base)
-    if name is not None and storage.is_remote(storage_root):
-        return base_fingerprint(tiny_uri(name, storage_root))  # what training uploaded there
-    return base_fingerprint(resolve_base(base, storage_root), revision)
+    return base_fingerprint(base_source(resolve_base(base, storage_root)), revision)
 
 
 @dataclass(frozen=True)

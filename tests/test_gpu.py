@@ -115,6 +115,15 @@ def gpu_adapter(ray_local, tmp_path_factory, tiny_base, task_data):
     return summary["adapter"], [r["prompt"] for r in rows], tmp
 
 
+def _cuda_answers(gpu_adapter, tiny_base, **engine) -> dict:
+    """vLLM on CUDA in bf16, with `engine` over that: greedy answers of the base and adapter."""
+    adapter, prompts, tmp = gpu_adapter
+    cuda = {"VLLM_TARGET_DEVICE": "cuda"}
+    return vllm_greedy(
+        tiny_base, adapter, prompts, tmp, env=cuda, engine={"dtype": "bfloat16", **engine}
+    )
+
+
 def _agree(a: list[str], b: list[str]) -> int:
     from cluster.text.scoring import is_exact_match
 
@@ -125,17 +134,8 @@ def test_vllm_serves_the_adapter_on_an_fp8_quantized_base(gpu_adapter, tiny_base
     """`models[].quantization: fp8` (vLLM quantizes the 16-bit checkpoint as it loads): the
     adapter still applies on the quantized base (its answers are not the base's) and gives
     nearly the answers it gives on the bf16 base."""
-    adapter, prompts, tmp = gpu_adapter
-    cuda = {"VLLM_TARGET_DEVICE": "cuda"}
-    bf16 = vllm_greedy(tiny_base, adapter, prompts, tmp, env=cuda, engine={"dtype": "bfloat16"})
-    fp8 = vllm_greedy(
-        tiny_base,
-        adapter,
-        prompts,
-        tmp,
-        env=cuda,
-        engine={"dtype": "bfloat16", "quantization": "fp8"},
-    )
+    bf16 = _cuda_answers(gpu_adapter, tiny_base)
+    fp8 = _cuda_answers(gpu_adapter, tiny_base, quantization="fp8")
     assert _agree(fp8["lora"], fp8["base"]) <= 6, fp8
     assert _agree(fp8["lora"], bf16["lora"]) >= 9, list(zip(fp8["lora"], bf16["lora"], strict=True))
 
@@ -145,15 +145,6 @@ def test_vllm_serves_the_adapter_sharded_over_two_gpus(gpu_adapter, tiny_base):
     ones it gives on one."""
     if torch.cuda.device_count() < 2:
         pytest.skip(f"tensor parallelism needs 2 GPUs; this node has {torch.cuda.device_count()}")
-    adapter, prompts, tmp = gpu_adapter
-    cuda = {"VLLM_TARGET_DEVICE": "cuda"}
-    one = vllm_greedy(tiny_base, adapter, prompts, tmp, env=cuda, engine={"dtype": "bfloat16"})
-    two = vllm_greedy(
-        tiny_base,
-        adapter,
-        prompts,
-        tmp,
-        env=cuda,
-        engine={"dtype": "bfloat16", "tensor_parallel_size": 2},
-    )
+    one = _cuda_answers(gpu_adapter, tiny_base)
+    two = _cuda_answers(gpu_adapter, tiny_base, tensor_parallel_size=2)
     assert _agree(two["lora"], one["lora"]) >= 11, list(zip(two["lora"], one["lora"], strict=True))

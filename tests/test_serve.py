@@ -230,6 +230,7 @@ def test_a_tiny_base_on_a_bucket_root_is_served_from_its_uri(s3_bucket, tiny_bas
     """`tiny://<name>` on a bucket root is what training uploaded to `<root>/models/<name>`:
     every replica fetches that URI, none reads the driver's disk; never built there, it is an
     error naming the URI, before anything starts."""
+    from cluster.errors import ModelError
     from cluster.store import layout
     from serve.store import BaseNotBuilt, base_identity, base_source, resolve_base
     from train.model import upload_model
@@ -244,6 +245,9 @@ def test_a_tiny_base_on_a_bucket_root_is_served_from_its_uri(s3_bucket, tiny_bas
     assert (local / "config.json").read_bytes() == Path(tiny_base, "config.json").read_bytes()
     # the same model as the local one, wherever it lies
     assert base_identity("tiny://t", root) == base_identity(str(tiny_base), str(tmp_path))
+    # a base URI with nothing there: one line naming the key and the URI, before anything starts
+    with pytest.raises(ModelError, match=r"^models\[\]\.base: 's3://.+/nothing-here' could not"):
+        base_identity(f"{root}/nothing-here", root)
 
 
 def test_a_missing_api_key_file_is_a_one_line_error(tmp_path, capsys):

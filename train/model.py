@@ -68,14 +68,7 @@ def base_path(cfg) -> str:
     base = cfg.model.base
     if not storage.is_remote(base):
         return base
-    try:
-        return str(storage.local_copy(base))
-    except OSError as e:
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ModelError(
-            f"model.base: '{base}' could not be read ({reason}); expected a model directory "
-            "(config.json, weights, tokenizer files) at that URI"
-        ) from None
+    return str(storage.local_model(base, "model.base"))
 
 
 def hub_error(base: str, error: Exception) -> ModelError:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
-from cluster.errors import LorafleetError
+from cluster.errors import LorafleetError, ModelError
 
 REMOTE_SCHEMES = ("s3://", "gs://")
 
@@ -380,3 +380,16 @@ def local_copy(uri: str, log=print) -> Path:
         else:
             tmp.unlink(missing_ok=True)
     return dest
+
+
+def local_model(uri: str, what: str, log=print) -> Path:
+    """The model directory at an s3:// or gs:// `uri` as this node's cached copy (`local_copy`);
+    a ModelError starting with `what` (the config key that named it) when it cannot be read."""
+    try:
+        return local_copy(uri, log=log)
+    except OSError as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ModelError(
+            f"{what}: '{uri}' could not be read ({reason}); expected a model directory "
+            "(config.json, weights, tokenizer files) at that URI"
+        ) from None
