@@ -55,7 +55,7 @@ def resolve(cfg: ServeAppConfig, environ: Mapping[str, str]) -> Resolved:
         adapter_root=adapters_root(cfg.storage.root),
         key_hashes=key_hashes,
         base_ids={
-            m.id: base_identity(m.adapters_base, cfg.storage.root)
+            m.id: base_identity(m.adapters_base, cfg.storage.root, key="models[].adapters_base")
             if m.adapters_base
             else base_identity(m.base, cfg.storage.root, m.revision)
             for m in cfg.models

@@ -81,23 +81,25 @@ def resolve_base(base: str, storage_root: str) -> str:
     return base
 
 
-def base_source(source: str, log=print) -> str:
+def base_source(source: str, log=print, key: str = "models[].base") -> str:
     """What vLLM loads for `resolve_base`'s answer, on this node: an s3:// or gs:// base as a
     copy in the node's cache, fetched once per node and per content (as training fetches its
-    base); a directory or hub id as given."""
+    base); a directory or hub id as given. `key`: the config key an error names."""
     if not storage.is_remote(source):
         return source
-    return str(storage.local_model(source, "models[].base", log=log))
+    return str(storage.local_model(source, key, log=log))
 
 
-def base_identity(base: str, storage_root: str, revision: str | None = None) -> str:
+def base_identity(
+    base: str, storage_root: str, revision: str | None = None, key: str = "models[].base"
+) -> str:
     """The fingerprint of the base a model serves (`cluster.store.fingerprint`): what adapters are
     checked against, so any copy of the same base fits and a different base does not. A base on
     a bucket is hashed from this node's cached copy (`base_source`), so one that cannot be read
     is a one-line error here, before anything starts."""
     from cluster.store.fingerprint import base_fingerprint
 
-    return base_fingerprint(base_source(resolve_base(base, storage_root)), revision)
+    return base_fingerprint(base_source(resolve_base(base, storage_root), key=key), revision)
 
 
 @dataclass(frozen=True)

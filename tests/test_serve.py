@@ -236,8 +236,11 @@ def test_a_tiny_base_on_a_bucket_root_is_served_from_its_uri(s3_bucket, tiny_bas
     from train.model import upload_model
 
     root = f"{s3_bucket}/tiny-serving"
-    with pytest.raises(BaseNotBuilt, match=r"'tiny://t' is not built \(no model at s3://"):
+    with pytest.raises(BaseNotBuilt) as e:
         resolve_base("tiny://t", root)
+    msg = str(e.value)
+    assert "\n" not in msg and f"'tiny://t' is not built (no model at {root}/models/t)" in msg
+    assert "`lorafleet train`" in msg and "model.base: tiny://t" in msg, msg
     upload_model(Path(tiny_base), layout.tiny_uri("t", root))
     uri = resolve_base("tiny://t", root)
     assert uri == layout.tiny_uri("t", root) and uri.startswith("s3://")
@@ -248,6 +251,8 @@ def test_a_tiny_base_on_a_bucket_root_is_served_from_its_uri(s3_bucket, tiny_bas
     # a base URI with nothing there: one line naming the key and the URI, before anything starts
     with pytest.raises(ModelError, match=r"^models\[\]\.base: 's3://.+/nothing-here' could not"):
         base_identity(f"{root}/nothing-here", root)
+    with pytest.raises(ModelError, match=r"^models\[\]\.adapters_base: 's3://"):
+        base_identity(f"{root}/nothing-here", root, key="models[].adapters_base")
 
 
 def test_a_missing_api_key_file_is_a_one_line_error(tmp_path, capsys):
