@@ -82,15 +82,8 @@ def _ray_head(extra_env: dict):
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-@pytest.fixture(scope="module")
-def haproxy_head():
-    """A head started the way cluster.yaml starts nodes: Serve's HAProxy mode in its environment.
-    One for the module: the training job and the serving jobs below share it."""
-    yield from _ray_head({"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"})
-
-
-def test_ray_job_submit_trains_and_publishes(haproxy_head, tmp_path, tiny_base, task_data):
-    address, env = haproxy_head
+def test_ray_job_submit_trains_and_publishes(ray_head, tmp_path, tiny_base, task_data):
+    address, env = ray_head
     store = tmp_path / "store"
     start = time.time()
     proc = subprocess.run(
@@ -128,6 +121,12 @@ def test_ray_job_submit_trains_and_publishes(haproxy_head, tmp_path, tiny_base, 
     assert "succeeded" in out and "[done] submitted" in out
     assert Path(current_adapter(store, "submitted"), "adapter_model.safetensors").is_file()
     print(f"job submit round trip: {time.time() - start:.1f}s")
+
+
+@pytest.fixture
+def haproxy_head():
+    """A head started the way cluster.yaml starts nodes: Serve's HAProxy mode in its environment."""
+    yield from _ray_head({"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"})
 
 
 def _submit_serve(cfg: Path, env: dict, until: str | None = None) -> tuple[int | None, str]:
